@@ -84,6 +84,7 @@ class DeadLetter:
     source: str = ""
     detail: str = ""
     fields: dict[str, str] = field(default_factory=dict)  # the original message's small fields
+    ack: AckHandle | None = None  # acknowledges the source entry once the dead letter is published
 
 
 class FrameError(Exception):

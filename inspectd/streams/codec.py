@@ -1,0 +1,174 @@
+"""Image codec at the edge: frame payload (encoded or raw pixels) -> HxWx3 uint8 RGB, and PNG encoding
+of masks. Every decode failure is a ``FrameError(stage="decode", reason=...)``."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from inspectd.streams.schema import Frame, FrameError
+
+DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})
+RAW_DTYPES = ("uint8", "uint16")
+
+# Short machine-readable reasons (the dead-letter ``reason`` field).
+R_MISSING = "missing_image"
+R_TOO_LARGE = "too_large"
+R_TOO_MANY_PIXELS = "too_many_pixels"
+R_CORRUPT = "corrupt_image"
+R_UNSUPPORTED = "unsupported_format"
+R_BAD_RAW_SHAPE = "bad_raw_shape"
+R_BAD_RAW_DTYPE = "bad_raw_dtype"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What a frame payload may be: byte size, pixel count (checked before decoding), formats."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    allowed_formats: frozenset[str] = field(default=DEFAULT_FORMATS)
+
+
+def _fail(reason: str, detail: str = "") -> FrameError:
+    return FrameError(stage="decode", reason=reason, detail=detail)
+
+
+def decode_frame_image(frame: Frame, limits: DecodeLimits | None = None) -> np.ndarray:
+    """The frame's pixels as HxWx3 uint8 RGB (``frame.image`` when a source already decoded it)."""
+    limits = limits or DecodeLimits()
+    if frame.image is not None:
+        return to_rgb8(frame.image)
+    if not frame.payload:
+        raise _fail(R_MISSING, "frame has neither image nor payload")
+    if frame.raw_shape is not None:
+        return decode_raw(frame.payload, frame.raw_shape, frame.raw_dtype or "uint8", limits)
+    return decode_image_bytes(frame.payload, limits)
+
+
+def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/BMP/TIFF bytes; the header's declared size is checked before pixels are read."""
+    limits = limits or DecodeLimits()
+    if len(data) > limits.max_bytes:
+        raise _fail(R_TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))  # lazy: parses the header only
+    except Image.DecompressionBombError as exc:
+        raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
+    except Exception as exc:  # UnidentifiedImageError, SyntaxError, struct.error, ...
+        raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
+    with img:
+        if img.format not in limits.allowed_formats:
+            raise _fail(R_UNSUPPORTED, f"format {img.format!r} not in {sorted(limits.allowed_formats)}")
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise _fail(R_CORRUPT, f"declared size {width}x{height}")
+        if width * height > limits.max_pixels:
+            raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
+        try:
+            img.load()
+            return _pil_to_rgb8(img)
+        except Image.DecompressionBombError as exc:
+            raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
+        except Exception as exc:  # truncated data, bad chunks, decoder errors
+            raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
+
+
+def is_raw_shape(shape: tuple[int, ...]) -> bool:
+    """True for (H,W) or (H,W,C) with C in 1, 3, 4 and positive sizes."""
+    if len(shape) not in (2, 3) or any(s <= 0 for s in shape):
+        return False
+    return len(shape) == 2 or shape[2] in (1, 3, 4)
+
+
+def decode_raw(
+    data: bytes, shape: tuple[int, ...], dtype: str, limits: DecodeLimits | None = None
+) -> np.ndarray:
+    """Raw pixel bytes with shape (H,W) or (H,W,1|3|4) and dtype uint8/uint16 -> HxWx3 uint8 RGB."""
+    limits = limits or DecodeLimits()
+    if len(data) > limits.max_bytes:
+        raise _fail(R_TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
+    if dtype not in RAW_DTYPES:
+        raise _fail(R_BAD_RAW_DTYPE, f"dtype {dtype!r} not in {RAW_DTYPES}")
+    shape = tuple(int(s) for s in shape)
+    if not is_raw_shape(shape):
+        raise _fail(R_BAD_RAW_SHAPE, f"shape {shape} is not (H,W) or (H,W,1|3|4)")
+    if shape[0] * shape[1] > limits.max_pixels:
+        raise _fail(R_TOO_MANY_PIXELS, f"{shape[1]}x{shape[0]} > {limits.max_pixels} pixels")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(shape) * np_dtype.itemsize
+    if len(data) != expected:
+        raise _fail(R_BAD_RAW_SHAPE, f"{len(data)} bytes, shape {shape} {dtype} needs {expected}")
+    return to_rgb8(np.frombuffer(data, dtype=np_dtype).reshape(shape))
+
+
+def to_rgb8(array: np.ndarray) -> np.ndarray:
+    """HxW / HxWx1|3|4 uint8|uint16 -> contiguous HxWx3 uint8 (alpha dropped, gray replicated)."""
+    a = np.asarray(array)
+    if a.dtype == np.uint16 or a.dtype.kind in "ui" and a.dtype.itemsize > 1:
+        a = ((np.clip(a, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise _fail(R_BAD_RAW_DTYPE, f"dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    elif not (a.ndim == 3 and a.shape[2] == 3):
+        raise _fail(R_BAD_RAW_SHAPE, f"array shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _pil_to_rgb8(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale (Pillow may expose it as 32-bit "I"): scale the 0..65535 range to 8 bit.
+        return to_rgb8(np.asarray(img).astype(np.int64).clip(0, 65535).astype(np.uint16))
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return to_rgb8(np.clip(arr, 0, 255).astype(np.uint8))
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    if mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an HxW or HxWx3|4 uint8 array (other dtypes go through :func:`to_rgb8` rules)."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3):
+        a = to_rgb8(a)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def mask_to_uint8(mask: np.ndarray, max_side: int | None = None) -> np.ndarray:
+    """A float [0,1] HxW map as uint8 0..255, optionally shrunk so its longer side is <= max_side."""
+    m = np.asarray(mask, dtype=np.float32)
+    if m.ndim == 3 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask must be HxW, got shape {m.shape}")
+    m8 = (np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    h, w = m8.shape
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        m8 = np.asarray(Image.fromarray(m8).resize(size, Image.Resampling.BILINEAR))
+    return m8
+
+
+def encode_mask_png(mask: np.ndarray, max_side: int | None = None) -> bytes:
+    """Grayscale 8-bit PNG of a float [0,1] anomaly map, optionally downscaled to ``max_side``."""
+    return encode_png(mask_to_uint8(mask, max_side))

@@ -1,0 +1,150 @@
+"""The frame message as Redis stream fields: build it (``frame_fields``) and parse it back into a Frame,
+or into a DeadLetter when a field is missing or malformed (``parse_frame_fields``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from inspectd.streams.codec import RAW_DTYPES, is_raw_shape
+from inspectd.streams.schema import (
+    F_CAPTURED_AT,
+    F_DTYPE,
+    F_FRAME_ID,
+    F_IMAGE,
+    F_LINE,
+    F_META,
+    F_PRODUCT,
+    F_SHAPE,
+    DeadLetter,
+    Frame,
+)
+
+REQUIRED_FIELDS = (F_PRODUCT, F_IMAGE)
+SMALL_FIELD_LIMIT = 512  # bytes of each non-image field copied into a dead letter
+
+
+def frame_fields(
+    product: str,
+    line: str,
+    frame_id: str,
+    image: bytes,
+    *,
+    captured_at: float | None = None,
+    shape: tuple[int, ...] | None = None,
+    dtype: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, bytes | str]:
+    """XADD fields for one frame; ``shape``/``dtype`` mark ``image`` as raw pixels."""
+    fields: dict[str, bytes | str] = {
+        F_PRODUCT: product,
+        F_LINE: line,
+        F_FRAME_ID: frame_id,
+        F_CAPTURED_AT: repr(float(time.time() if captured_at is None else captured_at)),
+        F_IMAGE: image,
+    }
+    if shape is not None:
+        fields[F_SHAPE] = ",".join(str(int(s)) for s in shape)
+        fields[F_DTYPE] = dtype or "uint8"
+    if meta:
+        fields[F_META] = json.dumps(dict(meta), separators=(",", ":"))
+    return fields
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def small_fields(fields: Mapping[bytes | str, bytes | str], limit: int = SMALL_FIELD_LIMIT) -> dict[str, str]:
+    """The message's fields except the image, as text cut to ``limit`` characters (for dead letters)."""
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        name = _text(key)
+        if name == F_IMAGE:
+            out["image_bytes"] = str(len(value))
+            continue
+        out[name] = _text(value[: limit + 1] if isinstance(value, bytes) else value)[:limit]
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"H,W"``, ``"H,W,C"``, ``"HxWxC"`` or JSON ``[H, W, C]`` -> a tuple; ValueError when malformed."""
+    text = text.strip()
+    parts = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
+    if not isinstance(parts, list):
+        raise ValueError("shape is not a list")
+    shape = tuple(int(p) for p in parts)
+    if not is_raw_shape(shape):
+        raise ValueError(f"shape {shape} is not (H,W) or (H,W,1|3|4)")
+    return shape
+
+
+def entry_time(entry_id: str) -> float:
+    """Seconds since the epoch encoded in a Redis entry id ("<ms>-<seq>"); now when unparsable."""
+    try:
+        return int(entry_id.split("-", 1)[0]) / 1000.0
+    except ValueError:
+        return time.time()
+
+
+def parse_frame_fields(
+    fields: Mapping[bytes | str, bytes | str] | None,
+    *,
+    entry_id: str,
+    source: str,
+    default_line: str = "",
+) -> Frame | DeadLetter:
+    """A Frame from one stream entry, or a DeadLetter(stage="parse") naming what is wrong.
+
+    Required: product, image. ``line`` defaults to the stream's line, ``frame_id`` to the entry id,
+    ``ts`` to the entry id's time.
+    """
+    raw = {_text(k): v for k, v in (fields or {}).items()}
+    base = {
+        "product": _text(raw.get(F_PRODUCT, b""))[:SMALL_FIELD_LIMIT],
+        "line": _text(raw.get(F_LINE, b""))[:SMALL_FIELD_LIMIT] or default_line,
+        "frame_id": _text(raw.get(F_FRAME_ID, b""))[:SMALL_FIELD_LIMIT] or entry_id,
+    }
+
+    def dead(reason: str, detail: str) -> DeadLetter:
+        return DeadLetter(reason=reason, stage="parse", entry_id=entry_id, source=source, detail=detail,
+                          fields=small_fields(raw), **base)
+
+    missing = [name for name in REQUIRED_FIELDS if not raw.get(name)]
+    if missing:
+        return dead("missing_field", "missing or empty: " + ",".join(missing))
+    image = raw[F_IMAGE]
+    payload = image if isinstance(image, bytes) else image.encode("latin-1")
+
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    if raw.get(F_SHAPE):
+        try:
+            shape = parse_shape(_text(raw[F_SHAPE]))
+        except (ValueError, TypeError) as exc:
+            return dead("bad_shape", f"{_text(raw[F_SHAPE])[:80]!r}: {exc}")
+        dtype = _text(raw.get(F_DTYPE, b"uint8")) or "uint8"
+        if dtype not in RAW_DTYPES:
+            return dead("bad_dtype", f"dtype {dtype[:40]!r} not uint8/uint16")
+
+    if raw.get(F_CAPTURED_AT):
+        try:
+            captured_at = float(_text(raw[F_CAPTURED_AT]))
+        except ValueError:
+            return dead("bad_ts", f"ts {_text(raw[F_CAPTURED_AT])[:40]!r} is not a number")
+    else:
+        captured_at = entry_time(entry_id)
+
+    meta: dict[str, Any] = {}
+    if raw.get(F_META):
+        try:
+            meta = json.loads(_text(raw[F_META]))
+        except ValueError as exc:
+            return dead("bad_meta", f"meta is not JSON: {exc}")
+        if not isinstance(meta, dict):
+            return dead("bad_meta", "meta is not a JSON object")
+
+    return Frame(captured_at=captured_at, payload=payload, raw_shape=shape, raw_dtype=dtype, meta=meta,
+                 source=source, entry_id=entry_id, **base)
