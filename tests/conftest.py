@@ -66,3 +66,19 @@ async def redis_client(redis_url: str, key_prefix: str) -> AsyncIterator[object]
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny open_clip checkpoint folder (240 px, 15x15 patches), written at test time."""
+    from inspectd.detectors.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-clip"), image_size=240, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded through the real loading path, on CPU in fp32."""
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+
+    return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))

@@ -1,0 +1,1 @@
+"""The science: CLIP backbone, prompts, memories and anomaly detectors. No asyncio, no Redis."""

@@ -1,0 +1,96 @@
+"""OpenCLIP pre-processing and WinCLIP tiling: RGB frames -> square model inputs, and maps back.
+
+A frame's shorter edge is resized (Pillow bicubic) to the model size S; a non-square frame is cut
+into S x S tiles slid along its longer edge with stride <= 0.8 S. Per-tile maps are averaged back
+onto the resized frame (overlaps averaged) and resized to the frame's own size; per-tile image
+scores are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_TILE_STRIDE = 0.8
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where a frame's tiles sit on its resized version."""
+
+    original: tuple[int, int]  # (H, W) of the frame
+    resized: tuple[int, int]  # (h, w) after the shorter-edge resize; min(h, w) == S
+    offsets: tuple[tuple[int, int], ...]  # (top, left) of each S x S tile on the resized frame
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.offsets)
+
+
+def tile_offsets(length: int, size: int, max_stride: float = MAX_TILE_STRIDE) -> list[int]:
+    """Start positions of windows of `size` covering [0, length) with stride <= max_stride * size."""
+    if length <= size:
+        return [0]
+    n = math.ceil((length - size) / (max_stride * size)) + 1
+    return [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+class Preprocessor:
+    """Turns RGB uint8 frames into normalised S x S tiles and tile outputs back into frame maps."""
+
+    def __init__(self, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def layout(self, height: int, width: int) -> TileLayout:
+        s = self.size
+        if height <= width:
+            resized = (s, max(s, round(width * s / height)))
+        else:
+            resized = (max(s, round(height * s / width)), s)
+        tops = tile_offsets(resized[0], s)
+        lefts = tile_offsets(resized[1], s)
+        return TileLayout((height, width), resized, tuple((t, left) for t in tops for left in lefts))
+
+    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, TileLayout]:
+        """[T, 3, S, S] float32 tiles of an HxWx3 uint8 RGB frame, and their layout."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        layout = self.layout(image.shape[0], image.shape[1])
+        h, w = layout.resized
+        pil = Image.fromarray(image)
+        if (h, w) != (image.shape[0], image.shape[1]):
+            pil = pil.resize((w, h), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        pixels = (pixels - self.mean) / self.std
+        s = self.size
+        tiles = torch.stack([pixels[:, t:t + s, left:left + s] for t, left in layout.offsets])
+        return tiles.contiguous(), layout
+
+    def merge_maps(self, tile_maps: torch.Tensor, layout: TileLayout, out_size: tuple[int, int] | None = None,
+                   ) -> torch.Tensor:
+        """Average [T, S, S] tile maps onto the resized frame, then resize to ``out_size`` (default: the
+        frame's original size). Returns [H, W] float32 on the maps' device."""
+        s = self.size
+        h, w = layout.resized
+        if layout.n_tiles == 1 and (h, w) == (s, s):
+            canvas = tile_maps[0].float()
+        else:
+            canvas = torch.zeros(h, w, device=tile_maps.device)
+            count = torch.zeros(h, w, device=tile_maps.device)
+            for tile, (t, left) in zip(tile_maps, layout.offsets, strict=True):
+                canvas[t:t + s, left:left + s] += tile.float()
+                count[t:t + s, left:left + s] += 1
+            canvas = canvas / count
+        target = out_size or layout.original
+        if tuple(canvas.shape) != tuple(target):
+            canvas = F.interpolate(canvas[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
+        return canvas
