@@ -1,0 +1,101 @@
+"""JSONL file sink: one JSON object per result or dead letter, masks as PNG files in a side folder
+(path in the record), flushed and fsynced per batch before ``publish_batch`` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from inspectd.streams.records import (
+    MaskPolicies,
+    MaskPolicy,
+    dead_letter_record,
+    encode_result_mask,
+    policy_for,
+    result_record,
+)
+from inspectd.streams.schema import DeadLetter, Result
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("._")[:120] or "x"
+
+
+class JsonlSink:
+    """Appends records to ``path``; with ``mask_dir`` set, masks go to ``<mask_dir>/<product>/<id>.png``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mask_dir: str | os.PathLike[str] | None = None,
+        mask_policy: MaskPolicies = None,
+        default_mask_policy: MaskPolicy | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.mask_dir = Path(mask_dir) if mask_dir is not None else None
+        self._policy = mask_policy
+        self.default_mask_policy = default_mask_policy or MaskPolicy()
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._file: Any = None
+
+    def policy_for(self, product: str) -> MaskPolicy:
+        return policy_for(self._policy, product, self.default_mask_policy)
+
+    def _mask_path(self, result: Result) -> Path:
+        assert self.mask_dir is not None
+        stem = _safe(result.frame_id)
+        if result.entry_id:
+            stem += "_" + _safe(result.entry_id)
+        return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.png"
+
+    def _result_line(self, result: Result) -> dict[str, Any]:
+        record = {"kind": "result", **result_record(result)}
+        if self.mask_dir is not None and result.mask is not None:
+            png, note = encode_result_mask(result, self.policy_for(result.product))
+            record["mask_note"] = note
+            if png is not None:
+                path = self._mask_path(result)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(png)
+                record["mask_path"] = str(path)
+        elif result.mask is not None and not result.mask_note:
+            record["mask_note"] = "mask not saved (no mask folder configured)"
+        return record
+
+    def write_batch(self, results: Sequence[Result], dead_letters: Sequence[DeadLetter] = ()) -> int:
+        """Blocking write of one batch; returns the number of records written."""
+        lines = [self._result_line(r) for r in results]
+        lines += [{"kind": "dead_letter", **dead_letter_record(d)} for d in dead_letters]
+        if not lines:
+            return 0
+        text = "".join(json.dumps(rec, separators=(",", ":"), default=str) + "\n" for rec in lines)
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open across batches
+            self._file.write(text)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        return len(lines)
+
+    async def publish_batch(self, results: Sequence[Result], dead_letters: Sequence[DeadLetter] = ()) -> int:
+        """Write the batch in a worker thread; returns after the data is flushed (and fsynced)."""
+        return await asyncio.to_thread(self.write_batch, results, dead_letters)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

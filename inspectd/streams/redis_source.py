@@ -1,0 +1,206 @@
+"""Redis Streams frame source: one consumer of a consumer group over one or more input streams.
+
+Reads only when asked (``read``), own pending entries first, XAUTOCLAIMs entries idle too long (a
+crashed consumer's frames), turns entries into Frames (or DeadLetters) whose ``ack`` does XACK.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from inspectd.streams.message import parse_frame_fields
+from inspectd.streams.redis_keys import line_of_key
+from inspectd.streams.schema import AckHandle, DeadLetter, Frame
+
+log = logging.getLogger(__name__)
+
+Item = Frame | DeadLetter
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def default_consumer_name() -> str:
+    """``<hostname>-<pid>``: unique per process, stable for its lifetime."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RedisStreamSource:
+    """Consumer ``consumer`` of group ``group`` on ``streams`` (a ``redis.asyncio`` client, bytes replies)."""
+
+    def __init__(
+        self,
+        client: Any,
+        streams: Sequence[str],
+        group: str = "inspectd",
+        consumer: str | None = None,
+        *,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+        claim_interval_s: float | None = None,
+        group_start_id: str = "0",
+    ) -> None:
+        if not streams:
+            raise ValueError("at least one input stream is required")
+        self.client = client
+        self.streams = list(dict.fromkeys(streams))
+        self.group = group
+        self.consumer = consumer or default_consumer_name()
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_interval_s = claim_interval_s if claim_interval_s is not None else claim_idle_ms / 2000.0
+        self.group_start_id = group_start_id
+        self.claimed_total = 0  # entries taken over from other consumers (for a metric)
+        self._started = False
+        # Own pending entries still to re-read after a restart: stream -> last id seen ("0" = from start).
+        self._backlog: dict[str, str] = {}
+        self._claim_cursor: dict[str, str] = {s: "0-0" for s in self.streams}
+        self._last_claim = 0.0
+        self._overflow: deque[Item] = deque()  # bounded: < len(streams) items from a multi-stream read
+
+    async def start(self) -> None:
+        """Create the consumer groups (MKSTREAM; an existing group is fine)."""
+        for stream in self.streams:
+            await self._create_group(stream)
+        self._backlog = {s: "0" for s in self.streams}
+        self._last_claim = time.monotonic()  # the first claim waits one interval: own backlog first
+        self._started = True
+
+    async def _create_group(self, stream: str) -> None:
+        try:
+            await self.client.xgroup_create(stream, self.group, id=self.group_start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, max_count: int) -> list[Item]:
+        """Up to ``max_count`` frames/dead letters; blocks up to ``block_ms`` only when nothing is ready."""
+        if max_count <= 0:
+            return []
+        if not self._started:
+            await self.start()
+        try:
+            return await self._read(max_count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("consumer group vanished (%s); recreating", exc)
+            await self.start()
+            return await self._read(max_count)
+
+    async def _read(self, max_count: int) -> list[Item]:
+        out: list[Item] = []
+        while self._overflow and len(out) < max_count:
+            out.append(self._overflow.popleft())
+        if len(out) < max_count and self._backlog:
+            out += await self._read_backlog(max_count - len(out))
+        if len(out) < max_count and time.monotonic() - self._last_claim >= self.claim_interval_s:
+            out += await self._autoclaim(max_count - len(out))
+        if len(out) < max_count:
+            out += await self._read_new(max_count - len(out), block=not out)
+        return out
+
+    async def _read_backlog(self, count: int) -> list[Item]:
+        """Entries delivered to this consumer name before (a restart) and never acked."""
+        out: list[Item] = []
+        for stream in list(self._backlog):
+            if len(out) >= count:
+                break
+            wanted = count - len(out)
+            reply = await self.client.xreadgroup(
+                self.group, self.consumer, {stream: self._backlog[stream]}, count=wanted)
+            entries = reply[0][1] if reply else []
+            if len(entries) < wanted:
+                # Drained. Dropping the cursor now matters: once ">" delivers new entries they are
+                # pending too, and reading on from the cursor would hand them out a second time.
+                del self._backlog[stream]
+            else:
+                self._backlog[stream] = _str(entries[-1][0])
+            out += await self._to_items(stream, entries)
+        return out
+
+    async def _autoclaim(self, count: int) -> list[Item]:
+        """Take over entries idle longer than ``claim_idle_ms`` in any consumer's pending list."""
+        self._last_claim = time.monotonic()
+        out: list[Item] = []
+        for stream in self.streams:
+            if len(out) >= count:
+                break
+            next_id, entries, *_deleted = await self.client.xautoclaim(
+                stream, self.group, self.consumer, self.claim_idle_ms,
+                start_id=self._claim_cursor[stream], count=count - len(out))
+            self._claim_cursor[stream] = _str(next_id)
+            items = await self._to_items(stream, entries)
+            if items:
+                log.info("claimed %d idle entries from %s", len(items), stream)
+            self.claimed_total += len(items)
+            out += items
+        return out
+
+    async def _read_new(self, count: int, block: bool) -> list[Item]:
+        per_stream = -(-count // len(self.streams))
+        reply = await self.client.xreadgroup(
+            self.group, self.consumer, {s: ">" for s in self.streams}, count=per_stream,
+            block=self.block_ms if block and self.block_ms > 0 else None)
+        items: list[Item] = []
+        for stream, entries in reply or []:
+            items += await self._to_items(_str(stream), entries)
+        self._overflow.extend(items[count:])
+        return items[:count]
+
+    async def _to_items(self, stream: str, entries: Iterable[tuple[Any, Any]]) -> list[Item]:
+        items: list[Item] = []
+        gone: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = _str(raw_id)
+            if not fields:  # entry trimmed/deleted while pending: nothing left to score
+                gone.append(entry_id)
+                continue
+            item = parse_frame_fields(fields, entry_id=entry_id, source=f"redis:{stream}",
+                                      default_line=line_of_key(stream))
+            item.ack = self.ack_handle(stream, entry_id)
+            items.append(item)
+        if gone:
+            await self.client.xack(stream, self.group, *gone)
+        return items
+
+    def ack_handle(self, stream: str, entry_id: str) -> AckHandle:
+        """An async callable that XACKs one entry."""
+
+        async def ack() -> None:
+            await self.client.xack(stream, self.group, entry_id)
+
+        return ack
+
+    async def ack_many(self, items: Iterable[Item]) -> int:
+        """XACK many items from this source in one round trip (one XACK per stream); returns the count."""
+        by_stream: dict[str, list[str]] = {}
+        for item in items:
+            if item.entry_id and item.source.startswith("redis:"):
+                by_stream.setdefault(item.source[len("redis:"):], []).append(item.entry_id)
+        if not by_stream:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self.group, *ids)
+        return int(sum(await pipe.execute()))
+
+    async def pending_count(self) -> int:
+        """Entries delivered to the group but not acked yet, over all input streams (a gauge)."""
+        total = 0
+        for stream in self.streams:
+            try:
+                info = await self.client.xpending(stream, self.group)
+            except ResponseError:
+                continue
+            total += int(info["pending"])
+        return total
