@@ -1,0 +1,191 @@
+"""Watched-folder frame source: polls a directory for new image files, emits a file once its size and
+mtime held still across two scans, and on ack moves it to ``done/`` (or records it in a ledger)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from inspectd.streams.schema import AckHandle, DeadLetter, Frame
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+AFTER_MOVE = "move"
+AFTER_RECORD = "record"
+LEDGER_NAME = ".inspectd-processed.jsonl"
+
+Item = Frame | DeadLetter
+Stat = tuple[int, int]  # (size, mtime_ns)
+
+
+def is_temp_name(name: str) -> bool:
+    """Names a writer uses while a file is incomplete (and hidden files)."""
+    lower = name.lower()
+    return name.startswith((".", "~$")) or lower.endswith(TEMP_SUFFIXES)
+
+
+class FolderSource:
+    """Frames from image files under ``root``.
+
+    Product: ``product`` when given, else the first sub-folder name (``root/<product>/...``). On ack a
+    frame's file is moved to ``done_dir`` (dead letters to ``failed_dir``), or with ``after="record"``
+    its (path, size, mtime) is appended to a ledger; either way a restart does not score it again.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        product: str | None = None,
+        line: str = "folder",
+        after: str = AFTER_MOVE,
+        done_dir: str | os.PathLike[str] | None = None,
+        failed_dir: str | os.PathLike[str] | None = None,
+        ledger: str | os.PathLike[str] | None = None,
+        suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+        poll_interval_s: float = 0.5,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if after not in (AFTER_MOVE, AFTER_RECORD):
+            raise ValueError(f"after must be {AFTER_MOVE!r} or {AFTER_RECORD!r}, not {after!r}")
+        self.root = Path(root).resolve()
+        self.product = product
+        self.line = line
+        self.after = after
+        self.done_dir = Path(done_dir) if done_dir is not None else self.root / "done"
+        self.failed_dir = Path(failed_dir) if failed_dir is not None else self.root / "failed"
+        self.ledger = Path(ledger) if ledger is not None else self.root / LEDGER_NAME
+        self.suffixes = tuple(s.lower() for s in suffixes)
+        self.poll_interval_s = poll_interval_s
+        self.max_bytes = max_bytes
+        self.source = f"folder:{self.root}"
+        self._last_seen: dict[Path, Stat] = {}
+        self._inflight: set[Path] = set()
+        self._lock = threading.Lock()
+        self._processed: set[tuple[str, int, int]] = self._load_ledger() if after == AFTER_RECORD else set()
+
+    # -- scanning ---------------------------------------------------------------------------------
+
+    def _skip_dirs(self) -> set[Path]:
+        return {self.done_dir.resolve(), self.failed_dir.resolve()}
+
+    def _candidates(self) -> dict[Path, Stat]:
+        found: dict[Path, Stat] = {}
+        skip = self._skip_dirs()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
+            for name in sorted(filenames):
+                if is_temp_name(name) or not name.lower().endswith(self.suffixes):
+                    continue
+                path = here / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                found[path] = (st.st_size, st.st_mtime_ns)
+        return found
+
+    def scan(self) -> list[Path]:
+        """One poll: files whose (size, mtime) equal the previous poll's, not in flight, not processed."""
+        current = self._candidates()
+        ready = []
+        with self._lock:
+            for path, stat in current.items():
+                if path in self._inflight or stat[0] == 0 or self._last_seen.get(path) != stat:
+                    continue
+                if (self._rel(path), *stat) in self._processed:
+                    continue
+                ready.append(path)
+            self._last_seen = current
+        return ready
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def read(self, max_count: int, timeout_s: float | None = None) -> list[Item]:
+        """Up to ``max_count`` items; polls every ``poll_interval_s`` until some are ready or the
+        timeout (default: one poll interval) passes."""
+        deadline = time.monotonic() + (self.poll_interval_s if timeout_s is None else timeout_s)
+        while True:
+            ready = await asyncio.to_thread(self.scan)
+            if ready:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            await asyncio.sleep(min(self.poll_interval_s, remaining))
+        picked = ready[:max_count]
+        with self._lock:
+            self._inflight.update(picked)
+        return await asyncio.to_thread(lambda: [self._load(p) for p in picked])
+
+    def _load(self, path: Path) -> Item:
+        rel = self._rel(path)
+        parts = rel.split("/")
+        product = self.product or (parts[0] if len(parts) > 1 else "")
+        stat = self._last_seen.get(path, (0, 0))
+        common = {"product": product, "line": self.line, "frame_id": rel, "entry_id": rel, "source": self.source}
+        if not product:
+            return DeadLetter(reason="no_product", stage="parse", detail="file is not in a <product>/ folder "
+                              "and no product is configured", ack=self._ack(path, stat, dead=True), **common)
+        if stat[0] > self.max_bytes:
+            return DeadLetter(reason="too_large", stage="decode", detail=f"{stat[0]} bytes > {self.max_bytes}",
+                              ack=self._ack(path, stat, dead=True), **common)
+        try:
+            payload = path.read_bytes()
+        except OSError as exc:
+            return DeadLetter(reason="unreadable", stage="parse", detail=str(exc),
+                              ack=self._ack(path, stat, dead=True), **common)
+        return Frame(captured_at=stat[1] / 1e9, payload=payload, meta={"path": str(path)},
+                     ack=self._ack(path, stat, dead=False), **common)
+
+    # -- acknowledging ------------------------------------------------------------------------------
+
+    def _ack(self, path: Path, stat: Stat, dead: bool) -> AckHandle:
+        async def ack() -> None:
+            await asyncio.to_thread(self._finish, path, stat, dead)
+
+        return ack
+
+    def _finish(self, path: Path, stat: Stat, dead: bool) -> None:
+        rel = self._rel(path)
+        try:
+            if self.after == AFTER_MOVE:
+                target = (self.failed_dir if dead else self.done_dir) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    target = target.with_name(f"{target.stem}.{time.time_ns()}{target.suffix}")
+                if path.exists():
+                    shutil.move(str(path), str(target))
+            else:
+                size, mtime_ns = stat
+                record = {"path": rel, "size": size, "mtime_ns": mtime_ns, "dead": dead, "at": time.time()}
+                with open(self.ledger, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                with self._lock:
+                    self._processed.add((rel, size, mtime_ns))
+        finally:
+            with self._lock:
+                self._inflight.discard(path)
+
+    def _load_ledger(self) -> set[tuple[str, int, int]]:
+        done: set[tuple[str, int, int]] = set()
+        if not self.ledger.exists():
+            return done
+        for text in self.ledger.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(text)
+                done.add((rec["path"], int(rec["size"]), int(rec["mtime_ns"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+        return done
