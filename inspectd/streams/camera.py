@@ -1,0 +1,258 @@
+"""OpenCV camera source (USB index, RTSP/HTTP URL or video file): captures in its own thread,
+reconnects with bounded exponential backoff, and keeps only the newest frame(s) when the consumer lags."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from inspectd.streams.schema import Frame
+
+log = logging.getLogger(__name__)
+
+POLICY_LATEST = "latest"
+POLICY_QUEUE = "queue"
+_LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+@dataclass(frozen=True, slots=True)
+class CameraConfig:
+    """One capture device and how to treat it.
+
+    ``uri``: an int (USB index), a URL, or a video file path. ``policy``: "latest" keeps only the newest
+    frame; "queue" keeps up to ``queue_size`` (oldest dropped). A file ends: with ``loop`` it restarts at
+    once; with ``reconnect`` the source waits (backoff) for the file to be replaced or re-created.
+    """
+
+    name: str
+    uri: int | str
+    product: str
+    line: str
+    policy: str = POLICY_LATEST
+    queue_size: int = 8
+    loop: bool = False
+    reconnect: bool = True
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 10.0
+    max_fps: float | None = None  # pace the capture (e.g. a file played at camera speed)
+
+    def __post_init__(self) -> None:
+        if self.policy not in (POLICY_LATEST, POLICY_QUEUE):
+            raise ValueError(f"policy must be {POLICY_LATEST!r} or {POLICY_QUEUE!r}, not {self.policy!r}")
+        if self.queue_size < 1 or self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("queue_size >= 1 and 0 < backoff_initial_s <= backoff_max_s required")
+
+    @property
+    def is_file(self) -> bool:
+        return isinstance(self.uri, str) and not self.uri.lower().startswith(_LIVE_SCHEMES)
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class CameraSource:
+    """Frames from one camera; ``dropped``, ``frames_captured``, ``reconnects``, ``connected`` are counters
+    for metrics, and ``on_drop(n)`` (called from the capture thread) reports drops as they happen."""
+
+    def __init__(
+        self,
+        config: CameraConfig,
+        *,
+        on_drop: Callable[[int], None] | None = None,
+        capture_factory: Callable[[int | str], Any] = cv2.VideoCapture,
+    ) -> None:
+        self.config = config
+        self.on_drop = on_drop
+        self._factory = capture_factory
+        self.source = f"camera:{config.name}"
+        self.frames_captured = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.connected = False
+        self.finished = False  # the capture thread ended for good (file done, no loop/reconnect)
+        self.last_error = ""
+        maxlen = 1 if config.policy == POLICY_LATEST else config.queue_size
+        self._buffer: deque[tuple[int, float, np.ndarray]] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._bind_loop()
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.config.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._wake = loop, asyncio.Event()
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the capture ended for good and every buffered frame was read."""
+        with self._lock:
+            return self.finished and not self._buffer
+
+    # -- consumer side --------------------------------------------------------------------------------
+
+    def take(self, max_count: int) -> list[Frame]:
+        """Up to ``max_count`` buffered frames, oldest first, without waiting."""
+        with self._lock:
+            raw = [self._buffer.popleft() for _ in range(min(max_count, len(self._buffer)))]
+        return [self._frame(seq, ts, bgr) for seq, ts, bgr in raw]
+
+    async def read(self, max_count: int, timeout_s: float = 1.0) -> list[Frame]:
+        """Up to ``max_count`` frames; waits up to ``timeout_s`` for the first one."""
+        if self._thread is None:
+            self.start()
+        self._bind_loop()
+        assert self._wake is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._wake.clear()
+            frames = self.take(max_count)
+            remaining = deadline - time.monotonic()
+            if frames or remaining <= 0 or self.exhausted:
+                return frames
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    def _frame(self, seq: int, ts: float, bgr: np.ndarray) -> Frame:
+        cfg = self.config
+        if bgr.ndim == 2:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
+        elif bgr.shape[2] == 4:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
+        else:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return Frame(product=cfg.product, line=cfg.line, frame_id=f"{cfg.name}-{seq}", captured_at=ts,
+                     image=rgb, meta={"camera": cfg.name, "seq": seq}, source=self.source)
+
+    # -- capture thread -------------------------------------------------------------------------------
+
+    def _push(self, bgr: np.ndarray) -> None:
+        with self._lock:
+            self.frames_captured += 1
+            dropped = len(self._buffer) == self._buffer.maxlen
+            self._buffer.append((self.frames_captured, time.time(), bgr))  # evicts the oldest when full
+            if dropped:
+                self.dropped += 1
+        if dropped and self.on_drop is not None:
+            try:
+                self.on_drop(1)
+            except Exception:  # a metrics callback must not kill the capture
+                log.exception("camera %s: on_drop callback failed", self.config.name)
+        self._notify()
+
+    def _notify(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(wake.set)
+
+    def _open(self) -> Any | None:
+        cfg = self.config
+        if cfg.is_file and not os.path.exists(str(cfg.uri)):
+            self.last_error = f"{cfg.uri}: no such file"
+            return None
+        cap = self._factory(cfg.uri)
+        if cap is None or not cap.isOpened():
+            if cap is not None:
+                cap.release()
+            self.last_error = f"{cfg.uri}: cannot open"
+            return None
+        return cap
+
+    def _run(self) -> None:
+        cfg = self.config
+        backoff = cfg.backoff_initial_s
+        played: tuple[int, int, int] | None = None  # identity of a file played to its end
+        ever_opened = False
+        try:
+            while not self._stop.is_set():
+                if played is not None and _file_identity(str(cfg.uri)) in (None, played):
+                    cap = None  # the same file again (or none yet): wait for a new one
+                else:
+                    cap = self._open()
+                if cap is None:
+                    if not cfg.reconnect:
+                        break
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, cfg.backoff_max_s)
+                    continue
+                identity = _file_identity(str(cfg.uri)) if cfg.is_file else None
+                if ever_opened:
+                    self.reconnects += 1
+                    log.info("camera %s: reconnected", cfg.name)
+                ever_opened, played = True, None
+                got = self._capture(cap)
+                if got:
+                    backoff = cfg.backoff_initial_s
+                if self._stop.is_set():
+                    break
+                if cfg.is_file and cfg.loop and got:
+                    continue
+                if not cfg.reconnect:
+                    break
+                if cfg.is_file:
+                    played = identity
+                log.warning("camera %s: stream ended (%s); retrying in %.2fs", cfg.name, self.last_error, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, cfg.backoff_max_s)
+        finally:
+            self.connected = False
+            self.finished = True
+            self._notify()
+
+    def _capture(self, cap: Any) -> int:
+        """Read frames until the stream ends or stop; returns how many were read."""
+        interval = 1.0 / self.config.max_fps if self.config.max_fps else 0.0
+        count = 0
+        self.connected = True
+        try:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                ok, bgr = cap.read()
+                if not ok or bgr is None:
+                    self.last_error = "end of stream" if self.config.is_file else "read failed"
+                    break
+                count += 1
+                self._push(bgr)
+                if interval:
+                    next_at += interval
+                    self._stop.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            self.connected = False
+            cap.release()
+        return count

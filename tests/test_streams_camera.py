@@ -1,0 +1,125 @@
+"""Camera source over real video files written with OpenCV: order, BGR->RGB, reconnect, drop policies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.streams.camera import CameraConfig, CameraSource
+from inspectd.streams.schema import Frame
+
+W, H = 64, 48
+
+
+def write_video(path: Path, n: int, level0: int = 0) -> None:
+    """n frames; frame i is pure blue (BGR channel 0) at level ``level0 + 8*i``."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
+    assert writer.isOpened()
+    for i in range(n):
+        bgr = np.zeros((H, W, 3), np.uint8)
+        bgr[:, :, 0] = level0 + 8 * i
+        writer.write(bgr)
+    writer.release()
+
+
+async def collect(src: CameraSource, n: int, timeout_s: float = 5.0) -> list[Frame]:
+    frames: list[Frame] = []
+    deadline = time.monotonic() + timeout_s
+    while len(frames) < n and time.monotonic() < deadline:
+        frames += await src.read(n - len(frames), timeout_s=0.2)
+    return frames
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def cfg(path: Path, **kw: object) -> CameraConfig:
+    base: dict[str, object] = dict(name="cam", uri=str(path), product="bottle", line="l1",
+                                   backoff_initial_s=0.02, backoff_max_s=0.1)
+    base.update(kw)
+    return CameraConfig(**base)  # type: ignore[arg-type]
+
+
+async def test_reads_file_in_order_as_rgb(tmp_path: Path) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 10)
+    src = CameraSource(cfg(video, policy="queue", queue_size=100, reconnect=False))
+    frames = await collect(src, 10)
+    await wait_for(lambda: src.exhausted)
+    src.stop()
+    assert [f.frame_id for f in frames] == [f"cam-{i}" for i in range(1, 11)]
+    f = frames[-1]
+    assert (f.product, f.line, f.source) == ("bottle", "l1", "camera:cam")
+    assert f.image is not None and f.image.shape == (H, W, 3) and f.image.dtype == np.uint8
+    mean = f.image.reshape(-1, 3).mean(axis=0)
+    assert abs(mean[2] - 72) < 6 and mean[0] < 6  # blue ends up in the RGB "B" (last) channel
+    assert src.dropped == 0 and src.frames_captured == 10
+
+
+async def test_reconnects_when_file_is_removed_and_recreated(tmp_path: Path) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 6)
+    src = CameraSource(cfg(video, policy="queue", queue_size=100))
+    first = await collect(src, 6)
+    assert len(first) == 6
+    video.unlink()
+    await asyncio.sleep(0.3)
+    assert await src.read(10, timeout_s=0.1) == []  # gone: waiting, with backoff
+    assert not src.finished and not src.connected
+    write_video(video, 4, level0=100)
+    second = await collect(src, 4)
+    src.stop()
+    assert [f.frame_id for f in second] == [f"cam-{i}" for i in range(7, 11)]
+    assert second[0].image is not None and abs(second[0].image[..., 2].mean() - 100) < 6
+    assert src.reconnects >= 1
+
+
+async def test_unchanged_file_is_not_replayed_but_loop_replays(tmp_path: Path) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 3)
+    src = CameraSource(cfg(video, policy="queue", queue_size=100))
+    assert len(await collect(src, 3)) == 3
+    assert await collect(src, 1, timeout_s=0.3) == []  # same file: no replay
+    src.stop()
+    looping = CameraSource(cfg(video, policy="queue", queue_size=100, loop=True, max_fps=200))
+    frames = await collect(looping, 7)
+    looping.stop()
+    assert len(frames) == 7 and looping.reconnects >= 2
+
+
+async def test_missing_source_without_reconnect_finishes(tmp_path: Path) -> None:
+    src = CameraSource(cfg(tmp_path / "none.avi", reconnect=False))
+    assert await src.read(1, timeout_s=2) == []
+    await wait_for(lambda: src.finished)
+    assert "no such file" in src.last_error
+
+
+@pytest.mark.parametrize(("policy", "kept"), [("latest", 1), ("queue", 4)])
+async def test_slow_consumer_keeps_newest_and_counts_drops(tmp_path: Path, policy: str, kept: int) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 30)
+    drops: list[int] = []
+    src = CameraSource(cfg(video, policy=policy, queue_size=4, reconnect=False), on_drop=drops.append)
+    src.start()
+    await wait_for(lambda: src.finished)  # the consumer is slower than the capture
+    frames = await src.read(10, timeout_s=0.1)
+    assert [f.frame_id for f in frames] == [f"cam-{i}" for i in range(31 - kept, 31)]
+    assert src.dropped == 30 - kept == sum(drops)
+    assert src.exhausted
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError):
+        CameraConfig(name="c", uri=0, product="p", line="l", policy="newest")
+    assert not CameraConfig(name="c", uri="rtsp://cam/1", product="p", line="l").is_file
+    assert CameraConfig(name="c", uri="/data/a.mp4", product="p", line="l").is_file
