@@ -1,0 +1,84 @@
+"""Scoring a mixed batch: one backbone forward for all frames, then each product's detector.
+
+Used by the daemon's engine and by offline evaluation alike (one implementation). `prepare` (CPU
+pre-processing and tiling) is separate from `run` (the forward) so the engine can prepare the next
+batch while the current one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import torch
+
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
+from inspectd.detectors.base import Detector, ProductState
+from inspectd.detectors.preprocess import Preprocessor, TileLayout
+
+
+@dataclass
+class ScoreItem:
+    """One frame to score with a product's detector and state."""
+
+    detector: Detector
+    state: ProductState
+    image: np.ndarray | None = None  # HxWx3 uint8 RGB (may be dropped after `prepare`)
+    tiles: torch.Tensor | None = None
+    layout: TileLayout | None = None
+    map_size: tuple[int, int] | None = None  # output map size; None = the frame's own size
+
+
+@dataclass
+class ScoreOutput:
+    score: float
+    map: np.ndarray | None  # float32 [H, W] in the detector's score range, or None
+
+
+def prepare(preprocessor: Preprocessor, items: Sequence[ScoreItem]) -> None:
+    """Tile every item's image in place (CPU work; safe to run in a worker thread)."""
+    for item in items:
+        if item.tiles is None:
+            if item.image is None:
+                raise ValueError("ScoreItem needs an image or precomputed tiles")
+            item.tiles, item.layout = preprocessor(item.image)
+
+
+def run(backbone: ClipBackbone, items: Sequence[ScoreItem]) -> list[ScoreOutput]:
+    """Score a batch: one forward over every tile, per-(detector, state) scoring, tiles merged back."""
+    if not items:
+        return []
+    prepare(backbone.preprocessor, items)
+    counts = [item.tiles.shape[0] for item in items]
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items), FeatureRequest())
+    features = backbone.forward(torch.cat([item.tiles for item in items]), request)
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((id(item.detector), id(item.state)), []).append(index)
+
+    tile_scores: list[torch.Tensor | None] = [None] * len(items)
+    tile_maps: list[torch.Tensor | None] = [None] * len(items)
+    for members in groups.values():
+        rows = [r for m in members for r in range(starts[m], starts[m + 1])]
+        first = items[members[0]]
+        output = first.detector.score(features.select(rows), first.state)
+        offset = 0
+        for m in members:
+            n = counts[m]
+            tile_scores[m] = output.scores[offset:offset + n]
+            tile_maps[m] = None if output.maps is None else output.maps[offset:offset + n]
+            offset += n
+
+    results = []
+    for index, item in enumerate(items):
+        score = float(tile_scores[index].float().mean().item())
+        amap = None
+        if tile_maps[index] is not None:
+            merged = backbone.preprocessor.merge_maps(tile_maps[index], item.layout, item.map_size)
+            amap = merged.float().cpu().numpy()
+        results.append(ScoreOutput(score, amap))
+    return results
