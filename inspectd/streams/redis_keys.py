@@ -1,8 +1,10 @@
 """Redis stream key naming, Cluster-ready: ``<prefix>:{<line>}:<kind>``; the ``{line}`` hash tag puts a
-line's frames, results and dead letters on one shard (one slot), so a pipeline per line stays local."""
+line's frames, results and dead letters on one shard (one slot), so a pipeline per line stays local.
+Also the default server URL the CLI tools use."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -12,7 +14,15 @@ KIND_RESULTS = "results"
 KIND_DEAD = "dead"
 KINDS = (KIND_FRAMES, KIND_RESULTS, KIND_DEAD)
 
+REDIS_URL_ENV = "INSPECTD_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 _KEY_RE = re.compile(r"^(?P<prefix>.*):\{(?P<line>[^{}]+)\}:(?P<kind>[^:{}]+)$")
+
+
+def default_redis_url() -> str:
+    """``$INSPECTD_REDIS_URL`` or the local default."""
+    return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
 
 
 def validate_line(line: str) -> str:

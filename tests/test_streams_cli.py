@@ -1,0 +1,89 @@
+"""``inspectd send`` / ``inspectd tail`` round trip through a real Redis via ``inspectd.cli.main``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from inspectd.cli import main
+from inspectd.streams.codec import decode_frame_image
+from inspectd.streams.message import parse_frame_fields
+from inspectd.streams.records import MaskPolicy
+from inspectd.streams.redis_keys import dead_key, frames_key, results_key
+from inspectd.streams.redis_sink import dead_letter_fields, result_fields
+from inspectd.streams.schema import DeadLetter, Frame, Result
+
+pytestmark = pytest.mark.redis
+
+GRID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "grid" / "test" / "bent"
+
+
+@pytest.fixture
+def sync_redis(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    keys = list(client.scan_iter(match=f"{key_prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _result_fields(frame_id: str, score: float, verdict: str) -> dict[str, Any]:
+    frame = Frame(product="grid", line="l1", frame_id=frame_id, captured_at=1.0)
+    result = Result(product=frame.product, line=frame.line, frame_id=frame_id, captured_at=1.0, score=score,
+                    verdict=verdict, threshold=0.5, detector="tiny", state_version="v7")
+    return result_fields(result, MaskPolicy.parse("none"))
+
+
+def test_send_xadds_decodable_frames(sync_redis: redis.Redis, redis_url: str, key_prefix: str,
+                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = np.arange(6 * 5, dtype=np.uint16).reshape(6, 5) * 1000
+    np.save(tmp_path / "raw.npy", raw)
+    images = [str(GRID / "000.png"), str(GRID / "001.png"), str(tmp_path / "raw.npy")]
+    rc = main(["send", *images, "--product", "grid", "--line", "l1", "--redis", redis_url,
+               "--prefix", key_prefix, "--meta", '{"shift": 2}'])
+    assert rc == 0
+    stream = frames_key("l1", key_prefix)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    entries = sync_redis.xrange(stream)
+    assert len(entries) == 3
+    frames = [parse_frame_fields(f, entry_id=i.decode(), source="t") for i, f in entries]
+    assert all(isinstance(f, Frame) for f in frames)
+    assert [f.frame_id for f in frames] == ["000.png", "001.png", "raw.npy"]
+    assert frames[0].product == "grid" and frames[0].line == "l1" and frames[0].meta == {"shift": 2}
+    expected = np.asarray(Image.open(GRID / "000.png"))
+    np.testing.assert_array_equal(decode_frame_image(frames[0])[:, :, 0], expected)
+    assert frames[2].raw_shape == (6, 5) and frames[2].raw_dtype == "uint16"
+    assert decode_frame_image(frames[2]).shape == (6, 5, 3)
+    assert main(["send", str(tmp_path / "missing.png"), "--product", "p", "--line", "l1",
+                 "--redis", redis_url, "--prefix", key_prefix]) == 1
+
+
+def test_tail_prints_results_and_follows(sync_redis: redis.Redis, redis_url: str, key_prefix: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    stream = results_key("l1", key_prefix)
+    for i in range(3):
+        sync_redis.xadd(stream, _result_fields(f"f{i}", 0.1 * i, "OK"))
+    assert main(["tail", "--redis", redis_url, "--prefix", key_prefix, "--line", "l1", "--count", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["f1 grid OK score=0.1000 version=v7", "f2 grid OK score=0.2000 version=v7"]
+
+    timer = threading.Timer(0.2, lambda: sync_redis.xadd(stream, _result_fields("late", 0.9, "NG")))
+    timer.start()
+    assert main(["tail", "--redis", redis_url, "--stream", stream, "--count", "1", "--follow",
+                 "--timeout", "1.0"]) == 0
+    timer.join()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["f2 grid OK score=0.2000 version=v7", "late grid NG score=0.9000 version=v7"]
+
+    dead = DeadLetter(reason="corrupt_image", stage="decode", product="grid", line="l1", frame_id="bad")
+    sync_redis.xadd(dead_key("l1", key_prefix), dead_letter_fields(dead))
+    assert main(["tail", "--redis", redis_url, "--prefix", key_prefix, "--line", "l1", "--dead"]) == 0
+    assert capsys.readouterr().out.strip() == "bad grid DEAD decode/corrupt_image"
