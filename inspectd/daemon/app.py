@@ -1,0 +1,427 @@
+"""The daemon: sources -> bounded inbox -> micro-batches -> engine -> sinks -> ack, with graceful shutdown.
+
+Backpressure is one semaphore of ``batcher.queue_size`` permits: a source reads only as many frames
+as there are free permits, and a permit comes back only when its frame's result (or dead letter) is
+published and acked. So memory is bounded however many frames wait upstream (e.g. in Redis), and
+nothing is dropped silently: every frame ends as a Result or a DeadLetter before its ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inspectd.daemon.batcher import MicroBatcher
+from inspectd.daemon.config import DaemonConfig
+from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
+from inspectd.daemon.metrics import Metrics
+from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
+from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+from inspectd.detectors.pipeline import ScoreItem
+from inspectd.streams.codec import DecodeLimits
+from inspectd.streams.records import MaskPolicy
+from inspectd.streams.schema import VERDICT_NG, VERDICT_OK, DeadLetter, Frame, Result
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64
+
+
+@dataclass
+class InFlight:
+    """A frame between its source and its ack, holding one backpressure permit."""
+
+    frame: Frame
+    origin: Any  # the source object that produced it
+    prepared: PreparedFrame | None = None
+    parked: bool = False
+
+
+def build_backbone(config: DaemonConfig) -> ClipBackbone:
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    register_tiny_arch()
+    m = config.model
+    return ClipBackbone(ModelSpec(arch=m.arch, pretrained=m.pretrained, device=m.device, precision=m.precision,
+                                  quick_gelu=m.quick_gelu, threads=m.threads, cache_dir=m.cache_dir,
+                                  demo=config.demo, window_chunk_tokens=m.window_chunk_tokens))
+
+
+class InspectDaemon:
+    """Wires sources, batcher, engine, registry and sinks; `run` until `request_stop`."""
+
+    def __init__(self, config: DaemonConfig, backbone: ClipBackbone | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.backbone = backbone
+        self.registry: ProductRegistry | None = None
+        self.engine: ScoringEngine | None = None
+        self.redis: Any = None
+        self.sources: list[Any] = []
+        self.sinks: list[Any] = []
+        self.batcher: MicroBatcher[InFlight] = MicroBatcher(
+            config.batcher.max_batch_size, config.batcher.max_delay_ms / 1000.0, config.batcher.queue_size)
+        self._permits = asyncio.Semaphore(config.batcher.queue_size)
+        self._in_flight = 0
+        self._ready: asyncio.Queue = asyncio.Queue(maxsize=1)  # prepared batch waiting for the engine
+        self._publish: asyncio.Queue = asyncio.Queue(maxsize=2)
+        self._stop = asyncio.Event()
+        self._readers_done = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._side_tasks: set[asyncio.Task] = set()
+        self.http: Any = None
+        self.started = False
+        self.frames_done = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        cfg = self.config
+        if self.backbone is None:
+            self.backbone = await asyncio.to_thread(build_backbone, cfg)
+        self.metrics.set_model_info(self.backbone.describe())
+        limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
+        self.engine = ScoringEngine(self.backbone, cfg.decode.threads, limits)
+        self.registry = ProductRegistry(self.backbone, cfg.registry, on_change=self._on_registry_change)
+        if cfg.sources.redis or cfg.sinks.redis:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.from_url(cfg.redis.url)
+            await self.redis.ping()
+        self._open_sinks()
+        await self._load_products()
+        await self._open_sources()
+        if cfg.http.enabled:
+            from inspectd.daemon.http import start_http
+
+            self.http = await start_http(self)
+        self._tasks = [asyncio.create_task(self._batch_loop(), name="batcher"),
+                       asyncio.create_task(self._engine_loop(), name="engine"),
+                       asyncio.create_task(self._publish_loop(), name="publisher")]
+        self._reader_tasks = [asyncio.create_task(self._read_loop(s), name=f"read:{i}")
+                              for i, s in enumerate(self.sources)]
+        self._tasks.append(asyncio.create_task(self._gauge_loop(), name="gauges"))
+        self.started = True
+        log.info("inspectd started: %d source(s), %d sink(s), products %s, model %s", len(self.sources),
+                 len(self.sinks), self.registry.ids(), self.backbone.describe())
+
+    def _open_sinks(self) -> None:
+        cfg = self.config
+        policies = self._mask_policy
+        if cfg.sinks.redis:
+            from inspectd.streams.redis_keys import StreamKeys
+            from inspectd.streams.redis_sink import DeadLetterSink, RedisResultSink
+
+            keys = StreamKeys(cfg.redis.prefix)
+            self.sinks.append(RedisResultSink(self.redis, keys, maxlen=cfg.redis.results_maxlen, mask_policy=policies,
+                                              dead_letters=DeadLetterSink(self.redis, keys)))
+        if cfg.sinks.jsonl:
+            from inspectd.streams.jsonl import JsonlSink
+
+            self.sinks.append(JsonlSink(cfg.sinks.jsonl, mask_dir=cfg.sinks.jsonl_masks_dir, mask_policy=policies))
+
+    def _mask_policy(self, product: str) -> MaskPolicy | None:
+        entry = self.registry.get(product) if self.registry else None
+        return MaskPolicy.parse(entry.config.mask) if entry else None
+
+    async def _open_sources(self) -> None:
+        cfg = self.config
+        if cfg.sources.redis:
+            from inspectd.streams.redis_keys import StreamKeys
+            from inspectd.streams.redis_source import RedisStreamSource
+
+            keys = StreamKeys(cfg.redis.prefix)
+            source = RedisStreamSource(self.redis, [keys.frames(line) for line in cfg.redis.lines], cfg.redis.group,
+                                       cfg.redis.consumer, block_ms=cfg.redis.block_ms,
+                                       claim_idle_ms=cfg.redis.claim_idle_ms)
+            await source.start()
+            self.sources.append(source)
+        for folder in cfg.sources.folders:
+            from inspectd.streams.folder import FolderSource
+
+            self.sources.append(FolderSource(folder.path, product=folder.product, line=folder.line,
+                                             after=folder.after, ledger=folder.ledger,
+                                             poll_interval_s=folder.poll_interval_s))
+        for cam in cfg.sources.cameras:
+            from inspectd.streams.camera import CameraConfig, CameraSource
+
+            uri: int | str = int(cam.uri) if cam.uri.isdigit() else cam.uri
+            camera = CameraSource(CameraConfig(cam.name, uri, cam.product, cam.line, policy=cam.policy,
+                                               queue_size=cam.queue_size, loop=cam.loop, reconnect=cam.reconnect,
+                                               max_fps=cam.max_fps),
+                                  on_drop=lambda n, name=cam.name: self.metrics.camera_dropped(name, n))
+            camera.start()
+            self.sources.append(camera)
+
+    async def _load_products(self) -> None:
+        from inspectd.daemon.products import product_configs
+
+        for product in product_configs(self.config):
+            try:
+                await self.registry.put(product)
+            except Exception as exc:  # noqa: BLE001 - a bad product never stops the daemon
+                log.error("product %s not loaded: %s", product.id, exc)
+
+    def _on_registry_change(self, entry: ProductEntry | None, product_id: str) -> None:
+        self.metrics.product_changed(product_id, entry)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT or `request_stop`, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        from inspectd.daemon import notify
+
+        notify.ready()
+        watchdog = asyncio.create_task(notify.watchdog_loop(self.healthy))
+        try:
+            await self._stop.wait()
+        finally:
+            notify.stopping()
+            watchdog.cancel()
+            await self.shutdown()
+
+    def healthy(self) -> bool:
+        return self.started and all(not t.done() for t in self._tasks)
+
+    def ready(self) -> bool:
+        return self.started and self.registry is not None and self.registry.all_ready()
+
+    async def shutdown(self) -> None:
+        """Stop reading, finish and publish what is in flight, ack, close; bounded by shutdown_timeout_s."""
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        for task in getattr(self, "_reader_tasks", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_reader_tasks", []), return_exceptions=True)
+        self.batcher.close()
+        while self._in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._in_flight:
+            log.warning("shutdown: %d frame(s) still in flight after %.0fs; they stay pending and will be "
+                        "redelivered", self._in_flight, self.config.shutdown_timeout_s)
+        for task in [*self._tasks, *self._side_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    result = close()
+                    if asyncio.iscoroutine(result):
+                        await result
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None and not asyncio.iscoroutinefunction(close):
+                close()
+        if self.http is not None:
+            await self.http.cleanup()
+        if self.engine:
+            self.engine.close()
+        if self.registry:
+            self.registry.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        log.info("inspectd stopped after %d frame(s)", self.frames_done)
+
+    # ------------------------------------------------------------------ stages
+    async def _read_loop(self, source: Any) -> None:
+        while not self._stop.is_set():
+            await self._permits.acquire()
+            granted = 1
+            while granted < READ_CHUNK and not self._permits.locked():
+                await self._permits.acquire()
+                granted += 1
+            try:
+                items = await source.read(granted)
+            except asyncio.CancelledError:
+                self._release(granted)
+                raise
+            except Exception as exc:  # noqa: BLE001 - a flaky source backs off, the daemon lives
+                self._release(granted)
+                self.metrics.error("source")
+                log.warning("source %s read failed: %s", type(source).__name__, exc)
+                await asyncio.sleep(1.0)
+                continue
+            self._release(granted - len(items))
+            self._in_flight += len(items)
+            for item in items:
+                if isinstance(item, DeadLetter):
+                    self.metrics.dead_lettered(item.product, item.line, item.reason)
+                    carrier = Frame(item.product, item.line, item.frame_id, 0.0, entry_id=item.entry_id,
+                                    ack=item.ack)
+                    await self._publish.put(([], [item], [InFlight(carrier, None)]))
+                    continue
+                self.metrics.received(item.product, item.line)
+                await self.batcher.put(InFlight(item, source))
+
+    def _release(self, n: int) -> None:
+        for _ in range(n):
+            self._permits.release()
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self.batcher.next_batch()
+            if not batch:
+                await self._ready.put(None)
+                return
+            formed = time.time()
+            to_prepare = [f for f in batch if f.prepared is None]
+            prepared = await self.engine.prepare([f.frame for f in to_prepare])
+            dead: list[tuple[InFlight, DeadLetter]] = []
+            for flight, outcome in zip(to_prepare, prepared, strict=True):
+                if isinstance(outcome, DeadLetter):
+                    dead.append((flight, outcome))
+                else:
+                    outcome.timings["queue_wait"] = max(0.0, formed - flight.frame.received_at)
+                    flight.prepared = outcome
+            await self._ready.put(([f for f in batch if f.prepared is not None], dead))
+
+    async def _engine_loop(self) -> None:
+        cfg = self.config.registry
+        while True:
+            job = await self._ready.get()
+            if job is None:
+                await self._publish.put(None)
+                return
+            flights, dead = job
+            scored: list[tuple[InFlight, ProductEntry]] = []
+            for flight in flights:
+                entry = self.registry.get(flight.frame.product)
+                if entry is not None:
+                    scored.append((flight, entry))
+                elif self.registry.status(flight.frame.product) == BUILDING and cfg.on_building == "wait" \
+                        and not flight.parked:
+                    self._park(flight)
+                else:
+                    status = self.registry.status(flight.frame.product)
+                    reason = "product_building" if status == BUILDING else (
+                        "product_failed" if status else "unknown_product")
+                    detail = self.registry.error(flight.frame.product) or f"product {flight.frame.product!r}"
+                    dead.append((flight, self._dead(flight.frame, reason, "product", detail)))
+            results: list[Result] = []
+            if scored:
+                self.metrics.batch(len(scored))
+                items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
+                                   map_size=self._map_size(entry, f.prepared.size)) for f, entry in scored]
+                try:
+                    outputs, forward_s = await self.engine.score(items)
+                except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters the batch, not the daemon
+                    log.exception("scoring failed for a batch of %d", len(items))
+                    self.metrics.error("score")
+                    for flight, _ in scored:
+                        dead.append((flight, self._dead(flight.frame, "detector_error", "score",
+                                                        f"{type(exc).__name__}: {exc}")))
+                    scored, outputs = [], []
+                for (flight, entry), output in zip(scored, outputs, strict=True):
+                    timings = dict(flight.prepared.timings, forward=forward_s)
+                    results.append(self._result(flight.frame, entry, output, timings))
+            flights_out = [f for f, _ in scored] + [f for f, _ in dead]
+            await self._publish.put((results, [d for _, d in dead], flights_out))
+
+    def _park(self, flight: InFlight) -> None:
+        """Hold a frame of a product that is still building; re-queue when ready or after the timeout."""
+        flight.parked = True
+
+        async def wait_then_requeue() -> None:
+            await self.registry.wait_ready(flight.frame.product, self.config.registry.wait_timeout_s)
+            await self.batcher.put(flight)
+
+        task = asyncio.create_task(wait_then_requeue())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _map_size(self, entry: ProductEntry, size: tuple[int, int]) -> tuple[int, int] | None:
+        policy = MaskPolicy.parse(entry.config.mask)
+        return map_size_for(policy.mode, policy.max_side, size)
+
+    def _result(self, frame: Frame, entry: ProductEntry, output: Any, timings: dict[str, float]) -> Result:
+        verdict = VERDICT_NG if output.score >= entry.threshold else VERDICT_OK
+        mask_mode = MaskPolicy.parse(entry.config.mask).mode
+        has_mask = output.map is not None and mask_mode != "none"
+        note = "" if has_mask else ("mask output disabled for this product" if output.map is not None
+                                    else f"detector {entry.config.detector!r} produces no anomaly map")
+        return Result(product=frame.product, line=frame.line, frame_id=frame.frame_id, captured_at=frame.captured_at,
+                      score=output.score, verdict=verdict, threshold=entry.threshold, detector=entry.config.detector,
+                      state_version=str(entry.version), mask=output.map if has_mask else None, mask_note=note,
+                      entry_id=frame.entry_id, source=frame.source, timings=timings, meta=frame.meta,
+                      demo_weights=self.backbone.demo_weights)
+
+    def _dead(self, frame: Frame, reason: str, stage: str, detail: str) -> DeadLetter:
+        self.metrics.dead_lettered(frame.product, frame.line, reason)
+        log.warning("dead letter %s/%s: %s (%s)", frame.product, frame.frame_id, reason, detail)
+        return DeadLetter(reason=reason, stage=stage, product=frame.product, line=frame.line,
+                          frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source, detail=detail,
+                          ack=frame.ack)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            job = await self._publish.get()
+            if job is None:
+                return
+            results, dead, flights = job
+            for d in dead:
+                if d.stage == "decode":
+                    self.metrics.dead_lettered(d.product, d.line, d.reason)
+            started = time.perf_counter()
+            while True:
+                try:
+                    for sink in self.sinks:
+                        await sink.publish_batch(results, dead)
+                    break
+                except Exception as exc:  # noqa: BLE001 - keep the frames, retry: at-least-once
+                    self.metrics.error("publish")
+                    log.warning("publishing %d result(s) failed (%s); retrying", len(results) + len(dead), exc)
+                    await asyncio.sleep(0.5)
+            publish_s = time.perf_counter() - started
+            await self._ack(flights)
+            now = time.time()
+            for result in results:
+                self.metrics.scored(result, publish_s, now)
+            self.frames_done += len(flights)
+            self._in_flight -= len(flights)
+            self._release(len(flights))
+
+    async def _ack(self, flights: list[InFlight]) -> None:
+        """Ack every frame once, batched per source where the source can (one XACK round trip)."""
+        by_source: dict[int, tuple[Any, list[Frame]]] = {}
+        for flight in flights:
+            by_source.setdefault(id(flight.origin), (flight.origin, []))[1].append(flight.frame)
+        for origin, frames in by_source.values():
+            ack_many = getattr(origin, "ack_many", None)
+            try:
+                if ack_many is not None:
+                    await ack_many(frames)
+                else:
+                    for frame in frames:
+                        if frame.ack is not None:
+                            await frame.ack()
+            except Exception as exc:  # noqa: BLE001 - an unacked frame is redelivered, never lost
+                self.metrics.error("ack")
+                log.warning("ack failed (%s); the frames will be redelivered", exc)
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            self.metrics.queue_depth("inbox", self.batcher.qsize())
+            self.metrics.queue_depth("in_flight", self._in_flight)
+            for source in self.sources:
+                pending = getattr(source, "pending_count", None)
+                if pending is not None:
+                    with contextlib.suppress(Exception):
+                        self.metrics.redis_pending(",".join(source.streams), await pending())
+            await asyncio.sleep(2.0)
+
+
+def configure_threads(config: DaemonConfig) -> None:
+    if config.model.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(config.model.threads))

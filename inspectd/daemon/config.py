@@ -1,0 +1,304 @@
+"""The daemon's configuration: typed dataclasses, validated at load with errors that name the key's path.
+
+`load_config(path)` reads YAML; unknown keys, wrong types and bad values fail at start with e.g.
+``config error at batcher.max_batch_size: expected int, got 'x'``. Deep code receives these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the key's path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"config error at {path or '<root>'}: {message}")
+        self.path = path
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "ViT-B-16-plus-240"
+    pretrained: str = "laion400m_e31"
+    device: str = "auto"
+    precision: str = "auto"
+    quick_gelu: str = "auto"
+    threads: int = 0
+    cache_dir: str | None = None
+    window_chunk_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        _choice("model.quick_gelu", self.quick_gelu, ("auto", "true", "false"))
+
+
+@dataclass
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "inspect"
+    lines: list[str] = field(default_factory=lambda: ["line-1"])  # input streams: <prefix>:{<line>}:frames
+    group: str = "inspectd"
+    consumer: str | None = None  # default <hostname>-<pid>
+    block_ms: int = 500
+    claim_idle_ms: int = 60000
+    results_maxlen: int = 100000
+    control_stream: str | None = "inspect:control"  # fleet-wide product reload commands
+
+
+@dataclass
+class CameraSourceConfig:
+    name: str
+    uri: str
+    product: str
+    line: str = "camera"
+    policy: str = "latest"
+    queue_size: int = 8
+    loop: bool = False
+    reconnect: bool = True
+    max_fps: float | None = None
+
+
+@dataclass
+class FolderSourceConfig:
+    path: str
+    product: str | None = None  # default: the sub-folder name
+    line: str = "folder"
+    after: str = "move"  # "move" to done/ | "record" in a ledger
+    ledger: str | None = None  # with after=record: where processed files are recorded
+    poll_interval_s: float = 0.5
+
+
+@dataclass
+class SourcesConfig:
+    redis: bool = True
+    cameras: list[CameraSourceConfig] = field(default_factory=list)
+    folders: list[FolderSourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class SinksConfig:
+    redis: bool = True
+    jsonl: str | None = None  # path of a JSONL results file
+    jsonl_masks_dir: str | None = None
+
+
+@dataclass
+class BatcherConfig:
+    max_batch_size: int = 8
+    max_delay_ms: float = 20.0
+    queue_size: int = 64  # frames waiting for a batch: the backpressure bound
+
+    def __post_init__(self) -> None:
+        _positive("batcher.max_batch_size", self.max_batch_size)
+        _positive("batcher.queue_size", self.queue_size)
+        if self.max_delay_ms < 0:
+            raise ConfigError("batcher.max_delay_ms", "must be >= 0")
+
+
+@dataclass
+class DecodeConfig:
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    threads: int = 2
+
+
+@dataclass
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+    token: str | None = None  # required when host is not a loopback address (or env INSPECTD_ADMIN_TOKEN)
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass
+class ThresholdConfig:
+    value: float | None = None  # fixed threshold; overrides calibration
+    quantile: float = 1.0  # of the normal scores (leave-one-out on references, plus held-out goods)
+    margin: float = 0.02  # added to the quantile
+    holdout_dir: str | None = None  # extra good images for calibration
+    default: float = 0.5  # when there is nothing to calibrate on (zero-shot without held-out goods)
+
+
+@dataclass
+class ProductConfig:
+    id: str
+    object_name: str = "object"
+    defect_words: list[str] = field(default_factory=list)
+    detector: str = "winclip"
+    options: dict[str, Any] = field(default_factory=dict)
+    references: str | None = None  # directory of normal reference images
+    shots: int = 4  # how many references to use (sorted by name); 0 = zero-shot
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    mask: str = "downscaled:256"  # "full" | "none" | "downscaled:<max_side>"
+
+
+@dataclass
+class RegistryConfig:
+    products_dir: str | None = None  # one YAML file per product
+    state_cache_dir: str | None = None  # fitted product states, keyed by model/config/reference hash
+    watch: bool = True  # rebuild on changes to products_dir and reference directories
+    debounce_s: float = 1.0
+    on_building: str = "wait"  # frames of a product still building: "wait" (bounded) | "dead_letter"
+    wait_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _choice("registry.on_building", self.on_building, ("wait", "dead_letter"))
+
+
+@dataclass
+class DaemonConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    products: list[ProductConfig] = field(default_factory=list)
+    shutdown_timeout_s: float = 20.0
+    demo: bool = False  # allow model.pretrained == "random": every result says its scores are meaningless
+
+
+def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(path, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(path: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(path, f"must be > 0, got {value}")
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking keys and types recursively."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(where, f"unknown key; known keys here: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{path}.{missing[0]}" if path else missing[0], "required key is missing")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(path, str(exc)) from exc
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(path, f"expected {_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(path, f"expected int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(path, f"expected {_name(tp)}, got {value!r}")
+    return value
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_config(data: Any) -> DaemonConfig:
+    config = build(DaemonConfig, data)
+    ids = [p.id for p in config.products]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError("products", f"duplicate product id(s) {duplicates}")
+    return config
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    config = parse_config(data or {})
+    _resolve_paths(config, path.parent)
+    return config
+
+
+def _resolve_paths(config: DaemonConfig, base: Path) -> None:
+    """Relative paths in a config file are relative to that file."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or "://" in value or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    config.registry.products_dir = fix(config.registry.products_dir)
+    config.registry.state_cache_dir = fix(config.registry.state_cache_dir)
+    config.sinks.jsonl = fix(config.sinks.jsonl)
+    config.sinks.jsonl_masks_dir = fix(config.sinks.jsonl_masks_dir)
+    for folder in config.sources.folders:
+        folder.path = fix(folder.path) or folder.path
+        folder.ledger = fix(folder.ledger)
+    for camera in config.sources.cameras:
+        if not camera.uri.isdigit():
+            camera.uri = fix(camera.uri) or camera.uri
+    for product in config.products:
+        product.references = fix(product.references)
+        product.threshold.holdout_dir = fix(product.threshold.holdout_dir)
+
+
+def load_product_file(path: str | Path) -> ProductConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(path.name, f"not valid YAML: {exc}") from exc
+    product = build(ProductConfig, data, path.stem)
+    if product.references and not Path(product.references).is_absolute():
+        product.references = str((path.parent / product.references).resolve())
+    return product

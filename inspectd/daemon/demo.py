@@ -1,0 +1,40 @@
+"""The embedded default: a daemon that needs no external service and no downloaded weights.
+
+It watches a folder of images (in place; processed files are recorded in a ledger, never moved),
+scores them with WinCLIP+ on the tiny random-weight model, and writes JSONL results, mask PNGs and
+Prometheus metrics. Random weights: every result is flagged ``demo_weights`` and the log says the
+scores are meaningless. With real weights, point a config file at them instead (README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inspectd.daemon.config import DaemonConfig, parse_config
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
+DEFAULT_INPUT = SHARED / "colour"
+DEFAULT_REFERENCES = SHARED / "good"
+
+
+def demo_config(input_dir: str | Path | None = None, references: str | Path | None = None,
+                out_dir: str | Path = "runs/demo", port: int = 9464) -> DaemonConfig:
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return parse_config({
+        "demo": True,
+        "model": {"arch": "inspectd-tiny", "pretrained": "random", "device": "cpu"},
+        "sources": {"redis": False, "folders": [{
+            "path": str(Path(input_dir or DEFAULT_INPUT).resolve()), "product": "hazelnut", "line": "demo",
+            "after": "record", "ledger": str(out / "processed.jsonl"), "poll_interval_s": 0.2}]},
+        "sinks": {"redis": False, "jsonl": str(out / "results.jsonl"), "jsonl_masks_dir": str(out / "masks")},
+        "http": {"port": port},
+        "registry": {"state_cache_dir": str(out / "state-cache"), "watch": False},
+        "products": [{"id": "hazelnut", "object_name": "hazelnut",
+                      "references": str(Path(references or DEFAULT_REFERENCES).resolve()), "shots": 4,
+                      "mask": "downscaled:256"}],
+    })
+
+
+def is_demo(config: DaemonConfig) -> bool:
+    return config.demo

@@ -1,0 +1,82 @@
+"""The daemon's HTTP server (aiohttp): /healthz, /readyz, /metrics, and the admin API routes.
+
+Binds to 127.0.0.1 by default; bound anywhere else it refuses to start without a bearer token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from inspectd.daemon.metrics import metrics_handler
+
+if TYPE_CHECKING:
+    from inspectd.daemon.app import InspectDaemon
+
+log = logging.getLogger(__name__)
+
+DAEMON_KEY: web.AppKey = web.AppKey("daemon", object)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token(daemon: InspectDaemon) -> str | None:
+    return daemon.config.http.token or os.environ.get("INSPECTD_ADMIN_TOKEN") or None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    daemon: InspectDaemon = request.app[DAEMON_KEY]
+    ok = daemon.healthy()
+    return web.json_response({"status": "ok" if ok else "unhealthy"}, status=200 if ok else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    daemon: InspectDaemon = request.app[DAEMON_KEY]
+    checks = {"model_loaded": daemon.backbone is not None, "products_ready": daemon.ready()}
+    if daemon.redis is not None:
+        try:
+            checks["redis"] = bool(await daemon.redis.ping())
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            checks["redis"] = False
+    ok = all(checks.values())
+    return web.json_response({"ready": ok, "checks": checks, "demo_weights": daemon.backbone.demo_weights
+                              if daemon.backbone else None}, status=200 if ok else 503)
+
+
+def build_app(daemon: InspectDaemon) -> web.Application:
+    app = web.Application(client_max_size=daemon.config.http.max_body_bytes)
+    app[DAEMON_KEY] = daemon
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(daemon.metrics))
+    try:
+        from inspectd.daemon.admin import add_admin_routes
+    except ImportError:
+        pass
+    else:
+        add_admin_routes(app, daemon)
+    return app
+
+
+async def start_http(daemon: InspectDaemon) -> web.AppRunner:
+    cfg = daemon.config.http
+    if not is_loopback(cfg.host) and not admin_token(daemon):
+        raise RuntimeError(f"http.host {cfg.host!r} is not loopback: set http.token or INSPECTD_ADMIN_TOKEN")
+    runner = web.AppRunner(build_app(daemon), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    daemon.http_port = runner.addresses[0][1] if runner.addresses else cfg.port
+    log.info("http on %s:%s (/healthz /readyz /metrics)", cfg.host, daemon.http_port)
+    return runner
