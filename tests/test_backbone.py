@@ -209,3 +209,27 @@ def test_non_square_map_is_average_of_overlapping_tiles() -> None:
     assert merged[0, 559].item() == 3.0
     full = pre.merge_maps(tile_maps, layout)
     assert full.shape == (300, 700)
+
+
+def test_weights_cli_verify_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from inspectd.cli import main
+
+    payload = b"checkpoint bytes"
+    good = tmp_path / f"x-{hashlib.sha256(payload).hexdigest()[:8]}.pt"
+    good.write_bytes(payload)
+    assert main(["weights", "verify", str(good)]) == 0
+    bad = tmp_path / "vit_b_16_plus_240-laion400m_e31-8fb26589.pt"
+    bad.write_bytes(payload)
+    assert main(["weights", "verify", str(bad)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    assert main(["weights", "list"]) == 0
+    assert "laion400m_e31" in capsys.readouterr().out
+
+
+def test_weights_fetch_rejects_unknown_checkpoint(tmp_path: Path) -> None:
+    from inspectd.cli import main
+
+    assert main(["weights", "fetch", "ViT-B-16-plus-240", "no_such_tag_xyz", "--out", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
