@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from bench.common import best_time, matmul_gflops, vit_forward_flops, window_pass_flops
+from bench.common import best_time, fp32_flop_bound, matmul_gflops, vit_forward_flops, window_pass_flops
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, ModelSpec
 
 
@@ -32,8 +32,8 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    peak = matmul_gflops(torch.float32 if backbone.dtype == torch.float32 else backbone.dtype, device=device)
-    print(f"device {device} dtype {backbone.dtype}  measured matmul rate: {peak:.1f} GFLOP/s")
+    peak = fp32_flop_bound(width, device, backbone.dtype)
+    print(f"device {device} dtype {backbone.dtype}  measured GEMM bound: {peak:.1f} GFLOP/s")
     if device == "cpu":
         bf16 = matmul_gflops(torch.bfloat16, n=512)
         fp32_small = matmul_gflops(torch.float32, n=512)

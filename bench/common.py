@@ -20,9 +20,13 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu") -> float:
-    """Measured dense matmul rate (GFLOP/s) of this machine for ``dtype``."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+    """Measured dense square matmul rate (GFLOP/s) of this machine for ``dtype``."""
+    return gemm_gflops(n, n, n, dtype, device)
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
 
     def step() -> None:
         torch.mm(a, b)
@@ -30,7 +34,14 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str
             torch.cuda.synchronize()
 
     seconds = best_time(step, repeats=5)
-    return 2 * n**3 / seconds / 1e9
+    return 2 * m * k * n / seconds / 1e9
+
+
+def fp32_flop_bound(width: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """The machine's fp32 FLOP bound: the best measured rate over square GEMMs and the ViT's own GEMM
+    shapes (tokens x width x 3*width, tokens x width x 4*width), in GFLOP/s."""
+    shapes = [(2048, 2048, 2048), (4096, width, 3 * width), (4096, width, 4 * width), (4096, 4 * width, width)]
+    return max(gemm_gflops(m, k, n, dtype, device) for m, k, n in shapes)
 
 
 def transformer_flops(tokens: int, sequences: int, width: int, layers: int, mlp_ratio: float = 4.0) -> float:

@@ -1,0 +1,142 @@
+"""Daemon overhead and latency, measured in one run against the real Redis on 127.0.0.1:6379:
+
+- engine-only throughput (pre-decoded frames straight into the scoring pipeline) vs end-to-end
+  throughput through Redis (XADD -> daemon -> XADD results -> XACK); overhead target < 5 %;
+- p50/p99 end-to-end latency with producers at 50 % and 90 % of the measured saturation rate;
+- the mean batch size the micro-batcher formed; for batch limits 1, 4 and 16.
+
+    python -m bench.daemon [--arch inspectd-tiny] [--frames 300] [--size 240]
+
+Default model: the tiny random one with WinCLIP windows (fast, so Redis overhead is most visible);
+``--arch ViT-B-16-plus-240`` measures the paper's backbone (slow on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+import uuid
+
+import numpy as np
+import redis.asyncio as aioredis
+from PIL import Image
+
+from inspectd.daemon.app import InspectDaemon, build_backbone
+from inspectd.daemon.config import parse_config
+from inspectd.detectors.pipeline import ScoreItem, run
+from inspectd.streams.message import frame_fields
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def frames(n: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(min(n, 16)):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
+def config(arch: str, batch: int, prefix: str):  # noqa: ANN201
+    return parse_config({
+        "demo": True, "model": {"arch": arch, "pretrained": "random"},
+        "redis": {"url": REDIS, "prefix": prefix, "lines": ["b"], "block_ms": 50, "control_stream": None},
+        "batcher": {"max_batch_size": batch, "max_delay_ms": 5, "queue_size": max(64, 4 * batch)},
+        "http": {"enabled": False},
+        "products": [{"id": "p", "object_name": "object", "shots": 0, "mask": "none"}],
+    })
+
+
+def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> float:
+    """Frames/s of the same work without Redis or asyncio: decode + tile + score, batch by batch."""
+    entry = daemon.registry.get("p")
+    started = time.perf_counter()
+    for i in range(0, len(payloads), batch):
+        prepared = [daemon.backbone.preprocessor(np.asarray(Image.open(io.BytesIO(p)).convert("RGB")))
+                    for p in payloads[i:i + batch]]
+        run(daemon.backbone, [ScoreItem(entry.detector, entry.state, tiles=t, layout=lay, map_size=(1, 1))
+                              for t, lay in prepared])
+    return len(payloads) / (time.perf_counter() - started)
+
+
+async def produce(client, key: str, payloads: list[bytes], rate: float | None) -> None:  # noqa: ANN001
+    interval = 0 if not rate else 1.0 / rate
+    next_at = time.perf_counter()
+    for i, payload in enumerate(payloads):
+        await client.xadd(key, frame_fields("p", "b", f"f{i}", payload, captured_at=time.time()))
+        if interval:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+async def collect(client, key: str, n: int, timeout: float = 600) -> list[float]:  # noqa: ANN001
+    """End-to-end latencies: result entry time (ms id) minus the frame's capture time."""
+    deadline = time.monotonic() + timeout
+    while await client.xlen(key) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    entries = await client.xrange(key)
+    return [int(eid.split(b"-")[0]) / 1000.0 - float(f[b"ts"]) for eid, f in entries]
+
+
+async def measure(arch: str, batch: int, n: int, size: int, backbone) -> dict:  # noqa: ANN001
+    prefix = f"bench:{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(REDIS)
+    daemon = InspectDaemon(config(arch, batch, prefix), backbone=backbone)
+    task = asyncio.create_task(daemon.run())
+    while not daemon.started:
+        await asyncio.sleep(0.05)
+    payloads = frames(n, size)
+    engine_rate = engine_only(daemon, payloads, batch)
+    frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
+    # saturation: every frame already waiting in Redis
+    await produce(client, frames_key, payloads, None)
+    started = time.perf_counter()
+    await collect(client, results_key, n)
+    e2e_rate = n / (time.perf_counter() - started)
+    batches = daemon.metrics.batch_size
+    total = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_sum"))
+    count = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
+    row = {"batch": batch, "engine": engine_rate, "e2e": e2e_rate, "mean_batch": total / max(count, 1)}
+    for load in (0.5, 0.9):
+        await client.delete(results_key)
+        m = max(20, n // 2)
+        await produce(client, frames_key, payloads[:m], rate=load * e2e_rate)
+        latencies = np.array(await collect(client, results_key, m))
+        row[f"p50@{load:.0%}"] = float(np.percentile(latencies, 50) * 1000)
+        row[f"p99@{load:.0%}"] = float(np.percentile(latencies, 99) * 1000)
+    daemon.request_stop()
+    await task
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+    return row
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    backbone = build_backbone(config(args.arch, 1, "x"))
+    print(f"model {args.arch} (random weights), {args.size}px frames, {args.frames} frames per setting")
+    print(f"{'batch':>5s} {'engine img/s':>13s} {'e2e img/s':>10s} {'overhead':>9s} {'mean batch':>11s} "
+          f"{'p50@50%':>9s} {'p99@50%':>9s} {'p50@90%':>9s} {'p99@90%':>9s}  (latency ms)")
+    for batch in args.batches:
+        r = await measure(args.arch, batch, args.frames, args.size, backbone)
+        overhead = 1 - r["e2e"] / r["engine"]
+        print(f"{batch:5d} {r['engine']:13.1f} {r['e2e']:10.1f} {overhead:9.1%} {r['mean_batch']:11.2f} "
+              f"{r['p50@50%']:9.1f} {r['p99@50%']:9.1f} {r['p50@90%']:9.1f} {r['p99@90%']:9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="inspectd-tiny")
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--size", type=int, default=240)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""WinCLIP speed at the paper's settings (ViT-B-16-plus-240, 240 px, 2x2 + 3x3 windows): images/s zero-shot
+and 4-shot through the same pipeline the daemon uses, and the ratio to this machine's fp32 FLOP bound
+measured in the same run. Random weights (timing only).
+
+    python -m bench.winclip [--batch 8] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from bench.common import best_time, fp32_flop_bound, vit_forward_flops, window_pass_flops
+from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+from inspectd.detectors.base import ProductSpec, create_detector
+from inspectd.detectors.pipeline import ScoreItem, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--arch", default="ViT-B-16-plus-240")
+    args = parser.parse_args()
+
+    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained="random", demo=True, device=args.device))
+    device = str(backbone.device)
+    detector = create_detector("winclip", backbone)
+    rng = np.random.default_rng(0)
+    size = backbone.image_size
+    frames = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
+    references = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(args.shots)]
+    zero = detector.fit(ProductSpec("p", "object"), [])
+    few = detector.fit(ProductSpec("p", "object"), references)
+    tiles = [backbone.preprocessor(f) for f in frames]
+
+    def batch(state) -> None:  # noqa: ANN001
+        run(backbone, [ScoreItem(detector, state, tiles=t, layout=layout, map_size=(size, size))
+                       for t, layout in tiles])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    grid, width, layers, embed = backbone.grid[0], backbone.width, len(backbone.visual.transformer.resblocks), \
+        backbone.embed_dim
+    flops = vit_forward_flops(grid, backbone.patch_size, width, layers, embed) + sum(
+        window_pass_flops(grid, k, width, layers, embed) for k in (2, 3))
+    windows = {k: (grid - k + 1) ** 2 for k in (2, 3)}
+    patches = grid * grid
+    # association GEMMs per image: every query position against every stored reference position
+    assoc = sum(2 * embed * u * args.shots * u for u in windows.values()) + 2 * width * patches * args.shots * patches
+    peak = fp32_flop_bound(width, device, backbone.dtype)
+    print(f"{args.arch} @ {size}px on {device} ({backbone.dtype}), batch {args.batch}; "
+          f"measured GEMM bound {peak:.1f} GFLOP/s")
+    print(f"{'setting':10s} {'images/s':>9s} {'ms/image':>9s} {'GFLOP/img':>10s} {'ratio to bound':>15s}")
+    for name, state, extra in (("0-shot", zero, 0.0), (f"{args.shots}-shot", few, assoc)):
+        seconds = best_time(lambda state=state: batch(state), repeats=3)
+        per_second = args.batch / seconds
+        image_flops = flops + extra
+        ratio = image_flops * per_second / 1e9 / peak
+        print(f"{name:10s} {per_second:9.2f} {1000 / per_second:9.1f} {image_flops / 1e9:10.1f} {ratio:15.2f}")
+
+
+if __name__ == "__main__":
+    main()
