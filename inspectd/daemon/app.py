@@ -77,6 +77,8 @@ class InspectDaemon:
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self.http: Any = None
+        self.watcher: Any = None  # daemon.watcher.RegistryWatcher when registry.watch
+        self.control: Any = None  # daemon.control.ControlListener when redis.control_stream
         self.started = False
         self.frames_done = 0
 
@@ -88,7 +90,8 @@ class InspectDaemon:
         self.metrics.set_model_info(self.backbone.describe())
         limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
         self.engine = ScoringEngine(self.backbone, cfg.decode.threads, limits)
-        self.registry = ProductRegistry(self.backbone, cfg.registry, on_change=self._on_registry_change)
+        self.registry = ProductRegistry(self.backbone, cfg.registry, on_change=self._on_registry_change,
+                                        on_remove=self.metrics.product_removed)
         if cfg.sources.redis or cfg.sinks.redis:
             import redis.asyncio as aioredis
 
@@ -96,6 +99,21 @@ class InspectDaemon:
             await self.redis.ping()
         self._open_sinks()
         await self._load_products()
+        if cfg.registry.watch:
+            from inspectd.daemon.watcher import RegistryWatcher
+
+            self.watcher = RegistryWatcher(self.registry, cfg)
+            self.watcher.start()
+        if cfg.redis.control_stream:
+            from inspectd.daemon.control import ControlListener
+
+            if self.redis is None:
+                import redis.asyncio as aioredis
+
+                self.redis = aioredis.from_url(cfg.redis.url)
+            self.control = ControlListener(self.redis, cfg.redis.control_stream, self.registry, self.metrics,
+                                           persist=bool(cfg.registry.products_dir))
+            await self.control.start()
         await self._open_sources()
         if cfg.http.enabled:
             from inspectd.daemon.http import start_http
@@ -201,6 +219,9 @@ class InspectDaemon:
     async def shutdown(self) -> None:
         """Stop reading, finish and publish what is in flight, ack, close; bounded by shutdown_timeout_s."""
         deadline = time.monotonic() + self.config.shutdown_timeout_s
+        for side in (self.watcher, self.control):  # no rebuilds while draining
+            if side is not None:
+                await side.stop()
         for task in getattr(self, "_reader_tasks", []):
             task.cancel()
         await asyncio.gather(*getattr(self, "_reader_tasks", []), return_exceptions=True)
@@ -254,6 +275,12 @@ class InspectDaemon:
                 await asyncio.sleep(1.0)
                 continue
             self._release(granted - len(items))
+            if not items:
+                if getattr(source, "exhausted", False):
+                    log.info("source %s has ended", getattr(source, "source", type(source).__name__))
+                    return
+                await asyncio.sleep(0.01)  # a source that returns at once must not starve the loop
+                continue
             self._in_flight += len(items)
             for item in items:
                 if isinstance(item, DeadLetter):
