@@ -1,0 +1,109 @@
+"""On-disk score cache for resumable evaluation runs: image score + anomaly map (float16 .npz, never pickle) per
+(model, dataset, image file state, detector + config hash, shots, seed), so a re-run with other metrics skips CLIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything a cached score depends on. ``image`` is `image_fingerprint` (path, mtime, size)."""
+
+    model_id: str
+    dataset: str
+    image: str
+    detector: str
+    config_hash: str
+    shots: int
+    seed: int
+
+    def as_json(self) -> str:
+        return json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.as_json().encode()).hexdigest()
+
+
+def image_fingerprint(path: str | Path) -> str:
+    """The image's absolute path with its mtime (ns) and size: editing or replacing the file invalidates entries."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p}|{st.st_mtime_ns}|{st.st_size}"
+
+
+class ScoreCache:
+    """Directory of ``<digest[:2]>/<digest>.npz`` files, each holding ``key`` (its JSON, checked on read),
+    ``score`` (float64) and optionally ``map`` (float16; float32 only if values exceed float16's range).
+
+    float16 keeps ~3 significant digits: pixel metrics from cached maps may differ from fresh ones in the 4th
+    decimal. Writes are atomic (temp file + rename), so an interrupted run never leaves a torn entry.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(*, model_id: str, dataset: str, image_path: str | Path, detector: str, config_hash: str, shots: int,
+            seed: int) -> CacheKey:
+        return CacheKey(model_id, dataset, image_fingerprint(image_path), detector, config_hash, int(shots), int(seed))
+
+    def _path(self, key: CacheKey) -> Path:
+        digest = key.digest
+        return self.root / digest[:2] / f"{digest}.npz"
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: CacheKey) -> tuple[float, np.ndarray | None] | None:
+        """(score, map as float32 or None) or None on a miss (also for an unreadable or foreign entry)."""
+        path = self._path(key)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["key"]) != key.as_json():
+                    self.misses += 1
+                    return None
+                score = float(data["score"])
+                anomaly_map = data["map"].astype(np.float32) if "map" in data.files else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return score, anomaly_map
+
+    def put(self, key: CacheKey, score: float, anomaly_map: np.ndarray | None = None) -> None:
+        arrays: dict[str, np.ndarray] = {"key": np.array(key.as_json()), "score": np.array(float(score))}
+        if anomaly_map is not None:
+            m = np.asarray(anomaly_map)
+            if not np.isfinite(m).all():
+                raise ValueError("anomaly map contains NaN or infinite values")
+            arrays["map"] = m.astype(np.float16 if np.abs(m).max(initial=0.0) <= FLOAT16_MAX else np.float32)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*.npz"))
