@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inspectd.daemon.config import ProductConfig, RegistryConfig
+from inspectd.daemon.config import ProductConfig, RegistryConfig, ThresholdConfig
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
 from inspectd.detectors.pipeline import ScoreItem, run
@@ -30,6 +30,7 @@ from inspectd.streams.codec import decode_image_bytes
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+CALIBRATION_CHUNK = 16
 
 READY = "ready"
 BUILDING = "building"
@@ -89,30 +90,47 @@ def load_images(files: list[Path]) -> list[np.ndarray]:
 
 
 def calibrate(detector: Detector, spec: ProductSpec, references: list[np.ndarray], holdout: list[np.ndarray],
-              full_state: ProductState, policy) -> tuple[float, dict]:
-    """Threshold from normal scores: leave-one-out over references (k >= 2) plus held-out goods."""
+              full_state: ProductState, policy: ThresholdConfig) -> tuple[float, dict]:
+    """Threshold from normal scores: leave-one-out over references (k >= 2) plus held-out goods.
+
+    Each left-out reference is scored against a state fitted on the other k-1, so its score is what an
+    unseen good part would get (slightly pessimistic: k-1 memories, not k). Held-out goods are scored
+    against the full state. threshold = quantile(normal scores) + margin; a fixed value overrides.
+    """
     if policy.value is not None:
         return float(policy.value), {"method": "fixed"}
+    if not 0.0 <= policy.quantile <= 1.0:
+        raise BuildError(f"threshold.quantile must be within [0, 1], got {policy.quantile}")
     normal_scores: list[float] = []
+    loo_scores: list[float] = []
     if len(references) >= 2:
         for i in range(len(references)):
             state = detector.fit(spec, references[:i] + references[i + 1:])
-            normal_scores.append(run(detector.backbone, [ScoreItem(detector, state, references[i])])[0].score)
-    if holdout:
-        outputs = run(detector.backbone, [ScoreItem(detector, full_state, image) for image in holdout])
-        normal_scores += [o.score for o in outputs]
+            loo_scores.append(run(detector.backbone, [ScoreItem(detector, state, references[i])])[0].score)
+        normal_scores += loo_scores
+    for start in range(0, len(holdout), CALIBRATION_CHUNK):  # bounded memory for large holdout dirs
+        chunk = holdout[start:start + CALIBRATION_CHUNK]
+        normal_scores += [o.score for o in run(detector.backbone, [ScoreItem(detector, full_state, image)
+                                                                    for image in chunk])]
     if not normal_scores:
-        return float(policy.default), {"method": "default", "reason": "no normals to calibrate on"}
+        (log.warning if references else log.info)(
+            "product %s: no normals to calibrate on (k=%d, no holdout_dir); threshold = default %.3f",
+            spec.product, len(references), policy.default)
+        return float(policy.default), {"method": "default", "reason": "no normals to calibrate on "
+                                       "(needs >= 2 references or a holdout_dir)"}
     threshold = float(np.quantile(normal_scores, policy.quantile)) + policy.margin
     return threshold, {"method": "quantile", "quantile": policy.quantile, "margin": policy.margin,
-                       "normals": len(normal_scores), "max_normal": float(max(normal_scores))}
+                       "normals": len(normal_scores), "leave_one_out": len(loo_scores),
+                       "holdout": len(holdout), "min_normal": float(min(normal_scores)),
+                       "mean_normal": float(np.mean(normal_scores)), "max_normal": float(max(normal_scores))}
 
 
 class ProductRegistry:
     """The live product table. Reads (`get`) are lock-free; builds are serialised per product."""
 
     def __init__(self, backbone: ClipBackbone, config: RegistryConfig,
-                 on_change: Callable[[ProductEntry | None, str], None] | None = None) -> None:
+                 on_change: Callable[[ProductEntry | None, str], None] | None = None,
+                 on_remove: Callable[[str], None] | None = None) -> None:
         self.backbone = backbone
         self.config = config
         self._entries: dict[str, ProductEntry] = {}
@@ -122,7 +140,9 @@ class ProductRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._ready_events: dict[str, asyncio.Event] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspectd-build")
-        self._on_change = on_change
+        self._on_change = on_change  # (entry, id) on a swap; (None, id) on a rejected build
+        self._on_remove = on_remove  # (id) on removal; without it removal is signalled as on_change(None, id)
+        self.builds = 0  # completed builds (swaps), for tests and the admin API
         self.cache_dir = Path(config.state_cache_dir) if config.state_cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -154,30 +174,36 @@ class ProductRegistry:
         return self._entries.get(product_id)
 
     # ---------------------------------------------------------------- writes (off the hot path)
-    async def put(self, config: ProductConfig) -> ProductEntry:
-        """Build ``config`` and swap it in; raises BuildError (old entry keeps serving)."""
+    async def put(self, config: ProductConfig, force: bool = True) -> ProductEntry:
+        """Build ``config`` and swap it in; raises BuildError (old entry keeps serving).
+
+        With ``force=False`` (file watcher) a build whose config and reference fingerprint equal the serving
+        entry's is skipped and the serving entry returned, so echoes of our own writes cost no new version.
+        """
         lock = self._locks.setdefault(config.id, asyncio.Lock())
         async with lock:
-            previous_status = self._status.get(config.id)
             if config.id not in self._entries:
                 self._status[config.id] = BUILDING
+            current = None if force else self._entries.get(config.id)
             try:
                 loop = asyncio.get_running_loop()
-                entry = await loop.run_in_executor(self._executor, self._build, config)
+                entry = await loop.run_in_executor(self._executor, self._build, config, current)
             except Exception as exc:
                 message = str(exc) if isinstance(exc, BuildError | ValueError) else f"{type(exc).__name__}: {exc}"
                 log.error("product %s: build rejected: %s", config.id, message)
                 self._errors[config.id] = message
-                if config.id in self._entries:
-                    self._status[config.id] = READY
-                elif previous_status is None:
-                    self._status[config.id] = FAILED
+                self._status[config.id] = READY if config.id in self._entries else FAILED
                 if self._on_change:
                     self._on_change(None, config.id)
                 raise BuildError(message) from exc
+            if entry is current:
+                log.info("product %s: unchanged (fingerprint %s); version %d keeps serving", config.id,
+                         entry.fingerprint, entry.version)
+                return entry
             self._entries[config.id] = entry  # the atomic swap
             self._status[config.id] = READY
             self._errors.pop(config.id, None)
+            self.builds += 1
             self._ready_events.setdefault(config.id, asyncio.Event()).set()
             log.info("product %s: version %d ready (threshold %.4f, %s)", config.id, entry.version,
                      entry.threshold, entry.calibration.get("method"))
@@ -185,22 +211,74 @@ class ProductRegistry:
                 self._on_change(entry, config.id)
             return entry
 
-    async def reload(self, product_id: str) -> ProductEntry:
+    async def reload(self, product_id: str, force: bool = True) -> ProductEntry:
+        """Rebuild from the serving config (references re-read); KeyError if the product is not serving."""
         entry = self._entries.get(product_id)
         if entry is None:
             raise KeyError(product_id)
-        return await self.put(entry.config)
+        return await self.put(entry.config, force=force)
 
     async def remove(self, product_id: str) -> bool:
-        found = self._entries.pop(product_id, None) is not None
-        self._status.pop(product_id, None)
-        self._errors.pop(product_id, None)
-        event = self._ready_events.pop(product_id, None)
-        if event:
-            event.clear()
-        if self._on_change:
+        """Stop serving ``product_id`` (waits for a build in progress); False if it was unknown."""
+        lock = self._locks.setdefault(product_id, asyncio.Lock())
+        async with lock:
+            found = self._entries.pop(product_id, None) is not None
+            known = self._status.pop(product_id, None) is not None or found
+            self._errors.pop(product_id, None)
+            event = self._ready_events.pop(product_id, None)
+            if event:
+                event.clear()
+        if not known:
+            return False
+        log.info("product %s: removed", product_id)
+        if self._on_remove:
+            self._on_remove(product_id)
+        elif self._on_change:
             self._on_change(None, product_id)
-        return found
+        return True
+
+    def configs(self) -> list[ProductConfig]:
+        return [entry.config for entry in self._entries.values()]
+
+    # ---------------------------------------------------------------- product files (persistence)
+    def product_file(self, product_id: str) -> Path | None:
+        """The YAML file in products_dir defining ``product_id`` (existing, else ``<id>.yaml``); None without a dir."""
+        if not self.config.products_dir:
+            return None
+        from inspectd.daemon.config import ConfigError, load_product_file
+        from inspectd.daemon.products import PRODUCT_SUFFIXES, product_files
+
+        root = Path(self.config.products_dir)
+        for suffix in PRODUCT_SUFFIXES:
+            if (root / f"{product_id}{suffix}").is_file():
+                return root / f"{product_id}{suffix}"
+        for path in product_files(str(root)):
+            try:
+                if load_product_file(path).id == product_id:
+                    return path
+            except (ConfigError, OSError):
+                continue
+        return root / f"{product_id}.yaml"
+
+    def save_product_file(self, config: ProductConfig) -> Path | None:
+        """Persist ``config`` as YAML into products_dir (atomic rename; dot-prefixed temp file)."""
+        path = self.product_file(config.id)
+        if path is None:
+            return None
+        import yaml
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    def delete_product_file(self, product_id: str) -> Path | None:
+        path = self.product_file(product_id)
+        if path is None or not path.exists():
+            return None
+        path.unlink(missing_ok=True)
+        return path
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -217,7 +295,7 @@ class ProductRegistry:
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()[:20]
 
-    def _build(self, config: ProductConfig) -> ProductEntry:
+    def _build(self, config: ProductConfig, current: ProductEntry | None = None) -> ProductEntry:
         started = time.perf_counter()
         try:
             detector = create_detector(config.detector, self.backbone, config.options)
@@ -226,6 +304,8 @@ class ProductRegistry:
         files = reference_files(config.references, config.shots)
         holdout_files = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
         fingerprint = self._fingerprint(detector, config, files, holdout_files)
+        if current is not None and current.fingerprint == fingerprint and current.config == config:
+            return current
         spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
         state = self._load_cached(config.id, fingerprint)
         if state is None:

@@ -1,0 +1,316 @@
+"""Admin HTTP API for the product registry: list/get/put/reload/delete products and upload reference images.
+
+Every route needs ``Authorization: Bearer <token>`` when a token is configured (always off loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import yaml
+from aiohttp import BodyPartReader, web
+
+from inspectd.daemon.config import ConfigError, ProductConfig, build
+from inspectd.daemon.http import DAEMON_KEY, admin_token, is_loopback
+from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, ProductRegistry
+
+if TYPE_CHECKING:
+    from inspectd.daemon.app import InspectDaemon
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")
+MAX_UPLOAD_FILES = 64
+MAX_UPLOAD_FILE_BYTES = 32 * 1024 * 1024
+# Pillow format -> file suffixes it may be stored under
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "TIFF": (".tif", ".tiff")}
+JSON_TYPES = ("application/json",)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message, ...}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+def add_admin_routes(app: web.Application, daemon: InspectDaemon) -> None:
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/products", list_products),
+        ("GET", "/products/{id}", get_product),
+        ("PUT", "/products/{id}", put_product),
+        ("POST", "/products/{id}/reload", reload_product),
+        ("DELETE", "/products/{id}", delete_product),
+        ("POST", "/products/{id}/references", upload_references),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, guarded(handler))
+
+
+def guarded(handler: Handler) -> Handler:
+    """Bearer-token check (constant time) and ApiError -> JSON response."""
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        daemon: InspectDaemon = request.app[DAEMON_KEY]
+        try:
+            check_auth(request, daemon)
+            if daemon.registry is None:
+                raise ApiError(503, "registry not started")
+            return await handler(request)
+        except ApiError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="inspectd"'} if exc.status == 401 else None
+            return web.json_response({"error": str(exc), **exc.extra}, status=exc.status, headers=headers)
+
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
+    token = admin_token(daemon)
+    if token is None:
+        if is_loopback(daemon.config.http.host):
+            return
+        raise ApiError(401, "admin API disabled: no token configured on a non-loopback address")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    if not ok:
+        log.warning("admin API: %s %s from %s refused (bad or missing token)", request.method, request.path,
+                    request.remote)
+        raise ApiError(401, "missing or invalid bearer token")
+
+
+def _registry(request: web.Request) -> ProductRegistry:
+    return request.app[DAEMON_KEY].registry
+
+
+def _product_id(request: web.Request) -> str:
+    product_id = request.match_info["id"]
+    if not PRODUCT_ID_RE.match(product_id):
+        raise ApiError(400, f"invalid product id {product_id!r}: letters, digits, '.', '_', '-' (max 128)")
+    return product_id
+
+
+def describe(registry: ProductRegistry, product_id: str) -> dict[str, Any]:
+    entry = registry.get(product_id)
+    out: dict[str, Any] = entry.describe() if entry else {"id": product_id}
+    out["status"] = registry.status(product_id)
+    out["error"] = registry.error(product_id)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ routes
+async def list_products(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    return web.json_response({"products": [describe(registry, pid) for pid in registry.ids()]})
+
+
+async def get_product(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    product_id = request.match_info["id"]
+    if registry.status(product_id) is None and registry.get(product_id) is None:
+        raise ApiError(404, f"unknown product {product_id!r}")
+    return web.json_response(describe(registry, product_id))
+
+
+async def put_product(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    product_id = _product_id(request)
+    config = parse_product(await request.read(), request.content_type, product_id, registry)
+    created = registry.get(product_id) is None
+    entry = await _build_or_422(registry.put(config), product_id)
+    path = await asyncio.to_thread(registry.save_product_file, config)
+    body = describe(registry, entry.id)
+    body["file"] = str(path) if path else None
+    return web.json_response(body, status=201 if created else 200)
+
+
+async def reload_product(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    product_id = request.match_info["id"]
+    if registry.get(product_id) is None:
+        raise ApiError(404, f"product {product_id!r} is not serving")
+    await _build_or_422(registry.reload(product_id), product_id)
+    return web.json_response(describe(registry, product_id))
+
+
+async def delete_product(request: web.Request) -> web.Response:
+    registry = _registry(request)
+    product_id = request.match_info["id"]
+    if not await registry.remove(product_id):
+        raise ApiError(404, f"unknown product {product_id!r}")
+    path = await asyncio.to_thread(registry.delete_product_file, product_id) if PRODUCT_ID_RE.match(product_id) \
+        else None
+    return web.json_response({"removed": product_id, "file_deleted": str(path) if path else None})
+
+
+async def upload_references(request: web.Request) -> web.Response:
+    """Multipart image files into the product's reference directory, then rebuild.
+
+    ``?replace=true`` removes the directory's other images first. Every file is checked (name, size,
+    decodable image whose format matches its suffix) before anything is written.
+    """
+    daemon: InspectDaemon = request.app[DAEMON_KEY]
+    registry = _registry(request)
+    product_id = request.match_info["id"]
+    entry = registry.get(product_id)
+    if entry is None:
+        raise ApiError(404, f"product {product_id!r} is not serving")
+    if not entry.config.references:
+        raise ApiError(409, f"product {product_id!r} has no reference directory; PUT a config with `references`")
+    directory = Path(entry.config.references).resolve()
+    replace = request.query.get("replace", "false").lower() in ("1", "true", "yes")
+    per_file = min(MAX_UPLOAD_FILE_BYTES, daemon.config.decode.max_bytes)
+    files = await read_uploads(request, per_file, daemon.config.http.max_body_bytes)
+    for name, data in files:
+        await asyncio.to_thread(check_image, name, data, daemon.config.decode.max_pixels)
+    targets = [(safe_target(directory, name), data) for name, data in files]
+    written = await asyncio.to_thread(write_references, directory, targets, replace)
+    log.info("product %s: %d reference image(s) uploaded%s", product_id, len(written),
+             " (replacing the set)" if replace else "")
+    await _build_or_422(registry.reload(product_id), product_id, uploaded=written)
+    body = describe(registry, product_id)
+    body["uploaded"] = written
+    return web.json_response(body, status=201)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+async def _build_or_422(build_coro: Awaitable[Any], product_id: str, **extra: Any) -> Any:
+    try:
+        return await build_coro
+    except BuildError as exc:
+        raise ApiError(422, f"product {product_id!r} rejected: {exc}", **extra) from exc
+    except KeyError as exc:
+        raise ApiError(404, f"product {product_id!r} is not serving") from exc
+
+
+def parse_product(body: bytes, content_type: str, product_id: str, registry: ProductRegistry) -> ProductConfig:
+    """A ProductConfig from a JSON or YAML body; 400 naming the key path on any problem."""
+    try:
+        text = body.decode("utf-8")
+        data = json.loads(text) if content_type in JSON_TYPES else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ApiError(400, f"body is not valid {'JSON' if content_type in JSON_TYPES else 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a mapping of product settings", path="")
+    data.setdefault("id", product_id)
+    if data["id"] != product_id:
+        raise ApiError(400, f"config error at id: {data['id']!r} does not match the URL's {product_id!r}", path="id")
+    try:
+        config = build(ProductConfig, data, "")
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), path=exc.path) from exc
+    for key, value in (("references", config.references), ("threshold.holdout_dir", config.threshold.holdout_dir)):
+        if value and not Path(value).is_absolute():
+            if not registry.config.products_dir:
+                raise ApiError(400, f"config error at {key}: must be an absolute path (no products_dir to resolve "
+                               "it against)", path=key)
+            resolved = str((Path(registry.config.products_dir) / value).resolve())
+            if key == "references":
+                config.references = resolved
+            else:
+                config.threshold.holdout_dir = resolved
+    return config
+
+
+async def read_uploads(request: web.Request, per_file: int, total: int) -> list[tuple[str, bytes]]:
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(400, "expected a multipart/form-data body of image files")
+    reader = await request.multipart()
+    files: list[tuple[str, bytes]] = []
+    received = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):  # nested multipart: refused
+            raise ApiError(400, "nested multipart bodies are not accepted")
+        if part.filename is None:
+            raise ApiError(400, f"form field {part.name!r} is not a file")
+        name = unquote(part.filename)  # clients may percent-encode; check what the name really says
+        check_file_name(name)
+        data = bytearray()
+        while chunk := await part.read_chunk(64 * 1024):
+            data += chunk
+            received += len(chunk)
+            if len(data) > per_file:
+                raise ApiError(413, f"{name}: larger than {per_file} bytes")
+            if received > total:
+                raise ApiError(413, f"upload larger than {total} bytes")
+        files.append((name, bytes(data)))
+        if len(files) > MAX_UPLOAD_FILES:
+            raise ApiError(413, f"more than {MAX_UPLOAD_FILES} files in one upload")
+    if not files:
+        raise ApiError(400, "no files in the upload")
+    names = [n for n, _ in files]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "duplicate file names in the upload")
+    return files
+
+
+def check_file_name(name: str) -> None:
+    """A plain file name: no separators, no '..', not absolute, not hidden, image suffix."""
+    bad = (not name or "/" in name or "\\" in name or "\0" in name or ".." in name
+           or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+           or not FILE_NAME_RE.match(name))
+    if bad:
+        raise ApiError(400, f"unsafe file name {name!r}: a plain name (letters, digits, '.', '_', '-', ' '), "
+                       "no path separators or '..'")
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ApiError(400, f"{name}: not an image file name ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def check_image(name: str, data: bytes, max_pixels: int) -> None:
+    """The bytes are an image (magic bytes and structure via Pillow) of the format the suffix says."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+            if width * height > max_pixels:
+                raise ApiError(400, f"{name}: {width}x{height} pixels is over the limit of {max_pixels}")
+            image.verify()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"{name}: not a readable image ({exc})") from exc
+    if fmt not in IMAGE_FORMATS:
+        raise ApiError(400, f"{name}: image format {fmt} not accepted ({', '.join(IMAGE_FORMATS)})")
+    if Path(name).suffix.lower() not in IMAGE_FORMATS[fmt]:
+        raise ApiError(400, f"{name}: content is {fmt}, which does not match the file name")
+
+
+def safe_target(directory: Path, name: str) -> Path:
+    """``directory / name`` resolved, refused unless it lies directly inside ``directory`` (no symlink escape)."""
+    target = (directory / name).resolve()
+    if target.parent != directory or not target.is_relative_to(directory):
+        raise ApiError(400, f"unsafe file name {name!r}: resolves outside the reference directory")
+    return target
+
+
+def write_references(directory: Path, targets: list[tuple[Path, bytes]], replace: bool) -> list[str]:
+    """Write each file atomically (dot-prefixed temp name, which builds and the watcher ignore)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for target, data in targets:
+        tmp = directory / f".upload-{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    keep = {t.name for t, _ in targets}
+    if replace:
+        for path in directory.iterdir():
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.name not in keep:
+                path.unlink()
+    return sorted(keep)

@@ -1,0 +1,203 @@
+"""File watcher: product YAML files in registry.products_dir and every product's reference/holdout directory.
+
+Bursts are debounced (registry.debounce_s of quiet), temp/half-written files ignored, sizes must settle;
+then a changed product file -> registry.put, a deleted one -> remove, a changed reference dir -> reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from watchfiles import Change, awatch
+
+from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
+from inspectd.daemon.products import PRODUCT_SUFFIXES, product_files
+from inspectd.daemon.registry import BuildError, ProductRegistry
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp")
+RESYNC_S = 1.0  # how often the set of watched directories is compared with the registry's
+SETTLE_STEP_S = 0.1
+SETTLE_MAX_S = 10.0
+
+
+def ignored(name: str) -> bool:
+    """Hidden, temporary or half-written files: editors' swap files, partial downloads, our own temp files."""
+    return name.startswith(".") or name.endswith("~") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def watch_filter(change: Change, path: str) -> bool:
+    return not ignored(Path(path).name)
+
+
+def _sizes(paths: list[Path]) -> dict[Path, int]:
+    out = {}
+    for path in paths:
+        try:
+            out[path] = path.stat().st_size
+        except OSError:
+            out[path] = -1
+    return out
+
+
+async def wait_settled(directory: Path, step: float = SETTLE_STEP_S, limit: float = SETTLE_MAX_S) -> bool:
+    """Until two looks ``step`` apart see the same non-ignored files with the same sizes (bounded)."""
+    deadline = time.monotonic() + limit
+
+    def look() -> dict[Path, int]:
+        if not directory.is_dir():
+            return {}
+        return _sizes([p for p in directory.iterdir() if not ignored(p.name)])
+
+    before = await asyncio.to_thread(look)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(step)
+        after = await asyncio.to_thread(look)
+        if after == before:
+            return True
+        before = after
+    log.warning("watcher: %s still changing after %.0fs; using it as it is", directory, limit)
+    return False
+
+
+class RegistryWatcher:
+    """Watches products_dir and reference directories; applies changes to the registry off the hot path."""
+
+    def __init__(self, registry: ProductRegistry, config: DaemonConfig) -> None:
+        self.registry = registry
+        self.config = config
+        self.debounce_s = max(0.05, config.registry.debounce_s)
+        self.products_dir = Path(config.registry.products_dir).resolve() if config.registry.products_dir else None
+        self._file_ids: dict[Path, str] = {}  # product file -> the product id it defined
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self.rebuilds = 0  # actions taken, for tests
+        self.errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        for path in product_files(str(self.products_dir) if self.products_dir else None):
+            with contextlib.suppress(ConfigError, OSError):
+                self._file_ids[path.resolve()] = load_product_file(path).id
+        self._task = asyncio.create_task(self._run(), name="watcher")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    # ------------------------------------------------------------------ what to watch
+    def reference_dirs(self) -> dict[Path, set[str]]:
+        dirs: dict[Path, set[str]] = {}
+        for config in self.registry.configs():
+            for directory in (config.references, config.threshold.holdout_dir):
+                if directory:
+                    dirs.setdefault(Path(directory).resolve(), set()).add(config.id)
+        return dirs
+
+    def watched(self) -> frozenset[Path]:
+        paths = {d for d in self.reference_dirs() if d.is_dir()}
+        if self.products_dir is not None and self.products_dir.is_dir():
+            paths.add(self.products_dir)
+        return frozenset(paths)
+
+    # ------------------------------------------------------------------ loop
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            paths = self.watched()
+            if not paths:
+                await asyncio.sleep(RESYNC_S)
+                continue
+            restart = asyncio.Event()
+            resync = asyncio.create_task(self._resync(paths, restart))
+            try:
+                # step = the quiet period that ends a burst; debounce = the longest a burst is held
+                async for changes in awatch(*paths, watch_filter=watch_filter, stop_event=restart,
+                                            step=int(self.debounce_s * 1000), debounce=int(self.debounce_s * 10000),
+                                            recursive=False, rust_timeout=500, yield_on_timeout=False):
+                    await self.apply(changes)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a watcher hiccup must not stop the daemon
+                self.errors += 1
+                log.warning("watcher: %s; restarting in %.0fs", exc, RESYNC_S)
+                await asyncio.sleep(RESYNC_S)
+            finally:
+                resync.cancel()
+
+    async def _resync(self, paths: frozenset[Path], restart: asyncio.Event) -> None:
+        """Restart awatch when a product's reference directory appears, moves or goes away."""
+        while not self._stop.is_set():
+            await asyncio.sleep(RESYNC_S)
+            if self.watched() != paths:
+                restart.set()
+                return
+        restart.set()
+
+    async def apply(self, changes: set[tuple[Change, str]]) -> None:
+        """One debounced burst: product files first, then each touched reference directory once."""
+        files: dict[Path, Change] = {}
+        dirs: set[Path] = set()
+        for change, raw in changes:
+            path = Path(raw)
+            parent = path.parent.resolve()
+            if self.products_dir is not None and parent == self.products_dir and path.suffix in PRODUCT_SUFFIXES:
+                files[path.resolve()] = change
+            else:
+                dirs.add(parent)
+        for path, change in sorted(files.items()):
+            await self._product_file_changed(path, deleted=change == Change.deleted and not path.exists())
+        by_dir = self.reference_dirs()
+        for directory in sorted(dirs):
+            for product_id in sorted(by_dir.get(directory, ())):
+                await wait_settled(directory)
+                await self._act(f"reference directory {directory} changed", self.registry.reload(product_id,
+                                                                                                   force=False))
+
+    async def _product_file_changed(self, path: Path, deleted: bool) -> None:
+        previous = self._file_ids.get(path)
+        if deleted:
+            self._file_ids.pop(path, None)
+            if previous is None or previous in self._file_ids.values():
+                return
+            inline = next((p for p in self.config.products if p.id == previous), None)
+            if inline is not None:
+                await self._act(f"{path.name} deleted; back to the inline definition", self.registry.put(inline,
+                                                                                                         force=False))
+            else:
+                log.info("watcher: %s deleted; removing product %s", path.name, previous)
+                await self.registry.remove(previous)
+                self.rebuilds += 1
+            return
+        await wait_settled(path.parent)
+        try:
+            config: ProductConfig = await asyncio.to_thread(load_product_file, path)
+        except (ConfigError, OSError) as exc:
+            self.errors += 1
+            log.error("watcher: product file %s rejected: %s (the serving version stays)", path.name, exc)
+            return
+        self._file_ids[path] = config.id
+        if previous is not None and previous != config.id and previous not in self._file_ids.values():
+            log.info("watcher: %s now defines %s instead of %s; removing %s", path.name, config.id, previous,
+                     previous)
+            await self.registry.remove(previous)
+        await self._act(f"{path.name} changed", self.registry.put(config, force=False))
+
+    async def _act(self, why: str, build: Any) -> None:
+        try:
+            before = self.registry.builds
+            entry = await build
+            if self.registry.builds != before:
+                self.rebuilds += 1
+                log.info("watcher: %s -> product %s version %d", why, entry.id, entry.version)
+        except (BuildError, KeyError) as exc:
+            self.errors += 1
+            log.error("watcher: %s, but the rebuild was rejected: %s (the serving version stays)", why, exc)

@@ -1,0 +1,220 @@
+"""Admin API against a real daemon (real Redis, tiny model): every route, auth, validation, upload safety."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from PIL import Image
+
+from inspectd.daemon.app import InspectDaemon
+from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, random_png
+
+pytestmark = pytest.mark.redis
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def start_daemon(config: Any, backbone: Any) -> InspectDaemon:
+    daemon = InspectDaemon(config, backbone=backbone)
+    await daemon.start()
+    return daemon
+
+
+def api_config(redis_url: str, prefix: str, tmp: Path, **overrides: Any) -> Any:
+    (tmp / "products").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {
+        "http": {"enabled": True, "host": "127.0.0.1", "port": 0, "token": TOKEN, "max_body_bytes": 2 * 1024 * 1024},
+        "registry": {"products_dir": str(tmp / "products"), "watch": False},
+        "sources": {"redis": False}, "sinks": {"redis": False},
+    }
+    settings.update(overrides)
+    return daemon_config(redis_url, prefix, tmp, **settings)
+
+
+@pytest.fixture
+async def api(redis_url, key_prefix, tmp_path, tiny_backbone):  # noqa: ANN001, ANN201
+    daemon = await start_daemon(api_config(redis_url, key_prefix, tmp_path), tiny_backbone)
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    async with aiohttp.ClientSession(base) as session:
+        yield daemon, session
+    await daemon.shutdown()
+
+
+def form(*files: tuple[str, bytes]) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    for name, content in files:
+        data.add_field("file", content, filename=name, content_type="application/octet-stream")
+    return data
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(HAZELNUT / "good" / "09.png").convert("RGB").resize((64, 64)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+async def test_every_route_needs_the_token(api) -> None:  # noqa: ANN001
+    daemon, session = api
+    routes = [("GET", "/products"), ("GET", "/products/nut"), ("PUT", "/products/nut"),
+              ("POST", "/products/nut/reload"), ("DELETE", "/products/nut"), ("POST", "/products/nut/references")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                        {"Authorization": f"Bearer {TOKEN}x"}):
+            async with session.request(method, path, headers=headers, data=b"id: nut") as response:
+                assert response.status == 401, (method, path, headers)
+                assert "Bearer" in response.headers["WWW-Authenticate"]
+    assert daemon.registry.get("nut").version == 1  # nothing happened
+    async with session.get("/products", headers=AUTH) as response:
+        assert response.status == 200
+    async with session.get("/healthz") as response:  # health stays open
+        assert response.status == 200
+
+
+async def test_no_token_off_loopback_is_refused(redis_url, key_prefix, tmp_path, tiny_backbone,
+                                                monkeypatch) -> None:  # noqa: ANN001
+    from inspectd.daemon.admin import ApiError, check_auth
+
+    monkeypatch.delenv("INSPECTD_ADMIN_TOKEN", raising=False)
+    config = api_config(redis_url, key_prefix, tmp_path)
+    config.http.token = None
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+
+    class Request:
+        headers: dict[str, str] = {}
+        method, path, remote = "GET", "/products", "10.0.0.1"
+
+    check_auth(Request(), daemon)  # loopback without a token: open
+    config.http.host = "0.0.0.0"
+    with pytest.raises(ApiError) as err:
+        check_auth(Request(), daemon)
+    assert err.value.status == 401
+
+
+async def test_list_get_put_reload_delete(api, tmp_path) -> None:  # noqa: ANN001
+    daemon, session = api
+    async with session.get("/products", headers=AUTH) as response:
+        listed = await response.json()
+    assert {p["id"] for p in listed["products"]} == {"nut", "grid"}
+    async with session.get("/products/nut", headers=AUTH) as response:
+        nut = await response.json()
+    assert response.status == 200 and nut["version"] == 1 and nut["status"] == "ready"
+    assert nut["calibration"]["method"] == "quantile" and nut["calibration"]["normals"] == 2
+    assert nut["threshold"] == pytest.approx(nut["calibration"]["max_normal"] + 0.02)
+    async with session.get("/products/nope", headers=AUTH) as response:
+        assert response.status == 404
+
+    refs = Path(daemon.registry.get("nut").config.references)
+    body = {"object_name": "hazelnut", "references": str(refs), "shots": 2, "threshold": {"value": 0.3}}
+    async with session.put("/products/bolt", json=body, headers=AUTH) as response:
+        created = await response.json()
+    assert response.status == 201, created
+    assert created["id"] == "bolt" and created["version"] == 1 and created["threshold"] == 0.3
+    saved = yaml.safe_load((tmp_path / "products" / "bolt.yaml").read_text())
+    assert saved["id"] == "bolt" and saved["references"] == str(refs)
+
+    yaml_body = f"id: bolt\nobject_name: bolt\nreferences: {refs}\nshots: 1\n"
+    async with session.put("/products/bolt", data=yaml_body, headers={**AUTH, "Content-Type": "application/yaml"}
+                           ) as response:
+        replaced = await response.json()
+    assert response.status == 200 and replaced["version"] == 2 and replaced["shots"] == 1
+    assert replaced["calibration"]["method"] == "default"  # k = 1: nothing to leave out
+    assert yaml.safe_load((tmp_path / "products" / "bolt.yaml").read_text())["shots"] == 1
+
+    async with session.post("/products/bolt/reload", headers=AUTH) as response:
+        assert response.status == 200 and (await response.json())["version"] == 3
+    async with session.post("/products/nope/reload", headers=AUTH) as response:
+        assert response.status == 404
+    async with session.delete("/products/bolt", headers=AUTH) as response:
+        assert response.status == 200 and (await response.json())["removed"] == "bolt"
+    assert daemon.registry.get("bolt") is None and not (tmp_path / "products" / "bolt.yaml").exists()
+    async with session.get("/products/bolt", headers=AUTH) as response:
+        assert response.status == 404
+    async with session.delete("/products/bolt", headers=AUTH) as response:
+        assert response.status == 404
+
+
+async def test_put_validation_errors_are_400_naming_the_key(api) -> None:  # noqa: ANN001
+    daemon, session = api
+    cases = [
+        ({"object_name": "x", "treshold": {"value": 1}}, "treshold"),
+        ({"threshold": {"quantile": 0.9, "marginn": 0.1}}, "threshold.marginn"),
+        ({"shots": "four"}, "shots"),
+        ({"id": "other"}, "id"),
+    ]
+    for body, key in cases:
+        async with session.put("/products/nut", json=body, headers=AUTH) as response:
+            answer = await response.json()
+        assert response.status == 400, body
+        assert answer["path"] == key and f"config error at {key}" in answer["error"], answer
+    async with session.put("/products/nut", data="a: [unclosed", headers=AUTH) as response:
+        assert response.status == 400 and "YAML" in (await response.json())["error"]
+    async with session.put("/products/nut", data="[1, 2]", headers=AUTH) as response:
+        assert response.status == 400
+    async with session.put("/products/bad%2Fid", json={}, headers=AUTH) as response:
+        assert response.status in (400, 404)
+    async with session.put("/products/.hidden", json={}, headers=AUTH) as response:
+        assert response.status == 400
+    assert daemon.registry.get("nut").version == 1
+
+
+async def test_upload_refuses_traversal_and_non_images(api, tmp_path) -> None:  # noqa: ANN001
+    daemon, session = api
+    refs = Path(daemon.registry.get("nut").config.references)
+    before = sorted(p.name for p in refs.iterdir())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (refs / "evil.png").symlink_to(outside / "evil.png")  # a planted link must not be written through
+    good = png_bytes(HAZELNUT / "good" / "10.png")
+    bad_names = ["../x.png", "..\\x.png", "/tmp/abs.png", "sub/x.png", "C:\\x.png", "..", ".hidden.png",
+                 "a;b.png", "notes.txt", "evil.png"]
+    for name in bad_names:
+        async with session.post("/products/nut/references", data=form((name, good)), headers=AUTH) as response:
+            answer = await response.json()
+        assert response.status == 400, (name, answer)
+    for name, content in [("fake.png", b"this is not an image at all"), ("trunc.png", good[:60]),
+                          ("jpeg.png", jpeg_bytes())]:
+        async with session.post("/products/nut/references", data=form((name, content)), headers=AUTH) as response:
+            answer = await response.json()
+        assert response.status == 400, (name, answer)
+    # one bad file spoils the whole upload: nothing is written
+    async with session.post("/products/nut/references", data=form(("ok.png", good), ("../y.png", good)),
+                            headers=AUTH) as response:
+        assert response.status == 400
+    async with session.post("/products/nut/references", data=b"raw", headers=AUTH) as response:
+        assert response.status == 400
+    big = random_png(1, size=1024)  # ~3 MB of noise > max_body_bytes
+    async with session.post("/products/nut/references", data=form(("big.png", big)), headers=AUTH) as response:
+        assert response.status == 413
+    assert sorted(p.name for p in refs.iterdir()) == before + ["evil.png"]
+    assert list(outside.iterdir()) == [] and not (tmp_path / "x.png").exists() and not Path("/tmp/abs.png").exists()
+    assert daemon.registry.get("nut").version == 1
+
+
+async def test_upload_adds_or_replaces_and_rebuilds(api) -> None:  # noqa: ANN001
+    daemon, session = api
+    refs = Path(daemon.registry.get("nut").config.references)
+    files = [("10.png", png_bytes(HAZELNUT / "good" / "10.png")), ("11.jpg", jpeg_bytes())]
+    async with session.post("/products/nut/references", data=form(*files), headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 201, answer
+    assert answer["uploaded"] == ["10.png", "11.jpg"] and answer["version"] == 2
+    assert sorted(p.name for p in refs.iterdir()) == ["00.png", "01.png", "10.png", "11.jpg"]
+    async with session.post("/products/nut/references?replace=true",
+                            data=form(("20.png", png_bytes(HAZELNUT / "good" / "20.png")),
+                                      ("21.png", png_bytes(HAZELNUT / "good" / "21.png"))), headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 201 and answer["version"] == 3
+    assert sorted(p.name for p in refs.iterdir()) == ["20.png", "21.png"]
+    assert not [p for p in refs.iterdir() if p.name.startswith(".")]  # no temp files left behind
+    async with session.post("/products/grid/references", data=form(files[0]), headers=AUTH) as response:
+        assert response.status == 409  # zero-shot product: no reference directory to write into
+    async with session.post("/products/nope/references", data=form(files[0]), headers=AUTH) as response:
+        assert response.status == 404
+    await asyncio.sleep(0)
