@@ -159,3 +159,23 @@ def test_example_config_is_valid() -> None:
 
     config = load_config(Path(__file__).resolve().parents[1] / "config" / "inspectd.yaml")
     assert config.model.arch == "ViT-B-16-plus-240"
+
+
+async def test_two_instances_in_one_group_share_the_load(redis_client, redis_url, key_prefix, tmp_path,
+                                                         tiny_backbone):
+    first = daemon_config(redis_url, key_prefix, tmp_path, redis={"consumer": "a", "url": redis_url,
+                                                                  "prefix": key_prefix, "lines": ["l1", "l2"],
+                                                                  "block_ms": 50, "control_stream": None})
+    second = daemon_config(redis_url, key_prefix, tmp_path, redis={"consumer": "b", "url": redis_url,
+                                                                   "prefix": key_prefix, "lines": ["l1", "l2"],
+                                                                   "block_ms": 50, "control_stream": None})
+    first.batcher.max_batch_size = second.batcher.max_batch_size = 4
+    a, task_a = await run_daemon(first, tiny_backbone)
+    b, task_b = await run_daemon(second, tiny_backbone)
+    sent = await send_frames(redis_client, key_prefix, 200)
+    results = await wait_for_results(redis_client, key_prefix, 200, timeout=40)
+    await stop(a, task_a)
+    await stop(b, task_b)
+    assert sorted(r["frame_id"] for r in results) == sorted(sent)  # each exactly once
+    assert a.frames_done > 20 and b.frames_done > 20
+    assert a.frames_done + b.frames_done == 200

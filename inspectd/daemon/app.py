@@ -70,6 +70,7 @@ class InspectDaemon:
             config.batcher.max_batch_size, config.batcher.max_delay_ms / 1000.0, config.batcher.queue_size)
         self._permits = asyncio.Semaphore(config.batcher.queue_size)
         self._in_flight = 0
+        self._flights: dict[int, InFlight] = {}  # frames between read and ack (for keep-alive)
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=1)  # prepared batch waiting for the engine
         self._publish: asyncio.Queue = asyncio.Queue(maxsize=2)
         self._stop = asyncio.Event()
@@ -125,6 +126,7 @@ class InspectDaemon:
         self._reader_tasks = [asyncio.create_task(self._read_loop(s), name=f"read:{i}")
                               for i, s in enumerate(self.sources)]
         self._tasks.append(asyncio.create_task(self._gauge_loop(), name="gauges"))
+        self._tasks.append(asyncio.create_task(self._keep_alive_loop(), name="keep-alive"))
         self.started = True
         log.info("inspectd started: %d source(s), %d sink(s), products %s, model %s", len(self.sources),
                  len(self.sinks), self.registry.ids(), self.backbone.describe())
@@ -283,6 +285,9 @@ class InspectDaemon:
                 continue
             self._in_flight += len(items)
             for item in items:
+                if isinstance(item, Frame):
+                    flight = InFlight(item, source)
+                    self._flights[id(item)] = flight
                 if isinstance(item, DeadLetter):
                     self.metrics.dead_lettered(item.product, item.line, item.reason)
                     carrier = Frame(item.product, item.line, item.frame_id, 0.0, entry_id=item.entry_id,
@@ -290,7 +295,7 @@ class InspectDaemon:
                     await self._publish.put(([], [item], [InFlight(carrier, None)]))
                     continue
                 self.metrics.received(item.product, item.line)
-                await self.batcher.put(InFlight(item, source))
+                await self.batcher.put(flight)
 
     def _release(self, n: int) -> None:
         for _ in range(n):
@@ -416,6 +421,8 @@ class InspectDaemon:
             for result in results:
                 self.metrics.scored(result, publish_s, now)
             self.frames_done += len(flights)
+            for flight in flights:
+                self._flights.pop(id(flight.frame), None)
             self._in_flight -= len(flights)
             self._release(len(flights))
 
@@ -436,6 +443,24 @@ class InspectDaemon:
             except Exception as exc:  # noqa: BLE001 - an unacked frame is redelivered, never lost
                 self.metrics.error("ack")
                 log.warning("ack failed (%s); the frames will be redelivered", exc)
+
+    async def _keep_alive_loop(self) -> None:
+        """Frames queued here longer than a fraction of claim_idle_ms are re-claimed to ourselves, so
+        another instance's XAUTOCLAIM takes over only frames of an instance that stopped working."""
+        interval = max(0.05, self.config.redis.claim_idle_ms / 1000.0 / 4)
+        while True:
+            await asyncio.sleep(interval)
+            by_source: dict[int, tuple[Any, list[Frame]]] = {}
+            for flight in list(self._flights.values()):
+                by_source.setdefault(id(flight.origin), (flight.origin, []))[1].append(flight.frame)
+            for origin, frames in by_source.values():
+                keep_alive = getattr(origin, "keep_alive", None)
+                if keep_alive is not None:
+                    try:
+                        await keep_alive(frames)
+                    except Exception as exc:  # noqa: BLE001 - at worst another instance scores a duplicate
+                        self.metrics.error("keep_alive")
+                        log.warning("keep-alive of in-flight entries failed: %s", exc)
 
     async def _gauge_loop(self) -> None:
         while True:

@@ -194,6 +194,22 @@ class RedisStreamSource:
             pipe.xack(stream, self.group, *ids)
         return int(sum(await pipe.execute()))
 
+    async def keep_alive(self, items: Iterable[Item]) -> int:
+        """Reset the idle time of entries this consumer still works on, so that no other instance
+        XAUTOCLAIMs a frame that is merely queued here. (XCLAIM to ourselves with JUSTID; entries idle
+        less than a third of ``claim_idle_ms`` are left alone, so one another instance just claimed
+        from a crashed owner is not pulled back.) Returns how many entries were refreshed."""
+        by_stream: dict[str, list[str]] = {}
+        for item in items:
+            if item.entry_id and item.source.startswith("redis:"):
+                by_stream.setdefault(item.source[len("redis:"):], []).append(item.entry_id)
+        if not by_stream:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xclaim(stream, self.group, self.consumer, self.claim_idle_ms // 3, ids, justid=True)
+        return sum(len(r) for r in await pipe.execute())
+
     async def pending_count(self) -> int:
         """Entries delivered to the group but not acked yet, over all input streams (a gauge)."""
         total = 0
