@@ -21,6 +21,7 @@ from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features
 from inspectd.detectors.base import Detector, DetectorOutput, ProductSpec, ProductState, register_detector
 from inspectd.detectors.memory import association_min_distance
 from inspectd.detectors.training.randword_ffn import RandWordFFN, check_backbone, load_ffn
+from inspectd.detectors.weights import sha256_of
 
 FFN_PREFIX = "ffn."
 
@@ -36,14 +37,6 @@ class RandWordOptions:
     object_word: str = "object"  # s_p prompts' object word when known_object is false
     known_object: bool = False  # s_p prompts name the product's object instead ("object known")
     temperature: float = 0.01  # T of s_p
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @register_detector
@@ -86,7 +79,7 @@ class RandWord(Detector):
             bundle = load_ffn(path, self.backbone)
             for key, value in bundle.model.state_dict().items():
                 tensors[FFN_PREFIX + key] = value.detach().clone()
-            meta["ffn"] = {"path": str(path), "sha256": _sha256(path), "arch": bundle.arch,
+            meta["ffn"] = {"path": str(path), "sha256": sha256_of(path), "arch": bundle.arch,
                            "pretrained": bundle.pretrained,
                            "embed_dim": bundle.embed_dim, "hidden": list(bundle.model.hidden),
                            "dropout": bundle.model.dropout, "pairs": bundle.train.pairs, "seed": bundle.train.seed,
@@ -106,7 +99,7 @@ class RandWord(Detector):
         if not (self.options.use_ffn and self.options.ffn):
             return base
         path = Path(self.options.ffn).expanduser()
-        content = _sha256(path) if path.is_file() else "missing"
+        content = sha256_of(path) if path.is_file() else "missing"
         return hashlib.sha256(f"{base}:{content}".encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ scoring
