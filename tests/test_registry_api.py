@@ -47,8 +47,8 @@ async def api(redis_url, key_prefix, tmp_path, tiny_backbone):  # noqa: ANN001, 
     await daemon.shutdown()
 
 
-def form(*files: tuple[str, bytes]) -> aiohttp.FormData:
-    data = aiohttp.FormData()
+def form(*files: tuple[str, bytes], quote: bool = True) -> aiohttp.FormData:
+    data = aiohttp.FormData(quote_fields=quote)  # quote=False: raw names, as curl sends them
     for name, content in files:
         data.add_field("file", content, filename=name, content_type="application/octet-stream")
     return data
@@ -175,9 +175,12 @@ async def test_upload_refuses_traversal_and_non_images(api, tmp_path) -> None:  
     bad_names = ["../x.png", "..\\x.png", "/tmp/abs.png", "sub/x.png", "C:\\x.png", "..", ".hidden.png",
                  "a;b.png", "notes.txt", "evil.png"]
     for name in bad_names:
-        async with session.post("/products/nut/references", data=form((name, good)), headers=AUTH) as response:
-            answer = await response.json()
-        assert response.status == 400, (name, answer)
+        for quote in (True, False):
+            async with session.post("/products/nut/references", data=form((name, good), quote=quote),
+                                    headers=AUTH) as response:
+                answer = await response.json()
+            assert response.status == 400, (name, quote, answer)
+            assert "unsafe file name" in answer["error"] or "not an image file name" in answer["error"]
     for name, content in [("fake.png", b"this is not an image at all"), ("trunc.png", good[:60]),
                           ("jpeg.png", jpeg_bytes())]:
         async with session.post("/products/nut/references", data=form((name, content)), headers=AUTH) as response:

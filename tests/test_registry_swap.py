@@ -1,0 +1,212 @@
+"""Hot swaps under a steady frame stream (real Redis, tiny model): every frame one result with the version that
+was serving when its batch ran; rejected updates (422) leave the old version serving."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from inspectd.daemon.app import InspectDaemon
+from inspectd.daemon.registry import ProductEntry
+from inspectd.streams.message import frame_fields
+from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, read_stream
+
+pytestmark = pytest.mark.redis
+
+TOKEN = "swap-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def swap_config(redis_url: str, prefix: str, tmp: Path) -> Any:
+    config = daemon_config(redis_url, prefix, tmp, http={"enabled": True, "port": 0, "token": TOKEN},
+                           registry={"watch": False}, redis={"url": redis_url, "prefix": prefix, "lines": ["l1"],
+                                                             "block_ms": 50, "control_stream": None},
+                           batcher={"max_batch_size": 8, "max_delay_ms": 20, "queue_size": 64})
+    config.products = [p for p in config.products if p.id == "nut"]
+    return config
+
+
+async def start_recording(config: Any, backbone: Any) -> tuple[InspectDaemon, list[tuple[float, str, int]],
+                                                                 list[dict]]:
+    """A started daemon whose registry swaps and engine batches are recorded."""
+    daemon = InspectDaemon(config, backbone=backbone)
+    swaps: list[tuple[float, str, int]] = []
+    entries: dict[int, ProductEntry] = {}
+    batches: list[dict] = []
+    original_hook = daemon._on_registry_change
+
+    def on_change(entry: ProductEntry | None, product_id: str) -> None:
+        if entry is not None:
+            swaps.append((time.time(), product_id, entry.version))
+            entries[id(entry.state)] = entry
+        original_hook(entry, product_id)
+
+    daemon._on_registry_change = on_change
+    await daemon.start()
+    score = daemon.engine.score
+
+    async def recording_score(items: list) -> Any:
+        used = [entries[id(item.state)] for item in items]
+        # the batch runs with exactly the entries serving right now
+        stale = [(e.id, e.version) for e in used if daemon.registry.get(e.id) is not e]
+        batches.append({"at": time.time(), "versions": {(e.id, e.version) for e in used}, "stale": stale})
+        return await score(items)
+
+    daemon.engine.score = recording_score
+    return daemon, swaps, batches
+
+
+async def test_swaps_under_load_every_frame_once_with_the_serving_version(redis_client, redis_url, key_prefix,
+                                                                          tmp_path, tiny_backbone) -> None:
+    daemon, swaps, batches = await start_recording(swap_config(redis_url, key_prefix, tmp_path), tiny_backbone)
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    frames_key = f"{key_prefix}:{{l1}}:frames"
+    image = png_bytes(HAZELNUT / "good" / "05.png")
+    sent: dict[str, str] = {}  # frame id -> product
+    b_ready = asyncio.Event()
+
+    async def produce(seconds: float, rate: float) -> None:
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < seconds:
+            await redis_client.xadd(frames_key, frame_fields("nut", "l1", f"nut-{i:04d}", image))
+            sent[f"nut-{i:04d}"] = "nut"
+            if b_ready.is_set():
+                await redis_client.xadd(frames_key, frame_fields("bolt", "l1", f"bolt-{i:04d}", image))
+                sent[f"bolt-{i:04d}"] = "bolt"
+            i += 1
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+
+    producer = asyncio.create_task(produce(8.0, 20.0))
+    async with aiohttp.ClientSession(base, headers=AUTH) as http:
+        for n, goods in enumerate([("10", "11"), ("12", "13"), ("14", "15")]):
+            await asyncio.sleep(1.5)
+            upload = aiohttp.FormData()
+            for name in goods:
+                upload.add_field("file", png_bytes(HAZELNUT / "good" / f"{name}.png"), filename=f"{name}.png")
+            async with http.post("/products/nut/references?replace=true", data=upload) as response:
+                assert response.status == 201, await response.text()
+                assert (await response.json())["version"] == n + 2
+            if n == 0:
+                refs = daemon.registry.get("nut").config.references
+                async with http.put("/products/bolt", json={"object_name": "bolt", "references": refs,
+                                                            "shots": 2}) as response:
+                    assert response.status == 201, await response.text()
+                b_ready.set()
+    await producer
+    deadline = time.monotonic() + 30
+    while True:
+        results = await read_stream(redis_client, f"{key_prefix}:{{l1}}:results")
+        if len(results) >= len(sent) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
+    await daemon.shutdown()
+
+    assert not dead, dead[:3]
+    assert sum(p == "nut" for p in sent.values()) >= 150 and sum(p == "bolt" for p in sent.values()) >= 40
+    ids = [r["frame_id"] for r in results]
+    assert len(ids) == len(set(ids)), "a frame got two results"
+    assert set(ids) == set(sent), f"lost: {sorted(set(sent) - set(ids))[:5]}"
+    for record in results:
+        assert record["product"] == sent[record["frame_id"]], record  # no misattribution
+
+    # registry swaps: monotonic per product, nut 1..4 and bolt 1
+    swap_at = {(product, version): at for at, product, version in swaps}
+    for product in ("nut", "bolt"):
+        versions = [v for _, p, v in swaps if p == product]
+        assert versions == sorted(versions) == list(range(1, len(versions) + 1))
+    assert [v for _, p, v in swaps if p == "nut"] == [1, 2, 3, 4]
+    # every batch used the entries serving when it ran
+    assert batches and not [b for b in batches if b["stale"]]
+
+    by_frame = {r["frame_id"]: r for r in results}
+    seen = {v: set() for v in ("nut", "bolt")}
+    for product in ("nut", "bolt"):
+        frame_ids = sorted(f for f, p in sent.items() if p == product)
+        versions = [int(by_frame[f]["state_version"]) for f in frame_ids]
+        assert versions == sorted(versions), f"{product}: versions go back in frame order"
+        seen[product] = set(versions)
+        for frame_id in frame_ids:
+            record = by_frame[frame_id]
+            version = int(record["state_version"])
+            published_ms = int(record["_id"].split("-")[0])
+            frame_added_ms = int(record["entry_id"].split("-")[0])
+            # the version existed when the result was published...
+            assert published_ms >= int(swap_at[(product, version)] * 1000), (frame_id, version)
+            # ...and no later version was already serving before the frame even arrived
+            newer = [v for (p, v), at in swap_at.items() if p == product and v > version
+                     and at * 1000 < frame_added_ms - 2]
+            assert not newer, (frame_id, version, newer)
+    assert seen["nut"] == {1, 2, 3, 4}
+    assert seen["bolt"] == {1}
+
+
+async def test_bad_updates_are_422_and_the_old_version_keeps_serving(redis_client, redis_url, key_prefix, tmp_path,
+                                                                     tiny_backbone, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="inspectd.daemon.registry")
+    daemon, swaps, _ = await start_recording(swap_config(redis_url, key_prefix, tmp_path), tiny_backbone)
+    frames_key = f"{key_prefix}:{{l1}}:frames"
+    image = png_bytes(HAZELNUT / "colour" / "03.png")
+    refs = Path(daemon.registry.get("nut").config.references)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "00.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (corrupt / "01.png").write_bytes(b"not even a header")
+    sent = 0
+
+    async def send(n: int) -> None:
+        nonlocal sent
+        for _ in range(n):
+            await redis_client.xadd(frames_key, frame_fields("nut", "l1", f"f{sent:03d}", image))
+            sent += 1
+
+    cases = [
+        ({"object_name": "hazelnut", "references": str(empty), "shots": 2}, "holds no images"),
+        ({"object_name": "hazelnut", "references": str(corrupt), "shots": 2}, "cannot be read"),
+        ({"object_name": "hazelnut", "references": str(refs), "detector": "nosuch"}, "unknown detector 'nosuch'"),
+        ({"object_name": "hazelnut", "references": str(tmp_path / "missing")}, "does not exist"),
+    ]
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=AUTH) as http:
+        for body, message in cases:
+            await send(5)
+            caplog.clear()
+            async with http.put("/products/nut", json=body) as response:
+                answer = await response.json()
+            assert response.status == 422, answer
+            assert message in answer["error"], answer
+            assert any(message in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+            async with http.get("/products/nut") as response:
+                state = await response.json()
+            assert state["version"] == 1 and state["status"] == "ready" and message in state["error"]
+            assert state["config"]["references"] == str(refs)  # the old definition still serves
+        # the serving product's own directory emptied, then an explicit reload: rejected the same way
+        saved = {p.name: p.read_bytes() for p in refs.iterdir()}
+        for p in refs.iterdir():
+            p.unlink()
+        async with http.post("/products/nut/reload") as response:
+            assert response.status == 422 and "holds no images" in (await response.json())["error"]
+        await send(5)
+        deadline = time.monotonic() + 20
+        while len(results := await read_stream(redis_client, f"{key_prefix}:{{l1}}:results")) < sent:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert len(results) == sent == 25
+        assert {r["state_version"] for r in results} == {"1"}  # every frame scored, all by the old state
+        for name, data in saved.items():
+            (refs / name).write_bytes(data)
+        async with http.post("/products/nut/reload") as response:
+            answer = await response.json()
+        assert response.status == 200 and answer["version"] == 2 and answer["error"] is None
+    await daemon.shutdown()
+    assert [v for _, _, v in swaps] == [1, 2]
+    text = daemon.metrics.exposition().decode()
+    assert 'inspectd_product_reloads_total{outcome="error",product="nut"} 5.0' in text
