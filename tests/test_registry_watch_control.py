@@ -1,0 +1,135 @@
+"""File watcher (debounced bursts, ignored temp files, product files) and the fleet control stream + CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from inspectd.cli import main as cli_main
+from inspectd.daemon.app import InspectDaemon
+from inspectd.daemon.watcher import ignored
+from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes
+
+pytestmark = pytest.mark.redis
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def local_config(redis_url: str, prefix: str, tmp: Path, **overrides: Any) -> Any:
+    """No Redis sources/sinks: only the registry side of the daemon runs."""
+    return daemon_config(redis_url, prefix, tmp, sources={"redis": False}, sinks={"redis": False}, **overrides)
+
+
+def test_ignored_names() -> None:
+    for name in (".x.png", "x.png.part", "x.png.tmp", "x.crdownload", "x.png~", ".upload-1.tmp", "X.PART"):
+        assert ignored(name), name
+    for name in ("x.png", "part.png", "tmp.jpg"):
+        assert not ignored(name), name
+
+
+async def test_watcher_debounces_a_burst_and_ignores_partial_files(redis_url, key_prefix, tmp_path,
+                                                                   tiny_backbone) -> None:
+    products = tmp_path / "products"
+    products.mkdir()
+    refs = tmp_path / "refs-nut"
+    refs.mkdir()
+    for name in ("00", "01"):
+        (refs / f"{name}.png").write_bytes(png_bytes(HAZELNUT / "good" / f"{name}.png"))
+    (products / "nut.yaml").write_text(yaml.safe_dump({"id": "nut", "object_name": "hazelnut",
+                                                       "references": "../refs-nut", "shots": 8}))
+    config = local_config(redis_url, key_prefix, tmp_path, products=[],
+                          registry={"products_dir": str(products), "watch": True, "debounce_s": 0.4})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        registry = daemon.registry
+        assert registry.get("nut").version == 1 and daemon.watcher is not None
+        builds = registry.builds
+        # a burst: four images copied over ~0.3 s (one rewritten), a half-written .part and a hidden file
+        for name in ("02", "03", "04", "02", "05"):
+            (refs / f"{name}.png").write_bytes(png_bytes(HAZELNUT / "good" / f"{name}.png"))
+            await asyncio.sleep(0.06)
+        (refs / "06.png.part").write_bytes(png_bytes(HAZELNUT / "good" / "06.png")[:500])
+        (refs / ".07.png").write_bytes(b"junk")
+        await until(lambda: registry.get("nut").version == 2, 15, "one rebuild")
+        await asyncio.sleep(1.5)  # no second rebuild trails the first
+        assert registry.get("nut").version == 2 and registry.builds == builds + 1
+        assert registry.get("nut").state.meta["shots"] == 6  # 00..05; the .part and hidden files were ignored
+        # a half-written file alone changes nothing...
+        (refs / "06.png.part").write_bytes(png_bytes(HAZELNUT / "good" / "06.png"))
+        await asyncio.sleep(1.2)
+        assert registry.get("nut").version == 2
+        # ...until it is renamed into place
+        (refs / "06.png.part").rename(refs / "06.png")
+        await until(lambda: registry.get("nut").version == 3, 15, "rebuild after rename")
+        assert registry.get("nut").state.meta["shots"] == 7
+
+        # product files: a new one appears (written via a temp name), an edit rebuilds, deletion removes
+        refs_bolt = str(refs)
+        tmp = products / ".bolt.yaml.tmp"
+        tmp.write_text(yaml.safe_dump({"id": "bolt", "object_name": "bolt", "references": refs_bolt, "shots": 2}))
+        tmp.rename(products / "bolt.yaml")
+        await until(lambda: registry.get("bolt") is not None, 15, "bolt from its product file")
+        (products / "bolt.yaml").write_text("id: bolt\nobject_name: bolt\nshots: 2\ntreshold: {}\n")  # bad key
+        await asyncio.sleep(1.2)
+        assert registry.get("bolt").version == 1 and daemon.watcher.errors >= 1
+        (products / "bolt.yaml").write_text(yaml.safe_dump({"id": "bolt", "object_name": "bolt",
+                                                            "references": refs_bolt, "shots": 3}))
+        await until(lambda: registry.get("bolt").version == 2, 15, "bolt edit")
+        (products / "bolt.yaml").unlink()
+        await until(lambda: registry.get("bolt") is None, 15, "bolt removed")
+        assert registry.get("nut").version == 3
+    finally:
+        await daemon.shutdown()
+
+
+async def test_control_stream_reaches_every_instance(redis_client, redis_url, key_prefix, tmp_path,
+                                                     tiny_backbone) -> None:
+    stream = f"{key_prefix}:control"
+    await redis_client.xadd(stream, {"op": "delete", "product": "nut"})  # before start: not replayed
+    daemons = []
+    for name in ("a", "b"):
+        home = tmp_path / name
+        home.mkdir()
+        config = local_config(redis_url, key_prefix, home,
+                              redis={"url": redis_url, "prefix": key_prefix, "control_stream": stream},
+                              registry={"watch": False})
+        daemon = InspectDaemon(config, backbone=tiny_backbone)
+        await daemon.start()
+        daemons.append(daemon)
+    try:
+        assert all(d.registry.get("nut").version == 1 for d in daemons)
+        assert cli_main(["product", "reload", "nut", "--redis", redis_url, "--stream", stream]) == 0
+        await until(lambda: all((e := d.registry.get("nut")) and e.version == 2 for d in daemons), 20, "reload")
+
+        refs = daemons[0].registry.get("nut").config.references
+        product_file = tmp_path / "bolt.yaml"
+        product_file.write_text(yaml.safe_dump({"id": "bolt", "object_name": "bolt", "references": refs,
+                                                "shots": 2}))
+        assert cli_main(["product", "put", str(product_file), "--redis", redis_url, "--stream", stream]) == 0
+        await until(lambda: all(d.registry.get("bolt") is not None for d in daemons), 20, "put")
+
+        # bad commands are logged and counted, and later ones still apply
+        await redis_client.xadd(stream, {"op": "explode", "product": "nut"})
+        await redis_client.xadd(stream, {"op": "put", "product": "x", "config": '{"id": "x", "shots": "many"}'})
+        await redis_client.xadd(stream, {"op": "reload", "product": "never-heard-of"})
+        assert cli_main(["product", "delete", "bolt", "--redis", redis_url, "--stream", stream]) == 0
+        await until(lambda: all(d.registry.get("bolt") is None for d in daemons), 20, "delete")
+        for daemon in daemons:
+            assert daemon.control.errors == 3 and daemon.control.applied == 3
+            assert daemon.registry.get("nut").version == 2  # the pre-start delete was not replayed
+            assert 'inspectd_errors_total{kind="control"} 3.0' in daemon.metrics.exposition().decode()
+    finally:
+        for daemon in daemons:
+            await daemon.shutdown()
