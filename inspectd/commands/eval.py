@@ -1,0 +1,83 @@
+"""`inspectd eval`: reproduce the papers' benchmark tables offline (MVTec AD / VisA / meta.json / folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DATASET_NAMES = {"mvtec": "mvtec_ad", "visa": "visa", "visa-mvtec": "visa", "meta": "dataset", "folder": "dataset"}
+LAYOUTS = {"mvtec": "mvtec", "visa": "visa", "visa-mvtec": "mvtec", "meta": "meta", "folder": "folder",
+           "auto": "auto"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="offline evaluation: image/pixel AUROC, AP, F1-max, PRO tables",
+                              description="Run the k-shot protocol over a dataset with the daemon's own scoring "
+                                          "code and print a Markdown table per shots value (also JSON and CSV).")
+    p.add_argument("--dataset", choices=sorted(LAYOUTS), default="auto",
+                   help="layout: mvtec, visa (split_csv/1cls.csv), visa-mvtec (converted), meta (meta.json), folder")
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--categories", nargs="*", help="categories to evaluate (default: all)")
+    p.add_argument("--detector", default="winclip")
+    p.add_argument("--options", default="{}", help="detector options as JSON, e.g. '{\"language_weight\": 0.5}'")
+    p.add_argument("--shots", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, default=1, help="few-shot seeds (mean ± std over them)")
+    p.add_argument("--arch", default="ViT-B-16-plus-240")
+    p.add_argument("--weights", "--pretrained", dest="weights", default="laion400m_e31",
+                   help="open_clip tag, or a checkpoint file/folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--demo", action="store_true", help="allow --weights random (results are meaningless)")
+    p.add_argument("--eval-size", type=int, default=256, help="maps and masks compared at this square size")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compare", metavar="PAPER", help="print the published numbers of PAPER beside ours")
+    p.add_argument("--out", default="runs/eval", help="folder for the .md/.json/.csv tables")
+    p.add_argument("--cache", default="runs/eval/cache", help="score cache folder ('' to disable)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.evaluation import runner, tables
+    from inspectd.detectors.evaluation.datasets import open_dataset
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    register_tiny_arch()
+    categories = open_dataset(args.root, LAYOUTS[args.dataset], args.categories)
+    if not categories:
+        print(f"no categories found under {args.root}", file=sys.stderr)
+        return 2
+    dataset_name = DATASET_NAMES.get(args.dataset, "dataset")
+    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo))
+    settings = runner.EvalSettings(detector=args.detector, options=json.loads(args.options), shots=args.shots,
+                                   seeds=args.seeds, eval_size=args.eval_size, batch_size=args.batch_size,
+                                   dataset_name=dataset_name, cache_dir=args.cache or None)
+    with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
+        def progress(n: int, label: str) -> None:
+            bar.set_description(label, refresh=False)
+            bar.update(n)
+
+        results = runner.evaluate(backbone, categories, settings, progress)
+    for shots, table in results.items():
+        compare = None
+        if args.compare:
+            try:
+                compare = tables.comparison_for(args.compare, dataset_name, shots)
+            except ValueError as exc:
+                print(f"--compare: {exc}", file=sys.stderr)
+            else:
+                published = [c for c in compare if c != tables.MEAN_ROW]
+                if len(published) > len(categories):
+                    table.notes.append(f"the {args.compare} mean row is over its {len(published)} categories, "
+                                       f"ours over the {len(categories)} evaluated here")
+        md, js, csv_path = runner.output_paths(args.out, args.detector, shots)
+        text = tables.to_markdown(table, compare, compare_label=args.compare or "paper")
+        md.write_text(text)
+        tables.write_json(table, js, compare, extra={"model": backbone.describe(), "shots": shots,
+                                                     "seeds": runner.seeds_for(shots, args.seeds)})
+        tables.write_csv(table, csv_path, compare)
+        print(text)
+    print(f"tables written to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,152 @@
+"""Offline evaluation: the papers' k-shot protocol over a dataset, through the daemon's own scoring code.
+
+For every shots value k and seed: per category, sample k references from the normal training pool,
+`Detector.fit` them, score the test images with `pipeline.run` (the same mixed-batch code the
+daemon's engine runs), and stream scores and maps into per-category metric accumulators. Scores and
+maps are cached on disk, so re-running (another metric, an interrupted run) does not recompute CLIP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from inspectd.detectors.backbone import ClipBackbone
+from inspectd.detectors.base import ProductSpec, create_detector
+from inspectd.detectors.evaluation.cache import ScoreCache
+from inspectd.detectors.evaluation.datasets import Category, Sample, load_image, load_mask, sample_references
+from inspectd.detectors.evaluation.metrics import CategoryEvaluator
+from inspectd.detectors.evaluation.tables import ResultTable, summarize
+from inspectd.detectors.pipeline import ScoreItem, run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how."""
+
+    detector: str = "winclip"
+    options: dict[str, Any] = field(default_factory=dict)
+    shots: Sequence[int] = (0,)
+    seeds: int = 1
+    eval_size: int = 256  # maps and masks are compared at eval_size x eval_size (masks: nearest)
+    batch_size: int = 8
+    dataset_name: str = "dataset"
+    object_names: dict[str, str] = field(default_factory=dict)  # category -> prompt object name
+    defect_words: dict[str, list[str]] = field(default_factory=dict)
+    cache_dir: str | None = None
+
+
+def object_name(category: str, settings: EvalSettings) -> str:
+    return settings.object_names.get(category, category.replace("_", " "))
+
+
+def seeds_for(shots: int, seeds: int) -> list[int]:
+    """Zero-shot has no randomness: one run. Few-shot: seeds 0..n-1."""
+    return [0] if shots == 0 else list(range(seeds))
+
+
+def evaluate(backbone: ClipBackbone, categories: Sequence[Category], settings: EvalSettings,
+             progress: Callable[[int, str], None] | None = None) -> dict[int, ResultTable]:
+    """{shots: ResultTable (mean ± std over seeds, per category and mean row)}."""
+    run_ = _Run(backbone, settings, progress)
+    tables: dict[int, ResultTable] = {}
+    for shots in settings.shots:
+        per_seed: list[dict[str, dict[str, float]]] = []
+        notes: list[str] = []
+        for seed in seeds_for(shots, settings.seeds):
+            results: dict[str, dict[str, float]] = {}
+            for category in categories:
+                results[category.name], category_notes = run_.category(category, shots, seed)
+                if seed == 0:
+                    notes += category_notes + list(category.notes)
+            per_seed.append(results)
+        seeds = seeds_for(shots, settings.seeds)
+        title = f"{settings.detector} {shots}-shot on {settings.dataset_name} ({len(seeds)} seed(s))"
+        if backbone.demo_weights:
+            title += " — RANDOM WEIGHTS: MEANINGLESS"
+        tables[shots] = summarize(per_seed, title=title, notes=list(dict.fromkeys(notes)))
+    if run_.cache:
+        log.info("score cache: %d hit(s), %d miss(es)", run_.cache.hits, run_.cache.misses)
+    return tables
+
+
+class _Run:
+    """One evaluation's detector, cache and progress; scores one (category, shots, seed) at a time."""
+
+    def __init__(self, backbone: ClipBackbone, settings: EvalSettings,
+                 progress: Callable[[int, str], None] | None) -> None:
+        self.backbone = backbone
+        self.settings = settings
+        self.progress = progress
+        self.detector = create_detector(settings.detector, backbone, settings.options)
+        self.fingerprint = self.detector.config_fingerprint()
+        self.cache = ScoreCache(settings.cache_dir) if settings.cache_dir else None
+
+    def category(self, category: Category, shots: int, seed: int) -> tuple[dict[str, float], list[str]]:
+        settings = self.settings
+        if shots > len(category.train):
+            raise ValueError(f"{category.name}: {shots}-shot needs {shots} normal training images, "
+                             f"has {len(category.train)}")
+        refs = sample_references(category.train, shots, seed)
+        spec = ProductSpec(category.name, object_name(category.name, settings),
+                           tuple(settings.defect_words.get(category.name, ())))
+        evaluator = CategoryEvaluator(category.name, has_masks=category.has_masks and self.detector.produces_masks)
+        tests = category.test_samples(exclude=refs)
+        label = f"{settings.detector} {shots}-shot seed {seed} {category.name}"
+        state = None
+        for start in range(0, len(tests), settings.batch_size):
+            batch = tests[start:start + settings.batch_size]
+            keys = [self._key(s, shots, seed) for s in batch]
+            outputs = [self.cache.get(k) if self.cache and k else None for k in keys]
+            missing = [i for i, out in enumerate(outputs) if out is None]
+            if missing:
+                if state is None:  # fitted lazily: a fully cached category needs no CLIP at all
+                    state = self.detector.fit(spec, [load_image(r.image_path) for r in refs])
+                size = (settings.eval_size, settings.eval_size)
+                fresh = run(self.backbone, [ScoreItem(self.detector, state, load_image(batch[i].image_path),
+                                                      map_size=size) for i in missing])
+                for i, out in zip(missing, fresh, strict=True):
+                    outputs[i] = (out.score, out.map)
+                    if self.cache and keys[i]:
+                        self.cache.put(keys[i], out.score, out.map)
+            for sample, (score, amap) in zip(batch, outputs, strict=True):
+                mask = None
+                if evaluator.pixel is not None and sample.mask_path is not None:
+                    mask = resize_mask(load_mask(sample.mask_path), settings.eval_size)
+                evaluator.update(score, sample.label, amap if evaluator.pixel is not None else None, mask)
+            if self.progress:
+                self.progress(len(batch), label)
+        return evaluator.compute()
+
+    def _key(self, sample: Sample, shots: int, seed: int) -> Any:
+        if self.cache is None:
+            return None
+        return self.cache.key(model_id=self.backbone.model_id, dataset=self.settings.dataset_name,
+                              image_path=sample.image_path, detector=self.settings.detector,
+                              config_hash=self.fingerprint, shots=shots, seed=seed)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    if mask.shape == (size, size):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(image) > 127
+
+
+def total_images(categories: Sequence[Category], settings: EvalSettings) -> int:
+    return sum(len(c.test) for c in categories) * sum(len(seeds_for(k, settings.seeds)) for k in settings.shots)
+
+
+def output_paths(out_dir: str | Path, detector: str, shots: int) -> tuple[Path, Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{detector}_{shots}shot"
+    return out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"

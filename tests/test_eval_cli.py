@@ -1,0 +1,34 @@
+"""`inspectd eval` end to end on the real shared MVTec images with the tiny test checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from inspectd.cli import main
+
+MVTEC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad"
+
+
+def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    args = ["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", "bottle",
+            "--detector", "winclip", "--shots", "0", "1", "--seeds", "2", "--weights", str(tiny_checkpoint),
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--eval-size", "128",
+            "--compare", "winclip"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "### winclip 0-shot on mvtec_ad" in printed and "### winclip 1-shot on mvtec_ad (2 seed(s))" in printed
+    for shots in (0, 1):
+        for suffix in ("md", "json", "csv"):
+            assert (tmp_path / "out" / f"winclip_{shots}shot.{suffix}").is_file()
+    doc = json.loads((tmp_path / "out" / "winclip_1shot.json").read_text())
+    rows = {(r["category"], r["metric"]): r for r in doc["results"]}
+    assert rows[("grid", "pixel_pro")]["mean"] is not None  # grid has masks
+    assert rows[("bottle", "pixel_auroc")]["mean"] is None  # bottle has none: image metrics only
+    assert rows[("bottle", "image_auroc")]["n_seeds"] == 2 and rows[("bottle", "image_auroc")]["std"] is not None
+    assert rows[("mean", "image_auroc")]["paper"] == 93.1  # WinCLIP+ 1-shot MVTec mean, beside ours
+    assert any("masks" in note for note in doc["notes"])
+    # a second run is served from the score cache: same numbers, no CLIP
+    first = (tmp_path / "out" / "winclip_1shot.csv").read_text()
+    assert main(args) == 0
+    assert (tmp_path / "out" / "winclip_1shot.csv").read_text() == first
