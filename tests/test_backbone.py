@@ -233,3 +233,12 @@ def test_weights_fetch_rejects_unknown_checkpoint(tmp_path: Path) -> None:
 
     assert main(["weights", "fetch", "ViT-B-16-plus-240", "no_such_tag_xyz", "--out", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_trimmed_text_encoding_equals_open_clip(tiny_backbone: ClipBackbone) -> None:
+    prompts = ["a photo of a flawless hazelnut for visual inspection.", "x", "a jpeg corrupted photo of the grid."]
+    tokens = tiny_backbone.tokenizer(prompts)
+    with torch.inference_mode():
+        reference = tiny_backbone.model.encode_text(tokens)
+        trimmed = tiny_backbone._encode_tokens(tokens)
+    torch.testing.assert_close(trimmed, reference, atol=1e-5, rtol=1e-5)

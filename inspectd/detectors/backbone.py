@@ -244,10 +244,34 @@ class ClipBackbone:
         chunks = []
         for start in range(0, len(key), 256):
             tokens = self.tokenizer(list(key[start:start + 256])).to(self.device)
-            chunks.append(self.model.encode_text(tokens).float())
+            chunks.append(self._encode_tokens(tokens).float())
         embeddings = F.normalize(torch.cat(chunks), dim=-1)
         self._text_cache[key] = embeddings
         return embeddings
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of padded token ids, computed on the shortest context that holds them.
+
+        CLIP's text tower is causal and pools at the end-of-text token, so the padding after the
+        longest prompt of a batch cannot change any embedding; dropping it (typically 77 -> ~20
+        tokens) makes prompt ensembles and randword training several times cheaper. Models without
+        that structure take open_clip's own path.
+        """
+        model = self.model
+        causal = getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
+        if not causal or not hasattr(model, "token_embedding"):
+            return model.encode_text(tokens)
+        length = int((tokens != 0).sum(dim=1).max().item())
+        tokens = tokens[:, :max(length, 1)]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:tokens.shape[1]].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:tokens.shape[1], :tokens.shape[1]])
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
     # ---------------------------------------------------------------- image
     def _embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
