@@ -71,6 +71,7 @@ class InspectDaemon:
         self._permits = asyncio.Semaphore(config.batcher.queue_size)
         self._in_flight = 0
         self._flights: dict[int, InFlight] = {}  # frames between read and ack (for keep-alive)
+        self._reading: set[asyncio.Task] = set()  # readers inside source.read (not cancelled at shutdown)
         self._ready: asyncio.Queue = asyncio.Queue(maxsize=1)  # prepared batch waiting for the engine
         self._publish: asyncio.Queue = asyncio.Queue(maxsize=2)
         self._stop = asyncio.Event()
@@ -224,9 +225,18 @@ class InspectDaemon:
         for side in (self.watcher, self.control):  # no rebuilds while draining
             if side is not None:
                 await side.stop()
-        for task in getattr(self, "_reader_tasks", []):
+        # Readers see the stop flag and return after their current read, so entries Redis already
+        # delivered are scored, not left pending; one stuck longer than a read should take is cancelled.
+        readers = getattr(self, "_reader_tasks", [])
+        self._stop.set()
+        for task in readers:
+            if task not in self._reading:  # waiting for permits: nothing delivered yet, safe to cancel
+                task.cancel()
+        _, stuck = await asyncio.wait(readers, timeout=self.config.redis.block_ms / 1000.0 + 2.0) if readers \
+            else (set(), set())
+        for task in stuck:
             task.cancel()
-        await asyncio.gather(*getattr(self, "_reader_tasks", []), return_exceptions=True)
+        await asyncio.gather(*readers, return_exceptions=True)
         self.batcher.close()
         while self._in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -265,6 +275,10 @@ class InspectDaemon:
             while granted < READ_CHUNK and not self._permits.locked():
                 await self._permits.acquire()
                 granted += 1
+            if self._stop.is_set():
+                self._release(granted)
+                return
+            self._reading.add(asyncio.current_task())
             try:
                 items = await source.read(granted)
             except asyncio.CancelledError:
@@ -276,6 +290,8 @@ class InspectDaemon:
                 log.warning("source %s read failed: %s", type(source).__name__, exc)
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._reading.discard(asyncio.current_task())
             self._release(granted - len(items))
             if not items:
                 if getattr(source, "exhausted", False):
