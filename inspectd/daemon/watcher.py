@@ -166,8 +166,8 @@ class RegistryWatcher:
         previous = self._file_ids.get(path)
         if deleted:
             self._file_ids.pop(path, None)
-            if previous is None or previous in self._file_ids.values():
-                return
+            if previous is None or previous in self._file_ids.values() or self.registry.status(previous) is None:
+                return  # unknown, still defined by another file, or already removed (e.g. DELETE via the API)
             inline = next((p for p in self.config.products if p.id == previous), None)
             if inline is not None:
                 await self._act(f"{path.name} deleted; back to the inline definition", self.registry.put(inline,
