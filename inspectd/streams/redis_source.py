@@ -29,6 +29,15 @@ def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entry_ids_by_stream(items: Iterable[Item]) -> dict[str, list[str]]:
+    """Entry ids of this kind of source's items, grouped by input stream."""
+    by_stream: dict[str, list[str]] = {}
+    for item in items:
+        if item.entry_id and item.source.startswith("redis:"):
+            by_stream.setdefault(item.source[len("redis:"):], []).append(item.entry_id)
+    return by_stream
+
+
 def default_consumer_name() -> str:
     """``<hostname>-<pid>``: unique per process, stable for its lifetime."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -183,10 +192,7 @@ class RedisStreamSource:
 
     async def ack_many(self, items: Iterable[Item]) -> int:
         """XACK many items from this source in one round trip (one XACK per stream); returns the count."""
-        by_stream: dict[str, list[str]] = {}
-        for item in items:
-            if item.entry_id and item.source.startswith("redis:"):
-                by_stream.setdefault(item.source[len("redis:"):], []).append(item.entry_id)
+        by_stream = _entry_ids_by_stream(items)
         if not by_stream:
             return 0
         pipe = self.client.pipeline(transaction=False)
@@ -199,10 +205,7 @@ class RedisStreamSource:
         XAUTOCLAIMs a frame that is merely queued here. (XCLAIM to ourselves with JUSTID; entries idle
         less than a third of ``claim_idle_ms`` are left alone, so one another instance just claimed
         from a crashed owner is not pulled back.) Returns how many entries were refreshed."""
-        by_stream: dict[str, list[str]] = {}
-        for item in items:
-            if item.entry_id and item.source.startswith("redis:"):
-                by_stream.setdefault(item.source[len("redis:"):], []).append(item.entry_id)
+        by_stream = _entry_ids_by_stream(items)
         if not by_stream:
             return 0
         pipe = self.client.pipeline(transaction=False)
