@@ -33,7 +33,7 @@ class ModelConfig:
     quick_gelu: str = "auto"
     threads: int = 0
     cache_dir: str | None = None
-    window_chunk_tokens: int = 65536
+    window_chunk_tokens: int = 0  # 0 = auto: 2048 on CPU (cache-sized), large on GPU
 
     def __post_init__(self) -> None:
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))

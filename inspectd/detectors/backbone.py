@@ -41,7 +41,7 @@ class ModelSpec:
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
     cache_dir: str | None = None
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
-    window_chunk_tokens: int = 1 << 16  # bound on tokens per window-pass chunk (memory)
+    window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
 
     @property
     def model_id(self) -> str:
@@ -317,7 +317,8 @@ class ClipBackbone:
         patches = tokens[:, 1:][:, idx]  # [N, U, k*k, W]
         cls = tokens[:, :1, None, :].expand(n, n_windows, 1, width)
         sequences = torch.cat([cls, patches], dim=2).reshape(n * n_windows, 1 + k * k, width)
-        per_chunk = max(1, self.spec.window_chunk_tokens // (1 + k * k))
+        chunk_tokens = self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
+        per_chunk = max(1, chunk_tokens // (1 + k * k))
         outputs = []
         for start in range(0, sequences.shape[0], per_chunk):
             x = self.visual.transformer(sequences[start:start + per_chunk])
