@@ -29,6 +29,7 @@ from inspectd.detectors.pipeline import ScoreItem, run
 from inspectd.streams.message import frame_fields
 
 REDIS = "redis://127.0.0.1:6379/0"
+REPEATS = 3
 
 
 def frames(n: int, size: int) -> list[bytes]:
@@ -41,8 +42,9 @@ def frames(n: int, size: int) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def config(arch: str, batch: int, prefix: str):  # noqa: ANN201
+def config(arch: str, batch: int, prefix: str, decode_threads: int = 1):  # noqa: ANN201
     return parse_config({
+        "decode": {"threads": decode_threads},
         "demo": True, "model": {"arch": arch, "pretrained": "random"},
         "redis": {"url": REDIS, "prefix": prefix, "lines": ["b"], "block_ms": 50, "control_stream": None},
         "batcher": {"max_batch_size": batch, "max_delay_ms": 5, "queue_size": max(64, 4 * batch)},
@@ -82,21 +84,24 @@ async def collect(client, key: str, n: int, timeout: float = 600) -> list[float]
     return [int(eid.split(b"-")[0]) / 1000.0 - float(f[b"ts"]) for eid, f in entries]
 
 
-async def measure(arch: str, batch: int, n: int, size: int, backbone) -> dict:  # noqa: ANN001
+async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int) -> dict:  # noqa: ANN001
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     client = aioredis.from_url(REDIS)
-    daemon = InspectDaemon(config(arch, batch, prefix), backbone=backbone)
+    daemon = InspectDaemon(config(arch, batch, prefix, decode_threads), backbone=backbone)
     task = asyncio.create_task(daemon.run())
     while not daemon.started:
         await asyncio.sleep(0.05)
     payloads = frames(n, size)
-    engine_rate = engine_only(daemon, payloads, batch)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
-    # saturation: every frame already waiting in Redis
-    await produce(client, frames_key, payloads, None)
-    started = time.perf_counter()
-    await collect(client, results_key, n)
-    e2e_rate = n / (time.perf_counter() - started)
+    engine_rates, e2e_rates = [], []
+    for _ in range(REPEATS):  # alternate the two measurements; medians resist this VM's noisy neighbours
+        engine_rates.append(engine_only(daemon, payloads, batch))
+        await client.delete(results_key)
+        await produce(client, frames_key, payloads, None)  # saturation: every frame already waiting
+        started = time.perf_counter()
+        await collect(client, results_key, n)
+        e2e_rates.append(n / (time.perf_counter() - started))
+    engine_rate, e2e_rate = float(np.median(engine_rates)), float(np.median(e2e_rates))
     batches = daemon.metrics.batch_size
     total = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_sum"))
     count = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
@@ -123,7 +128,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"{'batch':>5s} {'engine img/s':>13s} {'e2e img/s':>10s} {'overhead':>9s} {'mean batch':>11s} "
           f"{'p50@50%':>9s} {'p99@50%':>9s} {'p50@90%':>9s} {'p99@90%':>9s}  (latency ms)")
     for batch in args.batches:
-        r = await measure(args.arch, batch, args.frames, args.size, backbone)
+        r = await measure(args.arch, batch, args.frames, args.size, backbone, args.decode_threads)
         overhead = 1 - r["e2e"] / r["engine"]
         print(f"{batch:5d} {r['engine']:13.1f} {r['e2e']:10.1f} {overhead:9.1%} {r['mean_batch']:11.2f} "
               f"{r['p50@50%']:9.1f} {r['p99@50%']:9.1f} {r['p50@90%']:9.1f} {r['p99@90%']:9.1f}")
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--size", type=int, default=240)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--decode-threads", type=int, default=1)
     asyncio.run(main_async(parser.parse_args()))
 
 
