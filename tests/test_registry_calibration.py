@@ -16,7 +16,8 @@ from tests.daemon_helpers import HAZELNUT, png_bytes
 K = 4
 # Measured with the tiny random-weight model (fixture tiny_backbone, seed 0), k = 4 goods 00..03:
 # threshold 0.1925 (max leave-one-out normal 0.1725 + margin 0.02); colour defects flagged 16/17 (94 %);
-# remaining goods flagged 0/30. The floor leaves room for numeric noise across CPUs.
+# remaining goods flagged 0/30. k = 1 (four shifted views of good 00 as normals): threshold 0.1964,
+# colour flagged 16/17, goods flagged 0/33. The floor leaves room for numeric noise across CPUs.
 DEFECT_RATE_FLOOR = 0.80
 
 
@@ -95,7 +96,10 @@ async def test_calibration_options(tmp_path, tiny_backbone) -> None:
     fixed = await registry.put(ProductConfig(id="a", references=refs, threshold=ThresholdConfig(value=0.3)))
     assert fixed.threshold == 0.3 and fixed.calibration == {"method": "fixed"}
     one = await registry.put(ProductConfig(id="b", references=refs, shots=1))
-    assert one.calibration["method"] == "default" and one.threshold == 0.5
+    assert one.calibration["method"] == "quantile" and one.calibration["shifted_views"] == 4
+    assert one.threshold == pytest.approx(one.calibration["max_normal"] + 0.02)
+    zero = await registry.put(ProductConfig(id="z", shots=0))
+    assert zero.calibration["method"] == "default" and zero.threshold == 0.5
     holdout = tmp_path / "holdout"
     holdout.mkdir()
     for name in ("20", "21", "22"):
@@ -109,23 +113,25 @@ async def test_calibration_options(tmp_path, tiny_backbone) -> None:
         await registry.put(ProductConfig(id="d", references=refs, threshold=ThresholdConfig(quantile=1.5)))
 
 
-async def test_calibrated_threshold_on_hazelnut_colour(tmp_path, tiny_backbone) -> None:
+@pytest.mark.parametrize("k", [1, K])
+async def test_calibrated_threshold_on_hazelnut_colour(tmp_path, tiny_backbone, k) -> None:
     goods = sorted((HAZELNUT / "good").glob("*.png"))
     defects = sorted((HAZELNUT / "colour").glob("*.png"))
     refs = tmp_path / "refs"
     refs.mkdir()
-    for path in goods[:K]:
+    for path in goods[:k]:
         shutil.copy(path, refs / path.name)
     registry = ProductRegistry(tiny_backbone, RegistryConfig())
-    entry = await registry.put(ProductConfig(id="hazelnut", object_name="hazelnut", references=str(refs), shots=K))
-    assert entry.calibration["method"] == "quantile" and entry.calibration["normals"] == K
+    entry = await registry.put(ProductConfig(id="hazelnut", object_name="hazelnut", references=str(refs), shots=k))
+    assert entry.calibration["method"] == "quantile"
+    assert entry.calibration["normals"] == (k if k >= 2 else 4)  # k = 1: four shifted views
     assert entry.threshold == pytest.approx(entry.calibration["max_normal"] + 0.02)
 
     def flagged(paths: list[Path]) -> list[bool]:
         outputs = run(tiny_backbone, [ScoreItem(entry.detector, entry.state, image) for image in load_images(paths)])
         return [o.score >= entry.threshold for o in outputs]
 
-    good_flags = flagged(goods[K:])
+    good_flags = flagged(goods[k:])
     defect_flags = flagged(defects)
     defect_rate = sum(defect_flags) / len(defect_flags)
     print(f"threshold {entry.threshold:.4f}; colour flagged {sum(defect_flags)}/{len(defect_flags)} "

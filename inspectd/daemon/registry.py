@@ -89,9 +89,24 @@ def load_images(files: list[Path]) -> list[np.ndarray]:
     return images
 
 
+def shifted_views(image: np.ndarray, keep: float = 0.92) -> list[np.ndarray]:
+    """Four corner crops keeping ``keep`` of each side, resized back: small placement/scale changes."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    ch, cw = max(1, round(h * keep)), max(1, round(w * keep))
+    pil = Image.fromarray(image)
+    views = []
+    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
+        crop = pil.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+        views.append(np.asarray(crop))
+    return views
+
+
 def calibrate(detector: Detector, spec: ProductSpec, references: list[np.ndarray], holdout: list[np.ndarray],
               full_state: ProductState, policy: ThresholdConfig) -> tuple[float, dict]:
-    """Threshold from normal scores: leave-one-out over references (k >= 2) plus held-out goods.
+    """Threshold from normal scores: leave-one-out over references (k >= 2) plus held-out goods
+    (k = 1 without a holdout: shifted views of the one reference).
 
     Each left-out reference is scored against a state fitted on the other k-1, so its score is what an
     unseen good part would get (slightly pessimistic: k-1 memories, not k). Held-out goods are scored
@@ -112,6 +127,13 @@ def calibrate(detector: Detector, spec: ProductSpec, references: list[np.ndarray
         chunk = holdout[start:start + CALIBRATION_CHUNK]
         normal_scores += [o.score for o in run(detector.backbone, [ScoreItem(detector, full_state, image)
                                                                     for image in chunk])]
+    shifted: list[float] = []
+    if len(references) == 1 and not holdout:
+        # One reference and nothing held out: its own score is 0 by construction, so score slightly
+        # shifted views of it (what the next good part, placed a little differently, looks like).
+        views = shifted_views(references[0])
+        shifted = [o.score for o in run(detector.backbone, [ScoreItem(detector, full_state, v) for v in views])]
+        normal_scores += shifted
     if not normal_scores:
         (log.warning if references else log.info)(
             "product %s: no normals to calibrate on (k=%d, no holdout_dir); threshold = default %.3f",
@@ -121,7 +143,8 @@ def calibrate(detector: Detector, spec: ProductSpec, references: list[np.ndarray
     threshold = float(np.quantile(normal_scores, policy.quantile)) + policy.margin
     return threshold, {"method": "quantile", "quantile": policy.quantile, "margin": policy.margin,
                        "normals": len(normal_scores), "leave_one_out": len(loo_scores),
-                       "holdout": len(holdout), "min_normal": float(min(normal_scores)),
+                       "holdout": len(holdout), "shifted_views": len(shifted),
+                       "min_normal": float(min(normal_scores)),
                        "mean_normal": float(np.mean(normal_scores)), "max_normal": float(max(normal_scores))}
 
 
