@@ -363,7 +363,7 @@ class InspectDaemon:
                 items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
                                    map_size=self._map_size(entry, f.prepared.size)) for f, entry in scored]
                 try:
-                    outputs, forward_s = await self.engine.score(items)
+                    outputs, batch_timings = await self.engine.score(items)
                 except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters the batch, not the daemon
                     log.exception("scoring failed for a batch of %d", len(items))
                     self.metrics.error("score")
@@ -372,7 +372,7 @@ class InspectDaemon:
                                                         f"{type(exc).__name__}: {exc}")))
                     scored, outputs = [], []
                 for (flight, entry), output in zip(scored, outputs, strict=True):
-                    timings = dict(flight.prepared.timings, forward=forward_s)
+                    timings = dict(flight.prepared.timings, **batch_timings)
                     results.append(self._result(flight.frame, entry, output, timings))
             flights_out = [f for f, _ in scored] + [f for f, _ in dead]
             await self._publish.put((results, [d for _, d in dead], flights_out))

@@ -62,16 +62,16 @@ class ScoringEngine:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self._decode, self._prepare_one, f) for f in frames)))
 
-    async def score(self, items: list[ScoreItem]) -> tuple[list[ScoreOutput], float]:
-        """Run one mixed batch on the engine thread; (outputs, forward seconds)."""
+    async def score(self, items: list[ScoreItem]) -> tuple[list[ScoreOutput], dict[str, float]]:
+        """Run one mixed batch on the engine thread; (outputs, {"forward": s, "score": s})."""
         loop = asyncio.get_running_loop()
 
-        def work() -> tuple[list[ScoreOutput], float]:
-            started = time.perf_counter()
-            outputs = run(self.backbone, items)
+        def work() -> tuple[list[ScoreOutput], dict[str, float]]:
+            timings: dict[str, float] = {}
+            outputs = run(self.backbone, items, timings)
             if self.backbone.device.type == "cuda":
                 torch.cuda.synchronize(self.backbone.device)
-            return outputs, time.perf_counter() - started
+            return outputs, timings
 
         return await loop.run_in_executor(self._engine, work)
 

@@ -7,6 +7,7 @@ batch while the current one runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -46,15 +47,21 @@ def prepare(preprocessor: Preprocessor, items: Sequence[ScoreItem]) -> None:
             item.tiles, item.layout = preprocessor(item.image)
 
 
-def run(backbone: ClipBackbone, items: Sequence[ScoreItem]) -> list[ScoreOutput]:
-    """Score a batch: one forward over every tile, per-(detector, state) scoring, tiles merged back."""
+def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, float] | None = None
+        ) -> list[ScoreOutput]:
+    """Score a batch: one forward over every tile, per-(detector, state) scoring, tiles merged back.
+
+    ``timings``, when given, receives the seconds spent in the backbone forward and in scoring.
+    """
     if not items:
         return []
     prepare(backbone.preprocessor, items)
     counts = [item.tiles.shape[0] for item in items]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items), FeatureRequest())
+    started = time.perf_counter()
     features = backbone.forward(torch.cat([item.tiles for item in items]), request)
+    forwarded = time.perf_counter()
 
     groups: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):
@@ -81,4 +88,7 @@ def run(backbone: ClipBackbone, items: Sequence[ScoreItem]) -> list[ScoreOutput]
             merged = backbone.preprocessor.merge_maps(tile_maps[index], item.layout, item.map_size)
             amap = merged.float().cpu().numpy()
         results.append(ScoreOutput(score, amap))
+    if timings is not None:
+        timings["forward"] = forwarded - started
+        timings["score"] = time.perf_counter() - forwarded
     return results
