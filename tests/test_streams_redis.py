@@ -89,6 +89,22 @@ async def test_read_respects_max_count_over_two_streams(redis_client: Any, keys:
     assert {f.line for f in seen} == {"l1"}  # the line comes from the message itself
 
 
+async def test_nothing_is_delivered_beyond_what_was_read(redis_client: Any, keys: StreamKeys) -> None:
+    """Pending entries == entries handed out, after every read: none can be stranded at shutdown."""
+    streams = [keys.frames(f"l{i}") for i in range(3)]
+    src = RedisStreamSource(redis_client, streams, group="g", consumer="c", block_ms=20)
+    await src.start()
+    for stream in streams:
+        await _add(redis_client, stream, 4)
+    handed_out = 0
+    for count in (1, 2, 5, 1, 3):
+        batch = await src.read(count)
+        assert len(batch) <= count
+        handed_out += len(batch)
+        pending = sum([(await redis_client.xpending(s, "g"))["pending"] for s in streams])
+        assert pending == handed_out
+
+
 async def test_two_consumers_share_entries(redis_client: Any, keys: StreamKeys) -> None:
     stream = keys.frames("l1")
     a, b = _source(redis_client, stream, "a"), _source(redis_client, stream, "b")

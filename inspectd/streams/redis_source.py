@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -74,7 +73,7 @@ class RedisStreamSource:
         self._backlog: dict[str, str] = {}
         self._claim_cursor: dict[str, str] = {s: "0-0" for s in self.streams}
         self._last_claim = 0.0
-        self._overflow: deque[Item] = deque()  # bounded: < len(streams) items from a multi-stream read
+        self._rotation = 0  # which streams a read smaller than len(streams) asks first
 
     async def start(self) -> None:
         """Create the consumer groups (MKSTREAM; an existing group is fine)."""
@@ -108,8 +107,6 @@ class RedisStreamSource:
 
     async def _read(self, max_count: int) -> list[Item]:
         out: list[Item] = []
-        while self._overflow and len(out) < max_count:
-            out.append(self._overflow.popleft())
         if len(out) < max_count and self._backlog:
             out += await self._read_backlog(max_count - len(out))
         if len(out) < max_count and time.monotonic() - self._last_claim >= self.claim_interval_s:
@@ -156,15 +153,23 @@ class RedisStreamSource:
         return out
 
     async def _read_new(self, count: int, block: bool) -> list[Item]:
-        per_stream = -(-count // len(self.streams))
+        """At most ``count`` new entries. XREADGROUP's COUNT is per stream, so a multi-stream read asks
+        each stream for ``count // len(streams)`` (or, when count < len(streams), asks ``count`` streams
+        in rotation for one each): nothing is ever delivered that the caller did not ask for, so
+        nothing delivered can be left behind un-scored at shutdown."""
+        streams = self.streams
+        if count < len(streams):
+            start = self._rotation % len(streams)
+            streams = (streams[start:] + streams[:start])[:count]
+            self._rotation += count
+        per_stream = max(1, count // len(streams))
         reply = await self.client.xreadgroup(
-            self.group, self.consumer, {s: ">" for s in self.streams}, count=per_stream,
+            self.group, self.consumer, {s: ">" for s in streams}, count=per_stream,
             block=self.block_ms if block and self.block_ms > 0 else None)
         items: list[Item] = []
         for stream, entries in reply or []:
             items += await self._to_items(_str(stream), entries)
-        self._overflow.extend(items[count:])
-        return items[:count]
+        return items
 
     async def _to_items(self, stream: str, entries: Iterable[tuple[Any, Any]]) -> list[Item]:
         items: list[Item] = []
