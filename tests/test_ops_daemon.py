@@ -144,3 +144,23 @@ async def test_camera_video_file_through_the_daemon(tmp_path: Path, tiny_backbon
     assert {r["product"] for r in records} == {"nut"} and {r["line"] for r in records} == {"l9"}
     assert sorted(int(r["frame_id"].split("-")[-1]) for r in records) == list(range(1, 13))
     assert np.isfinite([r["score"] for r in records]).all()
+
+
+async def test_demo_default_needs_no_redis(tmp_path: Path, tiny_backbone) -> None:
+    """The embedded default must run where no Redis server exists at all."""
+    from inspectd.daemon.demo import demo_config
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "00.png").write_bytes((HAZELNUT / "colour" / "00.png").read_bytes())
+    config = demo_config(inbox, HAZELNUT / "good", tmp_path / "out", port=0)
+    config.redis.url = "redis://127.0.0.1:1/0"  # nothing listens there
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    task = asyncio.create_task(daemon.run())
+    deadline = time.monotonic() + 60
+    while daemon.frames_done < 1 and time.monotonic() < deadline and not task.done():
+        await asyncio.sleep(0.05)
+    daemon.request_stop()
+    await task
+    assert daemon.redis is None
+    assert json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])["frame_id"] == "00.png"
