@@ -124,7 +124,7 @@ async def test_list_get_put_reload_delete(api, tmp_path) -> None:  # noqa: ANN00
                            ) as response:
         replaced = await response.json()
     assert response.status == 200 and replaced["version"] == 2 and replaced["shots"] == 1
-    assert replaced["calibration"]["method"] == "default"  # k = 1: nothing to leave out
+    assert replaced["calibration"]["shifted_views"] == 4  # k = 1: shifted views of the one reference
     assert yaml.safe_load((tmp_path / "products" / "bolt.yaml").read_text())["shots"] == 1
 
     async with session.post("/products/bolt/reload", headers=AUTH) as response:

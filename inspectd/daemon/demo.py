@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inspectd.daemon.config import DaemonConfig, parse_config
+from inspectd.daemon.config import ConfigError, DaemonConfig, parse_config
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
 DEFAULT_INPUT = SHARED / "colour"
@@ -19,6 +19,11 @@ DEFAULT_REFERENCES = SHARED / "good"
 
 def demo_config(input_dir: str | Path | None = None, references: str | Path | None = None,
                 out_dir: str | Path = "runs/demo", port: int = 9464) -> DaemonConfig:
+    for what, path, flag in (("images to score", input_dir or DEFAULT_INPUT, "--input"),
+                             ("good reference images", references or DEFAULT_REFERENCES, "--references")):
+        if not Path(path).is_dir():
+            raise ConfigError("demo", f"no {what} at {path}: pass {flag} DIR (the default needs ../shared/datasets "
+                                      "beside the checkout)")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return parse_config({
