@@ -106,9 +106,13 @@ class InspectDaemon:
 
             self.watcher = RegistryWatcher(self.registry, cfg)
             self.watcher.start()
-        if cfg.redis.control_stream and self.redis is not None:  # a Redis-free setup has no fleet to follow
+        if cfg.redis.control_stream:  # opt-in: a Redis-free setup (the demo) has no fleet to follow
             from inspectd.daemon.control import ControlListener
 
+            if self.redis is None:
+                import redis.asyncio as aioredis
+
+                self.redis = aioredis.from_url(cfg.redis.url)
             self.control = ControlListener(self.redis, cfg.redis.control_stream, self.registry, self.metrics,
                                            persist=bool(cfg.registry.products_dir))
             await self.control.start()

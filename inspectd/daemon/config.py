@@ -50,7 +50,7 @@ class RedisConfig:
     block_ms: int = 500
     claim_idle_ms: int = 60000
     results_maxlen: int = 100000
-    control_stream: str | None = "inspect:control"  # fleet-wide product reload commands
+    control_stream: str | None = None  # fleet-wide product commands, e.g. "inspect:control" (opt-in)
 
 
 @dataclass

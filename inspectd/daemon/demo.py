@@ -29,7 +29,6 @@ def demo_config(input_dir: str | Path | None = None, references: str | Path | No
     return parse_config({
         "demo": True,
         "model": {"arch": "inspectd-tiny", "pretrained": "random", "device": "cpu"},
-        "redis": {"control_stream": None},
         "sources": {"redis": False, "folders": [{
             "path": str(Path(input_dir or DEFAULT_INPUT).resolve()), "product": "hazelnut", "line": "demo",
             "after": "record", "ledger": str(out / "processed.jsonl"), "poll_interval_s": 0.2}]},
