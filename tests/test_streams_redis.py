@@ -279,3 +279,23 @@ async def test_publish_batch_is_one_pipelined_round_trip(redis_client: Any, keys
     assert len(ids) == 21 and (spy.pipelines, spy.executed) == (1, 1)
     assert await redis_client.xlen(keys.results("l1")) == 20
     assert await redis_client.xlen(keys.dead("l2")) == 1
+
+
+async def test_frame_redelivered_too_often_becomes_a_dead_letter(redis_client: Any, keys: StreamKeys) -> None:
+    """A frame that keeps killing its consumer is not retried forever."""
+    stream = keys.frames("l1")
+    await _add(redis_client, stream, 1)
+    for attempt in range(4):  # four consumers take it and "crash" (never ack)
+        src = RedisStreamSource(redis_client, [stream], group="g", consumer=f"c{attempt}", block_ms=20,
+                                claim_idle_ms=1, claim_interval_s=0, max_deliveries=3)
+        await src.start()
+        await asyncio.sleep(0.01)
+        items = await src.read(5)
+        assert len(items) == 1
+        if attempt < 3:
+            assert isinstance(items[0], Frame), attempt
+        else:
+            dead = items[0]
+            assert isinstance(dead, DeadLetter) and dead.reason == "too_many_deliveries"
+            await dead.ack()
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 0

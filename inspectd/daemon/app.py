@@ -160,7 +160,8 @@ class InspectDaemon:
             keys = StreamKeys(cfg.redis.prefix)
             source = RedisStreamSource(self.redis, [keys.frames(line) for line in cfg.redis.lines], cfg.redis.group,
                                        cfg.redis.consumer, block_ms=cfg.redis.block_ms,
-                                       claim_idle_ms=cfg.redis.claim_idle_ms)
+                                       claim_idle_ms=cfg.redis.claim_idle_ms,
+                                       max_deliveries=cfg.redis.max_deliveries)
             await source.start()
             self.sources.append(source)
         for folder in cfg.sources.folders:

@@ -49,6 +49,7 @@ class RedisConfig:
     consumer: str | None = None  # default <hostname>-<pid>
     block_ms: int = 500
     claim_idle_ms: int = 60000
+    max_deliveries: int = 5  # a frame redelivered more often (it keeps crashing consumers) is dead-lettered
     results_maxlen: int = 100000
     control_stream: str | None = None  # fleet-wide product commands, e.g. "inspect:control" (opt-in)
 

@@ -37,6 +37,11 @@ def _entry_ids_by_stream(items: Iterable[Item]) -> dict[str, list[str]]:
     return by_stream
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def default_consumer_name() -> str:
     """``<hostname>-<pid>``: unique per process, stable for its lifetime."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -56,6 +61,7 @@ class RedisStreamSource:
         claim_idle_ms: int = 60_000,
         claim_interval_s: float | None = None,
         group_start_id: str = "0",
+        max_deliveries: int = 5,
     ) -> None:
         if not streams:
             raise ValueError("at least one input stream is required")
@@ -67,6 +73,8 @@ class RedisStreamSource:
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval_s = claim_interval_s if claim_interval_s is not None else claim_idle_ms / 2000.0
         self.group_start_id = group_start_id
+        self.max_deliveries = max_deliveries  # a frame delivered this often (it keeps killing its consumer)
+        #                                       becomes a dead letter instead of being retried forever
         self.claimed_total = 0  # entries taken over from other consumers (for a metric)
         self._started = False
         # Own pending entries still to re-read after a restart: stream -> last id seen ("0" = from start).
@@ -131,7 +139,7 @@ class RedisStreamSource:
                 del self._backlog[stream]
             else:
                 self._backlog[stream] = _str(entries[-1][0])
-            out += await self._to_items(stream, entries)
+            out += await self._redelivered(stream, await self._to_items(stream, entries))
         return out
 
     async def _autoclaim(self, count: int) -> list[Item]:
@@ -145,11 +153,32 @@ class RedisStreamSource:
                 stream, self.group, self.consumer, self.claim_idle_ms,
                 start_id=self._claim_cursor[stream], count=count - len(out))
             self._claim_cursor[stream] = _str(next_id)
-            items = await self._to_items(stream, entries)
+            items = await self._redelivered(stream, await self._to_items(stream, entries))
             if items:
                 log.info("claimed %d idle entries from %s", len(items), stream)
             self.claimed_total += len(items)
             out += items
+        return out
+
+    async def _redelivered(self, stream: str, items: list[Item]) -> list[Item]:
+        """Entries delivered again (after a crash): past ``max_deliveries`` they become dead letters."""
+        ids = [item.entry_id for item in items if isinstance(item, Frame) and item.entry_id]
+        if not ids or self.max_deliveries <= 0:
+            return items
+        pending = await self.client.xpending_range(stream, self.group, min=min(ids, key=_id_key),
+                                                   max=max(ids, key=_id_key), count=len(ids) + 100,
+                                                   consumername=self.consumer)
+        deliveries = {_str(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        out: list[Item] = []
+        for item in items:
+            times = deliveries.get(item.entry_id or "", 0)
+            if isinstance(item, Frame) and times > self.max_deliveries:
+                log.error("frame %s (%s) delivered %d times: dead-lettering it", item.frame_id, item.entry_id, times)
+                item = DeadLetter(reason="too_many_deliveries", stage="parse", product=item.product, line=item.line,
+                                  frame_id=item.frame_id, entry_id=item.entry_id, source=item.source,
+                                  detail=f"delivered {times} times (max_deliveries {self.max_deliveries}); "
+                                         "it may crash the daemon", ack=item.ack)
+            out.append(item)
         return out
 
     async def _read_new(self, count: int, block: bool) -> list[Item]:
