@@ -72,7 +72,8 @@ def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, f
     for members in groups.values():
         rows = [r for m in members for r in range(starts[m], starts[m + 1])]
         first = items[members[0]]
-        output = first.detector.score(features.select(rows), first.state)
+        group = features if len(members) == len(items) else features.select(rows)  # one product: no copy
+        output = first.detector.score(group, first.state)
         offset = 0
         for m in members:
             n = counts[m]
