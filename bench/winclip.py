@@ -21,7 +21,8 @@ from inspectd.detectors.pipeline import ScoreItem, run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--shots", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--size", type=int, default=512, help="frame side before the resize to the model size")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--arch", default="ViT-B-16-plus-240")
     args = parser.parse_args()
@@ -31,14 +32,14 @@ def main() -> None:
     detector = create_detector("winclip", backbone)
     rng = np.random.default_rng(0)
     size = backbone.image_size
-    frames = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(args.batch)]
-    references = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(args.shots)]
-    zero = detector.fit(ProductSpec("p", "object"), [])
-    few = detector.fit(ProductSpec("p", "object"), references)
+    frames = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.batch)]
+    references = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(max(args.shots))]
+    states = [("0-shot", detector.fit(ProductSpec("p", "object"), []), 0)]
+    states += [(f"{k}-shot", detector.fit(ProductSpec("p", "object"), references[:k]), k) for k in args.shots]
     tiles = [backbone.preprocessor(f) for f in frames]
 
     def batch(state) -> None:  # noqa: ANN001
-        run(backbone, [ScoreItem(detector, state, tiles=t, layout=layout, map_size=(size, size))
+        run(backbone, [ScoreItem(detector, state, tiles=t, layout=layout, map_size=(args.size, args.size))
                        for t, layout in tiles])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -49,16 +50,19 @@ def main() -> None:
         window_pass_flops(grid, k, width, layers, embed) for k in (2, 3))
     windows = {k: (grid - k + 1) ** 2 for k in (2, 3)}
     patches = grid * grid
-    # association GEMMs per image: every query position against every stored reference position
-    assoc = sum(2 * embed * u * args.shots * u for u in windows.values()) + 2 * width * patches * args.shots * patches
+
+    def association_flops(shots: int) -> float:
+        """Per image: every query position against every stored reference position (GEMMs)."""
+        return sum(2 * embed * u * shots * u for u in windows.values()) + 2 * width * patches * shots * patches
+
     peak = fp32_flop_bound(width, device, backbone.dtype)
-    print(f"{args.arch} @ {size}px on {device} ({backbone.dtype}), batch {args.batch}; "
-          f"measured GEMM bound {peak:.1f} GFLOP/s")
+    print(f"{args.arch} @ {size}px ({args.size}px frames resized) on {device} ({backbone.dtype}), batch "
+          f"{args.batch}; measured GEMM bound {peak:.1f} GFLOP/s")
     print(f"{'setting':10s} {'images/s':>9s} {'ms/image':>9s} {'GFLOP/img':>10s} {'ratio to bound':>15s}")
-    for name, state, extra in (("0-shot", zero, 0.0), (f"{args.shots}-shot", few, assoc)):
+    for name, state, shots in states:
         seconds = best_time(lambda state=state: batch(state), repeats=3)
         per_second = args.batch / seconds
-        image_flops = flops + extra
+        image_flops = flops + association_flops(shots)
         ratio = image_flops * per_second / 1e9 / peak
         print(f"{name:10s} {per_second:9.2f} {1000 / per_second:9.1f} {image_flops / 1e9:10.1f} {ratio:15.2f}")
 
