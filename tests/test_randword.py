@@ -195,7 +195,7 @@ def _expected_zero_shot(backbone: ClipBackbone, bundle: FfnBundle, image: np.nda
 
 def test_detector_zero_shot_end_to_end(tiny_backbone: ClipBackbone, bundle: FfnBundle, ffn_file: Path) -> None:
     image = load_rgb(HAZELNUT / "good" / "00.png")
-    detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file)})
+    detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "multi_crop": 0})
     assert detector.produces_masks is False
     state = detector.fit(ProductSpec("hazelnut", object_name="hazelnut"), [])
     assert state.meta["prompts"] == ["a photo of a object", "a photo of a damaged object"]
@@ -204,11 +204,12 @@ def test_detector_zero_shot_end_to_end(tiny_backbone: ClipBackbone, bundle: FfnB
     _, s_p, s_ffn = _expected_zero_shot(tiny_backbone, bundle, image, state.meta["prompts"])
     assert out.score == pytest.approx(float((s_p + s_ffn).mean()), abs=1e-5)
 
-    ours = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "use_prompt_score": False})
+    ours = create_detector("randword", tiny_backbone,
+                           {"ffn": str(ffn_file), "use_prompt_score": False, "multi_crop": 0})
     [only_ffn] = run(tiny_backbone, [ScoreItem(ours, ours.fit(ProductSpec("h"), []), image=image)])
     assert only_ffn.score == pytest.approx(float(s_ffn.mean()), abs=1e-5)
 
-    known = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "known_object": True})
+    known = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "known_object": True, "multi_crop": 0})
     assert known.fit(ProductSpec("h", object_name="hazelnut"), []).meta["prompts"][1] == "a photo of a damaged hazelnut"
 
     # the state carries the FFN: it survives save/load and scores the same
@@ -224,7 +225,7 @@ def test_detector_few_shot_adds_reference_distance(tiny_backbone: ClipBackbone, 
                                                    ffn_file: Path) -> None:
     refs = [load_rgb(HAZELNUT / "good" / f"{i:02d}.png") for i in (1, 2)]
     test = load_rgb(HAZELNUT / "good" / "00.png")
-    detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file)})
+    detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "multi_crop": 0})
     state = detector.fit(ProductSpec("hazelnut"), refs)
     n_tiles = sum(tiny_backbone.preprocessor(r)[0].shape[0] for r in refs)  # every tile of every reference
     assert state.tensors["memory_image"].shape == (n_tiles, 64) and state.meta["shots"] == 2
@@ -284,3 +285,26 @@ def test_cli_random_weights_need_demo_and_warn(tmp_path: Path, capsys: pytest.Ca
     assert "--demo" in capsys.readouterr().err
     assert main([*args, "--demo"]) == 0 and out.exists()
     assert "RANDOM weights" in capsys.readouterr().err
+
+
+def test_multi_crop_averages_the_full_view_and_its_crops(tiny_backbone: ClipBackbone, bundle: FfnBundle,
+                                                         ffn_file: Path) -> None:
+    from inspectd.detectors.preprocess import crop_views
+
+    image = load_rgb(HAZELNUT / "colour" / "02.png")
+    detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "multi_crop": 5})
+    state = detector.fit(ProductSpec("hazelnut"), [])
+    [out] = run(tiny_backbone, [ScoreItem(detector, state, image=image)])
+    tiles, _ = tiny_backbone.preprocessor(image)
+    views = torch.cat([tiles, crop_views(tiles, 5)])
+    assert views.shape[0] == 6
+    e = torch.nn.functional.normalize(tiny_backbone.forward(views, detector.feature_request(state))
+                                      .image_embeddings.double(), dim=-1)
+    t = tiny_backbone.encode_text(state.meta["prompts"]).double()
+    s_p = torch.softmax(torch.stack([e @ t[0], e @ t[1]], dim=-1) / 0.01, dim=-1)[:, 1]
+    expected = (s_p + bundle.score(e.float()).double()).mean()
+    assert out.score == pytest.approx(float(expected), abs=1e-5)
+    [single] = run(tiny_backbone, [ScoreItem(create_detector("randword", tiny_backbone,
+                                                             {"ffn": str(ffn_file), "multi_crop": 0}),
+                                             state, image=image)])
+    assert single.score != pytest.approx(out.score, abs=1e-7)

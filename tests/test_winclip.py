@@ -221,3 +221,25 @@ def test_few_shot_on_real_mvtec_grid_runs_and_reports(tiny_backbone: ClipBackbon
     # produces finite, non-degenerate rankings; real weights are needed for grid accuracy.
     assert 0.0 < image_auroc < 1.0
     assert 0.45 <= pixel_auroc <= 1.0
+
+
+def test_crop_views_geometry() -> None:
+    from inspectd.detectors.preprocess import crop_views
+
+    tile = torch.arange(10 * 10, dtype=torch.float32).reshape(1, 1, 10, 10).expand(1, 3, 10, 10)
+    views = crop_views(tile, 5, scale=1.0)  # scale 1: every view is the tile itself
+    assert views.shape == (5, 3, 10, 10)
+    torch.testing.assert_close(views, tile.expand(5, 3, 10, 10))
+    with pytest.raises(ValueError):
+        crop_views(tile, 6)
+
+
+def test_multi_crop_changes_the_image_score_not_the_map(tiny_backbone: ClipBackbone) -> None:
+    image = load_rgb(HAZELNUT / "colour" / "03.png")
+    plain = create_detector("winclip", tiny_backbone)
+    tta = create_detector("winclip", tiny_backbone, {"multi_crop": 3})
+    state = plain.fit(ProductSpec("nut", "hazelnut"), [load_rgb(HAZELNUT / "good" / "04.png")])
+    [a] = run(tiny_backbone, [ScoreItem(plain, state, image)])
+    [b] = run(tiny_backbone, [ScoreItem(tta, state, image)])
+    np.testing.assert_allclose(a.map, b.map, atol=1e-6)
+    assert a.score != pytest.approx(b.score, abs=1e-7)

@@ -104,6 +104,11 @@ class Detector(ABC):
     def score(self, features: Features, state: ProductState) -> DetectorOutput:
         """Score rows of ``features`` (tiles of this product's frames) with the product's state."""
 
+    @property
+    def test_time_crops(self) -> int:
+        """Extra crop views per tile whose image scores are averaged in (multi-crop TTA); 0 = none."""
+        return int(getattr(self.options, "multi_crop", 0))
+
     def reference_features(self, references: Sequence[np.ndarray], request: FeatureRequest) -> Features | None:
         """Backbone features of all tiles of the reference frames (None when there are none)."""
         if not references:

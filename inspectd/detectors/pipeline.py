@@ -17,7 +17,7 @@ import torch
 
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
 from inspectd.detectors.base import Detector, ProductState
-from inspectd.detectors.preprocess import Preprocessor, TileLayout
+from inspectd.detectors.preprocess import Preprocessor, TileLayout, crop_views
 
 
 @dataclass
@@ -56,11 +56,15 @@ def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, f
     if not items:
         return []
     prepare(backbone.preprocessor, items)
-    counts = [item.tiles.shape[0] for item in items]
+    # Per item: its map tiles, then (multi-crop) crop views whose image scores are averaged in.
+    views = [item.tiles if not item.detector.test_time_crops
+             else torch.cat([item.tiles, crop_views(item.tiles, item.detector.test_time_crops)]) for item in items]
+    map_tiles = [item.tiles.shape[0] for item in items]
+    counts = [v.shape[0] for v in views]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items), FeatureRequest())
     started = time.perf_counter()
-    features = backbone.forward(torch.cat([item.tiles for item in items]), request)
+    features = backbone.forward(torch.cat(views), request)
     forwarded = time.perf_counter()
 
     groups: dict[tuple[int, int], list[int]] = {}
@@ -78,7 +82,7 @@ def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, f
         for m in members:
             n = counts[m]
             tile_scores[m] = output.scores[offset:offset + n]
-            tile_maps[m] = None if output.maps is None else output.maps[offset:offset + n]
+            tile_maps[m] = None if output.maps is None else output.maps[offset:offset + map_tiles[m]]
             offset += n
 
     results = []

@@ -94,3 +94,17 @@ class Preprocessor:
         if tuple(canvas.shape) != tuple(target):
             canvas = F.interpolate(canvas[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
         return canvas
+
+
+def crop_views(tiles: torch.Tensor, n: int, scale: float = 0.8) -> torch.Tensor:
+    """Test-time multi-crop: ``n`` (1..5) views per tile -- the centre, then the four corners -- each a
+    ``scale`` x ``scale`` square of the tile resized back to the tile's size (bicubic). [T * n, 3, S, S]."""
+    if not 1 <= n <= 5:
+        raise ValueError(f"multi-crop takes 1 to 5 crops, got {n}")
+    size = tiles.shape[-1]
+    side = max(1, round(size * scale))
+    far = size - side
+    corners = [(far // 2, far // 2), (0, 0), (0, far), (far, 0), (far, far)][:n]
+    views = [tiles[:, :, top:top + side, left:left + side] for top, left in corners]
+    crops = torch.stack(views, dim=1).reshape(-1, tiles.shape[1], side, side)
+    return F.interpolate(crops, size=(size, size), mode="bicubic", align_corners=False, antialias=True)

@@ -37,6 +37,8 @@ class RandWordOptions:
     object_word: str = "object"  # s_p prompts' object word when known_object is false
     known_object: bool = False  # s_p prompts name the product's object instead ("object known")
     temperature: float = 0.01  # T of s_p
+    multi_crop: int = 5  # test-time multi-crop (spec: on by default): image score averaged over the full view
+    #                      and this many 80 % crops (centre, 4 corners); 0 = off (the paper's "no multi-crop")
 
 
 @register_detector
