@@ -108,7 +108,7 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
     row = {"batch": batch, "engine": engine_rate, "e2e": e2e_rate, "mean_batch": total / max(count, 1)}
     for load in (0.5, 0.9):
         await client.delete(results_key)
-        m = max(20, n // 2)
+        m = min(len(payloads), max(20, n // 2))
         await produce(client, frames_key, payloads[:m], rate=load * e2e_rate)
         latencies = np.array(await collect(client, results_key, m))
         row[f"p50@{load:.0%}"] = float(np.percentile(latencies, 50) * 1000)
