@@ -42,7 +42,7 @@ def frames(n: int, size: int) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def config(arch: str, batch: int, prefix: str, decode_threads: int = 1):  # noqa: ANN201
+def config(arch: str, batch: int, prefix: str, decode_threads: int = -1):  # noqa: ANN201
     return parse_config({
         "decode": {"threads": decode_threads},
         "demo": True, "model": {"arch": arch, "pretrained": "random"},
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--size", type=int, default=240)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--decode-threads", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=-1, help="-1 = the daemon's auto choice")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -36,6 +36,7 @@ async def stop(daemon: InspectDaemon, task: asyncio.Task) -> None:
 async def test_500_frames_two_products_all_scored(redis_client, redis_url, key_prefix, tmp_path, tiny_backbone):
     config = daemon_config(redis_url, key_prefix, tmp_path)
     daemon, task = await run_daemon(config, tiny_backbone)
+    assert daemon.engine._decode is daemon.engine._engine  # CPU default: decode on the engine thread
     sent = await send_frames(redis_client, key_prefix, 500)
     results = await wait_for_results(redis_client, key_prefix, 500, timeout=50)
     await stop(daemon, task)

@@ -91,7 +91,9 @@ class InspectDaemon:
             self.backbone = await asyncio.to_thread(build_backbone, cfg)
         self.metrics.set_model_info(self.backbone.describe())
         limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
-        self.engine = ScoringEngine(self.backbone, cfg.decode.threads, limits)
+        decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (
+            0 if self.backbone.device.type == "cpu" else 2)
+        self.engine = ScoringEngine(self.backbone, decode_threads, limits)
         self.registry = ProductRegistry(self.backbone, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed)
         if cfg.sources.redis or cfg.sinks.redis:

@@ -108,7 +108,8 @@ class BatcherConfig:
 class DecodeConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
-    threads: int = 2
+    threads: int = -1  # -1 = auto: 0 on CPU (decode on the engine thread: torch already uses every core),
+    #                    2 on GPU (decode the next batch while the GPU runs this one)
 
 
 @dataclass

@@ -38,7 +38,10 @@ class ScoringEngine:
         self.backbone = backbone
         self.limits = limits or DecodeLimits()
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inspectd-engine-{backbone.device}")
-        self._decode = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="inspectd-decode")
+        # decode_threads = 0: decode on the engine thread, in turn with the forwards (no overlap, no contention:
+        # better when torch already uses every core)
+        self._decode = self._engine if decode_threads == 0 else ThreadPoolExecutor(
+            max_workers=decode_threads, thread_name_prefix="inspectd-decode")
 
     def _prepare_one(self, frame: Frame) -> PreparedFrame | DeadLetter:
         started = time.perf_counter()
