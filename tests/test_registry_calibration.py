@@ -138,3 +138,11 @@ async def test_calibrated_threshold_on_hazelnut_colour(tmp_path, tiny_backbone, 
           f"({defect_rate:.0%}); goods flagged {sum(good_flags)}/{len(good_flags)}")
     assert not all(good_flags), "the threshold flags every good image"
     assert defect_rate >= DEFECT_RATE_FLOOR
+
+
+async def test_bad_mask_policy_is_rejected_at_build(tiny_backbone) -> None:
+    registry = ProductRegistry(tiny_backbone, RegistryConfig())
+    with pytest.raises(BuildError, match="mask policy"):
+        await registry.put(ProductConfig(id="m", shots=0, mask="fulll"))
+    entry = await registry.put(ProductConfig(id="m", shots=0, mask="downscaled:64"))
+    assert entry.mask_policy.mode == "downscaled" and entry.mask_policy.max_side == 64

@@ -151,7 +151,7 @@ class InspectDaemon:
 
     def _mask_policy(self, product: str) -> MaskPolicy | None:
         entry = self.registry.get(product) if self.registry else None
-        return MaskPolicy.parse(entry.config.mask) if entry else None
+        return entry.mask_policy if entry else None
 
     async def _open_sources(self) -> None:
         cfg = self.config
@@ -393,13 +393,11 @@ class InspectDaemon:
         task.add_done_callback(self._side_tasks.discard)
 
     def _map_size(self, entry: ProductEntry, size: tuple[int, int]) -> tuple[int, int] | None:
-        policy = MaskPolicy.parse(entry.config.mask)
-        return map_size_for(policy.mode, policy.max_side, size)
+        return map_size_for(entry.mask_policy.mode, entry.mask_policy.max_side, size)
 
     def _result(self, frame: Frame, entry: ProductEntry, output: Any, timings: dict[str, float]) -> Result:
         verdict = VERDICT_NG if output.score >= entry.threshold else VERDICT_OK
-        mask_mode = MaskPolicy.parse(entry.config.mask).mode
-        has_mask = output.map is not None and mask_mode != "none"
+        has_mask = output.map is not None and entry.mask_policy.mode != "none"
         note = "" if has_mask else ("mask output disabled for this product" if output.map is not None
                                     else f"detector {entry.config.detector!r} produces no anomaly map")
         return Result(product=frame.product, line=frame.line, frame_id=frame.frame_id, captured_at=frame.captured_at,

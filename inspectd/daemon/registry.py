@@ -26,6 +26,7 @@ from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
 from inspectd.detectors.pipeline import ScoreItem, run
 from inspectd.streams.codec import decode_image_bytes
+from inspectd.streams.records import MaskPolicy
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ProductEntry:
     fingerprint: str
     built_at: float
     calibration: dict
+    mask_policy: MaskPolicy  # parsed from config.mask once, at build time
 
     @property
     def id(self) -> str:
@@ -322,6 +324,7 @@ class ProductRegistry:
         started = time.perf_counter()
         try:
             detector = create_detector(config.detector, self.backbone, config.options)
+            mask_policy = MaskPolicy.parse(config.mask)
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
         files = reference_files(config.references, config.shots)
@@ -343,7 +346,7 @@ class ProductRegistry:
         self._versions[config.id] = version
         log.info("product %s: built in %.2fs", config.id, time.perf_counter() - started)
         return ProductEntry(config, detector, state.to(self.backbone.device), version, threshold, fingerprint,
-                            time.time(), dict(state.meta.get("calibration", {})))
+                            time.time(), dict(state.meta.get("calibration", {})), mask_policy)
 
     def _cache_path(self, product_id: str, fingerprint: str) -> Path | None:
         if self.cache_dir is None:
