@@ -19,9 +19,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--arch", default="ViT-B-16-plus-240")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "onednn", "torch"])
     args = parser.parse_args()
 
-    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained="random", demo=True, device=args.device))
+    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained="random", demo=True, device=args.device,
+                                      cpu_kernels=args.kernels))
     device = str(backbone.device)
     v = backbone.visual
     grid, patch, width, layers, embed = backbone.grid[0], backbone.patch_size, backbone.width, \
@@ -33,7 +35,9 @@ def main() -> None:
             torch.cuda.synchronize()
 
     peak = fp32_flop_bound(width, device, backbone.dtype)
-    print(f"device {device} dtype {backbone.dtype}  measured GEMM bound: {peak:.1f} GFLOP/s")
+    cls_only_last = backbone.fused_blocks is not None
+    print(f"device {device} dtype {backbone.dtype} kernels {backbone.describe()['kernels']}  "
+          f"measured GEMM bound: {peak:.1f} GFLOP/s")
     if device == "cpu":
         bf16 = matmul_gflops(torch.bfloat16, n=512)
         fp32_small = matmul_gflops(torch.float32, n=512)
@@ -45,11 +49,12 @@ def main() -> None:
     rows.append(("full forward (CLS)", full, vit_forward_flops(grid, patch, width, layers, embed)))
     for k in (2, 3):
         wt = best_time(lambda k=k: (backbone.forward(pixels, FeatureRequest(windows=frozenset({k}))), sync())) - full
-        rows.append((f"window pass {k}x{k} (token dropping)", wt, window_pass_flops(grid, k, width, layers, embed)))
+        rows.append((f"window pass {k}x{k} (token dropping)", wt, window_pass_flops(grid, k, width, layers, embed,
+                                                                                      cls_only_last)))
     both = best_time(lambda: (backbone.forward(pixels, FeatureRequest(windows=frozenset({2, 3}),
                                                                      patch_tokens=True)), sync()))
     flops_all = vit_forward_flops(grid, patch, width, layers, embed) + sum(
-        window_pass_flops(grid, k, width, layers, embed) for k in (2, 3))
+        window_pass_flops(grid, k, width, layers, embed, cls_only_last) for k in (2, 3))
     rows.append(("full + 2x2 + 3x3 windows", both, flops_all))
 
     print(f"\n{args.arch} @ {backbone.image_size}px, batch {args.batch}")

@@ -24,24 +24,40 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str
     return gemm_gflops(n, n, n, dtype, device)
 
 
-def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                kernel: str = "blas") -> float:
+    """Best-of-5 rate of one [m, k] x [k, n] product: torch.mm (MKL/cuBLAS) or, on CPU, oneDNN's linear
+    with its weight prepacked (the kernel inspectd's fused blocks use)."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
+    if kernel == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
 
-    def step() -> None:
-        torch.mm(a, b)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        def step() -> None:
+            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    else:
+        def step() -> None:
+            torch.mm(a, b)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
 
     seconds = best_time(step, repeats=5)
     return 2 * m * k * n / seconds / 1e9
 
 
+def gemm_kernels(device: str) -> list[str]:
+    from inspectd.detectors import fused
+
+    return ["blas", "onednn"] if device == "cpu" and fused.available() else ["blas"]
+
+
 def fp32_flop_bound(width: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """The machine's fp32 FLOP bound: the best measured rate over square GEMMs and the ViT's own GEMM
-    shapes (tokens x width x 3*width, tokens x width x 4*width), in GFLOP/s."""
-    shapes = [(2048, 2048, 2048), (4096, width, 3 * width), (4096, width, 4 * width), (4096, 4 * width, width)]
-    return max(gemm_gflops(m, k, n, dtype, device) for m, k, n in shapes)
+    """The machine's dense FLOP bound for ``dtype``: the best measured rate over every GEMM kernel torch
+    offers here (MKL and prepacked oneDNN on CPU), square 2048^3 and the ViT's own GEMM shapes (qkv,
+    MLP up, MLP down at 2048 and 4096 token rows), in GFLOP/s."""
+    shapes = [(2048, 2048, 2048)]
+    shapes += [(m, k, n) for m in (2048, 4096) for k, n in ((width, 3 * width), (width, 4 * width), (4 * width, width))]
+    return max(gemm_gflops(m, k, n, dtype, device, kernel) for m, k, n in shapes for kernel in gemm_kernels(device))
 
 
 def transformer_flops(tokens: int, sequences: int, width: int, layers: int, mlp_ratio: float = 4.0) -> float:
@@ -57,6 +73,14 @@ def vit_forward_flops(grid: int, patch: int, width: int, layers: int, embed: int
     return patch_embed + transformer_flops(tokens, 1, width, layers) + 2 * width * embed
 
 
-def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int) -> float:
+def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cls_only_last: bool = False) -> float:
+    """FLOPs the window pass executes. With ``cls_only_last`` (the fused blocks) the last block computes
+    keys/values for all tokens but query, attention output, out-projection and MLP for the CLS token
+    only, so those skipped FLOPs are not counted."""
     windows = (grid - k + 1) ** 2
-    return transformer_flops(1 + k * k, windows, width, layers) + windows * 2 * width * embed
+    tokens = 1 + k * k
+    head = windows * 2 * width * embed
+    if not cls_only_last:
+        return transformer_flops(tokens, windows, width, layers) + head
+    last = windows * (tokens * 4 * width * width + (2 + 2 + 16) * width * width + 4 * tokens * width)
+    return transformer_flops(tokens, windows, width, layers - 1) + last + head

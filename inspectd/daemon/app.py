@@ -50,7 +50,8 @@ def build_backbone(config: DaemonConfig) -> ClipBackbone:
     m = config.model
     return ClipBackbone(ModelSpec(arch=m.arch, pretrained=m.pretrained, device=m.device, precision=m.precision,
                                   quick_gelu=m.quick_gelu, threads=m.threads, cache_dir=m.cache_dir,
-                                  demo=config.demo, window_chunk_tokens=m.window_chunk_tokens))
+                                  demo=config.demo, window_chunk_tokens=m.window_chunk_tokens,
+                                  cpu_kernels=m.cpu_kernels))
 
 
 class InspectDaemon:

@@ -34,9 +34,11 @@ class ModelConfig:
     threads: int = 0
     cache_dir: str | None = None
     window_chunk_tokens: int = 0  # 0 = auto: 2048 on CPU (cache-sized), large on GPU
+    cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch
 
     def __post_init__(self) -> None:
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        _choice("model.cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"))
         _choice("model.quick_gelu", self.quick_gelu, ("auto", "true", "false"))
 
 

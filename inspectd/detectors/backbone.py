@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from inspectd.detectors import fused
 from inspectd.detectors import weights as weights_mod
 from inspectd.detectors.preprocess import Preprocessor
 
@@ -42,6 +43,7 @@ class ModelSpec:
     cache_dir: str | None = None
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
     window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
+    cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
 
     @property
     def model_id(self) -> str:
@@ -220,6 +222,36 @@ class ClipBackbone:
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.preprocessor = Preprocessor(self.image_size)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.fused_blocks = self._build_fused_blocks()
+
+    def _build_fused_blocks(self) -> fused.FusedBlocks | None:
+        """oneDNN blocks for the image tower on CPU (see fused.py), or None for open_clip's forward."""
+        choice = self.spec.cpu_kernels
+        if choice not in ("auto", "onednn", "torch"):
+            raise ValueError(f"cpu_kernels must be auto, onednn or torch, not {choice!r}")
+        if choice == "torch" or self.device.type != "cpu":
+            return None
+        reason = fused.support(self.visual.transformer, self.dtype)
+        if reason:
+            if choice == "onednn":
+                raise ValueError(f"cpu_kernels=onednn: {self.spec.arch} cannot run fused: {reason}")
+            log.info("image tower runs open_clip's blocks: %s", reason)
+            return None
+        return fused.FusedBlocks(self.visual.transformer, rows_hint=self._chunk_tokens())
+
+    def _chunk_tokens(self) -> int:
+        return self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_blocks is not None:
+            return self.fused_blocks.block(i, x)
+        return self.visual.transformer.resblocks[i](x)
+
+    def _window_cls(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The tower's CLS output [S, W] for a batch of window sequences [S, 1 + k*k, W]."""
+        if self.fused_blocks is not None:
+            return self.fused_blocks.cls_output(sequences)
+        return self.visual.transformer(sequences)[:, 0]
 
     @property
     def model_id(self) -> str:
@@ -289,8 +321,8 @@ class ClipBackbone:
         n = tokens.shape[0]
         x = tokens
         taps: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.visual.transformer.resblocks):
-            x = block(x)
+        for i in range(len(self.visual.transformer.resblocks)):
+            x = self._block(i, x)
             if i in request.blocks:
                 taps[i] = x[:, 1:].float()
         last = self.visual.ln_post(x)
@@ -317,12 +349,10 @@ class ClipBackbone:
         patches = tokens[:, 1:][:, idx]  # [N, U, k*k, W]
         cls = tokens[:, :1, None, :].expand(n, n_windows, 1, width)
         sequences = torch.cat([cls, patches], dim=2).reshape(n * n_windows, 1 + k * k, width)
-        chunk_tokens = self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
-        per_chunk = max(1, chunk_tokens // (1 + k * k))
+        per_chunk = max(1, self._chunk_tokens() // (1 + k * k))
         outputs = []
         for start in range(0, sequences.shape[0], per_chunk):
-            x = self.visual.transformer(sequences[start:start + per_chunk])
-            outputs.append(self._project(x[:, 0]).float())
+            outputs.append(self._project(self._window_cls(sequences[start:start + per_chunk])).float())
         return torch.cat(outputs)
 
     def describe(self) -> dict[str, str]:
@@ -331,5 +361,6 @@ class ClipBackbone:
             "pretrained": self.spec.pretrained,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "kernels": "onednn" if self.fused_blocks is not None else "torch",
             "demo_weights": str(self.demo_weights).lower(),
         }

@@ -1,0 +1,187 @@
+"""CPU inference kernels for the image tower's residual blocks: oneDNN prepacked linears.
+
+open_clip's `ResidualAttentionBlock` on CPU calls MKL's GEMM with the weights in their training
+layout and runs GELU, residual adds and the attention's head shuffles as separate passes over
+memory. On CPUs with AVX-512 (and on AMD, where MKL does not pick its fastest path) oneDNN with
+weights reordered once into its blocked layout is 10-20 % faster per GEMM, and it fuses the
+activation and the residual add into the GEMM's epilogue (bench/winclip.py measures both).
+`FusedBlocks` runs the same maths with those kernels, inference only, and
+`FusedBlocks.cls_output` runs the last block for the CLS token alone (what the window pass needs).
+
+Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
+self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+QUICK_GELU_ALPHA = 1.702  # open_clip's QuickGELU: x * sigmoid(1.702 x)
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
+    """None when every block can run fused, else the reason it cannot."""
+    if not available():
+        return "this torch build has no oneDNN linear kernels"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {dtype} (oneDNN blocks run fp32 or bf16)"
+    for i, block in enumerate(getattr(transformer, "resblocks", [])):
+        reason = _block_support(block)
+        if reason:
+            return f"block {i}: {reason}"
+    return None if len(getattr(transformer, "resblocks", [])) else "no resblocks"
+
+
+def _block_support(block: torch.nn.Module) -> str | None:
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, torch.nn.MultiheadAttention):
+        return f"{type(block).__name__} has no nn.MultiheadAttention"
+    if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None:
+        return "attention is not plain batch-first self-attention"
+    if hasattr(block, "ln_1_kv") or hasattr(block, "ln_attn"):
+        return "cross-attention or scaled-attention block"
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or list(getattr(mlp, "_modules", {})) != ["c_fc", "gelu", "c_proj"]:
+        return "MLP is not c_fc -> activation -> c_proj"
+    if _activation(mlp.gelu) is None:
+        return f"activation {type(mlp.gelu).__name__}"
+    for name in ("ls_1", "ls_2"):
+        scale = getattr(block, name, None)
+        if not isinstance(scale, torch.nn.Identity) and not hasattr(scale, "gamma"):
+            return f"{name} is {type(scale).__name__}"
+    return None
+
+
+def _activation(module: torch.nn.Module) -> str | None:
+    if isinstance(module, torch.nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if type(module).__name__ == "QuickGELU":
+        return "quick_gelu"
+    return None
+
+
+@dataclass
+class _Linear:
+    """A linear layer with its weight reordered for oneDNN; `post` is fused into the GEMM."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> _Linear:
+        return cls(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint),
+                   None if bias is None else bias.detach().contiguous())
+
+    def __call__(self, x: torch.Tensor, post: str = "none", algorithm: str = "") -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, post, [], algorithm)
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + linear(x), the add done in the GEMM's epilogue."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+
+
+class _Block:
+    """One residual block: x + ls1 * attn(ln1(x)); x + ls2 * mlp(ln2(x)), on 2-D token rows."""
+
+    def __init__(self, block: torch.nn.Module, rows_hint: int, split_qkv: bool = False) -> None:
+        attn: torch.nn.MultiheadAttention = block.attn
+        width = attn.embed_dim
+        self.heads = attn.num_heads
+        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        in_w, in_b = attn.in_proj_weight.detach(), attn.in_proj_bias
+        self.qkv = _Linear.pack(in_w, in_b, rows_hint)
+        if split_qkv:  # for cls_output: the query of token 0 only, keys and values of all tokens
+            self.q = _Linear.pack(in_w[:width], None if in_b is None else in_b[:width], rows_hint)
+            self.kv = _Linear.pack(in_w[width:], None if in_b is None else in_b[width:], rows_hint)
+        out_w, out_b = _scaled(attn.out_proj.weight, attn.out_proj.bias, block.ls_1)
+        self.out = _Linear.pack(out_w, out_b, rows_hint)
+        fc_w, fc_b = block.mlp.c_fc.weight.detach(), block.mlp.c_fc.bias
+        proj_w, proj_b = _scaled(block.mlp.c_proj.weight, block.mlp.c_proj.bias, block.ls_2)
+        kind = _activation(block.mlp.gelu)
+        if kind == "quick_gelu":
+            # x*sigmoid(a x) = swish(a x) / a: scale c_fc by a (oneDNN's swish has a fixed slope of 1)
+            # and fold the 1/a into c_proj's weights.
+            fc_w = fc_w * QUICK_GELU_ALPHA
+            fc_b = None if fc_b is None else fc_b.detach() * QUICK_GELU_ALPHA
+            proj_w = proj_w / QUICK_GELU_ALPHA
+            self.post, self.algorithm = "swish", ""
+        else:
+            self.post, self.algorithm = "gelu", "tanh" if kind == "gelu_tanh" else "none"
+        self.fc = _Linear.pack(fc_w, fc_b, rows_hint)
+        self.proj = _Linear.pack(proj_w, proj_b, rows_hint)
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(self.ln_2(x), self.post, self.algorithm)
+        return self.proj.add_to(hidden, x)
+
+    def __call__(self, x: torch.Tensor, sequences: int) -> torch.Tensor:
+        rows, width = x.shape
+        length, head_dim = rows // sequences, width // self.heads
+        qkv = self.qkv(self.ln_1(x)).view(sequences, length, 3, self.heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, d] each, strided views
+        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = attended.transpose(1, 2).reshape(rows, width)
+        return self._mlp_residual(self.out.add_to(attended, x))
+
+    def cls_output(self, x: torch.Tensor, sequences: int) -> torch.Tensor:
+        """The block's output for token 0 of each sequence only: [S, W] (keys/values from all tokens)."""
+        rows, width = x.shape
+        length, head_dim = rows // sequences, width // self.heads
+        normed = self.ln_1(x)
+        cls_rows = x.view(sequences, length, width)[:, 0]
+        q = self.q(normed.view(sequences, length, width)[:, 0].contiguous()).view(sequences, self.heads, head_dim)
+        k, v = self.kv(normed).view(sequences, length, 2, self.heads, head_dim).unbind(2)  # [S, L, H, d]
+        weights = torch.einsum("shd,slhd->shl", q, k).mul_(1.0 / math.sqrt(head_dim)).softmax(dim=-1)
+        attended = torch.einsum("shl,slhd->shd", weights, v).reshape(sequences, width)
+        return self._mlp_residual(self.out.add_to(attended, cls_rows.contiguous()))
+
+
+def _scaled(weight: torch.Tensor, bias: torch.Tensor | None,
+            layer_scale: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold a LayerScale (gamma * (W x + b)) into the linear layer before it."""
+    weight = weight.detach()
+    gamma = getattr(layer_scale, "gamma", None)
+    if gamma is None:
+        return weight, bias
+    gamma = gamma.detach()
+    return weight * gamma[:, None], None if bias is None else bias.detach() * gamma
+
+
+class FusedBlocks:
+    """The tower's residual blocks with prepacked weights; call on [S, L, W] like the transformer."""
+
+    def __init__(self, transformer: torch.nn.Module, rows_hint: int = 2048) -> None:
+        last = len(transformer.resblocks) - 1
+        self.blocks = [_Block(block, rows_hint, split_qkv=i == last) for i, block in enumerate(transformer.resblocks)]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` on [S, L, W]."""
+        sequences, length, width = x.shape
+        return self.blocks[i](x.reshape(sequences * length, width), sequences).view(sequences, length, width)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sequences, length, width = x.shape
+        rows = x.reshape(sequences * length, width)
+        for block in self.blocks:
+            rows = block(rows, sequences)
+        return rows.view(sequences, length, width)
+
+    def cls_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last block for token 0 only: [S, W]; the last block skips the other tokens'
+        query, attention output and MLP, which nothing reads."""
+        sequences, length, width = x.shape
+        rows = x.reshape(sequences * length, width)
+        for block in self.blocks[:-1]:
+            rows = block(rows, sequences)
+        return self.blocks[-1].cls_output(rows, sequences)

@@ -1,0 +1,90 @@
+"""oneDNN fused blocks: the same maths as open_clip's residual blocks, and a clear fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from open_clip.transformer import QuickGELU, Transformer
+
+from inspectd.detectors import fused
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, ModelSpec
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="torch built without oneDNN")
+
+
+def random_transformer(seed: int, **kwargs: object) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(width=64, layers=3, heads=4, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial LayerNorm affine, biases and layer scales
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+VARIANTS = {
+    "gelu": {},
+    "gelu_tanh": {"act_layer": lambda: torch.nn.GELU(approximate="tanh")},
+    "quick_gelu": {"act_layer": QuickGELU},
+    "layer_scale": {"ls_init_value": 0.5},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("length", [5, 10, 26])
+def test_fused_blocks_equal_open_clip(variant: str, length: int) -> None:
+    model = random_transformer(1, **VARIANTS[variant])
+    assert fused.support(model, torch.float32) is None
+    blocks = fused.FusedBlocks(model, rows_hint=64)
+    x = torch.randn(7, length, 64)
+    with torch.inference_mode():
+        reference = model(x)
+        torch.testing.assert_close(blocks(x), reference, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(blocks.cls_output(x), reference[:, 0], atol=2e-5, rtol=2e-5)
+        y = x
+        for i, block in enumerate(model.resblocks):  # block by block, as the feature taps use them
+            expected = block(y)
+            torch.testing.assert_close(blocks.block(i, y), expected, atol=2e-5, rtol=2e-5)
+            y = expected
+
+
+def test_fused_blocks_bf16_close_to_fp32() -> None:
+    model = random_transformer(2)
+    x = torch.randn(5, 10, 64)
+    with torch.inference_mode():
+        reference = model(x)
+        fast = fused.FusedBlocks(model.to(torch.bfloat16), rows_hint=64)(x.to(torch.bfloat16)).float()
+    assert (fast - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_unsupported_blocks_say_why() -> None:
+    assert "block 0" in (fused.support(random_transformer(0, scale_fc=True), torch.float32) or "")
+    assert "dtype" in (fused.support(random_transformer(0), torch.float16) or "")
+
+
+def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint: Path) -> None:
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))
+    plain = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                   cpu_kernels="torch"))
+    assert fast.describe()["kernels"] == "onednn" and plain.describe()["kernels"] == "torch"
+    pixels = torch.randn(2, 3, 240, 240)
+    request = FeatureRequest(blocks=frozenset({0, 1}), patch_tokens=True, patch_embeddings=True,
+                             windows=frozenset({2, 3}))
+    a, b = fast.forward(pixels, request), plain.forward(pixels, request)
+    torch.testing.assert_close(a.image_embeddings, b.image_embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.patch_tokens, b.patch_tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.patch_embeddings, b.patch_embeddings, atol=1e-5, rtol=1e-5)
+    for i in (0, 1):
+        torch.testing.assert_close(a.blocks[i], b.blocks[i], atol=1e-5, rtol=1e-5)
+    for k in (2, 3):
+        torch.testing.assert_close(a.windows[k], b.windows[k], atol=1e-5, rtol=1e-5)
+
+
+def test_required_onednn_on_an_unsupported_tower_is_a_clear_error(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="cpu_kernels=onednn.*dtype"):
+        ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                               precision="fp16", cpu_kernels="onednn"))
+    with pytest.raises(ValueError, match="cpu_kernels must be"):
+        ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                               cpu_kernels="fast"))
