@@ -75,6 +75,20 @@ def test_jpeg_round_trip_is_close() -> None:
     assert np.abs(out.astype(int) - arr.astype(int)).max() <= 4
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_exif_orientation_is_applied(fmt: str) -> None:
+    """A phone-style upload stored landscape with "rotate 90 CW to view" (orientation 6) decodes upright."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :10] = (250, 250, 250)  # bright band at the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image_bytes(_encoded(stored, fmt, exif=exif.tobytes()))
+    assert out.shape == (40, 20, 3)  # portrait, as viewers show it
+    assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the left band is now at the top
+    plain = decode_image_bytes(_encoded(stored, fmt))
+    assert plain.shape == (20, 40, 3)
+
+
 def test_rgba_palette_and_16bit_become_rgb8() -> None:
     rgba = np.dstack([_rgb(), np.full((24, 32), 7, np.uint8)])
     np.testing.assert_array_equal(decode_image_bytes(_encoded(rgba, "PNG")), rgba[:, :, :3])

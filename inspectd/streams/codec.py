@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from inspectd.streams.schema import Frame, FrameError
 
@@ -71,11 +71,22 @@ def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.nd
             raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
         try:
             img.load()
-            return _pil_to_rgb8(img)
+            return _pil_to_rgb8(_upright(img))
         except Image.DecompressionBombError as exc:
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors
             raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied,
+    so masks line up with what people look at; images without the tag are returned untouched."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def is_raw_shape(shape: tuple[int, ...]) -> bool:
