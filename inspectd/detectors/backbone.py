@@ -126,7 +126,8 @@ def select_device(name: str) -> torch.device:
 
 def select_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
-        # bf16 on this kind of CPU is hundreds of times slower than fp32 (bench/backbone.py).
+        # fp32 on CPU so scores match the fp32/GPU reference to 1e-5; bf16 is faster on CPUs with
+        # bf16 units but shifts scores (bench/RESULTS.md), so it is opt-in.
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
