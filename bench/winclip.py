@@ -14,7 +14,6 @@ FLOPs are those the pass executes (bench/common.py).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,17 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     bounds: list[float] = []  # measured before the first setting and after every setting
-
-    def measure_bound(backbone: ClipBackbone) -> float:
-        bounds.append(fp32_flop_bound(backbone.width, str(backbone.device), backbone.dtype))
-        return bounds[-1]
-
     for kernels in args.kernels:
         backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained="random", demo=True, device=args.device,
                                           cpu_kernels=kernels))
         if not bounds:
-            measure_bound(backbone)
-        results += time_settings(args, backbone, kernels, bounds, measure_bound)
+            bounds.append(measure_bound(backbone))
+        results += time_settings(args, backbone, kernels, bounds)
     peak = max(bounds)
     print(f"{args.arch} @ {backbone.image_size}px ({args.size}px frames resized) on {backbone.device} "
           f"({backbone.dtype}), batch {args.batch}; GEMM bound measured {len(bounds)} times in this run: "
@@ -62,11 +56,15 @@ def main() -> None:
               f"{achieved:8.1f} {local_bound:11.1f} {achieved / local_bound:6.2f} {achieved / peak:17.2f}")
 
 
-def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str,
-                  bounds: list[float], measure_bound: Callable[[ClipBackbone], float]) -> list[Row]:
+def measure_bound(backbone: ClipBackbone) -> float:
+    return fp32_flop_bound(backbone.width, str(backbone.device), backbone.dtype)
+
+
+def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str, bounds: list[float]) -> list[Row]:
     """(kernels, setting, images/s, FLOPs per image, GEMM bound around it) for zero-shot and each k-shot
-    setting; the bound is measured after each setting, and a setting's bound is the higher of the one
-    before and the one after it, so slow drift in what this VM's neighbours leave is matched in time."""
+    setting. The bound is measured after each setting (appended to ``bounds``); a setting's bound is the
+    higher of the one before and the one after it, so slow drift in what this VM's neighbours leave is
+    matched in time."""
     device = str(backbone.device)
     label = f"{kernels}:{backbone.describe()['kernels']}" if kernels == "auto" else kernels
     detector = create_detector("winclip", backbone)
@@ -99,7 +97,7 @@ def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str
     for name, state, shots in states:
         before = bounds[-1]
         seconds = best_time(lambda state=state: batch(state), repeats=3)
-        after = measure_bound(backbone)
+        bounds.append(after := measure_bound(backbone))
         rows.append((label, name, args.batch / seconds, flops + association_flops(shots), max(before, after)))
     return rows
 
