@@ -71,22 +71,14 @@ def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.nd
             raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
         try:
             img.load()
-            return _pil_to_rgb8(_upright(img))
+            # a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied so masks line up with
+            # what viewers show; a no-op without the tag
+            ImageOps.exif_transpose(img, in_place=True)
+            return _pil_to_rgb8(img)
         except Image.DecompressionBombError as exc:
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors
             raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
-
-
-EXIF_ORIENTATION = 0x0112
-
-
-def _upright(img: Image.Image) -> Image.Image:
-    """The image as viewers show it: a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied,
-    so masks line up with what people look at; images without the tag are returned untouched."""
-    if img.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
-        return img
-    return ImageOps.exif_transpose(img)
 
 
 def is_raw_shape(shape: tuple[int, ...]) -> bool:
