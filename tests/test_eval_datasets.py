@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inspectd.detectors.evaluation.datasets import (
+from inspectd.detectors.data.datasets import (
     detect_layout,
     load_image,
     load_mask,

@@ -40,8 +40,8 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.data.datasets import open_dataset
     from inspectd.detectors.evaluation import runner, tables
-    from inspectd.detectors.evaluation.datasets import open_dataset
     from inspectd.detectors.tiny import register_tiny_arch
 
     register_tiny_arch()

@@ -22,7 +22,7 @@ import yaml
 from aiohttp import BodyPartReader, web
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
-from inspectd.daemon.http import DAEMON_KEY, admin_token, is_loopback
+from inspectd.daemon.http_common import DAEMON_KEY, admin_token, is_loopback
 from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, ProductRegistry
 
 if TYPE_CHECKING:

@@ -5,35 +5,19 @@ Binds to 127.0.0.1 by default; bound anywhere else it refuses to start without a
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from inspectd.daemon.admin import add_admin_routes
+from inspectd.daemon.http_common import DAEMON_KEY, admin_token, is_loopback
 from inspectd.daemon.metrics import metrics_handler
 
 if TYPE_CHECKING:
     from inspectd.daemon.app import InspectDaemon
 
 log = logging.getLogger(__name__)
-
-DAEMON_KEY: web.AppKey = web.AppKey("daemon", object)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def admin_token(daemon: InspectDaemon) -> str | None:
-    return daemon.config.http.token or os.environ.get("INSPECTD_ADMIN_TOKEN") or None
-
 
 async def healthz(request: web.Request) -> web.Response:
     daemon: InspectDaemon = request.app[DAEMON_KEY]
@@ -60,12 +44,7 @@ def build_app(daemon: InspectDaemon) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(daemon.metrics))
-    try:
-        from inspectd.daemon.admin import add_admin_routes
-    except ImportError:
-        pass
-    else:
-        add_admin_routes(app, daemon)
+    add_admin_routes(app, daemon)
     return app
 
 

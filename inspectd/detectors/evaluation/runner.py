@@ -19,8 +19,8 @@ from PIL import Image
 
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
+from inspectd.detectors.data.datasets import Category, Sample, load_image, load_mask, sample_references
 from inspectd.detectors.evaluation.cache import ScoreCache
-from inspectd.detectors.evaluation.datasets import Category, Sample, load_image, load_mask, sample_references
 from inspectd.detectors.evaluation.metrics import CategoryEvaluator
 from inspectd.detectors.evaluation.tables import ResultTable, summarize
 from inspectd.detectors.pipeline import ScoreItem, run

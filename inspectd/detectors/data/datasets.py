@@ -1,5 +1,5 @@
-"""Dataset readers for offline evaluation (MVTec AD, VisA CSV and MVTec-like, meta.json, plain folders),
-image/mask loading (RGB uint8, bool masks) and deterministic k-shot reference sampling.
+"""Dataset readers shared by training and offline evaluation (MVTec AD, VisA CSV and MVTec-like, meta.json,
+plain folders), image/mask loading (RGB uint8, bool masks) and deterministic k-shot reference sampling.
 """
 
 from __future__ import annotations

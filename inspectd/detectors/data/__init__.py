@@ -1,0 +1,1 @@
+"""Dataset readers shared by training and evaluation (MVTec AD, VisA, meta.json, plain folders)."""
