@@ -60,7 +60,7 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     for i in range(0, len(payloads), batch):
         prepared = [daemon.backbone.preprocessor(np.asarray(Image.open(io.BytesIO(p)).convert("RGB")))
                     for p in payloads[i:i + batch]]
-        run(daemon.backbone, [ScoreItem(entry.detector, entry.state, tiles=t, layout=lay, map_size=(1, 1))
+        run([ScoreItem(entry.detector, entry.state, tiles=t, layout=lay, map_size=(1, 1))
                               for t, lay in prepared])
     return len(payloads) / (time.perf_counter() - started)
 

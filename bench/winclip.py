@@ -76,7 +76,7 @@ def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str
     tiles = [backbone.preprocessor(f) for f in frames]
 
     def batch(state) -> None:  # noqa: ANN001
-        run(backbone, [ScoreItem(detector, state, tiles=t, layout=layout, map_size=(args.size, args.size))
+        run([ScoreItem(detector, state, tiles=t, layout=layout, map_size=(args.size, args.size))
                        for t, layout in tiles])
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""Score cache: round trip as float16 npz without pickle, keyed by everything a score depends on."""
+"""Score cache: exact float32 round trip as npz without pickle, keyed by everything a score depends on."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _key(cache: ScoreCache, image: Path, **over):
     return cache.key(**args)
 
 
-def test_round_trip_and_float16_storage(tmp_path: Path) -> None:
+def test_round_trip_is_exact_float32_storage(tmp_path: Path) -> None:
     image = tmp_path / "000.png"
     image.write_bytes(b"not really a png")
     cache = ScoreCache(tmp_path / "cache")
@@ -31,15 +31,15 @@ def test_round_trip_and_float16_storage(tmp_path: Path) -> None:
     assert key in cache and len(cache) == 1
     score, got = cache.get(key)
     assert score == 0.8125 and got.dtype == np.float32 and got.shape == (240, 240)
-    assert np.abs(got - m).max() < 1e-3 and not np.array_equal(got, m)  # float16 precision
+    assert np.array_equal(got, m)  # exact: cached metrics equal a fresh run's
     (path,) = (tmp_path / "cache").glob("*/*.npz")
     with zipfile.ZipFile(path) as z:
-        assert sorted(z.namelist()) == ["key.npy", "map.npy", "score.npy"]
+        assert sorted(z.namelist()) == ["format.npy", "key.npy", "map.npy", "score.npy"]
     with np.load(path, allow_pickle=False) as data:  # loads without pickle
-        assert data["map"].dtype == np.float16
+        assert data["map"].dtype == np.float32
     cache.put(_key(cache, image, detector="randword"), 0.3)  # image-level only detector
     assert cache.get(_key(cache, image, detector="randword")) == (0.3, None)
-    big = np.full((2, 2), 1e6)  # beyond float16: kept as float32 instead of overflowing to inf
+    big = np.full((2, 2), 1e6)  # large values survive
     cache.put(_key(cache, image, seed=9), 1.0, big)
     assert cache.get(_key(cache, image, seed=9))[1][0, 0] == 1e6
 
@@ -71,3 +71,14 @@ def test_corrupt_entry_is_a_miss(tmp_path: Path) -> None:
     assert cache.get(key) is None
     with pytest.raises(ValueError):
         cache.put(key, 0.1, np.array([[np.nan]]))
+
+
+def test_entries_of_the_old_float16_format_are_misses(tmp_path: Path) -> None:
+    image = tmp_path / "000.png"
+    image.write_bytes(b"abc")
+    cache = ScoreCache(tmp_path / "cache")
+    key = _key(cache, image)
+    cache.put(key, 0.5, np.zeros((4, 4), np.float32))
+    (path,) = (tmp_path / "cache").glob("*/*.npz")
+    np.savez_compressed(path, key=np.array(key.as_json()), score=np.array(0.5), map=np.zeros((4, 4), np.float16))
+    assert cache.get(key) is None and cache.misses == 1

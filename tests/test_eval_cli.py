@@ -10,7 +10,8 @@ from inspectd.cli import main
 MVTEC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad"
 
 
-def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch,
+                                                     caplog) -> None:
     args = ["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", "bottle",
             "--detector", "winclip", "--shots", "0", "1", "--seeds", "2", "--weights", str(tiny_checkpoint),
             "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--eval-size", "128",
@@ -28,7 +29,23 @@ def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_
     assert rows[("bottle", "image_auroc")]["n_seeds"] == 2 and rows[("bottle", "image_auroc")]["std"] is not None
     assert rows[("mean", "image_auroc")]["paper"] == 93.1  # WinCLIP+ 1-shot MVTec mean, beside ours
     assert any("masks" in note for note in doc["notes"])
-    # a second run is served from the score cache: same numbers, no CLIP
+    # a second run is served from the score cache: same numbers, no image-tower forward at all
     first = (tmp_path / "out" / "winclip_1shot.csv").read_text()
+    from inspectd.detectors.backbone import ClipBackbone
+
+    forwards: list[int] = []
+    original = ClipBackbone.forward
+
+    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        forwards.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ClipBackbone, "forward", counting)
+    caplog.set_level("INFO", logger="inspectd.detectors.evaluation.runner")
     assert main(args) == 0
     assert (tmp_path / "out" / "winclip_1shot.csv").read_text() == first
+    assert forwards == []
+    n_test = sum(1 for _ in (MVTEC / "grid" / "test").rglob("*.png")) + sum(
+        1 for _ in (MVTEC / "bottle" / "test").rglob("*.png"))
+    hits = [r.getMessage() for r in caplog.records if "score cache:" in r.getMessage()]
+    assert hits == [f"score cache: {n_test * 3} hit(s), 0 miss(es)"]  # 0-shot once + 1-shot x 2 seeds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
@@ -161,25 +162,54 @@ def test_save_load_round_trip_and_metadata(bundle: FfnBundle, ffn_file: Path, ti
 
     with safe_open(str(ffn_file), framework="pt") as handle:
         meta = handle.metadata()
-    assert meta["format"] == "inspectd-randword-ffn" and meta["format_version"] == "1"
-    assert meta["arch"] == "inspectd-tiny" and meta["embed_dim"] == "64"
-    assert '"anomaly": "a damaged"' in meta["words"]
+    assert meta["format"] == "inspectd-artifact" and meta["kind"] == "learned" and meta["detector"] == "randword"
+    assert json.loads(meta["backbone"]) == tiny_backbone.identity
+    training = json.loads(meta["training"])
+    assert training["data"]["words"]["anomaly"] == "a damaged" and len(training["history"]) == bundle.train.epochs
+    assert json.loads(meta["config"])["ffn"]["embed_dim"] == 64
+
+
+def test_an_ffn_file_of_the_old_format_says_how_to_refit(tmp_path: Path, bundle: FfnBundle) -> None:
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old-ffn.safetensors"
+    save_file({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, str(old),
+              metadata={"format": "inspectd-randword-ffn", "format_version": "1"})
+    with pytest.raises(ValueError, match="inspectd fit randword") as err:
+        load_ffn(old)
+    assert "inspectd-randword-ffn" in str(err.value)
+
+
+def test_an_ffn_of_another_detector_version_names_both(tmp_path: Path, bundle: FfnBundle) -> None:
+    from inspectd.detectors.artifacts import ArtifactMismatch, save_artifact
+    from inspectd.detectors.training.randword_ffn import ffn_artifact
+
+    artifact = ffn_artifact(bundle, bundle.identity)
+    artifact.detector_version = 99
+    save_artifact(artifact, tmp_path / "future.safetensors")
+    with pytest.raises(ArtifactMismatch, match=r"version 99.*version 1"):
+        load_ffn(tmp_path / "future.safetensors")
+
+
+def _backbone_like(arch: str, pretrained: str, embed_dim: int) -> SimpleNamespace:
+    from inspectd.detectors.weights import pretrained_identity
+
+    return SimpleNamespace(spec=SimpleNamespace(arch=arch, pretrained=pretrained), model_id=f"{arch}/{pretrained}",
+                           embed_dim=embed_dim, identity={"arch": arch, "embed_dim": embed_dim,
+                                                          "weights": pretrained_identity(arch, pretrained)})
 
 
 def test_loading_under_another_backbone_names_both(ffn_file: Path, tiny_backbone: ClipBackbone) -> None:
-    other = SimpleNamespace(spec=SimpleNamespace(arch="ViT-B-16-plus-240", pretrained="laion400m_e31"),
-                            model_id="ViT-B-16-plus-240/laion400m_e31", embed_dim=640)
+    other = _backbone_like("ViT-B-16-plus-240", "laion400m_e31", 640)
     with pytest.raises(FfnBackboneMismatch) as err:
         load_ffn(ffn_file, other)
-    assert "ViT-B-16-plus-240/laion400m_e31" in str(err.value) and tiny_backbone.model_id in str(err.value)
-    same_arch = SimpleNamespace(spec=SimpleNamespace(arch="inspectd-tiny", pretrained="/elsewhere/other-ckpt"),
-                                model_id="inspectd-tiny//elsewhere/other-ckpt", embed_dim=64)
+    ours = f"inspectd-tiny/{Path(tiny_backbone.spec.pretrained).name}"
+    assert "ViT-B-16-plus-240/laion400m_e31" in str(err.value) and ours in str(err.value)
+    assert "inspectd fit randword --arch ViT-B-16-plus-240" in str(err.value)
     with pytest.raises(FfnBackboneMismatch):
-        load_ffn(ffn_file, same_arch)
-    moved = SimpleNamespace(spec=SimpleNamespace(arch="inspectd-tiny",
-                                                 pretrained=f"/moved/{Path(tiny_backbone.spec.pretrained).name}"),
-                            model_id="x", embed_dim=64)
-    load_ffn(ffn_file, moved)  # the same checkpoint folder at another path is the same model
+        load_ffn(ffn_file, _backbone_like("inspectd-tiny", "/elsewhere/other-ckpt", 64))
+    # the same checkpoint folder at another path is the same model
+    load_ffn(ffn_file, _backbone_like("inspectd-tiny", f"/moved/{Path(tiny_backbone.spec.pretrained).name}", 64))
 
 
 # ----------------------------------------------------------------------------- detector
@@ -199,26 +229,28 @@ def test_detector_zero_shot_end_to_end(tiny_backbone: ClipBackbone, bundle: FfnB
     assert detector.produces_masks is False
     state = detector.fit(ProductSpec("hazelnut", object_name="hazelnut"), [])
     assert state.meta["prompts"] == ["a photo of a object", "a photo of a damaged object"]
-    [out] = run(tiny_backbone, [ScoreItem(detector, state, image=image)])
+    [out] = run([ScoreItem(detector, state, image=image)])
     assert out.map is None
     _, s_p, s_ffn = _expected_zero_shot(tiny_backbone, bundle, image, state.meta["prompts"])
     assert out.score == pytest.approx(float((s_p + s_ffn).mean()), abs=1e-5)
 
     ours = create_detector("randword", tiny_backbone,
                            {"ffn": str(ffn_file), "use_prompt_score": False, "multi_crop": 0})
-    [only_ffn] = run(tiny_backbone, [ScoreItem(ours, ours.fit(ProductSpec("h"), []), image=image)])
+    [only_ffn] = run([ScoreItem(ours, ours.fit(ProductSpec("h"), []), image=image)])
     assert only_ffn.score == pytest.approx(float(s_ffn.mean()), abs=1e-5)
 
     known = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "known_object": True, "multi_crop": 0})
     assert known.fit(ProductSpec("h", object_name="hazelnut"), []).meta["prompts"][1] == "a photo of a damaged hazelnut"
 
-    # the state carries the FFN: it survives save/load and scores the same
+    # the state records its FFN: it survives save/load and scores the same under a fresh detector
     path = ffn_file.parent / "state.safetensors"
-    state.save(path)
-    from inspectd.detectors.base import ProductState
-
-    [again] = run(tiny_backbone, [ScoreItem(detector, ProductState.load(path), image=image)])
+    detector.save_state(state, path)
+    fresh = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "multi_crop": 0})
+    loaded, _ = fresh.load_state(path)
+    assert loaded.meta["ffn"]["sha256"] == fresh.ffn().content_hash
+    [again] = run([ScoreItem(fresh, loaded, image=image)])
     assert again.score == pytest.approx(out.score, abs=1e-6)
+    assert not any(k.startswith("ffn.") for k in loaded.tensors)  # the FFN lives in its artifact, not the state
 
 
 def test_detector_few_shot_adds_reference_distance(tiny_backbone: ClipBackbone, bundle: FfnBundle,
@@ -229,7 +261,7 @@ def test_detector_few_shot_adds_reference_distance(tiny_backbone: ClipBackbone, 
     state = detector.fit(ProductSpec("hazelnut"), refs)
     n_tiles = sum(tiny_backbone.preprocessor(r)[0].shape[0] for r in refs)  # every tile of every reference
     assert state.tensors["memory_image"].shape == (n_tiles, 64) and state.meta["shots"] == 2
-    [out, self_ref] = run(tiny_backbone, [ScoreItem(detector, state, image=test),
+    [out, self_ref] = run([ScoreItem(detector, state, image=test),
                                           ScoreItem(detector, state, image=refs[0])])
     e, s_p, s_ffn = _expected_zero_shot(tiny_backbone, bundle, test, state.meta["prompts"])
     memory = torch.nn.functional.normalize(
@@ -238,7 +270,7 @@ def test_detector_few_shot_adds_reference_distance(tiny_backbone: ClipBackbone, 
     s_img = (0.5 * (1 - e @ memory.T)).min(dim=1).values
     assert float(s_img.mean()) > 1e-6  # random towers embed all images nearly alike: small but > 0
     assert out.score == pytest.approx(float((s_p + s_ffn + s_img).mean()), abs=1e-5)
-    [zero] = run(tiny_backbone, [ScoreItem(detector, detector.fit(ProductSpec("hazelnut"), []), image=test)])
+    [zero] = run([ScoreItem(detector, detector.fit(ProductSpec("hazelnut"), []), image=test)])
     assert out.score - zero.score == pytest.approx(float(s_img.mean()), abs=2e-6)  # fp32 1 - cos
     _, s_p_ref, s_ffn_ref = _expected_zero_shot(tiny_backbone, bundle, refs[0], state.meta["prompts"])
     assert self_ref.score == pytest.approx(float((s_p_ref + s_ffn_ref).mean()), abs=1e-5)  # s_img = 0
@@ -251,7 +283,7 @@ def test_detector_errors_are_clear(tiny_backbone: ClipBackbone, ffn_file: Path) 
     prompt_only = create_detector("randword", tiny_backbone, {"use_ffn": False})
     state = prompt_only.fit(ProductSpec("p"), [])
     with pytest.raises(ValueError, match="no FFN"):
-        run(tiny_backbone, [ScoreItem(detector, state, image=load_rgb(HAZELNUT / "good" / "00.png"))])
+        run([ScoreItem(detector, state, image=load_rgb(HAZELNUT / "good" / "00.png"))])
     with pytest.raises(ValueError, match="both false"):
         create_detector("randword", tiny_backbone, {"use_ffn": False, "use_prompt_score": False})
     changed = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file)}).config_fingerprint()
@@ -294,7 +326,7 @@ def test_multi_crop_averages_the_full_view_and_its_crops(tiny_backbone: ClipBack
     image = load_rgb(HAZELNUT / "colour" / "02.png")
     detector = create_detector("randword", tiny_backbone, {"ffn": str(ffn_file), "multi_crop": 5})
     state = detector.fit(ProductSpec("hazelnut"), [])
-    [out] = run(tiny_backbone, [ScoreItem(detector, state, image=image)])
+    [out] = run([ScoreItem(detector, state, image=image)])
     tiles, _ = tiny_backbone.preprocessor(image)
     views = torch.cat([tiles, crop_views(tiles, 5)])
     assert views.shape[0] == 6
@@ -304,7 +336,7 @@ def test_multi_crop_averages_the_full_view_and_its_crops(tiny_backbone: ClipBack
     s_p = torch.softmax(torch.stack([e @ t[0], e @ t[1]], dim=-1) / 0.01, dim=-1)[:, 1]
     expected = (s_p + bundle.score(e.float()).double()).mean()
     assert out.score == pytest.approx(float(expected), abs=1e-5)
-    [single] = run(tiny_backbone, [ScoreItem(create_detector("randword", tiny_backbone,
+    [single] = run([ScoreItem(create_detector("randword", tiny_backbone,
                                                              {"ffn": str(ffn_file), "multi_crop": 0}),
                                              state, image=image)])
     assert single.score != pytest.approx(out.score, abs=1e-7)

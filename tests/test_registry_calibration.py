@@ -26,9 +26,9 @@ def fit_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = WinClip.fit
 
-    def counting_fit(self, spec, references):  # noqa: ANN001, ANN202
+    def counting_fit(self, spec, references, ctx=None):  # noqa: ANN001, ANN202
         calls.append(len(references))
-        return original(self, spec, references)
+        return original(self, spec, references, ctx)
 
     monkeypatch.setattr(WinClip, "fit", counting_fit)
     return calls
@@ -128,7 +128,7 @@ async def test_calibrated_threshold_on_hazelnut_colour(tmp_path, tiny_backbone, 
     assert entry.threshold == pytest.approx(entry.calibration["max_normal"] + 0.02)
 
     def flagged(paths: list[Path]) -> list[bool]:
-        outputs = run(tiny_backbone, [ScoreItem(entry.detector, entry.state, image) for image in load_images(paths)])
+        outputs = run([ScoreItem(entry.detector, entry.state, image) for image in load_images(paths)])
         return [o.score >= entry.threshold for o in outputs]
 
     good_flags = flagged(goods[k:])

@@ -51,12 +51,12 @@ async def start_recording(config: Any, backbone: Any) -> tuple[InspectDaemon, li
     await daemon.start()
     score = daemon.engine.score
 
-    async def recording_score(items: list) -> Any:
+    async def recording_score(items: list, frames: list | None = None) -> Any:
         used = [entries[id(item.state)] for item in items]
         # the batch runs with exactly the entries serving right now
         stale = [(e.id, e.version) for e in used if daemon.registry.get(e.id) is not e]
         batches.append({"at": time.time(), "versions": {(e.id, e.version) for e in used}, "stale": stale})
-        return await score(items)
+        return await score(items, frames)
 
     daemon.engine.score = recording_score
     return daemon, swaps, batches

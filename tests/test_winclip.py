@@ -13,7 +13,7 @@ from PIL import Image
 
 from inspectd.detectors import prompts as P
 from inspectd.detectors.backbone import ClipBackbone, window_coverage
-from inspectd.detectors.base import ProductSpec, ProductState, create_detector
+from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.memory import association_min_distance, harmonic_mean, harmonic_window_to_patch
 from inspectd.detectors.pipeline import ScoreItem, run
 
@@ -134,9 +134,11 @@ def test_score_composes_zero_and_few_shot_as_specified(tiny_backbone: ClipBackbo
 def test_state_round_trips_through_safetensors(tiny_backbone: ClipBackbone, tmp_path: Path) -> None:
     det = create_detector("winclip", tiny_backbone)
     state = det.fit(ProductSpec("nut", "hazelnut", ("crack",)), [load_rgb(HAZELNUT / "good" / "01.png")])
-    state.save(tmp_path / "state.safetensors")
-    loaded = ProductState.load(tmp_path / "state.safetensors")
+    det.save_state(state, tmp_path / "state.safetensors")
+    loaded, artifact = det.load_state(tmp_path / "state.safetensors")
     assert loaded.meta == state.meta and loaded.detector == "winclip"
+    assert artifact.kind == "product_state" and artifact.detector_version == det.version
+    assert artifact.backbone == tiny_backbone.identity
     for key, tensor in state.tensors.items():
         torch.testing.assert_close(loaded.tensors[key], tensor)
     assert b"pickle" not in (tmp_path / "state.safetensors").read_bytes()[:200]
@@ -161,9 +163,9 @@ def test_batched_equals_one_by_one_with_two_products(tiny_backbone: ClipBackbone
         (grid, load_rgb(GRID / "test" / "good" / "000.png")),
         (nut, np.ascontiguousarray(load_rgb(HAZELNUT / "good" / "21.png")[:, :300])),  # non-square: tiles
     ]
-    singles = [run(tiny_backbone, [ScoreItem(det, state, image)])[0] for state, image in frames]
-    batched = run(tiny_backbone, [ScoreItem(det, state, image) for state, image in frames])
-    again = run(tiny_backbone, [ScoreItem(det, state, image) for state, image in frames])
+    singles = [run([ScoreItem(det, state, image)])[0] for state, image in frames]
+    batched = run([ScoreItem(det, state, image) for state, image in frames])
+    again = run([ScoreItem(det, state, image) for state, image in frames])
     for one, many, repeat in zip(singles, batched, again, strict=True):
         assert one.score == pytest.approx(many.score, abs=1e-6)
         np.testing.assert_allclose(one.map, many.map, atol=1e-6)
@@ -184,7 +186,7 @@ def _evaluate(backbone: ClipBackbone, spec: ProductSpec, refs: list[str], tests:
               shots: int) -> tuple[float, float]:
     det = create_detector("winclip", backbone)
     state = det.fit(spec, [load_rgb(p) for p in refs[:shots]])
-    outputs = run(backbone, [ScoreItem(det, state, load_rgb(p), map_size=(128, 128)) for p, _ in tests])
+    outputs = run([ScoreItem(det, state, load_rgb(p), map_size=(128, 128)) for p, _ in tests])
     labels = [0 if m is None else 1 for _, m in tests]
     pixel_scores, pixel_labels = [], []
     for (_, mask_path), out in zip(tests, outputs, strict=True):
@@ -239,7 +241,7 @@ def test_multi_crop_changes_the_image_score_not_the_map(tiny_backbone: ClipBackb
     plain = create_detector("winclip", tiny_backbone)
     tta = create_detector("winclip", tiny_backbone, {"multi_crop": 3})
     state = plain.fit(ProductSpec("nut", "hazelnut"), [load_rgb(HAZELNUT / "good" / "04.png")])
-    [a] = run(tiny_backbone, [ScoreItem(plain, state, image)])
-    [b] = run(tiny_backbone, [ScoreItem(tta, state, image)])
+    [a] = run([ScoreItem(plain, state, image)])
+    [b] = run([ScoreItem(tta, state, image)])
     np.testing.assert_allclose(a.map, b.map, atol=1e-6)
     assert a.score != pytest.approx(b.score, abs=1e-7)

@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compare", metavar="PAPER", help="print the published numbers of PAPER beside ours")
     p.add_argument("--out", default="runs/eval", help="folder for the .md/.json/.csv tables")
-    p.add_argument("--cache", default="runs/eval/cache", help="score cache folder ('' to disable)")
+    p.add_argument("--cache", default="runs/eval/cache", help="score and state cache folder ('' to disable)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="build each category as the daemon would (fit + calibrated threshold) and report verdict "
+                        "precision, recall and F1 at that threshold beside the threshold-free metrics")
+    p.add_argument("--quantile", type=float, default=1.0, help="calibration quantile of normal scores (default 1.0)")
+    p.add_argument("--margin", type=float, default=0.02, help="calibration margin added to it (default 0.02)")
     p.set_defaults(func=main)
 
 
@@ -40,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.building import ThresholdPolicy
     from inspectd.detectors.data.datasets import open_dataset
     from inspectd.detectors.evaluation import runner, tables
     from inspectd.detectors.tiny import register_tiny_arch
@@ -53,7 +59,9 @@ def main(args: argparse.Namespace) -> int:
     backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo))
     settings = runner.EvalSettings(detector=args.detector, options=json.loads(args.options), shots=args.shots,
                                    seeds=args.seeds, eval_size=args.eval_size, batch_size=args.batch_size,
-                                   dataset_name=dataset_name, cache_dir=args.cache or None)
+                                   dataset_name=dataset_name, cache_dir=args.cache or None,
+                                   calibrate=args.calibrate,
+                                   threshold=ThresholdPolicy(quantile=args.quantile, margin=args.margin))
     with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
         def progress(n: int, label: str) -> None:
             bar.set_description(label, refresh=False)

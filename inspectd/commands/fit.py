@@ -1,68 +1,193 @@
-"""`inspectd fit`: train what a method learns offline; today `fit randword` writes the random-word FFN file."""
+"""`inspectd fit DETECTOR --out FILE`: train a detector's offline-learned part with its declared Trainer.
+
+The flags after DETECTOR come from the trainer's Config dataclass (one per field, e.g. `--pairs`,
+`--epochs`), plus the model flags and, for trainers that need data, `--dataset/--root/--categories`
+(or `--products-dir`). `inspectd fit DETECTOR --help` lists them. Training is seeded, shows a progress
+bar, checkpoints every epoch next to the output (`FILE.ckpt/`) and resumes from there when re-run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("fit", help="train a method's learned part offline (e.g. the randword FFN)")
-    sub = parser.add_subparsers(dest="fit_method", required=True, metavar="METHOD")
-    rw = sub.add_parser("randword", help="train the random-word prompt FFN on CLIP text embeddings",
-                        description="Generate N random-word prompt pairs, encode them with the CLIP text "
-                                    "encoder, train the FFN and save it (tied to this CLIP model).")
-    rw.add_argument("--out", required=True, help="FFN file to write (.safetensors)")
-    rw.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch (default %(default)s)")
-    rw.add_argument("--pretrained", default="laion400m_e31",
-                    help="open_clip tag or checkpoint path; 'random' only with --demo (default %(default)s)")
-    rw.add_argument("--demo", action="store_true", help="allow --pretrained random (the FFN is meaningless)")
-    rw.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    rw.add_argument("--pairs", type=int, default=10_000, help="random-word prompt pairs (default %(default)s)")
-    rw.add_argument("--epochs", type=int, default=2)
-    rw.add_argument("--seed", type=int, default=0)
-    rw.add_argument("--object-word", default="object", help="object word of the prompts, or a category name")
-    rw.add_argument("--normal-word", default="a")
-    rw.add_argument("--anomaly-word", default="a damaged")
-    rw.add_argument("--hidden", default="512,256,128", help="hidden widths, comma separated")
-    rw.add_argument("--dropout", type=float, default=0.5)
-    rw.add_argument("--lr", type=float, default=1e-3)
-    rw.add_argument("--weight-decay", type=float, default=1e-4)
-    rw.add_argument("--batch-size", type=int, default=128, help="prompts per batch (even: whole pairs)")
-    rw.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rw.set_defaults(func=randword_main)
+    parser = subparsers.add_parser(
+        "fit", help="train a detector's offline-learned part (e.g. the randword FFN)", add_help=False,
+        description="Train what DETECTOR learns offline and save it as an artifact products point to. "
+                    "`inspectd fit DETECTOR --help` lists that trainer's flags.")
+    parser.add_argument("detector", nargs="?", metavar="DETECTOR", help="detector whose learned part to train")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=main)
 
 
-def randword_main(args: argparse.Namespace) -> int:
-    from inspectd.detectors import weights
-    from inspectd.detectors.backbone import DEMO_WARNING, ClipBackbone, ModelSpec
-    from inspectd.detectors.training.randword_ffn import PromptConfig, TrainConfig, fit_randword_ffn, save_ffn
+def trainable_detectors() -> dict[str, Any]:
+    from inspectd.detectors.base import available_detectors, detector_class
 
+    found = {}
+    for name in available_detectors():
+        trainer = detector_class(name).learning.offline
+        if trainer is not None:
+            found[name] = trainer
+    return found
+
+
+def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
+    from inspectd.detectors.training.trainer import config_fields, parse_field
+
+    parser = argparse.ArgumentParser(prog=f"inspectd fit {name}", description=trainer.description or None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="artifact file to write (.safetensors)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch")
+    model.add_argument("--pretrained", default="laion400m_e31",
+                       help="open_clip tag or checkpoint path; 'random' only with --demo")
+    model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
+    model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    if trainer.data in ("dataset", "products"):
+        data = parser.add_argument_group("data")
+        data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto")
+        data.add_argument("--root", help="dataset root folder")
+        data.add_argument("--categories", nargs="*", help="categories to train on (default: all)")
+        if trainer.data == "products":
+            data.add_argument("--products-dir", help="a products folder (YAML files) instead of a dataset")
+    config = parser.add_argument_group(f"{name} training")
+    for field_name, tp, default, help_text in config_fields(trainer.Config):
+        flag = "--" + field_name.replace("_", "-")
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        config.add_argument(flag, dest=f"cfg_{field_name}", default=None, metavar=field_name.upper(),
+                            type=lambda text, tp=tp, flag=flag: _typed(parse_field, tp, text, flag),
+                            help=f"{help_text} (default: {shown})" if help_text else f"(default: {shown})")
+    run = parser.add_argument_group("run")
+    run.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _typed(parse: Any, tp: Any, text: str, flag: str) -> Any:
     try:
-        prompts = PromptConfig(normal_word=args.normal_word, anomaly_word=args.anomaly_word,
-                               object_word=args.object_word)
-        train = TrainConfig(pairs=args.pairs, epochs=args.epochs, seed=args.seed, dropout=args.dropout,
-                            hidden=tuple(int(h) for h in args.hidden.split(",") if h.strip()),
-                            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
+        return parse(tp, text)
     except ValueError as exc:
-        print(f"inspectd fit randword: {exc}", file=sys.stderr)
+        raise argparse.ArgumentTypeError(f"{flag}: {exc}") from exc
+
+
+def main(args: argparse.Namespace) -> int:
+    trainers = trainable_detectors()
+    if args.detector in (None, "-h", "--help"):
+        print("usage: inspectd fit DETECTOR --out FILE [flags]   (inspectd fit DETECTOR --help lists the flags)\n"
+              f"detectors with an offline-trained part: {', '.join(sorted(trainers)) or 'none'}")
+        return 0 if args.detector else 2
+    if args.detector not in trainers:
+        from inspectd.detectors.base import available_detectors
+
+        known = available_detectors()
+        why = "is not a detector" if args.detector not in known else "learns nothing offline"
+        print(f"inspectd fit: {args.detector!r} {why}; trainable: {', '.join(sorted(trainers)) or 'none'}",
+              file=sys.stderr)
         return 2
-    if args.pretrained == weights.RANDOM_WEIGHTS and args.demo:
-        banner = "!" * 100
-        print(f"{banner}\n!! {DEMO_WARNING}\n!! The FFN written to {args.out} is trained on a RANDOM text encoder "
-              f"and is useless with real weights.\n{banner}", file=sys.stderr)
+    trainer_cls = trainers[args.detector]
+    options = trainer_parser(args.detector, trainer_cls).parse_args(args.rest)
+    return run_training(args.detector, trainer_cls, options)
+
+
+def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> int:
+    import dataclasses
+
+    from inspectd.detectors import weights
+    from inspectd.detectors.artifacts import save_artifact
+    from inspectd.detectors.backbone import DEMO_WARNING, ClipBackbone, ModelSpec
+    from inspectd.detectors.context import FitContext
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    values = {k[4:]: v for k, v in vars(options).items() if k.startswith("cfg_") and v is not None}
     try:
-        backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.pretrained, device=args.device,
-                                          demo=args.demo))
-    except (weights.WeightsNotFoundError, weights.RandomWeightsNotAllowed) as exc:
-        print(f"inspectd fit randword: {exc}", file=sys.stderr)
+        config = trainer_cls.Config(**values)
+        data = training_data(trainer_cls, options)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"inspectd fit {name}: {exc}", file=sys.stderr)
         return 2
+    if options.pretrained == weights.RANDOM_WEIGHTS and options.demo:
+        banner = "!" * 100
+        print(f"{banner}\n!! {DEMO_WARNING}\n!! What is written to {options.out} is trained on a RANDOM CLIP "
+              f"and is useless with real weights.\n{banner}", file=sys.stderr)
+    register_tiny_arch()
+    try:
+        backbone = ClipBackbone(ModelSpec(arch=options.arch, pretrained=options.pretrained, device=options.device,
+                                          demo=options.demo))
+    except (weights.WeightsNotFoundError, weights.RandomWeightsNotAllowed) as exc:
+        print(f"inspectd fit {name}: {exc}", file=sys.stderr)
+        return 2
+    out = Path(options.out)
+    checkpoint = out.with_name(out.name + ".ckpt")
+    if options.fresh and checkpoint.exists():
+        import shutil
+
+        shutil.rmtree(checkpoint, ignore_errors=True)
     start = time.perf_counter()
-    bundle = fit_randword_ffn(backbone, prompts, train, progress=not args.no_progress)
-    path = save_ffn(bundle, args.out)
-    last = bundle.history[-1] if bundle.history else {}
-    print(f"wrote {path}: FFN for CLIP {bundle.model_id} (dim {bundle.embed_dim}), {train.pairs} pairs, "
-          f"seed {train.seed}, final loss {last.get('loss', float('nan')):.4f}, "
+    trainer = trainer_cls(backbone, config)
+    try:
+        artifact = trainer.train(data, FitContext(seed=getattr(config, "seed", 0)), checkpoint,
+                                 show_progress=not options.no_progress)
+    except ValueError as exc:
+        print(f"inspectd fit {name}: {exc}", file=sys.stderr)
+        return 2
+    digest = save_artifact(artifact, out)
+    import shutil
+
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    curve = artifact.training.get("history") or []
+    last = curve[-1].get("loss", float("nan")) if curve else float("nan")
+    print(f"wrote {out}: {name} {artifact.kind} for CLIP {backbone.model_id}, config "
+          f"{dataclasses.asdict(config)}, final loss {last:.4f}, sha256 {digest[:12]}, "
           f"{time.perf_counter() - start:.1f} s")
     return 0
+
+
+def training_data(trainer_cls: Any, options: argparse.Namespace) -> Any:
+    from inspectd.detectors.training.trainer import TrainingData
+
+    if trainer_cls.data == "none":
+        return TrainingData(summary={"data": "none"})
+    from inspectd.detectors.data.datasets import open_dataset
+
+    if getattr(options, "products_dir", None):
+        return _products_data(options.products_dir)
+    if not options.root:
+        raise ValueError("--root (a dataset folder) is required"
+                         + (" (or --products-dir)" if trainer_cls.data == "products" else ""))
+    categories = open_dataset(options.root, options.dataset, options.categories)
+    if not categories:
+        raise FileNotFoundError(f"no categories found under {options.root}")
+    summary = {"dataset": options.dataset, "root": str(options.root), "categories": [c.name for c in categories],
+               "images": sum(len(c.test) + len(c.train) for c in categories)}
+    if trainer_cls.data == "dataset":
+        return TrainingData(categories=categories, summary=summary)
+    from inspectd.detectors.base import ProductSpec
+    from inspectd.detectors.data.datasets import load_image
+
+    products = [(ProductSpec(c.name, c.name.replace("_", " ")), [load_image(s.image_path) for s in c.train])
+                for c in categories]
+    return TrainingData(products=products, summary=summary)
+
+
+def _products_data(products_dir: str) -> Any:
+    from inspectd.daemon.config import load_product_file
+    from inspectd.daemon.products import product_files
+    from inspectd.daemon.registry import load_images, reference_files
+    from inspectd.detectors.base import ProductSpec
+    from inspectd.detectors.training.trainer import TrainingData
+
+    products = []
+    for path in product_files(products_dir):
+        config = load_product_file(path)
+        files = reference_files(config.references, config.shots)
+        products.append((ProductSpec(config.id, config.object_name, tuple(config.defect_words)), load_images(files)))
+    if not products:
+        raise FileNotFoundError(f"no product files in {products_dir}")
+    return TrainingData(products=products, summary={"products_dir": products_dir,
+                                                    "products": [p[0].product for p in products],
+                                                    "images": sum(len(p[1]) for p in products)})

@@ -23,7 +23,7 @@ from aiohttp import BodyPartReader, web
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
 from inspectd.daemon.http_common import DAEMON_KEY, admin_token, is_loopback
-from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, ProductRegistry
+from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, BuildSuperseded, ProductRegistry
 
 if TYPE_CHECKING:
     from inspectd.daemon.app import InspectDaemon
@@ -112,6 +112,7 @@ def describe(registry: ProductRegistry, product_id: str) -> dict[str, Any]:
     out: dict[str, Any] = entry.describe() if entry else {"id": product_id}
     out["status"] = registry.status(product_id)
     out["error"] = registry.error(product_id)
+    out["build"] = registry.progress(product_id)  # {fraction, note, started_at, elapsed_s} while one runs
     return out
 
 
@@ -130,10 +131,17 @@ async def get_product(request: web.Request) -> web.Response:
 
 
 async def put_product(request: web.Request) -> web.Response:
+    """Create or replace a product. Waits for the build unless ``?wait=false``: then 202 at once, the build
+    runs in the background (progress in GET /products/{id}); a newer PUT stops a build still running."""
     registry = _registry(request)
     product_id = _product_id(request)
     config = parse_product(await request.read(), request.content_type, product_id, registry)
     created = registry.get(product_id) is None
+    if request.query.get("wait", "true").lower() in ("0", "false", "no"):
+        daemon: InspectDaemon = request.app[DAEMON_KEY]
+        daemon.background(_build_and_save(registry, config), name=f"build:{product_id}")
+        await asyncio.sleep(0)  # let the build register itself, so the reply shows it
+        return web.json_response(describe(registry, product_id), status=202)
     entry = await _build_or_422(registry.put(config), product_id)
     path = await asyncio.to_thread(registry.save_product_file, config)
     body = describe(registry, entry.id)
@@ -191,9 +199,20 @@ async def upload_references(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+async def _build_and_save(registry: ProductRegistry, config: ProductConfig) -> None:
+    """A background PUT: build, then persist the product file; failures are logged and shown in GET."""
+    try:
+        await registry.put(config)
+    except BuildError:
+        return  # logged by the registry; status/error are in GET /products/{id}
+    await asyncio.to_thread(registry.save_product_file, config)
+
+
 async def _build_or_422(build_coro: Awaitable[Any], product_id: str, **extra: Any) -> Any:
     try:
         return await build_coro
+    except BuildSuperseded as exc:
+        raise ApiError(409, f"product {product_id!r}: {exc}; the newer update is building", **extra) from exc
     except BuildError as exc:
         raise ApiError(422, f"product {product_id!r} rejected: {exc}", **extra) from exc
     except KeyError as exc:

@@ -14,11 +14,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from inspectd.daemon.batcher import MicroBatcher
-from inspectd.daemon.config import DaemonConfig
+from inspectd.daemon.config import DaemonConfig, ModelConfig
 from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
@@ -43,25 +44,34 @@ class InFlight:
     parked: bool = False
 
 
-def build_backbone(config: DaemonConfig) -> ClipBackbone:
+def build_backbone(config: DaemonConfig, model: ModelConfig | None = None) -> ClipBackbone:
     from inspectd.detectors.tiny import register_tiny_arch
 
     register_tiny_arch()
-    m = config.model
+    m = model or config.model
     return ClipBackbone(ModelSpec(arch=m.arch, pretrained=m.pretrained, device=m.device, precision=m.precision,
                                   quick_gelu=m.quick_gelu, threads=m.threads, cache_dir=m.cache_dir,
                                   demo=config.demo, window_chunk_tokens=m.window_chunk_tokens,
                                   cpu_kernels=m.cpu_kernels))
 
 
+def build_model_pool(config: DaemonConfig) -> dict[str, ClipBackbone]:
+    """Every model of the config loaded once, by name; the first is the products' default."""
+    return {m.name: build_backbone(config, m) for m in config.model_pool()}
+
+
 class InspectDaemon:
     """Wires sources, batcher, engine, registry and sinks; `run` until `request_stop`."""
 
-    def __init__(self, config: DaemonConfig, backbone: ClipBackbone | None = None,
+    def __init__(self, config: DaemonConfig, backbone: ClipBackbone | Mapping[str, ClipBackbone] | None = None,
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.backbone = backbone
+        # the model pool (name -> backbone); one given backbone serves as the config's first model
+        self.backbones: dict[str, ClipBackbone] = (
+            {} if backbone is None else dict(backbone) if isinstance(backbone, Mapping)
+            else {config.model_pool()[0].name: backbone})
+        self.backbone: ClipBackbone | None = next(iter(self.backbones.values()), None)
         self.registry: ProductRegistry | None = None
         self.engine: ScoringEngine | None = None
         self.redis: Any = None
@@ -88,15 +98,17 @@ class InspectDaemon:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.config
-        if self.backbone is None:
-            self.backbone = await asyncio.to_thread(build_backbone, cfg)
+        if not self.backbones:
+            self.backbones = await asyncio.to_thread(build_model_pool, cfg)
+            self.backbone = next(iter(self.backbones.values()))
         self.metrics.set_model_info(self.backbone.describe())
         limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
-        decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (
-            0 if self.backbone.device.type == "cpu" else 2)
-        self.engine = ScoringEngine(self.backbone, decode_threads, limits)
-        self.registry = ProductRegistry(self.backbone, cfg.registry, on_change=self._on_registry_change,
-                                        on_remove=self.metrics.product_removed)
+        on_cpu = all(b.device.type == "cpu" for b in self.backbones.values())
+        decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
+        self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits)
+        self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
+                                        on_remove=self.metrics.product_removed,
+                                        on_progress=self.metrics.build_progress)
         if cfg.sources.redis or cfg.sinks.redis:
             import redis.asyncio as aioredis
 
@@ -132,8 +144,8 @@ class InspectDaemon:
         self._tasks.append(asyncio.create_task(self._gauge_loop(), name="gauges"))
         self._tasks.append(asyncio.create_task(self._keep_alive_loop(), name="keep-alive"))
         self.started = True
-        log.info("inspectd started: %d source(s), %d sink(s), products %s, model %s", len(self.sources),
-                 len(self.sinks), self.registry.ids(), self.backbone.describe())
+        log.info("inspectd started: %d source(s), %d sink(s), products %s, models %s", len(self.sources),
+                 len(self.sinks), self.registry.ids(), {n: b.describe() for n, b in self.backbones.items()})
 
     def _open_sinks(self) -> None:
         cfg = self.config
@@ -329,7 +341,7 @@ class InspectDaemon:
                 return
             formed = time.time()
             to_prepare = [f for f in batch if f.prepared is None]
-            prepared = await self.engine.prepare([f.frame for f in to_prepare])
+            prepared = await self.engine.prepare([f.frame for f in to_prepare], self._detector_for)
             dead: list[tuple[InFlight, DeadLetter]] = []
             for flight, outcome in zip(to_prepare, prepared, strict=True):
                 if isinstance(outcome, DeadLetter):
@@ -338,6 +350,10 @@ class InspectDaemon:
                     outcome.timings["queue_wait"] = max(0.0, formed - flight.frame.received_at)
                     flight.prepared = outcome
             await self._ready.put(([f for f in batch if f.prepared is not None], dead))
+
+    def _detector_for(self, product: str) -> Any:
+        entry = self.registry.get(product) if self.registry else None
+        return entry.detector if entry else None
 
     async def _engine_loop(self) -> None:
         cfg = self.config.registry
@@ -365,9 +381,10 @@ class InspectDaemon:
             if scored:
                 self.metrics.batch(len(scored))
                 items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
-                                   map_size=self._map_size(entry, f.prepared.size)) for f, entry in scored]
+                                   map_size=self._map_size(entry, f.prepared.size), input_spec=f.prepared.input_spec)
+                         for f, entry in scored]
                 try:
-                    outputs, batch_timings = await self.engine.score(items)
+                    outputs, batch_timings = await self.engine.score(items, [f.frame for f, _ in scored])
                 except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters the batch, not the daemon
                     log.exception("scoring failed for a batch of %d", len(items))
                     self.metrics.error("score")
@@ -381,6 +398,13 @@ class InspectDaemon:
             flights_out = [f for f, _ in scored] + [f for f, _ in dead]
             await self._publish.put((results, [d for _, d in dead], flights_out))
 
+    def background(self, coro: Any, name: str = "") -> asyncio.Task:
+        """Run ``coro`` as a side task of the daemon (cancelled at shutdown)."""
+        task = asyncio.create_task(coro, name=name or None)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
+
     def _park(self, flight: InFlight) -> None:
         """Hold a frame of a product that is still building; re-queue when ready or after the timeout."""
         flight.parked = True
@@ -389,9 +413,7 @@ class InspectDaemon:
             await self.registry.wait_ready(flight.frame.product, self.config.registry.wait_timeout_s)
             await self.batcher.put(flight)
 
-        task = asyncio.create_task(wait_then_requeue())
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+        self.background(wait_then_requeue())
 
     def _map_size(self, entry: ProductEntry, size: tuple[int, int]) -> tuple[int, int] | None:
         return map_size_for(entry.mask_policy.mode, entry.mask_policy.max_side, size)
@@ -405,7 +427,7 @@ class InspectDaemon:
                       score=output.score, verdict=verdict, threshold=entry.threshold, detector=entry.config.detector,
                       state_version=str(entry.version), mask=output.map if has_mask else None, mask_note=note,
                       entry_id=frame.entry_id, source=frame.source, timings=timings, meta=frame.meta,
-                      demo_weights=self.backbone.demo_weights)
+                      demo_weights=entry.detector.backbone.demo_weights)
 
     def _dead(self, frame: Frame, reason: str, stage: str, detail: str) -> DeadLetter:
         self.metrics.dead_lettered(frame.product, frame.line, reason)

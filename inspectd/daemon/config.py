@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    name: str = "default"  # how products refer to this model (`model:` in a product file)
     arch: str = "ViT-B-16-plus-240"
     pretrained: str = "laion400m_e31"
     device: str = "auto"
@@ -143,6 +144,7 @@ class ProductConfig:
     shots: int = 4  # how many references to use (sorted by name); 0 = zero-shot
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     mask: str = "downscaled:256"  # "full" | "none" | "downscaled:<max_side>"
+    model: str | None = None  # a name from the daemon's `models:` (default: the first model)
 
 
 @dataclass
@@ -153,14 +155,17 @@ class RegistryConfig:
     debounce_s: float = 1.0
     on_building: str = "wait"  # frames of a product still building: "wait" (bounded) | "dead_letter"
     wait_timeout_s: float = 30.0
+    build_workers: int = 2  # product builds running at once (a slow fit never blocks every other rebuild)
 
     def __post_init__(self) -> None:
         _choice("registry.on_building", self.on_building, ("wait", "dead_letter"))
+        _positive("registry.build_workers", self.build_workers)
 
 
 @dataclass
 class DaemonConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: list[ModelConfig] = field(default_factory=list)  # the model pool; empty = just `model`
     redis: RedisConfig = field(default_factory=RedisConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
@@ -171,6 +176,16 @@ class DaemonConfig:
     products: list[ProductConfig] = field(default_factory=list)
     shutdown_timeout_s: float = 20.0
     demo: bool = False  # allow model.pretrained == "random": every result says its scores are meaningless
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("models", f"model names must be unique, repeated: {dupes}")
+
+    def model_pool(self) -> list[ModelConfig]:
+        """The models to load, first = the default: `models:` when given, else the single `model:`."""
+        return list(self.models) or [self.model]
 
 
 def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:

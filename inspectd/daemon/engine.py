@@ -1,54 +1,64 @@
-"""Scoring engine: one worker thread per device runs the detector forwards; a decode pool prepares input.
+"""Scoring engine: one worker thread runs the detector forwards; a decode pool prepares input.
 
-The event loop never blocks on torch: `prepare` (decode + resize/tile) runs in the decode pool, so the
-next batch is prepared while `score` runs the current one on the engine thread.
+The event loop never blocks on torch: `prepare` (decode, then the product's own pre-processing:
+its detector chooses tiling or a square resize at its size) runs in the decode pool, so the next
+batch is prepared while `score` runs the current one on the engine thread. A frame whose product was
+not serving at prepare time, or whose detector's input changed in a hot swap, is pre-processed
+again from its encoded bytes on the engine thread; nothing is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from inspectd.detectors.backbone import ClipBackbone
+from inspectd.detectors.base import Detector
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
-from inspectd.detectors.preprocess import TileLayout
+from inspectd.detectors.preprocess import InputSpec, TileLayout
 from inspectd.streams.codec import DecodeLimits, decode_frame_image
 from inspectd.streams.schema import DeadLetter, Frame, FrameError
 
 
 @dataclass
 class PreparedFrame:
-    """A decoded, tiled frame waiting for the engine."""
+    """A decoded frame, pre-processed for its product's detector when that was known."""
 
     frame: Frame
-    tiles: torch.Tensor
-    layout: TileLayout
     size: tuple[int, int]
+    tiles: torch.Tensor | None = None
+    layout: TileLayout | None = None
+    input_spec: InputSpec | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
 class ScoringEngine:
-    """Owns the backbone's worker thread and the decode pool."""
+    """Owns the worker thread the forwards run on and the decode pool."""
 
-    def __init__(self, backbone: ClipBackbone, decode_threads: int = 2, limits: DecodeLimits | None = None) -> None:
-        self.backbone = backbone
+    def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
+                 limits: DecodeLimits | None = None) -> None:
+        self.devices = sorted(set(devices), key=str)
         self.limits = limits or DecodeLimits()
-        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inspectd-engine-{backbone.device}")
+        name = "+".join(str(d) for d in self.devices)
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inspectd-engine-{name}")
         # decode_threads = 0: decode on the engine thread, in turn with the forwards (no overlap, no contention:
         # better when torch already uses every core)
         self._decode = self._engine if decode_threads == 0 else ThreadPoolExecutor(
             max_workers=decode_threads, thread_name_prefix="inspectd-decode")
 
-    def _prepare_one(self, frame: Frame) -> PreparedFrame | DeadLetter:
+    def _prepare_one(self, frame: Frame, detector: Detector | None) -> PreparedFrame | DeadLetter:
         started = time.perf_counter()
         try:
             image = decode_frame_image(frame, self.limits)
             decoded = time.perf_counter()
-            tiles, layout = self.backbone.preprocessor(image)
+            prepared = PreparedFrame(frame, (int(image.shape[0]), int(image.shape[1])))
+            if detector is not None:
+                prepared.tiles, prepared.layout = detector.preprocessor(image)
+                prepared.input_spec = detector.input_spec()
         except FrameError as exc:
             return DeadLetter(reason=exc.reason, stage=exc.stage, product=frame.product, line=frame.line,
                               frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
@@ -57,23 +67,38 @@ class ScoringEngine:
             return DeadLetter(reason="decode_error", stage="decode", product=frame.product, line=frame.line,
                               frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
                               detail=f"{type(exc).__name__}: {exc}", ack=frame.ack)
-        frame.payload = None  # the pixels now live in the tiles; free the encoded bytes early
-        timings = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
-        return PreparedFrame(frame, tiles, layout, (int(image.shape[0]), int(image.shape[1])), timings)
+        prepared.timings = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
+        return prepared
 
-    async def prepare(self, frames: list[Frame]) -> list[PreparedFrame | DeadLetter]:
+    async def prepare(self, frames: list[Frame], detector_for: Callable[[str], Detector | None] | None = None
+                      ) -> list[PreparedFrame | DeadLetter]:
+        """Decode and pre-process ``frames``; ``detector_for(product)`` says whose input each one needs."""
         loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self._decode, self._prepare_one, f) for f in frames)))
+        lookup = detector_for or (lambda _product: None)
+        return list(await asyncio.gather(*(loop.run_in_executor(self._decode, self._prepare_one, f, lookup(f.product))
+                                           for f in frames)))
 
-    async def score(self, items: list[ScoreItem]) -> tuple[list[ScoreOutput], dict[str, float]]:
-        """Run one mixed batch on the engine thread; (outputs, {"forward": s, "score": s})."""
+    async def score(self, items: list[ScoreItem], frames: Sequence[Frame] | None = None
+                    ) -> tuple[list[ScoreOutput], dict[str, float]]:
+        """Run one mixed batch on the engine thread; (outputs, {"forward": s, "score": s}).
+
+        An item without tiles for its detector's input is decoded again from ``frames[i]`` first.
+        """
         loop = asyncio.get_running_loop()
 
         def work() -> tuple[list[ScoreOutput], dict[str, float]]:
             timings: dict[str, float] = {}
-            outputs = run(self.backbone, items, timings)
-            if self.backbone.device.type == "cuda":
-                torch.cuda.synchronize(self.backbone.device)
+            for i, item in enumerate(items):
+                if item.tiles is None or item.input_spec != item.detector.input_spec():
+                    if frames is None:
+                        raise ValueError("an item needs pre-processing but its frame was not given")
+                    item.image, item.tiles = decode_frame_image(frames[i], self.limits), None
+            outputs = run(items, timings)
+            for device in self.devices:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            for frame in frames or ():
+                frame.payload = None  # scored: the encoded bytes are no longer needed
             return outputs, timings
 
         return await loop.run_in_executor(self._engine, work)

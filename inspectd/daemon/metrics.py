@@ -73,6 +73,9 @@ class Metrics:
                                namespace=ns, registry=r)
         self.camera_frames_dropped = Counter("camera_frames_dropped", "Camera frames dropped by the capture policy.",
                                              ["source"], namespace=ns, registry=r)
+        self.product_build_progress = Gauge(
+            "product_build_progress", "Fraction (0..1) of the product build in progress; absent when none runs.",
+            ["product"], namespace=ns, registry=r)
         self.up = Gauge("up", "1 while the daemon process runs.", namespace=ns, registry=r)
         self.build_info = Info("build", "inspectd build (value 1).", namespace=ns, registry=r)
         self.start_time = Gauge("start_time_seconds", "Unix time the daemon started.", namespace=ns, registry=r)
@@ -133,6 +136,14 @@ class Metrics:
     def product_reload_failed(self, product: str) -> None:
         """A build was rejected; the previous state (if any) keeps serving, so its gauges stay."""
         self.product_reloads.labels(product, "error").inc()
+
+    def build_progress(self, product: str, fraction: float | None) -> None:
+        """Registry progress hook (called from build threads): a fraction while building, None when done."""
+        if fraction is None:
+            with contextlib.suppress(KeyError):
+                self.product_build_progress.remove(product)
+        else:
+            self.product_build_progress.labels(product=product).set(fraction)
 
     def product_removed(self, product: str) -> None:
         for metric in (self.product_state_version, self.product_state_info):

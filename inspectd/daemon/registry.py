@@ -1,45 +1,56 @@
 """Product registry: product id -> (detector, ProductState, version, threshold), rebuilt off the hot path.
 
-A build (load references, fit, calibrate the threshold) runs in a worker thread while the engine keeps
-scoring with the old entry; the new entry replaces the old one in one assignment, so a batch sees
-either the old or the new version, never a mix. A failed build leaves the old entry serving.
-Fitted states are cached on disk (safetensors) under a hash of model, detector config, product text
-and reference file contents, so a restart does not recompute memory banks.
+The registry owns status, versions, locks, the swap and persistence; the science of a build (fit +
+calibrate, the state cache) is `detectors.building`. Builds run in a bounded pool of worker threads
+(one slow product never blocks the others' rebuilds) while the engine keeps scoring with the old
+entry; the new entry replaces the old one in one assignment, so a batch sees either the old or the
+new version, never a mix. Each build has a `FitContext`: its progress is visible (`progress`), and a
+newer update of the same product stops the superseded build. A failed or stopped build leaves the
+old entry serving and never touches a good cached result.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from inspectd.daemon.config import ProductConfig, RegistryConfig, ThresholdConfig
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
-from inspectd.detectors.pipeline import ScoreItem, run
+from inspectd.detectors.building import (
+    BuildError,
+    StateCache,
+    ThresholdPolicy,
+    build_fingerprint,
+    build_product,
+)
+from inspectd.detectors.context import FitContext, FitStopped
 from inspectd.streams.codec import decode_image_bytes
 from inspectd.streams.records import MaskPolicy
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CALIBRATION_CHUNK = 16
 
 READY = "ready"
 BUILDING = "building"
 FAILED = "failed"
 
+__all__ = ["BUILDING", "FAILED", "IMAGE_SUFFIXES", "READY", "BuildError", "BuildSuperseded", "ProductEntry",
+           "ProductRegistry"]
 
-class BuildError(ValueError):
-    """A product definition or reference set that cannot be built; the old state keeps serving."""
+
+class BuildSuperseded(BuildError):
+    """A build stopped because a newer update of the same product arrived (that one builds instead)."""
 
 
 @dataclass(frozen=True)
@@ -55,18 +66,38 @@ class ProductEntry:
     built_at: float
     calibration: dict
     mask_policy: MaskPolicy  # parsed from config.mask once, at build time
+    references: tuple[str, ...] = ()  # file names of the references this version was built from
+    model: str = "default"
 
     @property
     def id(self) -> str:
         return self.config.id
 
     def describe(self) -> dict:
+        learning = self.detector.learning
         return {
             "id": self.id, "version": self.version, "detector": self.config.detector,
+            "detector_version": self.detector.version, "model": self.model,
+            "learning": {"per_product": learning.per_product,
+                         "offline": learning.offline.__name__ if learning.offline else None},
             "threshold": self.threshold, "fingerprint": self.fingerprint, "built_at": self.built_at,
-            "shots": self.state.meta.get("shots", 0), "calibration": self.calibration,
-            "config": asdict(self.config),
+            "shots": self.state.meta.get("shots", len(self.references)), "references": list(self.references),
+            "calibration": self.calibration, "config": asdict(self.config),
         }
+
+
+@dataclass
+class BuildProgress:
+    """A build in progress: what it is at and how to stop it."""
+
+    ctx: FitContext
+    started_at: float = field(default_factory=time.time)
+    fraction: float = 0.0
+    note: str = "queued"
+
+    def describe(self) -> dict[str, Any]:
+        return {"fraction": round(self.fraction, 4), "note": self.note, "started_at": self.started_at,
+                "elapsed_s": round(time.time() - self.started_at, 3)}
 
 
 def reference_files(directory: str | None, shots: int) -> list[Path]:
@@ -91,72 +122,23 @@ def load_images(files: list[Path]) -> list[np.ndarray]:
     return images
 
 
-def shifted_views(image: np.ndarray, keep: float = 0.92) -> list[np.ndarray]:
-    """Four corner crops keeping ``keep`` of each side, resized back: small placement/scale changes."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    ch, cw = max(1, round(h * keep)), max(1, round(w * keep))
-    pil = Image.fromarray(image)
-    views = []
-    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
-        crop = pil.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
-        views.append(np.asarray(crop))
-    return views
-
-
-def calibrate(detector: Detector, spec: ProductSpec, references: list[np.ndarray], holdout: list[np.ndarray],
-              full_state: ProductState, policy: ThresholdConfig) -> tuple[float, dict]:
-    """Threshold from normal scores: leave-one-out over references (k >= 2) plus held-out goods
-    (k = 1 without a holdout: shifted views of the one reference).
-
-    Each left-out reference is scored against a state fitted on the other k-1, so its score is what an
-    unseen good part would get (slightly pessimistic: k-1 memories, not k). Held-out goods are scored
-    against the full state. threshold = quantile(normal scores) + margin; a fixed value overrides.
-    """
-    if policy.value is not None:
-        return float(policy.value), {"method": "fixed"}
-    if not 0.0 <= policy.quantile <= 1.0:
-        raise BuildError(f"threshold.quantile must be within [0, 1], got {policy.quantile}")
-    normal_scores: list[float] = []
-    loo_scores: list[float] = []
-    if len(references) >= 2:
-        for i in range(len(references)):
-            state = detector.fit(spec, references[:i] + references[i + 1:])
-            loo_scores.append(run(detector.backbone, [ScoreItem(detector, state, references[i])])[0].score)
-        normal_scores += loo_scores
-    for start in range(0, len(holdout), CALIBRATION_CHUNK):  # bounded memory for large holdout dirs
-        chunk = holdout[start:start + CALIBRATION_CHUNK]
-        normal_scores += [o.score for o in run(detector.backbone, [ScoreItem(detector, full_state, image)
-                                                                    for image in chunk])]
-    shifted: list[float] = []
-    if len(references) == 1 and not holdout:
-        # One reference and nothing held out: its own score is 0 by construction, so score slightly
-        # shifted views of it (what the next good part, placed a little differently, looks like).
-        views = shifted_views(references[0])
-        shifted = [o.score for o in run(detector.backbone, [ScoreItem(detector, full_state, v) for v in views])]
-        normal_scores += shifted
-    if not normal_scores:
-        (log.warning if references else log.info)(
-            "product %s: no normals to calibrate on (k=%d, no holdout_dir); threshold = default %.3f",
-            spec.product, len(references), policy.default)
-        return float(policy.default), {"method": "default", "reason": "no normals to calibrate on "
-                                       "(needs >= 2 references or a holdout_dir)"}
-    threshold = float(np.quantile(normal_scores, policy.quantile)) + policy.margin
-    return threshold, {"method": "quantile", "quantile": policy.quantile, "margin": policy.margin,
-                       "normals": len(normal_scores), "leave_one_out": len(loo_scores),
-                       "holdout": len(holdout), "shifted_views": len(shifted),
-                       "min_normal": float(min(normal_scores)),
-                       "mean_normal": float(np.mean(normal_scores)), "max_normal": float(max(normal_scores))}
+def threshold_policy(config: ThresholdConfig) -> ThresholdPolicy:
+    return ThresholdPolicy(value=config.value, quantile=config.quantile, margin=config.margin, default=config.default)
 
 
 class ProductRegistry:
     """The live product table. Reads (`get`) are lock-free; builds are serialised per product."""
 
-    def __init__(self, backbone: ClipBackbone, config: RegistryConfig,
+    def __init__(self, backbones: ClipBackbone | Mapping[str, ClipBackbone], config: RegistryConfig,
                  on_change: Callable[[ProductEntry | None, str], None] | None = None,
-                 on_remove: Callable[[str], None] | None = None) -> None:
-        self.backbone = backbone
+                 on_remove: Callable[[str], None] | None = None,
+                 on_progress: Callable[[str, float | None], None] | None = None) -> None:
+        # the model pool: name -> loaded backbone; a product's `model` picks one (default: the first)
+        self.backbones: dict[str, ClipBackbone] = (dict(backbones) if isinstance(backbones, Mapping)
+                                                   else {"default": backbones})
+        if not self.backbones:
+            raise ValueError("the registry needs at least one model")
+        self.backbone = next(iter(self.backbones.values()))
         self.config = config
         self._entries: dict[str, ProductEntry] = {}
         self._status: dict[str, str] = {}
@@ -164,13 +146,22 @@ class ProductRegistry:
         self._versions: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ready_events: dict[str, asyncio.Event] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspectd-build")
+        self._builds: dict[str, BuildProgress] = {}  # product -> the build running (or queued) for it
+        self._version_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=max(1, config.build_workers),
+                                            thread_name_prefix="inspectd-build")
         self._on_change = on_change  # (entry, id) on a swap; (None, id) on a rejected build
         self._on_remove = on_remove  # (id) on removal; without it removal is signalled as on_change(None, id)
+        self._on_progress = on_progress  # (id, fraction) while building; (id, None) when the build ends
         self.builds = 0  # completed builds (swaps), for tests and the admin API
-        self.cache_dir = Path(config.state_cache_dir) if config.state_cache_dir else None
-        if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = StateCache(config.state_cache_dir) if config.state_cache_dir else None
+        self.cache_dir = self.cache.dir if self.cache else None
+
+    def backbone_for(self, model: str | None) -> tuple[str, ClipBackbone]:
+        name = model or next(iter(self.backbones))
+        if name not in self.backbones:
+            raise BuildError(f"model {name!r} is not loaded; models: {sorted(self.backbones)}")
+        return name, self.backbones[name]
 
     # ---------------------------------------------------------------- reads (hot path)
     def get(self, product_id: str) -> ProductEntry | None:
@@ -181,6 +172,11 @@ class ProductRegistry:
 
     def error(self, product_id: str) -> str | None:
         return self._errors.get(product_id)
+
+    def progress(self, product_id: str) -> dict[str, Any] | None:
+        """The running build's progress (fraction, note, timing), or None when none runs."""
+        build = self._builds.get(product_id)
+        return build.describe() if build else None
 
     def ids(self) -> list[str]:
         return sorted(set(self._entries) | set(self._status))
@@ -202,25 +198,45 @@ class ProductRegistry:
     async def put(self, config: ProductConfig, force: bool = True) -> ProductEntry:
         """Build ``config`` and swap it in; raises BuildError (old entry keeps serving).
 
+        A build of the same product still running is stopped first (BuildSuperseded for its caller).
         With ``force=False`` (file watcher) a build whose config and reference fingerprint equal the serving
         entry's is skipped and the serving entry returned, so echoes of our own writes cost no new version.
         """
+        running = self._builds.get(config.id)
+        if running is not None:
+            log.info("product %s: a newer update arrived; stopping the build in progress", config.id)
+            running.ctx.stop()
+        build = BuildProgress(FitContext(seed=0, on_progress=lambda f, note: self._progressed(config.id, f, note)))
         lock = self._locks.setdefault(config.id, asyncio.Lock())
         async with lock:
+            if build.ctx.should_stop():  # an even newer update stopped us while we waited
+                raise BuildSuperseded(f"product {config.id!r}: superseded by a newer update before it started")
+            self._builds[config.id] = build
             if config.id not in self._entries:
                 self._status[config.id] = BUILDING
             current = None if force else self._entries.get(config.id)
             try:
                 loop = asyncio.get_running_loop()
-                entry = await loop.run_in_executor(self._executor, self._build, config, current)
+                entry = await loop.run_in_executor(self._executor, self._build, config, current, build.ctx)
+            except FitStopped as exc:
+                log.info("product %s: build stopped (superseded); version %s keeps serving", config.id,
+                         self._entries[config.id].version if config.id in self._entries else "none")
+                if config.id not in self._entries and not self._has_newer(config.id, build):
+                    self._status[config.id] = FAILED
+                raise BuildSuperseded(f"product {config.id!r}: build stopped by a newer update") from exc
             except Exception as exc:
-                message = str(exc) if isinstance(exc, BuildError | ValueError) else f"{type(exc).__name__}: {exc}"
+                message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
                 log.error("product %s: build rejected: %s", config.id, message)
                 self._errors[config.id] = message
                 self._status[config.id] = READY if config.id in self._entries else FAILED
                 if self._on_change:
                     self._on_change(None, config.id)
                 raise BuildError(message) from exc
+            finally:
+                if self._builds.get(config.id) is build:
+                    del self._builds[config.id]
+                    if self._on_progress:
+                        self._on_progress(config.id, None)
             if entry is current:
                 log.info("product %s: unchanged (fingerprint %s); version %d keeps serving", config.id,
                          entry.fingerprint, entry.version)
@@ -236,6 +252,22 @@ class ProductRegistry:
                 self._on_change(entry, config.id)
             return entry
 
+    def _has_newer(self, product_id: str, build: BuildProgress) -> bool:
+        lock = self._locks.get(product_id)
+        return lock is not None and lock.locked() and self._builds.get(product_id) is not build
+
+    def _progressed(self, product_id: str, fraction: float, note: str) -> None:
+        """Called from a build thread: record progress, tell the metric, log at every quarter."""
+        build = self._builds.get(product_id)
+        if build is None:
+            return
+        before = build.fraction
+        build.fraction, build.note = fraction, note
+        if self._on_progress:
+            self._on_progress(product_id, fraction)
+        if int(fraction * 4) > int(before * 4):
+            log.info("product %s: build %d%% (%s)", product_id, round(fraction * 100), note)
+
     async def reload(self, product_id: str, force: bool = True) -> ProductEntry:
         """Rebuild from the serving config (references re-read); KeyError if the product is not serving."""
         entry = self._entries.get(product_id)
@@ -250,6 +282,9 @@ class ProductRegistry:
             found = self._entries.pop(product_id, None) is not None
             known = self._status.pop(product_id, None) is not None or found
             self._errors.pop(product_id, None)
+            running = self._builds.get(product_id)
+            if running is not None:
+                running.ctx.stop()
             event = self._ready_events.pop(product_id, None)
             if event:
                 event.clear()
@@ -309,70 +344,42 @@ class ProductRegistry:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- building
-    def _fingerprint(self, detector: Detector, config: ProductConfig, files: list[Path], holdout: list[Path]) -> str:
-        digest = hashlib.sha256()
-        digest.update(detector.config_fingerprint().encode())
-        text = {"object": config.object_name, "defects": config.defect_words, "shots": config.shots,
-                "threshold": asdict(config.threshold), "detector": config.detector}
-        digest.update(json.dumps(text, sort_keys=True).encode())
-        for path in [*files, *holdout]:
-            digest.update(path.name.encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()[:20]
-
-    def _build(self, config: ProductConfig, current: ProductEntry | None = None) -> ProductEntry:
+    def _build(self, config: ProductConfig, current: ProductEntry | None, ctx: FitContext) -> ProductEntry:
         started = time.perf_counter()
         try:
-            detector = create_detector(config.detector, self.backbone, config.options)
+            model, backbone = self.backbone_for(config.model)
+            detector = create_detector(config.detector, backbone, config.options)
             mask_policy = MaskPolicy.parse(config.mask)
+            policy = threshold_policy(config.threshold)
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
         files = reference_files(config.references, config.shots)
         holdout_files = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
-        fingerprint = self._fingerprint(detector, config, files, holdout_files)
+        spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
+        fingerprint = build_fingerprint(detector, spec, policy, files, holdout_files)
         if current is not None and current.fingerprint == fingerprint and current.config == config:
             return current
-        spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
-        state = self._load_cached(config.id, fingerprint)
-        if state is None:
-            references = load_images(files)
-            state = detector.fit(spec, references)
-            threshold, calibration = calibrate(detector, spec, references, load_images(holdout_files), state,
-                                               config.threshold)
-            state.meta.update({"threshold": threshold, "calibration": calibration, "fingerprint": fingerprint})
-            self._store_cached(config.id, fingerprint, state)
-        threshold = float(state.meta["threshold"]) if config.threshold.value is None else config.threshold.value
-        version = self._versions.get(config.id, 0) + 1
-        self._versions[config.id] = version
+        result = self.cache.load(detector, config.id, fingerprint) if self.cache else None
+        if result is None:
+            if self.cache and detector.learning.per_product == "trained":
+                ctx.checkpoint_dir = self.cache.checkpoint_dir(config.id, fingerprint)
+            result = build_product(detector, spec, load_images(files), load_images(holdout_files), policy, ctx)
+            result.fingerprint = fingerprint
+            if self.cache:
+                self.cache.store(detector, config.id, result)
+                if ctx.checkpoint_dir is not None:
+                    _remove_tree(ctx.checkpoint_dir)  # the finished state replaces the training checkpoints
+        threshold = result.threshold if config.threshold.value is None else config.threshold.value
+        with self._version_lock:
+            version = self._versions.get(config.id, 0) + 1
+            self._versions[config.id] = version
         log.info("product %s: built in %.2fs", config.id, time.perf_counter() - started)
-        return ProductEntry(config, detector, state.to(self.backbone.device), version, threshold, fingerprint,
-                            time.time(), dict(state.meta.get("calibration", {})), mask_policy)
+        return ProductEntry(config, detector, result.state.to(backbone.device), version, threshold, fingerprint,
+                            time.time(), dict(result.calibration), mask_policy, tuple(p.name for p in files), model)
 
-    def _cache_path(self, product_id: str, fingerprint: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in product_id)
-        return self.cache_dir / f"{safe}-{fingerprint}.safetensors"
 
-    def _load_cached(self, product_id: str, fingerprint: str) -> ProductState | None:
-        path = self._cache_path(product_id, fingerprint)
-        if path is None or not path.exists():
-            return None
-        try:
-            state = ProductState.load(path)
-            if state.meta.get("fingerprint") != fingerprint or "threshold" not in state.meta:
-                raise ValueError("fingerprint mismatch")
-            log.info("product %s: state loaded from cache %s", product_id, path.name)
-            return state
-        except Exception as exc:  # noqa: BLE001 - any corrupt file is rebuilt, never fatal
-            log.warning("product %s: cached state %s unusable (%s); rebuilding", product_id, path.name, exc)
-            path.unlink(missing_ok=True)
-            return None
+def _remove_tree(path: Path) -> None:
+    import shutil
 
-    def _store_cached(self, product_id: str, fingerprint: str, state: ProductState) -> None:
-        path = self._cache_path(product_id, fingerprint)
-        if path is not None:
-            try:
-                state.save(path)
-            except OSError as exc:
-                log.warning("product %s: cannot write state cache %s: %s", product_id, path, exc)
+    shutil.rmtree(path, ignore_errors=True)
+

@@ -3,7 +3,11 @@
 `ClipBackbone.forward` runs the image tower once for a batch and returns every feature any
 detector of the batch asked for (`FeatureRequest`): the image embedding, patch tokens of chosen
 blocks, and WinCLIP window embeddings computed by token dropping (all windows of all images in one
-transformer batch per window size).
+transformer batch per window size). Inputs of another size than the model's get bicubically
+interpolated positional embeddings. A request names a tower variant: "plain", "visual_prompts"
+(deep prompt tokens per row, for prompt learners) or one a detector registers (`register_tower`).
+Text: `encode_text` (inference, bounded cache) and `encode_text_embeddings` (differentiable: prompt
+token embeddings in, features out, no cache) for methods that learn prompts.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from inspectd.detectors import fused
 from inspectd.detectors import weights as weights_mod
-from inspectd.detectors.preprocess import Preprocessor
+from inspectd.detectors.preprocess import InputSpec, Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class ModelSpec:
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
     window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
     cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
+    seed: int = 0  # seed of random (demo) weights, so a demo is reproducible
 
     @property
     def model_id(self) -> str:
@@ -58,9 +65,14 @@ class FeatureRequest:
     patch_tokens: bool = False  # last block's patch tokens after ln_post (width-dim, not projected)
     patch_embeddings: bool = False  # last block's patch tokens after ln_post and proj (joint space)
     windows: frozenset[int] = frozenset()  # k of the k x k windows (stride 1) to embed
+    tower: str = "plain"  # image tower variant: "plain", "visual_prompts", or a registered one
 
     def __or__(self, other: FeatureRequest) -> FeatureRequest:
+        if self.tower != other.tower:
+            raise ValueError(f"cannot merge requests for towers {self.tower!r} and {other.tower!r}: "
+                             "one forward runs one tower variant (the pipeline groups by tower)")
         return FeatureRequest(
+            tower=self.tower,
             blocks=self.blocks | other.blocks,
             patch_tokens=self.patch_tokens or other.patch_tokens,
             patch_embeddings=self.patch_embeddings or other.patch_embeddings,
@@ -118,6 +130,20 @@ def window_coverage(grid_h: int, grid_w: int, k: int, device: str = "cpu") -> to
     return cover.to(device)
 
 
+# A tower variant: (backbone, pixels [N,3,S,S], request, row_inputs) -> Features. Built-ins live on
+# ClipBackbone; a detector adds its own (e.g. PromptAD's value-value path) with `register_tower`.
+TowerFn = Callable[["ClipBackbone", torch.Tensor, FeatureRequest, Mapping[str, torch.Tensor]], Features]
+_TOWERS: dict[str, TowerFn] = {}
+TEXT_CACHE_ENTRIES = 512  # prompt lists kept by encode_text (LRU); a product's ensemble is a handful
+
+
+def register_tower(name: str, fn: TowerFn) -> None:
+    """Make an image-tower variant available to feature requests by ``name`` (same weights, other forward)."""
+    if name in ("plain", "visual_prompts"):
+        raise ValueError(f"tower {name!r} is built in")
+    _TOWERS[name] = fn
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +184,9 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
                 "pretrained='random' needs the explicit demo flag (--demo); random weights give "
                 "meaningless scores"
             )
-        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick)
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(spec.seed)
+            model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=quick)
         tokenizer = open_clip.get_tokenizer(spec.arch)
         demo = True
         log.warning(DEMO_WARNING)
@@ -222,7 +250,11 @@ class ClipBackbone:
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.preprocessor = Preprocessor(self.image_size)
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._preprocessors: dict[InputSpec, Preprocessor] = {self.preprocessor.spec: self.preprocessor}
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._weights_id: str | None = None
+        self.forwards = 0  # image-tower forwards run (tests and metrics count batching with it)
         self.fused_blocks = self._build_fused_blocks()
 
     def _build_fused_blocks(self) -> fused.FusedBlocks | None:
@@ -259,6 +291,38 @@ class ClipBackbone:
         return self.spec.model_id
 
     @property
+    def identity(self) -> dict[str, object]:
+        """What a learned part depends on, comparable across machines (paths differ, names do not)."""
+        weights = weights_mod.pretrained_identity(self.spec.arch, self.spec.pretrained)
+        return {"arch": self.spec.arch, "weights": weights,
+                "embed_dim": self.embed_dim, "width": self.width, "image_size": self.image_size}
+
+    @property
+    def weights_id(self) -> str:
+        """The loaded weights' content identity (keys caches): a file's sha256, the seed of random weights,
+        or the open_clip tag (downloaded tags are fixed files)."""
+        if self._weights_id is None:
+            source = weights_mod.resolve(self.spec.arch, self.spec.pretrained)
+            if source.kind == "random":
+                self._weights_id = f"random:seed={self.spec.seed}"
+            elif source.kind == "file":
+                self._weights_id = "sha256:" + weights_mod.sha256_of(source.value)
+            elif source.kind == "dir":
+                files = sorted(p for p in Path(source.value).iterdir() if p.is_file())
+                digest = "".join(f"{p.name}:{weights_mod.sha256_of(p)};" for p in files)
+                self._weights_id = "dir:" + __import__("hashlib").sha256(digest.encode()).hexdigest()
+            else:
+                self._weights_id = f"tag:{self.spec.pretrained}"
+        return self._weights_id
+
+    def preprocessor_for(self, spec: InputSpec) -> Preprocessor:
+        """The (cached) pre-processor for a detector's input spec."""
+        found = self._preprocessors.get(spec)
+        if found is None:
+            found = self._preprocessors[spec] = Preprocessor(spec.size, mode=spec.mode)
+        return found
+
+    @property
     def embed_dim(self) -> int:
         return int(self.visual.output_dim)
 
@@ -269,10 +333,11 @@ class ClipBackbone:
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings [P, D] (fp32), cached by the exact prompt list."""
+        """L2-normalised text embeddings [P, D] (fp32), cached (LRU, bounded) by the exact prompt list."""
         key = tuple(prompts)
         cached = self._text_cache.get(key)
         if cached is not None:
+            self._text_cache.move_to_end(key)
             return cached
         chunks = []
         for start in range(0, len(key), 256):
@@ -280,7 +345,44 @@ class ClipBackbone:
             chunks.append(self._encode_tokens(tokens).float())
         embeddings = F.normalize(torch.cat(chunks), dim=-1)
         self._text_cache[key] = embeddings
+        while len(self._text_cache) > TEXT_CACHE_ENTRIES:
+            self._text_cache.popitem(last=False)
         return embeddings
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids [P, 77], token embeddings [P, 77, W] without positions) -- the starting point of prompt
+        learning: replace rows of the embeddings with learnable context vectors, then `encode_text_embeddings`."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        with torch.no_grad():
+            embeddings = self.model.token_embedding(tokens)
+        return tokens, embeddings
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, eot_positions: torch.Tensor,
+                               deep_prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Differentiable text features [P, D] (not normalised, not cached) from token embeddings [P, T, W].
+
+        ``eot_positions`` [P]: index of each prompt's end-of-text token (its pooled position).
+        ``deep_prompts``: optional per-layer context tensors [n_ctx, W] that replace tokens 1..n_ctx at the
+        input of layer j (deep prompting, e.g. AnoPLe's textual prompts); layer 0's are already in
+        ``embeddings``. Gradients flow to ``embeddings`` and ``deep_prompts``; the tower stays frozen.
+        """
+        model = self.model
+        length = int(eot_positions.max().item()) + 1
+        x = embeddings[:, :length].to(self.dtype) + model.positional_embedding[:length].to(self.dtype)
+        mask = model.attn_mask[:length, :length] if getattr(model, "attn_mask", None) is not None else None
+        for j, block in enumerate(model.transformer.resblocks):
+            if deep_prompts is not None and 0 < j < len(deep_prompts) and deep_prompts[j] is not None:
+                n_ctx = deep_prompts[j].shape[0]
+                ctx = deep_prompts[j].to(x.dtype)[None].expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
+            x = block(x, attn_mask=mask)
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_positions.to(x.device)]
+        projection = model.text_projection
+        if projection is None:
+            return x.float()
+        out = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        return out.float()
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings of padded token ids, computed on the shortest context that holds them.
@@ -308,36 +410,110 @@ class ClipBackbone:
 
     # ---------------------------------------------------------------- image
     def _embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch + CLS tokens with positional embeddings and ln_pre: [N, 1+L, W]."""
-        return self.visual._embeds(pixels.to(device=self.device, dtype=self.dtype))
+        """Patch + CLS tokens with positional embeddings and ln_pre: [N, 1+L, W] (any input size)."""
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if pixels.shape[-1] == self.image_size and pixels.shape[-2] == self.image_size:
+            return self.visual._embeds(pixels)
+        visual = self.visual
+        x = visual.conv1(pixels)
+        grid = (x.shape[2], x.shape[3])
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positions(grid).to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def _positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Positional embeddings [1+gh*gw, W] for another patch grid: the trained grid's, bicubically resized
+        (how APRIL-GAN runs a 336-px ViT at 518 px)."""
+        found = self._pos_cache.get(grid)
+        if found is None:
+            pos = self.visual.positional_embedding.detach().float()
+            gh, gw = self.grid
+            patches = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+            resized = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+            found = torch.cat([pos[:1], resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+            found = self._pos_cache[grid] = found.to(self.dtype)
+        return found
+
+    def input_grid(self, pixels: torch.Tensor) -> tuple[int, int]:
+        return pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
 
     def _project(self, cls_tokens: torch.Tensor) -> torch.Tensor:
         pooled = self.visual.ln_post(cls_tokens)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, request: FeatureRequest) -> Features:
-        """Run the image tower once on [N, 3, S, S] and return the requested taps (fp32)."""
+    def forward(self, pixels: torch.Tensor, request: FeatureRequest,
+                row_inputs: Mapping[str, torch.Tensor] | None = None) -> Features:
+        """Run the image tower once on [N, 3, S, S] and return the requested taps (fp32).
+
+        ``row_inputs`` carries per-row tensors a tower variant needs (e.g. "visual_prompts" [N, J, P, W]).
+        """
+        self.forwards += 1
+        if request.tower == "plain":
+            return self._plain(pixels, request)
+        if request.tower == "visual_prompts":
+            prompts = (row_inputs or {}).get("visual_prompts")
+            if prompts is None:
+                raise ValueError("tower 'visual_prompts' needs row_inputs['visual_prompts'] [N, J, P, W]")
+            return self.prompted_forward(pixels, request, prompts)
+        tower = _TOWERS.get(request.tower)
+        if tower is None:
+            raise ValueError(f"unknown tower variant {request.tower!r}; known: plain, visual_prompts, "
+                             f"{', '.join(sorted(_TOWERS)) or '-'}")
+        return tower(self, pixels, request, row_inputs or {})
+
+    def _plain(self, pixels: torch.Tensor, request: FeatureRequest) -> Features:
         tokens = self._embed_tokens(pixels)
         n = tokens.shape[0]
+        grid = self.input_grid(pixels)
         x = tokens
         taps: dict[int, torch.Tensor] = {}
         for i in range(len(self.visual.transformer.resblocks)):
             x = self._block(i, x)
             if i in request.blocks:
                 taps[i] = x[:, 1:].float()
+        features = self._outputs(x, grid, taps, request)
+        for k in sorted(request.windows):
+            features.windows[k] = self.window_embeddings(tokens, k, grid).reshape(n, -1, self.embed_dim)
+        return features
+
+    def _outputs(self, x: torch.Tensor, grid: tuple[int, int], taps: dict[int, torch.Tensor],
+                 request: FeatureRequest) -> Features:
         last = self.visual.ln_post(x)
         image_embeddings = (last[:, 0] @ self.visual.proj).float()
-        features = Features(image_embeddings=image_embeddings, grid=self.grid, blocks=taps)
+        features = Features(image_embeddings=image_embeddings, grid=grid, blocks=taps)
         if request.patch_tokens:
             features.patch_tokens = last[:, 1:].float()
         if request.patch_embeddings:
             features.patch_embeddings = (last[:, 1:] @ self.visual.proj).float()
-        for k in sorted(request.windows):
-            features.windows[k] = self.window_embeddings(tokens, k).reshape(n, -1, self.embed_dim)
         return features
 
-    def window_embeddings(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    def prompted_forward(self, pixels: torch.Tensor, request: FeatureRequest, prompts: torch.Tensor) -> Features:
+        """Deep visual prompting: P prompt tokens per row enter after the CLS token at layer 0 and are replaced
+        by that row's next set at the input of each layer j < J; they are dropped from every patch tap.
+
+        ``prompts`` [N, J, P, W]: per-row, so products with different learned prompts share one forward.
+        Not under inference_mode when called directly (gradients reach ``prompts`` for training).
+        """
+        if request.windows:
+            raise ValueError("tower 'visual_prompts' does not compute window embeddings")
+        tokens = self._embed_tokens(pixels)
+        grid = self.input_grid(pixels)
+        n_layers, n_prompts = prompts.shape[1], prompts.shape[2]
+        prompts = prompts.to(device=tokens.device, dtype=tokens.dtype)
+        x = torch.cat([tokens[:, :1], prompts[:, 0], tokens[:, 1:]], dim=1)
+        taps: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.visual.transformer.resblocks):
+            if 0 < i < n_layers:
+                x = torch.cat([x[:, :1], prompts[:, i], x[:, 1 + n_prompts:]], dim=1)
+            x = block(x)
+            if i in request.blocks:
+                taps[i] = x[:, 1 + n_prompts:].float()
+        x = torch.cat([x[:, :1], x[:, 1 + n_prompts:]], dim=1)
+        return self._outputs(x, grid, taps, request)
+
+    def window_embeddings(self, tokens: torch.Tensor, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Embeddings [N * n_windows, D] of every k x k window by token dropping.
 
         Each window keeps only its own k*k patch tokens and the CLS token, all with the positional
@@ -345,7 +521,7 @@ class ClipBackbone:
         the transformer as a sequence of 1 + k*k tokens; the CLS output -> ln_post -> proj.
         """
         n, _, width = tokens.shape
-        idx = window_indices(*self.grid, k, str(self.device))  # [U, k*k]
+        idx = window_indices(*(grid or self.grid), k, str(self.device))  # [U, k*k]
         n_windows = idx.shape[0]
         patches = tokens[:, 1:][:, idx]  # [N, U, k*k, W]
         cls = tokens[:, :1, None, :].expand(n, n_windows, 1, width)

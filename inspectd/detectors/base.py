@@ -1,9 +1,25 @@
-"""The detector interface, the per-product state, and the registry of detector names.
+"""The detector interface, the per-product state, how a detector learns, and the list of detectors.
 
 A detector owns the maths of one method; the backbone is shared. What belongs to one product
-(its text prototypes, reference memories, threshold) lives in a `ProductState`, a small set of
-named tensors plus JSON metadata that is built by `Detector.fit`, saved as safetensors (never
-pickle), loaded, and swapped independently of everything else.
+(its text prototypes, reference memories, learned prompts) lives in a `ProductState`, named
+tensors plus JSON metadata, built by `Detector.fit` and saved as an artifact (`artifacts.py`).
+A detector *declares* how it learns (`Learning`): fitted in seconds from k references, trained per
+product in the background, and/or with a part trained offline by its `Trainer` (`inspectd fit`).
+
+How to add a detector (a newcomer's checklist):
+1. Write `inspectd/detectors/<name>.py` (or a package `<name>/`) with a `Detector` subclass: set
+   ``name``, ``version`` (bump it whenever the maths changes: cached states of older versions are
+   then rebuilt), an ``Options`` dataclass (validated from the product's ``options:``), and
+   implement `feature_request`, `fit` and `score`; decorate it with `@register_detector`.
+2. Override `input_spec` for an input other than WinCLIP-style tiling at the model's size, e.g.
+   ``InputSpec(size=518, mode="square")``; ``feature_request`` may ask for a tower variant.
+3. Declare ``learning``: ``Learning(per_product="trained")`` when `fit` runs a training loop (use
+   `training.loop.train` with the `FitContext` it is given: progress, stop and checkpoints then work in
+   the daemon), and/or ``Learning(offline=MyTrainer)`` for a part trained by `inspectd fit <name>`
+   and saved with `artifacts.save_artifact` (list the option naming that file in ``artifact_options``).
+   A training method should override `calibration_scores` (the default re-fits k times).
+4. Add one line to `DETECTOR_MODULES` below, and tests under `tests/`. Engine, registry, eval and
+   the CLI pick it up from there.
 """
 
 from __future__ import annotations
@@ -12,19 +28,28 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
+from inspectd.detectors import artifacts
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features
+from inspectd.detectors.context import FitContext
+from inspectd.detectors.preprocess import InputSpec, Preprocessor
 
-STATE_FORMAT = 1
+if TYPE_CHECKING:
+    from inspectd.detectors.training.trainer import Trainer
+
+# name -> module (or package) defining it; imported on first use, so listing costs nothing
+DETECTOR_MODULES: dict[str, str] = {
+    "winclip": "inspectd.detectors.winclip",
+    "randword": "inspectd.detectors.randword",
+}
 
 
 @dataclass(frozen=True)
@@ -36,9 +61,28 @@ class ProductSpec:
     defect_words: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Learning:
+    """How a detector learns; the runtime reads this and never guesses.
+
+    per_product: "fitted" -- `fit` builds memories from the references in seconds (WinCLIP+);
+                 "trained" -- `fit` runs a training loop: the daemon runs it in the background with
+                 progress, stop and per-epoch checkpoints (PromptAD's prompts).
+    offline:     a `Trainer` for a part learned before any product exists (`inspectd fit NAME`):
+                 on labelled data, many products, or none (randword's FFN on random-word prompts).
+    """
+
+    per_product: str = "fitted"
+    offline: type[Trainer] | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_product not in ("fitted", "trained"):
+            raise ValueError(f"Learning.per_product must be 'fitted' or 'trained', not {self.per_product!r}")
+
+
 @dataclass
 class ProductState:
-    """One product's fitted state: named tensors (on the engine's device) and JSON-able metadata."""
+    """One product's fitted state: named tensors (on the engine's device) and the detector's JSON metadata."""
 
     detector: str
     tensors: dict[str, torch.Tensor]
@@ -46,26 +90,6 @@ class ProductState:
 
     def to(self, device: torch.device | str) -> ProductState:
         return ProductState(self.detector, {k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta))
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        header = {"format": str(STATE_FORMAT), "detector": self.detector, "meta": json.dumps(self.meta)}
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        tmp = Path(f"{path}.tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)  # atomic: a reader never sees a half-written state
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ProductState:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != str(STATE_FORMAT):
-                raise ValueError(f"{path}: not an inspectd product state (format {header.get('format')!r})")
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open API
-        return cls(header["detector"], tensors, json.loads(header.get("meta", "{}")))
 
 
 @dataclass
@@ -79,51 +103,110 @@ class DetectorOutput:
 class Detector(ABC):
     """One anomaly-detection method over the shared CLIP backbone.
 
-    Subclasses set ``name``, an ``Options`` dataclass (validated from the product's config), and
-    implement `feature_request`, `fit` and `score`. `score` gets the features of this product's
-    tiles only and must treat each row independently (batching never changes a result).
+    Subclasses set ``name``, ``version``, an ``Options`` dataclass (validated from the product's
+    config), declare ``learning``, and implement `feature_request`, `fit` and `score`. `score` gets
+    the features of this product's inputs only and must treat each row independently (batching
+    never changes a result).
     """
 
     name: ClassVar[str]
+    version: ClassVar[int] = 1  # part of every cache key: bump when the maths changes
     Options: ClassVar[type] = dataclass(type("NoOptions", (), {}))
     produces_masks: ClassVar[bool] = True
+    learning: ClassVar[Learning] = Learning()
+    artifact_options: ClassVar[tuple[str, ...]] = ()  # options naming learned-part files (content-hashed)
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         self.backbone = backbone
         self.options = build_options(self.Options, options or {}, where=f"detector {self.name!r} options")
 
+    # ------------------------------------------------------------------ input
+    def input_spec(self) -> InputSpec:
+        """How frames become model inputs: WinCLIP tiling at the model's size unless overridden."""
+        return InputSpec(self.backbone.image_size, "tile")
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self.backbone.preprocessor_for(self.input_spec())
+
+    # ------------------------------------------------------------------ the method
     @abstractmethod
     def feature_request(self, state: ProductState) -> FeatureRequest:
-        """Which backbone taps scoring with ``state`` needs."""
+        """Which backbone taps (and tower variant) scoring with ``state`` needs."""
 
     @abstractmethod
-    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray]) -> ProductState:
+    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray], ctx: FitContext | None = None
+            ) -> ProductState:
         """Build a product's state from its text description and k >= 0 normal RGB reference frames."""
 
     @abstractmethod
     def score(self, features: Features, state: ProductState) -> DetectorOutput:
-        """Score rows of ``features`` (tiles of this product's frames) with the product's state."""
+        """Score rows of ``features`` (inputs of this product's frames) with the product's state."""
+
+    def tower_inputs(self, state: ProductState) -> dict[str, torch.Tensor]:
+        """Per-product tensors the requested tower variant needs, each [1, ...] (repeated over the product's
+        rows), e.g. {"visual_prompts": [1, J, P, W]}. Plain towers need none."""
+        return {}
 
     @property
     def test_time_crops(self) -> int:
         """Extra crop views per tile whose image scores are averaged in (multi-crop TTA); 0 = none."""
         return int(getattr(self.options, "multi_crop", 0))
 
+    def calibration_scores(self, spec: ProductSpec, references: Sequence[np.ndarray], state: ProductState,
+                           ctx: FitContext, has_holdout: bool) -> dict[str, list[float]] | None:
+        """Scores of normal views standing for unseen good parts, by how they were made; None = the default.
+
+        The default (`building.default_calibration_scores`, right for fitted methods where a fit costs
+        seconds): leave-one-out over k >= 2 references, each scored against a state fitted on the other
+        k-1; with k = 1 and no holdout, shifted views of the one reference. A training method overrides
+        this (k re-trainings are too dear), e.g. scoring augmented views of the references against ``state``.
+        """
+        return None
+
     def reference_features(self, references: Sequence[np.ndarray], request: FeatureRequest) -> Features | None:
-        """Backbone features of all tiles of the reference frames (None when there are none)."""
+        """Backbone features of all inputs (tiles) of the reference frames (None when there are none)."""
         if not references:
             return None
-        tiles = [self.backbone.preprocessor(image)[0] for image in references]
+        preprocess = self.preprocessor
+        tiles = [preprocess(image)[0] for image in references]
         return self.backbone.forward(torch.cat(tiles), request)
 
+    # ------------------------------------------------------------------ identity and saving
     def config_fingerprint(self) -> str:
-        """A stable hash of this detector's name, options and backbone (keys the state cache)."""
+        """A stable hash of what a state depends on: detector name + version, options, input, the backbone's
+        identity (weights included) and the contents of learned-part files (keys the state cache)."""
+        learned = {}
+        for option in self.artifact_options:
+            value = getattr(self.options, option, "")
+            if value:
+                path = Path(value).expanduser()
+                learned[option] = artifacts.file_hash(path) if path.is_file() else "missing"
         payload = json.dumps(
-            {"detector": self.name, "options": dataclasses.asdict(self.options),
-             "model": self.backbone.model_id, "image_size": self.backbone.image_size},
+            {"detector": self.name, "version": self.version, "options": dataclasses.asdict(self.options),
+             "backbone": self.backbone.identity, "weights": self.backbone.weights_id,
+             "input": dataclasses.asdict(self.input_spec()), "learned": learned},
             sort_keys=True, default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def state_artifact(self, state: ProductState, config: Mapping[str, Any] | None = None,
+                       training: Mapping[str, Any] | None = None) -> artifacts.Artifact:
+        return artifacts.Artifact(artifacts.PRODUCT_STATE, self.name, self.version, dict(state.tensors),
+                                  backbone=self.backbone.identity, config=dict(config or {}),
+                                  training=dict(training or {}), meta=dict(state.meta))
+
+    def save_state(self, state: ProductState, path: str | Path, **header: Mapping[str, Any]) -> str:
+        """Save ``state`` as a product-state artifact; returns its content hash."""
+        return artifacts.save_artifact(self.state_artifact(state, **header), path)
+
+    def load_state(self, path: str | Path, device: torch.device | str = "cpu") -> tuple[ProductState,
+                                                                                         artifacts.Artifact]:
+        """Load a state this detector (same name, version and backbone) wrote; ArtifactMismatch otherwise."""
+        artifact = artifacts.load_artifact(path, device, kind=artifacts.PRODUCT_STATE, detector=self.name,
+                                           detector_version=self.version, backbone=self.backbone.identity,
+                                           refit_hint="rebuild the product (delete the cached state)")
+        return ProductState(self.name, artifact.tensors, artifact.meta), artifact
 
 
 def build_options(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -151,32 +234,24 @@ _REGISTRY: dict[str, type[Detector]] = {}
 
 
 def register_detector(cls: type[Detector]) -> type[Detector]:
-    """Class decorator: make a detector available by its ``name``."""
+    """Class decorator: make a detector available by its ``name`` (its module is listed in DETECTOR_MODULES)."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"detector name {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def _discover() -> None:
-    import inspectd.detectors as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.ispkg:
-            importlib.import_module(f"{package.__name__}.{info.name}")
-
-
 def available_detectors() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return sorted(set(DETECTOR_MODULES) | set(_REGISTRY))
 
 
 def detector_class(name: str) -> type[Detector]:
-    _discover()
+    if name not in _REGISTRY and name in DETECTOR_MODULES:
+        importlib.import_module(DETECTOR_MODULES[name])
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown detector {name!r}; available: {sorted(_REGISTRY)}") from None
+        raise ValueError(f"unknown detector {name!r}; available: {available_detectors()}") from None
 
 
 def create_detector(name: str, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> Detector:

@@ -1,8 +1,10 @@
-"""Scoring a mixed batch: one backbone forward for all frames, then each product's detector.
+"""Scoring a mixed batch: one backbone forward per (model, input, tower) group, then each product's detector.
 
-Used by the daemon's engine and by offline evaluation alike (one implementation). `prepare` (CPU
-pre-processing and tiling) is separate from `run` (the forward) so the engine can prepare the next
-batch while the current one runs.
+Used by the daemon's engine, by building (calibration) and by offline evaluation alike (one
+implementation). Each item's detector chooses its input (`Detector.input_spec`): `prepare` (CPU
+pre-processing) is separate from `run` (the forwards) so the engine can prepare the next batch
+while the current one runs. Products that share a model, an input size and a tower variant share
+one forward, whatever their detectors.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from functools import reduce
 import numpy as np
 import torch
 
-from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
+from inspectd.detectors.backbone import FeatureRequest
 from inspectd.detectors.base import Detector, ProductState
-from inspectd.detectors.preprocess import Preprocessor, TileLayout, crop_views
+from inspectd.detectors.preprocess import InputSpec, TileLayout, crop_views
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ScoreItem:
     tiles: torch.Tensor | None = None
     layout: TileLayout | None = None
     map_size: tuple[int, int] | None = None  # output map size; None = the frame's own size
+    input_spec: InputSpec | None = None  # the spec ``tiles`` were made with (None: not prepared)
 
 
 @dataclass
@@ -38,42 +41,83 @@ class ScoreOutput:
     map: np.ndarray | None  # float32 [H, W] in the detector's score range, or None
 
 
-def prepare(preprocessor: Preprocessor, items: Sequence[ScoreItem]) -> None:
-    """Tile every item's image in place (CPU work; safe to run in a worker thread)."""
+def prepare_item(item: ScoreItem) -> None:
+    """Pre-process one item for its detector's input (CPU work; safe to run in a worker thread)."""
+    spec = item.detector.input_spec()
+    if item.tiles is not None and item.input_spec in (None, spec):
+        item.input_spec = spec
+        return
+    if item.image is None:
+        raise ValueError("ScoreItem needs an image, or tiles made for its detector's input spec")
+    item.tiles, item.layout = item.detector.preprocessor(item.image)
+    item.input_spec = spec
+
+
+def prepare(items: Sequence[ScoreItem]) -> None:
     for item in items:
-        if item.tiles is None:
-            if item.image is None:
-                raise ValueError("ScoreItem needs an image or precomputed tiles")
-            item.tiles, item.layout = preprocessor(item.image)
+        prepare_item(item)
 
 
-def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, float] | None = None
-        ) -> list[ScoreOutput]:
-    """Score a batch: one forward over every tile, per-(detector, state) scoring, tiles merged back.
+def forward_groups(items: Sequence[ScoreItem]) -> dict[tuple, list[int]]:
+    """Item indices by (model, input spec, tower variant): each group is one backbone forward."""
+    groups: dict[tuple, list[int]] = {}
+    for index, item in enumerate(items):
+        request = item.detector.feature_request(item.state)
+        key = (id(item.detector.backbone), item.input_spec, request.tower)
+        groups.setdefault(key, []).append(index)
+    return groups
 
-    ``timings``, when given, receives the seconds spent in the backbone forward and in scoring.
+
+def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> list[ScoreOutput]:
+    """Score a batch: one forward per group, per-(detector, state) scoring, tiles merged back.
+
+    ``timings``, when given, receives the seconds spent in the backbone forwards and in scoring.
     """
     if not items:
         return []
-    prepare(backbone.preprocessor, items)
+    prepare(items)
+    tile_scores: list[torch.Tensor | None] = [None] * len(items)
+    tile_maps: list[torch.Tensor | None] = [None] * len(items)
+    forward_s = score_s = 0.0
+    for members in forward_groups(items).values():
+        f, s = _run_group([items[m] for m in members], members, tile_scores, tile_maps)
+        forward_s += f
+        score_s += s
+    merged_at = time.perf_counter()
+    results = []
+    for index, item in enumerate(items):
+        score = float(tile_scores[index].float().mean().item())
+        amap = None
+        if tile_maps[index] is not None:
+            merged = item.detector.preprocessor.merge_maps(tile_maps[index], item.layout, item.map_size)
+            amap = merged.float().cpu().numpy()
+        results.append(ScoreOutput(score, amap))
+    if timings is not None:
+        timings["forward"] = forward_s
+        timings["score"] = score_s + time.perf_counter() - merged_at
+    return results
+
+
+def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], tile_scores: list, tile_maps: list
+               ) -> tuple[float, float]:
+    """One forward for items sharing a model, input and tower; fills tile_scores/tile_maps at ``positions``."""
+    backbone = items[0].detector.backbone
     # Per item: its map tiles, then (multi-crop) crop views whose image scores are averaged in.
     views = [item.tiles if not item.detector.test_time_crops
              else torch.cat([item.tiles, crop_views(item.tiles, item.detector.test_time_crops)]) for item in items]
     map_tiles = [item.tiles.shape[0] for item in items]
     counts = [v.shape[0] for v in views]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items), FeatureRequest())
+    request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items))
+    row_inputs = _row_inputs(items, counts)
     started = time.perf_counter()
-    features = backbone.forward(torch.cat(views), request)
+    features = backbone.forward(torch.cat(views), request, row_inputs)
     forwarded = time.perf_counter()
 
-    groups: dict[tuple[int, int], list[int]] = {}
+    by_state: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):
-        groups.setdefault((id(item.detector), id(item.state)), []).append(index)
-
-    tile_scores: list[torch.Tensor | None] = [None] * len(items)
-    tile_maps: list[torch.Tensor | None] = [None] * len(items)
-    for members in groups.values():
+        by_state.setdefault((id(item.detector), id(item.state)), []).append(index)
+    for members in by_state.values():
         rows = [r for m in members for r in range(starts[m], starts[m + 1])]
         first = items[members[0]]
         group = features if len(members) == len(items) else features.select(rows)  # one product: no copy
@@ -81,19 +125,32 @@ def run(backbone: ClipBackbone, items: Sequence[ScoreItem], timings: dict[str, f
         offset = 0
         for m in members:
             n = counts[m]
-            tile_scores[m] = output.scores[offset:offset + n]
-            tile_maps[m] = None if output.maps is None else output.maps[offset:offset + map_tiles[m]]
+            tile_scores[positions[m]] = output.scores[offset:offset + n]
+            tile_maps[positions[m]] = None if output.maps is None else output.maps[offset:offset + map_tiles[m]]
             offset += n
+    return forwarded - started, time.perf_counter() - forwarded
 
-    results = []
-    for index, item in enumerate(items):
-        score = float(tile_scores[index].float().mean().item())
-        amap = None
-        if tile_maps[index] is not None:
-            merged = backbone.preprocessor.merge_maps(tile_maps[index], item.layout, item.map_size)
-            amap = merged.float().cpu().numpy()
-        results.append(ScoreOutput(score, amap))
-    if timings is not None:
-        timings["forward"] = forwarded - started
-        timings["score"] = time.perf_counter() - forwarded
-    return results
+
+def _row_inputs(items: Sequence[ScoreItem], counts: Sequence[int]) -> dict[str, torch.Tensor] | None:
+    """Per-row tower inputs (e.g. each product's visual prompts repeated over its rows), or None."""
+    per_item = [item.detector.tower_inputs(item.state) for item in items]
+    names = {name for inputs in per_item for name in inputs}
+    if not names:
+        return None
+    out = {}
+    for name in names:
+        missing = [items[i].detector.name for i, inputs in enumerate(per_item) if name not in inputs]
+        if missing:
+            raise ValueError(f"tower input {name!r} missing for detector(s) {missing} in one forward group")
+        out[name] = torch.cat([inputs[name].expand(n, *inputs[name].shape[1:])
+                               for inputs, n in zip(per_item, counts, strict=True)])
+    return out
+
+
+def score_images(detector: Detector, state: ProductState, images: Sequence[np.ndarray],
+                 chunk: int = 16) -> list[float]:
+    """Image scores of frames under one product's state, in bounded chunks (calibration, eval)."""
+    scores: list[float] = []
+    for start in range(0, len(images), chunk):
+        scores += [o.score for o in run([ScoreItem(detector, state, image) for image in images[start:start + chunk]])]
+    return scores

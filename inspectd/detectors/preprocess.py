@@ -1,9 +1,10 @@
-"""OpenCLIP pre-processing and WinCLIP tiling: RGB frames -> square model inputs, and maps back.
+"""OpenCLIP pre-processing: RGB frames -> square model inputs (WinCLIP tiling or one square resize), and maps back.
 
-A frame's shorter edge is resized (Pillow bicubic) to the model size S; a non-square frame is cut
-into S x S tiles slid along its longer edge with stride <= 0.8 S. Per-tile maps are averaged back
-onto the resized frame (overlaps averaged) and resized to the frame's own size; per-tile image
-scores are averaged.
+"tile" (WinCLIP): a frame's shorter edge is resized (Pillow bicubic) to the input size S; a
+non-square frame is cut into S x S tiles slid along its longer edge with stride <= 0.8 S. Per-tile
+maps are averaged back onto the resized frame (overlaps averaged) and resized to the frame's own
+size; per-tile image scores are averaged. "square" (APRIL-GAN style): the whole frame is resized to
+S x S (aspect not kept) and its map resized back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TILE_STRIDE = 0.8
+
+
+INPUT_MODES = ("tile", "square")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a detector wants its frames: input size S (pixels) and "tile" or "square"."""
+
+    size: int
+    mode: str = "tile"
+
+    def __post_init__(self) -> None:
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"input mode must be one of {INPUT_MODES}, not {self.mode!r}")
+        if self.size < 1:
+            raise ValueError(f"input size must be >= 1, got {self.size}")
 
 
 @dataclass(frozen=True)
@@ -45,13 +63,18 @@ def tile_offsets(length: int, size: int, max_stride: float = MAX_TILE_STRIDE) ->
 class Preprocessor:
     """Turns RGB uint8 frames into normalised S x S tiles and tile outputs back into frame maps."""
 
-    def __init__(self, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+    def __init__(self, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                 mode: str = "tile"):
+        self.spec = InputSpec(size, mode)
         self.size = size
+        self.mode = mode
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def layout(self, height: int, width: int) -> TileLayout:
         s = self.size
+        if self.mode == "square":
+            return TileLayout((height, width), (s, s), ((0, 0),))
         if height <= width:
             resized = (s, max(s, round(width * s / height)))
         else:
@@ -108,3 +131,15 @@ def crop_views(tiles: torch.Tensor, n: int, scale: float = 0.8) -> torch.Tensor:
     views = [tiles[:, :, top:top + side, left:left + side] for top, left in corners]
     crops = torch.stack(views, dim=1).reshape(-1, tiles.shape[1], side, side)
     return F.interpolate(crops, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def shifted_views(image: np.ndarray, keep: float = 0.92) -> list[np.ndarray]:
+    """Four corner crops keeping ``keep`` of each side, resized back: small placement/scale changes."""
+    h, w = image.shape[:2]
+    ch, cw = max(1, round(h * keep)), max(1, round(w * keep))
+    pil = Image.fromarray(image)
+    views = []
+    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
+        crop = pil.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
+        views.append(np.asarray(crop))
+    return views

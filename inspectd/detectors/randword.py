@@ -1,11 +1,12 @@
 """Random-word FFN detector (spec: shared/spec/randword.md): s_FNN, + prompt score s_p, + few-shot s_img.
 
-Image level only. The FFN comes from `inspectd fit randword` and is copied into each product state.
+Image level only. The FFN is its offline-learned part (`Learning(offline=RandWordTrainer)`, trained by
+`inspectd fit randword`, a learned-part artifact the product's ``ffn`` option names). The detector
+loads it once; a product state records which FFN (content hash) it was fitted with.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from inspectd.detectors import prompts as P
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features
-from inspectd.detectors.base import Detector, DetectorOutput, ProductSpec, ProductState, register_detector
+from inspectd.detectors.base import (
+    Detector,
+    DetectorOutput,
+    Learning,
+    ProductSpec,
+    ProductState,
+    register_detector,
+)
+from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance
-from inspectd.detectors.training.randword_ffn import RandWordFFN, check_backbone, load_ffn
-from inspectd.detectors.weights import sha256_of
-
-FFN_PREFIX = "ffn."
+from inspectd.detectors.training.randword_ffn import RANDWORD_VERSION, FfnBundle, RandWordTrainer, load_ffn
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,11 @@ class RandWord(Detector):
     """score = [s_p] + [s_FNN] + [s_img (k >= 1)], each term switchable; image level only (maps=None)."""
 
     name = "randword"
+    version = RANDWORD_VERSION
     Options = RandWordOptions
     produces_masks = False
+    learning = Learning(per_product="fitted", offline=RandWordTrainer)
+    artifact_options = ("ffn",)
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, options)
@@ -56,15 +64,20 @@ class RandWord(Detector):
                              "nothing would score a zero-shot frame")
         if self.options.temperature <= 0:
             raise ValueError(f"detector 'randword' options.temperature must be > 0, got {self.options.temperature}")
-        self._templates: dict[tuple[int, tuple[int, ...], float], RandWordFFN] = {}
+        self._bundle: FfnBundle | None = None
 
     # ------------------------------------------------------------------ building a product state
-    def _ffn_path(self) -> Path:
-        if not self.options.ffn:
-            raise ValueError("detector 'randword' needs option `ffn`: the FFN file written by "
-                             "`inspectd fit randword --out FILE` with this product's CLIP model "
-                             "(or set use_ffn: false for the prompt-only CLIP baseline)")
-        return Path(self.options.ffn).expanduser()
+    def ffn(self) -> FfnBundle:
+        """The FFN artifact named by the ``ffn`` option, loaded once (checked against this backbone)."""
+        if self._bundle is None:
+            if not self.options.ffn:
+                raise ValueError("detector 'randword' needs option `ffn`: the FFN file written by "
+                                 "`inspectd fit randword --out FILE` with this product's CLIP model "
+                                 "(or set use_ffn: false for the prompt-only CLIP baseline)")
+            bundle = load_ffn(Path(self.options.ffn).expanduser(), self.backbone)
+            bundle.model.to(self.backbone.device).eval()
+            self._bundle = bundle
+        return self._bundle
 
     def prompt_texts(self, spec: ProductSpec) -> list[str]:
         """The spec's two prompts: "a photo of [n] object" and "a photo of [a] object"."""
@@ -72,19 +85,17 @@ class RandWord(Detector):
         return [" ".join(f"a photo of {word} {obj}".split())
                 for word in (self.options.normal_word, self.options.anomaly_word)]
 
-    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray]) -> ProductState:
+    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray], ctx: FitContext | None = None
+            ) -> ProductState:
         texts = self.prompt_texts(spec)
         tensors = {"text_prototypes": F.normalize(self.backbone.encode_text(texts), dim=-1)}
         meta: dict[str, Any] = {"object_name": spec.object_name, "prompts": texts, "shots": len(references)}
         if self.options.use_ffn:
-            path = self._ffn_path()
-            bundle = load_ffn(path, self.backbone)
-            for key, value in bundle.model.state_dict().items():
-                tensors[FFN_PREFIX + key] = value.detach().clone()
-            meta["ffn"] = {"path": str(path), "sha256": sha256_of(path), "arch": bundle.arch,
-                           "pretrained": bundle.pretrained,
-                           "embed_dim": bundle.embed_dim, "hidden": list(bundle.model.hidden),
-                           "dropout": bundle.model.dropout, "pairs": bundle.train.pairs, "seed": bundle.train.seed,
+            bundle = self.ffn()
+            meta["ffn"] = {"path": str(self.options.ffn), "sha256": bundle.content_hash, "arch": bundle.arch,
+                           "pretrained": bundle.pretrained, "embed_dim": bundle.embed_dim,
+                           "hidden": list(bundle.model.hidden), "dropout": bundle.model.dropout,
+                           "pairs": bundle.train.pairs, "seed": bundle.train.seed,
                            "words": [bundle.prompts.normal_word, bundle.prompts.anomaly_word,
                                      bundle.prompts.object_word]}
         feats = self.reference_features(references, FeatureRequest())
@@ -95,30 +106,19 @@ class RandWord(Detector):
     def feature_request(self, state: ProductState) -> FeatureRequest:
         return FeatureRequest()  # the image embedding is always computed
 
-    def config_fingerprint(self) -> str:
-        """Options + backbone, and the FFN file's content (a retrained FFN at the same path refits)."""
-        base = super().config_fingerprint()
-        if not (self.options.use_ffn and self.options.ffn):
-            return base
-        path = Path(self.options.ffn).expanduser()
-        content = sha256_of(path) if path.is_file() else "missing"
-        return hashlib.sha256(f"{base}:{content}".encode()).hexdigest()[:16]
-
     # ------------------------------------------------------------------ scoring
     def _ffn_scores(self, embeddings: torch.Tensor, state: ProductState) -> torch.Tensor:
-        ffn = state.meta.get("ffn")
-        params = {k[len(FFN_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(FFN_PREFIX)}
-        if not ffn or not params:
+        recorded = state.meta.get("ffn")
+        if not recorded:
             raise ValueError("detector 'randword': this product state has no FFN (fitted without the `ffn` "
                              "option); set `ffn` to a file from `inspectd fit randword` and rebuild the state")
-        check_backbone(ffn["arch"], ffn["pretrained"], int(ffn["embed_dim"]), self.backbone,
-                       where=f"the FFN in this product state ({ffn['path']})")
-        key = (int(ffn["embed_dim"]), tuple(ffn["hidden"]), float(ffn["dropout"]))
-        template = self._templates.get(key)
-        if template is None:
-            template = self._templates[key] = RandWordFFN(*key).eval()  # eval: BatchNorm running stats
+        bundle = self.ffn()
+        if recorded.get("sha256") != bundle.content_hash:
+            raise ValueError(f"detector 'randword': the product state was fitted with FFN {recorded.get('path')} "
+                             f"(sha256 {str(recorded.get('sha256'))[:12]}) but the detector loaded "
+                             f"{self.options.ffn} (sha256 {bundle.content_hash[:12]}); rebuild the product")
         with torch.inference_mode():
-            return torch.sigmoid(functional_call(template, params, (embeddings,)))
+            return torch.sigmoid(bundle.model(embeddings))
 
     def components(self, features: Features, state: ProductState) -> dict[str, torch.Tensor]:
         """Each enabled term per row: "prompt" (s_p), "ffn" (s_FNN), "reference" (s_img, few-shot)."""

@@ -131,3 +131,17 @@ def verify(path: str | Path) -> tuple[bool | None, str]:
         ok = digest.startswith(match.group(1))
         return ok, f"{path}: sha256 {digest} — file name says {match.group(1)}: {'OK' if ok else 'MISMATCH'}"
     return None, f"{path}: sha256 {digest} — not a known checkpoint; nothing to compare against"
+
+
+def pretrained_identity(arch: str, pretrained: str) -> str:
+    """The weights' identity across machines: a tag, or a file/folder's name (paths differ per machine).
+
+    A released checkpoint file (``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``) maps to its tag.
+    """
+    if not looks_like_path(pretrained):
+        return pretrained
+    name = Path(pretrained.rstrip("/\\")).name
+    for (known_arch, tag), entry in KNOWN_CHECKPOINTS.items():
+        if known_arch == arch and entry["file"] == name:
+            return tag
+    return name

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from inspectd.detectors import prompts as P
 from inspectd.detectors.backbone import FeatureRequest, Features, window_coverage
 from inspectd.detectors.base import Detector, DetectorOutput, ProductSpec, ProductState, register_detector
+from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance, harmonic_mean, harmonic_window_to_patch
 
 
@@ -70,7 +71,8 @@ class WinClip(Detector):
             return features.patch_embeddings
         return features.blocks[max(features.blocks)]
 
-    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray]) -> ProductState:
+    def fit(self, spec: ProductSpec, references: Sequence[np.ndarray], ctx: FitContext | None = None
+            ) -> ProductState:
         tensors = {"text_prototypes": self._text_prototypes(spec)}
         feats = self.reference_features(references, self._memory_request())
         if feats is not None:

@@ -51,8 +51,9 @@ def record(backbone) -> dict:
     for case, refs in CASES.items():
         det = create_detector("winclip", backbone)
         state = det.fit(ProductSpec("nut", "hazelnut", ("crack",)), [rgb(r) for r in refs])
-        results = run(backbone, [ScoreItem(det, state, image) for image in frames()])
-        out[case] = [{"frame": name, "score": r.score, "map": summarise(r.map)} for name, r in zip(FRAMES, results)]
+        results = run([ScoreItem(det, state, image) for image in frames()])
+        out[case] = [{"frame": name, "score": r.score, "map": summarise(r.map)}
+                     for name, r in zip(FRAMES, results, strict=True)]
     return out
 
 

@@ -1,4 +1,4 @@
-"""On-disk score cache for resumable evaluation runs: image score + anomaly map (float16 .npz, never pickle) per
+"""On-disk score cache for resumable evaluation runs: image score + anomaly map (float32 .npz, never pickle) per
 (model, dataset, image file state, detector + config hash, shots, seed), so a re-run with other metrics skips CLIP.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: maps stored as float32 exactly as scored (1 stored float16, which moved pixel AP)
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,9 @@ def image_fingerprint(path: str | Path) -> str:
 
 class ScoreCache:
     """Directory of ``<digest[:2]>/<digest>.npz`` files, each holding ``key`` (its JSON, checked on read),
-    ``score`` (float64) and optionally ``map`` (float16; float32 only if values exceed float16's range).
-
-    float16 keeps ~3 significant digits: pixel metrics from cached maps may differ from fresh ones in the 4th
-    decimal. Writes are atomic (temp file + rename), so an interrupted run never leaves a torn entry.
+    ``score`` (float64) and optionally ``map`` (float32, the detector's own output precision), so metrics from a
+    cached run equal a fresh run's exactly. Entries of another cache format are misses. Writes are atomic
+    (temp file + rename), so an interrupted run never leaves a torn entry.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -76,7 +74,7 @@ class ScoreCache:
         path = self._path(key)
         try:
             with np.load(path, allow_pickle=False) as data:
-                if str(data["key"]) != key.as_json():
+                if str(data["key"]) != key.as_json() or int(data.get("format", 1)) != CACHE_FORMAT:
                     self.misses += 1
                     return None
                 score = float(data["score"])
@@ -88,12 +86,13 @@ class ScoreCache:
         return score, anomaly_map
 
     def put(self, key: CacheKey, score: float, anomaly_map: np.ndarray | None = None) -> None:
-        arrays: dict[str, np.ndarray] = {"key": np.array(key.as_json()), "score": np.array(float(score))}
+        arrays: dict[str, np.ndarray] = {"key": np.array(key.as_json()), "score": np.array(float(score)),
+                                         "format": np.array(CACHE_FORMAT)}
         if anomaly_map is not None:
             m = np.asarray(anomaly_map)
             if not np.isfinite(m).all():
                 raise ValueError("anomaly map contains NaN or infinite values")
-            arrays["map"] = m.astype(np.float16 if np.abs(m).max(initial=0.0) <= FLOAT16_MAX else np.float32)
+            arrays["map"] = m.astype(np.float32)
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

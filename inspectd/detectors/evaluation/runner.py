@@ -1,9 +1,12 @@
 """Offline evaluation: the papers' k-shot protocol over a dataset, through the daemon's own scoring code.
 
 For every shots value k and seed: per category, sample k references from the normal training pool,
-`Detector.fit` them, score the test images with `pipeline.run` (the same mixed-batch code the
-daemon's engine runs), and stream scores and maps into per-category metric accumulators. Scores and
-maps are cached on disk, so re-running (another metric, an interrupted run) does not recompute CLIP.
+build the product exactly as the daemon does (`building.build_product`: fit + calibrate, through the
+same state cache), score the test images with `pipeline.run` (the same mixed-batch code the daemon's
+engine runs), and stream scores and maps into per-category metric accumulators. With `calibrate`,
+verdict precision, recall and F1 at the calibrated threshold are reported next to the threshold-free
+metrics. Scores, maps and built states are cached on disk, so re-running (another metric, an
+interrupted run) does not recompute CLIP.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from PIL import Image
 
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
+from inspectd.detectors.building import BuildResult, StateCache, ThresholdPolicy, build_fingerprint, build_product
 from inspectd.detectors.data.datasets import Category, Sample, load_image, load_mask, sample_references
 from inspectd.detectors.evaluation.cache import ScoreCache
 from inspectd.detectors.evaluation.metrics import CategoryEvaluator
@@ -42,6 +46,8 @@ class EvalSettings:
     object_names: dict[str, str] = field(default_factory=dict)  # category -> prompt object name
     defect_words: dict[str, list[str]] = field(default_factory=dict)
     cache_dir: str | None = None
+    calibrate: bool = False  # report verdict precision/recall/F1 at the threshold a deployment would get
+    threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
 
 
 def object_name(category: str, settings: EvalSettings) -> str:
@@ -73,7 +79,7 @@ def evaluate(backbone: ClipBackbone, categories: Sequence[Category], settings: E
         if backbone.demo_weights:
             title += " — RANDOM WEIGHTS: MEANINGLESS"
         tables[shots] = summarize(per_seed, title=title, notes=list(dict.fromkeys(notes)))
-    if run_.cache:
+    if run_.cache is not None:
         log.info("score cache: %d hit(s), %d miss(es)", run_.cache.hits, run_.cache.misses)
     return tables
 
@@ -89,6 +95,25 @@ class _Run:
         self.detector = create_detector(settings.detector, backbone, settings.options)
         self.fingerprint = self.detector.config_fingerprint()
         self.cache = ScoreCache(settings.cache_dir) if settings.cache_dir else None
+        self.states = StateCache(Path(settings.cache_dir) / "states") if settings.cache_dir else None
+        self.builds = 0  # products built (not loaded from the state cache), for tests
+
+    def build(self, category: Category, spec: ProductSpec, refs: Sequence[Sample]) -> BuildResult:
+        """The product as the daemon would build it from these references (through the state cache)."""
+        policy = self.settings.threshold
+        files = [Path(r.image_path) for r in refs]
+        fingerprint = build_fingerprint(self.detector, spec, policy, files, extra={"eval": category.name})
+        found = self.states.load(self.detector, spec.product, fingerprint) if self.states else None
+        if found is not None:
+            return found
+        if not self.settings.calibrate:  # scores only: skip the calibration fits
+            policy = ThresholdPolicy(value=policy.default)
+        result = build_product(self.detector, spec, [load_image(r.image_path) for r in refs], (), policy)
+        result.fingerprint = fingerprint
+        self.builds += 1
+        if self.states:
+            self.states.store(self.detector, spec.product, result)
+        return result
 
     def category(self, category: Category, shots: int, seed: int) -> tuple[dict[str, float], list[str]]:
         settings = self.settings
@@ -101,30 +126,35 @@ class _Run:
         evaluator = CategoryEvaluator(category.name, has_masks=category.has_masks and self.detector.produces_masks)
         tests = category.test_samples(exclude=refs)
         label = f"{settings.detector} {shots}-shot seed {seed} {category.name}"
-        state = None
+        built = self.build(category, spec, refs) if settings.calibrate else None
+        verdicts: list[tuple[float, int]] = []
         for start in range(0, len(tests), settings.batch_size):
             batch = tests[start:start + settings.batch_size]
             keys = [self._key(s, shots, seed) for s in batch]
-            outputs = [self.cache.get(k) if self.cache and k else None for k in keys]
+            outputs = [self.cache.get(k) if self.cache is not None and k else None for k in keys]
             missing = [i for i, out in enumerate(outputs) if out is None]
             if missing:
-                if state is None:  # fitted lazily: a fully cached category needs no CLIP at all
-                    state = self.detector.fit(spec, [load_image(r.image_path) for r in refs])
+                if built is None:  # built lazily: a fully cached category needs no CLIP at all
+                    built = self.build(category, spec, refs)
                 size = (settings.eval_size, settings.eval_size)
-                fresh = run(self.backbone, [ScoreItem(self.detector, state, load_image(batch[i].image_path),
-                                                      map_size=size) for i in missing])
+                fresh = run([ScoreItem(self.detector, built.state, load_image(batch[i].image_path), map_size=size)
+                             for i in missing])
                 for i, out in zip(missing, fresh, strict=True):
                     outputs[i] = (out.score, out.map)
-                    if self.cache and keys[i]:
+                    if self.cache is not None and keys[i]:
                         self.cache.put(keys[i], out.score, out.map)
             for sample, (score, amap) in zip(batch, outputs, strict=True):
                 mask = None
                 if evaluator.pixel is not None and sample.mask_path is not None:
                     mask = resize_mask(load_mask(sample.mask_path), settings.eval_size)
                 evaluator.update(score, sample.label, amap if evaluator.pixel is not None else None, mask)
+                verdicts.append((score, int(sample.label)))
             if self.progress:
                 self.progress(len(batch), label)
-        return evaluator.compute()
+        metrics, notes = evaluator.compute()
+        if settings.calibrate and built is not None:
+            metrics = dict(metrics, **verdict_metrics(verdicts, built.threshold))
+        return metrics, notes
 
     def _key(self, sample: Sample, shots: int, seed: int) -> Any:
         if self.cache is None:
@@ -132,6 +162,17 @@ class _Run:
         return self.cache.key(model_id=self.backbone.model_id, dataset=self.settings.dataset_name,
                               image_path=sample.image_path, detector=self.settings.detector,
                               config_hash=self.fingerprint, shots=shots, seed=seed)
+
+
+def verdict_metrics(scored: Sequence[tuple[float, int]], threshold: float) -> dict[str, float]:
+    """Precision, recall and F1 of the NG verdict (score >= threshold) against the labels (1 = defective)."""
+    tp = sum(1 for s, y in scored if s >= threshold and y == 1)
+    fp = sum(1 for s, y in scored if s >= threshold and y == 0)
+    fn = sum(1 for s, y in scored if s < threshold and y == 1)
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
+    return {"verdict_precision": precision, "verdict_recall": recall, "verdict_f1": f1, "threshold": threshold}
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -1,29 +1,44 @@
 """Random-word prompt data and the category-agnostic FFN trained on CLIP text embeddings (spec: randword.md).
 
-Owns prompt generation, batched text encoding, the FFN, its seeded training loop and its versioned
-safetensors file (tied to the CLIP model whose text encoder produced the training data).
+Owns prompt generation, batched text encoding, the FFN, its training (on the shared loop) and its
+trainer for `inspectd fit randword`; the FFN is saved as a learned-part artifact tied to the CLIP
+model whose text encoder produced the training data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inspectd.detectors.artifacts import (
+    LEARNED,
+    Artifact,
+    ArtifactMismatch,
+    check_backbone,
+    load_artifact,
+    save_artifact,
+)
+from inspectd.detectors.context import FitContext
+from inspectd.detectors.training.loop import LoopConfig, train
+from inspectd.detectors.training.losses import binary_cross_entropy_with_logits
+from inspectd.detectors.training.trainer import Trainer, TrainingData
+from inspectd.detectors.weights import pretrained_identity
+
 log = logging.getLogger(__name__)
 
-FFN_FORMAT = "inspectd-randword-ffn"
-FFN_FORMAT_VERSION = 1
+RANDWORD_VERSION = 1  # the randword detector's version (its maths); recorded in every FFN artifact
+REFIT_HINT = "re-fit it with `inspectd fit randword --out FILE` (files from before inspectd's artifact format " \
+             "cannot be read)"
 # "[w1] a [w2] photo [w3] of [w4] [n] [w5]": one random word before, between and after the words of
 # "a photo of [n] object"; the state phrase and the object word together fill the [n] place.
 DEFAULT_TEMPLATE = "{w} a {w} photo {w} of {w} {state} {object} {w}"
@@ -148,11 +163,15 @@ class RandWordFFN(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig, progress: bool = True,
-              ) -> tuple[RandWordFFN, list[dict[str, float]]]:
-    """Train on pairs (normal[i] label 0, anomalous[i] label 1); returns the FFN in eval mode and per-epoch stats."""
-    from tqdm.auto import tqdm
+def _loop_config(config: TrainConfig) -> LoopConfig:
+    """The random-word recipe on the shared loop: AdamW, lr x lr_decay after each epoch in decay_after."""
+    return LoopConfig(epochs=config.epochs, lr=config.lr, optimizer="adamw", weight_decay=config.weight_decay,
+                      schedule="step", step_decay=config.lr_decay, decay_after=config.decay_after, seed=config.seed)
 
+
+def train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig, progress: bool = True,
+              ctx: Any = None, checkpoint: str | Path | None = None) -> tuple[RandWordFFN, list[dict[str, float]]]:
+    """Train on pairs (normal[i] label 0, anomalous[i] label 1); returns the FFN in eval mode and per-epoch stats."""
     if normal.shape != anomalous.shape:
         raise ValueError(f"normal {tuple(normal.shape)} and anomalous {tuple(anomalous.shape)} embeddings differ")
     n_pairs, dim = normal.shape
@@ -162,29 +181,19 @@ def train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = RandWordFFN(dim, config.hidden, config.dropout)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        generator = torch.Generator().manual_seed(config.seed)
-        history = []
-        steps = config.epochs * -(-n_pairs // (config.batch_size // 2))
-        with tqdm(total=steps, desc="train FFN", unit="batch", disable=not progress) as bar:
-            for epoch in range(1, config.epochs + 1):
-                model.train()
-                total, seen = 0.0, 0
-                for rows in pair_batches(n_pairs, config.batch_size, generator):
-                    loss = F.binary_cross_entropy_with_logits(model(x[rows]), y[rows])
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item() * len(rows)
-                    seen += len(rows)
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{total / seen:.4f}")
-                history.append({"epoch": epoch, "loss": total / seen, "lr": optimiser.param_groups[0]["lr"]})
-                if epoch in config.decay_after:
-                    for group in optimiser.param_groups:
-                        group["lr"] *= config.lr_decay
-    model.eval()
-    return model, history
+
+    def loss_step(rows: torch.Tensor) -> torch.Tensor:
+        return binary_cross_entropy_with_logits(model(x[rows]), y[rows])
+
+    def batches(epoch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return pair_batches(n_pairs, config.batch_size, generator)
+
+    result = train(model, loss_step, batches, _loop_config(config), progress=ctx,
+                   tqdm_desc="train FFN" if progress else None, checkpoint=checkpoint,
+                   identity={"pairs": n_pairs, "dim": dim, "hidden": list(config.hidden)})
+    if result.stopped and ctx is not None:
+        ctx.check_stop()
+    return model, result.history
 
 
 # ---------------------------------------------------------------------------- fitted bundle, file format
@@ -199,6 +208,8 @@ class FfnBundle:
     prompts: PromptConfig
     train: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
+    content_hash: str = ""  # sha256 of the artifact file it was loaded from
+    identity: dict[str, Any] = field(default_factory=dict)  # the backbone identity it was trained under
 
     @property
     def model_id(self) -> str:
@@ -211,83 +222,57 @@ class FfnBundle:
         return torch.sigmoid(self.model(F.normalize(embeddings.float(), dim=-1)))
 
 
-class FfnBackboneMismatch(ValueError):
+class FfnBackboneMismatch(ArtifactMismatch):
     """An FFN file was loaded under a CLIP model other than the one whose text encoder trained it."""
 
 
 def fit_randword_ffn(backbone: Any, prompts: PromptConfig | None = None, train: TrainConfig | None = None,
-                     progress: bool = True) -> FfnBundle:
-    """Generate N random-word pairs, encode them with ``backbone``, train the FFN (all seeded)."""
+                     progress: bool = True, ctx: Any = None, checkpoint: str | Path | None = None) -> FfnBundle:
+    """Generate N random-word pairs, encode them with ``backbone``, train the FFN (all seeded).
+
+    ``ctx`` (a FitContext) gets progress (encoding is the first 40 %) and may stop the run between steps;
+    ``checkpoint`` makes training resumable per epoch.
+    """
     prompts = prompts or PromptConfig()
     train = train or TrainConfig()
     pairs = generate_pairs(train.pairs, prompts, train.seed)
+    encode_ctx = ctx.section(0.0, 0.4) if ctx is not None else None
     normal = encode_prompts(backbone, [p[0] for p in pairs], train.encode_chunk, progress, "encode normal")
+    if encode_ctx is not None:
+        encode_ctx.progress(0.5, "encoded normal prompts")
+        encode_ctx.check_stop()
     anomalous = encode_prompts(backbone, [p[1] for p in pairs], train.encode_chunk, progress, "encode anomalous")
-    model, history = train_ffn(normal, anomalous, train, progress)
+    model, history = train_ffn(normal, anomalous, train, progress, ctx.section(0.4, 1.0) if ctx is not None else None,
+                               checkpoint)
     spec = backbone.spec
-    return FfnBundle(model, spec.arch, spec.pretrained, int(backbone.embed_dim), prompts, train, history)
+    return FfnBundle(model, spec.arch, spec.pretrained, int(backbone.embed_dim), prompts, train, history,
+                     identity=dict(backbone.identity))
 
 
-def _pretrained_identity(arch: str, pretrained: str) -> str:
-    """The weights' identity across machines: a tag, or a file/folder's name (paths differ per machine).
-
-    A released checkpoint file (``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``) maps to its tag.
-    """
-    from inspectd.detectors import weights
-
-    if not weights.looks_like_path(pretrained):
-        return pretrained
-    name = Path(pretrained.rstrip("/\\")).name
-    for (known_arch, tag), entry in weights.KNOWN_CHECKPOINTS.items():
-        if known_arch == arch and entry["file"] == name:
-            return tag
-    return name
-
-
-def check_backbone(bundle_arch: str, bundle_pretrained: str, bundle_dim: int, backbone: Any,
-                   where: str = "FFN") -> None:
-    """Raise `FfnBackboneMismatch` naming both models unless ``backbone`` is the FFN's CLIP."""
-    ours = f"{bundle_arch}/{bundle_pretrained}"
-    theirs = backbone.model_id
-    same = (bundle_arch == backbone.spec.arch
-            and _pretrained_identity(bundle_arch, bundle_pretrained)
-            == _pretrained_identity(backbone.spec.arch, backbone.spec.pretrained)
-            and bundle_dim == int(backbone.embed_dim))
-    if not same:
-        raise FfnBackboneMismatch(
-            f"{where} was trained on text embeddings of CLIP {ours} (embed dim {bundle_dim}) but the backbone "
-            f"is {theirs} (embed dim {backbone.embed_dim}); an FFN only works with the CLIP that produced its "
-            f"training data. Re-run `inspectd fit randword --arch {backbone.spec.arch} "
-            f"--pretrained {backbone.spec.pretrained} --out FILE`."
-        )
-
-
-def save_ffn(bundle: FfnBundle, path: str | Path) -> Path:
-    """Write the FFN (weights + BatchNorm statistics) and its provenance as one safetensors file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+def ffn_artifact(bundle: FfnBundle, backbone_identity: dict[str, Any]) -> Artifact:
+    """The FFN (weights + BatchNorm statistics) and its provenance as a learned-part artifact."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
-    meta = {
-        "format": FFN_FORMAT,
-        "format_version": str(FFN_FORMAT_VERSION),
-        "arch": bundle.arch,
-        "pretrained": bundle.pretrained,
-        "model_id": bundle.model_id,
-        "embed_dim": str(bundle.embed_dim),
-        "hidden": json.dumps(list(bundle.model.hidden)),
-        "dropout": str(bundle.model.dropout),
-        "train_config": json.dumps(dataclasses.asdict(bundle.train)),
-        "prompt_config": json.dumps(dataclasses.asdict(bundle.prompts)),
-        "words": json.dumps({"normal": bundle.prompts.normal_word, "anomaly": bundle.prompts.anomaly_word,
-                             "object": bundle.prompts.object_word}),
-        "history": json.dumps(bundle.history),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return Artifact(
+        kind=LEARNED, detector="randword", detector_version=RANDWORD_VERSION, tensors=tensors,
+        backbone=dict(backbone_identity),
+        config={"ffn": {"embed_dim": bundle.embed_dim, "hidden": list(bundle.model.hidden),
+                        "dropout": bundle.model.dropout},
+                "prompts": dataclasses.asdict(bundle.prompts), "train": dataclasses.asdict(bundle.train)},
+        training={"data": {"kind": "random-word prompt pairs", "pairs": bundle.train.pairs,
+                           "seed": bundle.train.seed,
+                           "words": {"normal": bundle.prompts.normal_word, "anomaly": bundle.prompts.anomaly_word,
+                                     "object": bundle.prompts.object_word}},
+                  "history": bundle.history},
+        meta={"arch": bundle.arch, "pretrained": bundle.pretrained, "model_id": bundle.model_id})
+
+
+def save_ffn(bundle: FfnBundle, path: str | Path, backbone_identity: dict[str, Any] | None = None) -> Path:
+    """Write the FFN as an artifact; ``backbone_identity`` defaults to what the bundle records."""
+    identity = backbone_identity or bundle.identity or {
+        "arch": bundle.arch, "weights": pretrained_identity(bundle.arch, bundle.pretrained),
+        "embed_dim": bundle.embed_dim}
+    save_artifact(ffn_artifact(bundle, identity), path)
+    return Path(path)
 
 
 def _tuple_fields(cls: type, values: dict[str, Any]) -> Any:
@@ -297,27 +282,80 @@ def _tuple_fields(cls: type, values: dict[str, Any]) -> Any:
 
 
 def load_ffn(path: str | Path, backbone: Any | None = None) -> FfnBundle:
-    """Read an FFN file; with ``backbone`` given, refuse (FfnBackboneMismatch) one trained under another CLIP."""
-    from safetensors import safe_open
-
+    """Read an FFN artifact; with ``backbone`` given, refuse (FfnBackboneMismatch) one trained under another CLIP."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no FFN file {path}; write one with `inspectd fit randword --out {path}`")
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        meta = handle.metadata() or {}
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open API
-    if meta.get("format") != FFN_FORMAT:
-        raise ValueError(f"{path}: not a random-word FFN file (format {meta.get('format')!r})")
-    if meta.get("format_version") != str(FFN_FORMAT_VERSION):
-        raise ValueError(f"{path}: FFN file format version {meta.get('format_version')!r}; this inspectd reads "
-                         f"{FFN_FORMAT_VERSION}")
-    embed_dim = int(meta["embed_dim"])
+    artifact = load_artifact(path, kind=LEARNED, detector="randword", detector_version=RANDWORD_VERSION,
+                             refit_hint=REFIT_HINT)
     if backbone is not None:
-        check_backbone(meta["arch"], meta["pretrained"], embed_dim, backbone, where=f"FFN {path}")
-    model = RandWordFFN(embed_dim, json.loads(meta["hidden"]), float(meta["dropout"]))
-    model.load_state_dict(tensors)
+        try:
+            check_backbone(artifact.backbone, backbone.identity, where=f"FFN {path}",
+                           hint=f"Re-run `inspectd fit randword --arch {backbone.spec.arch} "
+                                f"--pretrained {backbone.spec.pretrained} --out FILE`")
+        except ArtifactMismatch as exc:
+            raise FfnBackboneMismatch(str(exc)) from None
+    shape = artifact.config["ffn"]
+    model = RandWordFFN(int(shape["embed_dim"]), shape["hidden"], float(shape["dropout"]))
+    model.load_state_dict(artifact.tensors)
     model.eval()
-    return FfnBundle(model, meta["arch"], meta["pretrained"], embed_dim,
-                     _tuple_fields(PromptConfig, json.loads(meta["prompt_config"])),
-                     _tuple_fields(TrainConfig, json.loads(meta["train_config"])),
-                     json.loads(meta.get("history", "[]")))
+    bundle = FfnBundle(model, artifact.meta["arch"], artifact.meta["pretrained"], int(shape["embed_dim"]),
+                       _tuple_fields(PromptConfig, artifact.config["prompts"]),
+                       _tuple_fields(TrainConfig, artifact.config["train"]), artifact.training.get("history", []))
+    bundle.content_hash = artifact.content_hash
+    bundle.identity = dict(artifact.backbone)
+    return bundle
+
+
+# ---------------------------------------------------------------------------- `inspectd fit randword`
+@dataclass(frozen=True)
+class RandWordFitConfig:
+    """`inspectd fit randword` flags: the prompts and the FFN's training."""
+
+    pairs: int = 10_000
+    epochs: int = 2
+    seed: int = 0
+    object_word: str = "object"
+    normal_word: str = "a"
+    anomaly_word: str = "a damaged"
+    hidden: tuple[int, ...] = (512, 256, 128)
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+
+    help: ClassVar[dict[str, str]] = {
+        "pairs": "random-word prompt pairs", "epochs": "training epochs", "seed": "seed of words and training",
+        "object_word": "object word of the prompts, or a category name", "hidden": "hidden widths, comma separated",
+        "batch_size": "prompts per batch (even: whole pairs)", "lr": "AdamW learning rate",
+    }
+
+    def split(self) -> tuple[PromptConfig, TrainConfig]:
+        prompts = PromptConfig(normal_word=self.normal_word, anomaly_word=self.anomaly_word,
+                               object_word=self.object_word)
+        train = TrainConfig(pairs=self.pairs, epochs=self.epochs, seed=self.seed, dropout=self.dropout,
+                            hidden=self.hidden, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size)
+        return prompts, train
+
+    def __post_init__(self) -> None:
+        self.split()  # validates every field (errors name it)
+
+
+class RandWordTrainer(Trainer):
+    """Trains the category-agnostic FFN on CLIP text embeddings of random-word prompts (no image data)."""
+
+    detector = "randword"
+    Config = RandWordFitConfig
+    data = "none"
+    description = ("Generate N random-word prompt pairs, encode them with the CLIP text encoder, train the FFN "
+                   "and save it (tied to this CLIP model). Products point to it with `options: {ffn: FILE}`.")
+
+    def train(self, data: TrainingData, ctx: FitContext, checkpoint: Path | None = None,
+              show_progress: bool = True) -> Artifact:
+        prompts, train = self.config.split()
+        loop_checkpoint = None
+        if checkpoint is not None:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            loop_checkpoint = checkpoint / "loop.safetensors"
+        bundle = fit_randword_ffn(self.backbone, prompts, train, show_progress, ctx, loop_checkpoint)
+        return ffn_artifact(bundle, self.backbone.identity)
