@@ -129,7 +129,7 @@ class WinClip(Detector):
         return DetectorOutput(image_scores, self.to_pixels(patch_map, features.grid))
 
     def to_pixels(self, patch_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        size = self.backbone.image_size
+        size = self.input_spec().size  # the maps cover one model input (tile), whatever its size
         grid_maps = patch_map.reshape(-1, 1, *grid)
         mode = self.options.upsample
         kwargs = {"align_corners": False} if mode == "bilinear" else {}

@@ -154,6 +154,8 @@ class _Run:
         metrics, notes = evaluator.compute()
         if settings.calibrate and built is not None:
             metrics = dict(metrics, **verdict_metrics(verdicts, built.threshold))
+            notes = [*notes, f"{category.name} {shots}-shot seed {seed}: NG verdicts at the calibrated threshold "
+                             f"{built.threshold:.4f} ({describe_calibration(built.calibration)})"]
         return metrics, notes
 
     def _key(self, sample: Sample, shots: int, seed: int) -> Any:
@@ -172,7 +174,15 @@ def verdict_metrics(scored: Sequence[tuple[float, int]], threshold: float) -> di
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
     f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
-    return {"verdict_precision": precision, "verdict_recall": recall, "verdict_f1": f1, "threshold": threshold}
+    return {"verdict_precision": precision, "verdict_recall": recall, "verdict_f1": f1}
+
+
+def describe_calibration(record: dict[str, Any]) -> str:
+    if record.get("method") != "quantile":
+        return str(record.get("method", "?")) + (f": {record['reason']}" if record.get("reason") else "")
+    sources = ", ".join(f"{record[k]} {k.replace('_', ' ')}" for k in ("leave_one_out", "shifted_views", "holdout")
+                        if record.get(k))
+    return f"quantile {record['quantile']} of {record['normals']} normal scores ({sources}) + margin {record['margin']}"
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -25,7 +25,9 @@ MEAN_ROW = "mean"
 LABELS = {
     "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1max",
     "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP", "pixel_f1_max": "P-F1max", "pixel_pro": "PRO",
+    "verdict_precision": "NG-Prec", "verdict_recall": "NG-Rec", "verdict_f1": "NG-F1",
 }
+VERDICT_METRICS = ("verdict_precision", "verdict_recall", "verdict_f1")  # at the calibrated threshold
 PerCategory = Mapping[str, Mapping[str, float]]  # category -> metric -> value
 Published = dict[str, dict[str, dict[str, float]]]  # setting -> category -> metric -> value (percent)
 
@@ -67,7 +69,8 @@ def summarize(per_seed: Sequence[PerCategory], title: str = "", metrics: Sequenc
     categories = list(dict.fromkeys(c for run in per_seed for c in run if c != MEAN_ROW))
     if metrics is None:
         present = {m for run in per_seed for row in run.values() for m in row}
-        metrics = [m for m in ALL_METRICS if m in present] + sorted(present - set(ALL_METRICS))
+        known = (*ALL_METRICS, *VERDICT_METRICS)
+        metrics = [m for m in known if m in present] + sorted(present - set(known))
     out_notes = list(notes)
     per_seed_rows: list[dict[str, dict[str, float]]] = []
     for run in per_seed:
