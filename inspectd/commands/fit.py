@@ -39,18 +39,17 @@ def trainable_detectors() -> dict[str, Any]:
 def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     from inspectd.detectors.training.trainer import config_fields, parse_field
 
-    parser = argparse.ArgumentParser(prog=f"inspectd fit {name}", description=trainer.description or None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"inspectd fit {name}", description=trainer.description or None)
     parser.add_argument("--out", required=True, help="artifact file to write (.safetensors)")
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch")
+    model.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch (default: %(default)s)")
     model.add_argument("--pretrained", default="laion400m_e31",
-                       help="open_clip tag or checkpoint path; 'random' only with --demo")
+                       help="open_clip tag or checkpoint path; 'random' only with --demo (default: %(default)s)")
     model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     if trainer.data in ("dataset", "products"):
         data = parser.add_argument_group("data")
-        data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto")
+        data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto (default)")
         data.add_argument("--root", help="dataset root folder")
         data.add_argument("--categories", nargs="*", help="categories to train on (default: all)")
         if trainer.data == "products":

@@ -1,0 +1,36 @@
+"""`inspectd fit` as a user runs it: generic over detectors, flags from the trainer's Config, clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def inspectd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspectd.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_fit_help_lists_the_trainers_config_fields() -> None:
+    out = inspectd("fit", "randword", "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--pairs", "--epochs", "--seed", "--hidden", "--batch-size", "--out", "--arch", "--fresh"):
+        assert flag in out.stdout
+    assert "(default: 10000)" in out.stdout and "(default: 512,256,128)" in out.stdout
+
+
+def test_fit_refuses_detectors_that_learn_nothing_offline_and_unknown_names() -> None:
+    winclip = inspectd("fit", "winclip", "--out", "x.safetensors")
+    assert winclip.returncode == 2 and "'winclip' learns nothing offline; trainable: randword" in winclip.stderr
+    unknown = inspectd("fit", "nope", "--out", "x.safetensors")
+    assert unknown.returncode == 2 and "'nope' is not a detector" in unknown.stderr
+    bare = inspectd("fit")
+    assert bare.returncode == 2 and "randword" in bare.stdout
+
+
+def test_bad_flag_values_name_the_flag(tmp_path: Path) -> None:
+    out = inspectd("fit", "randword", "--out", str(tmp_path / "f.safetensors"), "--pairs", "many")
+    assert out.returncode == 2 and "--pairs" in out.stderr
+    odd = inspectd("fit", "randword", "--out", str(tmp_path / "f.safetensors"), "--batch-size", "7",
+                   "--pretrained", "random", "--demo", "--arch", "inspectd-tiny")
+    assert odd.returncode == 2 and "batch_size" in odd.stderr and "even" in odd.stderr
