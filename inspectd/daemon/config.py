@@ -145,6 +145,7 @@ class ProductConfig:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     mask: str = "downscaled:256"  # "full" | "none" | "downscaled:<max_side>"
     model: str | None = None  # a name from the daemon's `models:` (default: the first model)
+    seed: int = 0  # seed of a fit that trains (FitContext.seed), so a rebuild is repeatable
 
 
 @dataclass

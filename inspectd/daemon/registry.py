@@ -206,7 +206,8 @@ class ProductRegistry:
         if running is not None:
             log.info("product %s: a newer update arrived; stopping the build in progress", config.id)
             running.ctx.stop()
-        build = BuildProgress(FitContext(seed=0, on_progress=lambda f, note: self._progressed(config.id, f, note)))
+        build = BuildProgress(FitContext(seed=config.seed,
+                                         on_progress=lambda f, note: self._progressed(config.id, f, note)))
         lock = self._locks.setdefault(config.id, asyncio.Lock())
         async with lock:
             if build.ctx.should_stop():  # an even newer update stopped us while we waited
@@ -356,7 +357,7 @@ class ProductRegistry:
         files = reference_files(config.references, config.shots)
         holdout_files = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
         spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
-        fingerprint = build_fingerprint(detector, spec, policy, files, holdout_files)
+        fingerprint = build_fingerprint(detector, spec, policy, files, holdout_files, extra={"seed": config.seed})
         if current is not None and current.fingerprint == fingerprint and current.config == config:
             return current
         result = self.cache.load(detector, config.id, fingerprint) if self.cache else None
