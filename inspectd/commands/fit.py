@@ -50,7 +50,7 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     if trainer.data in ("dataset", "products"):
         data = parser.add_argument_group("data")
         data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto (default)")
-        data.add_argument("--root", help="dataset root folder")
+        data.add_argument("--root", nargs="+", help="dataset root folder(s); several are read with --dataset each")
         data.add_argument("--categories", nargs="*", help="categories to train on (default: all)")
         if trainer.data == "products":
             data.add_argument("--products-dir", help="a products folder (YAML files) instead of a dataset")
@@ -158,10 +158,11 @@ def training_data(trainer_cls: Any, options: argparse.Namespace) -> Any:
     if not options.root:
         raise ValueError("--root (a dataset folder) is required"
                          + (" (or --products-dir)" if trainer_cls.data == "products" else ""))
-    categories = open_dataset(options.root, options.dataset, options.categories)
+    categories = [c for root in options.root for c in open_dataset(root, options.dataset, options.categories)]
     if not categories:
-        raise FileNotFoundError(f"no categories found under {options.root}")
-    summary = {"dataset": options.dataset, "root": str(options.root), "categories": [c.name for c in categories],
+        raise FileNotFoundError(f"no categories found under {' '.join(options.root)}")
+    summary = {"dataset": options.dataset, "roots": [str(r) for r in options.root],
+               "categories": [c.name for c in categories],
                "images": sum(len(c.test) + len(c.train) for c in categories)}
     if trainer_cls.data == "dataset":
         return TrainingData(categories=categories, summary=summary)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 DETECTOR_MODULES: dict[str, str] = {
     "winclip": "inspectd.detectors.winclip",
     "randword": "inspectd.detectors.randword",
+    "aprilgan": "inspectd.detectors.aprilgan",
 }
 
 

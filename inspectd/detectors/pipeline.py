@@ -4,7 +4,7 @@ Used by the daemon's engine, by building (calibration) and by offline evaluation
 implementation). Each item's detector chooses its input (`Detector.input_spec`): `prepare` (CPU
 pre-processing) is separate from `run` (the forwards) so the engine can prepare the next batch
 while the current one runs. Products that share a model, an input size and a tower variant share
-one forward, whatever their detectors.
+one forward, whatever their detectors and however their frames were cut.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ def prepare(items: Sequence[ScoreItem]) -> None:
 
 
 def forward_groups(items: Sequence[ScoreItem]) -> dict[tuple, list[int]]:
-    """Item indices by (model, input spec, tower variant): each group is one backbone forward."""
+    """Item indices by (model, input size, tower variant): each group is one backbone forward. Inputs of one
+    size share it whether they were tiled or resized (a tensor of S x S inputs is all the tower sees)."""
     groups: dict[tuple, list[int]] = {}
     for index, item in enumerate(items):
         request = item.detector.feature_request(item.state)
-        key = (id(item.detector.backbone), item.input_spec, request.tower)
+        key = (id(item.detector.backbone), tuple(item.tiles.shape[-2:]), request.tower)
         groups.setdefault(key, []).append(index)
     return groups
 
