@@ -231,3 +231,66 @@ def test_scores_beside_winclip_in_one_batch(tiny_backbone: ClipBackbone, adapter
     assert tiny_backbone.forwards - before == 1  # same model, same 240-px square input: one forward
     [alone] = run([ScoreItem(april, a_state, frame)])
     assert both[0].score == pytest.approx(alone.score, abs=1e-5) and both[0].map.shape == frame.shape[:2]
+
+
+@pytest.mark.redis
+async def test_a_daemon_scores_aprilgan_with_masks_beside_winclip_from_redis(redis_client, redis_url, key_prefix,
+                                                                            tmp_path, tiny_backbone,
+                                                                            adapters_file) -> None:
+    import io
+
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import ProductConfig
+    from inspectd.streams.message import frame_fields
+    from tests.daemon_helpers import daemon_config, png_bytes, wait_for_results
+
+    config = daemon_config(redis_url, key_prefix, tmp_path, registry={"watch": False},
+                           redis={"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 50,
+                                  "control_stream": None},
+                           batcher={"max_batch_size": 8, "max_delay_ms": 40, "queue_size": 64})
+    refs = str(tmp_path / "refs")
+    config.products = [
+        ProductConfig(id="nut-ag", object_name="hazelnut", detector="aprilgan", references=refs, shots=2,
+                      options={"adapters": str(adapters_file)}, mask="full"),
+        ProductConfig(id="nut-wc", object_name="hazelnut", references=refs, shots=2, mask="full"),
+    ]
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        assert daemon.registry.get("nut-ag").describe()["detector"] == "aprilgan"
+        forwards: list[tuple[int, int]] = []
+        score = daemon.engine.score
+
+        async def counting(items, frames=None):  # noqa: ANN001, ANN202
+            before = tiny_backbone.forwards
+            out = await score(items, frames)
+            forwards.append((len({item.detector.name for item in items}), tiny_backbone.forwards - before))
+            return out
+
+        daemon.engine.score = counting
+        image = png_bytes(HAZELNUT / "colour" / "05.png", size=128)
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(12):
+            product = "nut-ag" if i % 2 == 0 else "nut-wc"
+            pipe.xadd(f"{key_prefix}:{{l1}}:frames", frame_fields(product, "l1", f"f{i:02d}", image))
+        await pipe.execute()
+        results = await wait_for_results(redis_client, key_prefix, 12, timeout=60)
+        assert sorted(r["frame_id"] for r in results) == [f"f{i:02d}" for i in range(12)]
+        for record in results:
+            assert record["detector"] == ("aprilgan" if record["product"] == "nut-ag" else "winclip")
+            mask = Image.open(io.BytesIO(record["mask"]))
+            assert mask.size == (128, 128)
+        assert any(kinds == 2 for kinds, _ in forwards)  # both detectors in one batch ...
+        assert all(n == 1 for _, n in forwards)  # ... and one forward per batch
+    finally:
+        await daemon.shutdown()
+
+
+def test_vand_summary_is_the_harmonic_mean_of_the_two_f1_max() -> None:
+    from inspectd.detectors.evaluation.tables import comparison_for, vand_hmean, with_vand
+
+    rows = with_vand(comparison_for("aprilgan", "mvtec_ad", 0))
+    assert rows["bottle"]["vand_hmean"] == pytest.approx(2 * 92.8 * 53.4 / (92.8 + 53.4))
+    per_category = [r["vand_hmean"] for c, r in rows.items() if c != "mean"]
+    assert len(per_category) == 15 and rows["mean"]["vand_hmean"] == pytest.approx(np.mean(per_category))
+    assert math.isnan(vand_hmean(float("nan"), 0.5))

@@ -67,8 +67,9 @@ def wide_backbone(tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-wide"), image_size=240, seed=1)
     config = json.loads((out / "open_clip_config.json").read_text())
     config["model_cfg"] = {**tiny_model_config(240), "embed_dim": 32}
-    torch.manual_seed(1)
-    model = open_clip.CLIP(**config["model_cfg"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = open_clip.CLIP(**config["model_cfg"])
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
               str(out / "open_clip_model.safetensors"))
     (out / "open_clip_config.json").write_text(json.dumps(config))
@@ -170,19 +171,20 @@ async def test_daemon_loads_the_artifact_and_scores_frames(redis_client, redis_u
         assert entry is not None and entry.version == 1 and [e.version for e in swaps] == [1]
         assert entry.state.meta["head"]["sha256"] == load_artifact(head_file).content_hash
         assert entry.state.meta["steps_run"] == 4 and entry.state.meta["checkpointed"]
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=AUTH) as http:
-            async with http.get("/products/toy") as response:
-                described = await response.json()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=AUTH) as http, \
+                http.get("/products/toy") as response:
+            described = await response.json()
         assert described["status"] == "ready" and described["build"] is None
         assert described["learning"] == {"per_product": "trained", "offline": "ToyTrainer"}
         assert described["calibration"]["references"] == 3 and described["calibration"]["method"] == "quantile"
 
-        images = [png_bytes(HAZELNUT / "good" / REF_NAMES[0]), png_bytes(HAZELNUT / "colour" / "03.png")]
+        images = {"ref": png_bytes(HAZELNUT / "good" / REF_NAMES[0]),
+                  "colour": png_bytes(HAZELNUT / "colour" / "03.png"), "good": png_bytes(HAZELNUT / "good" / "05.png")}
+        kinds = list(images)
         n = 12
         for i in range(n):
             await redis_client.xadd(f"{key_prefix}:{{l1}}:frames",
-                                    frame_fields("toy", "l1", f"toy-{i:03d}", png_bytes(HAZELNUT / "good" / "05.png")
-                                                 if i % 3 == 2 else images[i % 2]))
+                                    frame_fields("toy", "l1", f"toy-{i:03d}", images[kinds[i % 3]]))
         results = await results_for(redis_client, key_prefix, n)
         dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
     finally:
@@ -196,7 +198,10 @@ async def test_daemon_loads_the_artifact_and_scores_frames(redis_client, redis_u
     reference = next(r for r in results if r["frame_id"] == "toy-000")
     assert float(reference["score"]) <= described["calibration"]["max_normal"] + 1e-6
     assert reference["verdict"] == "OK"
-    assert len({round(s, 6) for s in scores.values()}) == 3  # three different images, three different scores
+    by_image = {kind: [s for f, s in scores.items() if kinds[int(f[4:]) % 3] == kind] for kind in kinds}
+    assert all(len(v) == 4 and max(v) - min(v) < 1e-5 for v in by_image.values()), by_image  # same image, same score
+    means = sorted(sum(v) / 4 for v in by_image.values())
+    assert means[1] - means[0] > 1e-4 and means[2] - means[1] > 1e-4, by_image  # different images differ
 
 
 # ------------------------------------------------------------------------------------------------ c. progress
@@ -232,9 +237,9 @@ async def test_background_fit_reports_progress_in_the_api_and_the_gauge(redis_ur
         await daemon.shutdown()
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions), fractions  # never goes back
-    assert len(set(fractions)) >= 5 and 0.0 < max(fractions) < 1.0, fractions
+    assert len({f for f in fractions if 0.0 < f < 1.0}) >= 5, fractions
     assert any(re.search(r"epoch 2/3 step \d/6", note) for _, note in seen), seen
-    assert gauge_values and gauge_values == sorted(gauge_values) and 0.0 < max(gauge_values) < 1.0, gauge_values
+    assert gauge_values == sorted(gauge_values) and any(0.0 < g < 1.0 for g in gauge_values), gauge_values
     assert "slow" not in after  # the gauge goes when the build ends
     assert state["status"] == "ready" and state["version"] == 1 and state["error"] is None
     assert entry.state.meta["steps_run"] == 18 and entry.state.meta["resumed_from_epoch"] == 0
@@ -275,7 +280,7 @@ async def test_a_newer_put_stops_the_training_build_and_no_frame_is_lost(redis_c
                 assert time.monotonic() < deadline and not v2_put.done()
                 await asyncio.sleep(0.02)
             v2_seen_at = time.time()
-            await asyncio.sleep(0.3)  # frames keep coming while v2 trains: version 1 scores them
+            await asyncio.sleep(0.4)  # frames keep coming while v2 trains: version 1 scores them
             assert daemon.registry.get("toy").version == 1 and daemon.registry.status("toy") == "ready"
             v3_put_at = time.time()
             status3, body3 = await put(v3)
@@ -302,8 +307,9 @@ async def test_a_newer_put_stops_the_training_build_and_no_frame_is_lost(redis_c
     by_id = {r["frame_id"]: int(r["state_version"]) for r in results}
     versions = [by_id[f] for f, _ in sent]
     assert set(versions) == {1, 2} and versions == sorted(versions), versions
-    # while v2 trained (before v3 was even sent), version 1 served
-    during = [by_id[f] for f, at in sent if v2_seen_at <= at < v3_put_at]
+    # results published while v2 trained (before v3 was even sent) came from version 1
+    during = [int(r["state_version"]) for r in results
+              if v2_seen_at * 1000 <= int(r["_id"].split("-")[0]) < v3_put_at * 1000]
     assert len(during) >= 4 and set(during) == {1}, during
 
 
@@ -318,7 +324,7 @@ async def test_a_stopped_fit_resumes_from_its_checkpoint(tmp_path, refs, tiny_ba
 
     registry = ProductRegistry(tiny_backbone, RegistryConfig(state_cache_dir=str(tmp_path / "cache"), watch=False),
                                on_progress=on_progress)
-    options_a = {"head": str(head_file), "epochs": 4, "steps": 5, "step_sleep_s": 0.04}
+    options_a = {"head": str(head_file), "epochs": 4, "steps": 5, "step_sleep_s": 0.05}
     config_a = build(ProductConfig, product("res", refs, **options_a), "")
     config_b = build(ProductConfig, product("res", refs, **{**options_a, "lr": 0.02}), "")
     checkpoints = tmp_path / "cache"
@@ -331,12 +337,18 @@ async def test_a_stopped_fit_resumes_from_its_checkpoint(tmp_path, refs, tiny_ba
 
     try:
         first = asyncio.create_task(registry.put(config_a))
-        await until(lambda: "epoch 3/4" in (registry.progress("res") or {}).get("note", ""), "epoch 3 of A")
-        assert len(list(checkpoints.glob("res-*.ckpt/loop.safetensors"))) == 1  # A's epochs 1-2 are saved
+        await until(lambda: "epoch 2/4" in (registry.progress("res") or {}).get("note", ""), "epoch 2 of A")
+        assert len(list(checkpoints.glob("res-*.ckpt/loop.safetensors"))) == 1  # A's epoch 1 is saved
+        a_started = registry.progress("res")["started_at"]
         second = asyncio.create_task(registry.put(config_b))  # stops A
         with pytest.raises(BuildSuperseded):
             await first
-        await until(lambda: "epoch 1/4 step" in (registry.progress("res") or {}).get("note", ""), "B running")
+
+        def b_trains() -> bool:
+            running = registry.progress("res")
+            return running is not None and running["started_at"] != a_started and "epoch" in running["note"]
+
+        await until(b_trains, "B training")
         third = asyncio.create_task(registry.put(config_a))  # stops B; A again: same fingerprint, same checkpoint
         with pytest.raises(BuildSuperseded):
             await second
@@ -345,8 +357,9 @@ async def test_a_stopped_fit_resumes_from_its_checkpoint(tmp_path, refs, tiny_ba
         registry.close()
     meta = entry.state.meta
     assert entry.version == 1 and entry.config.options == options_a
-    assert meta["resumed_from_epoch"] == 2, meta
-    assert meta["steps_run"] == 10 < 4 * 5  # only epochs 3 and 4 ran again
+    resumed = meta["resumed_from_epoch"]
+    assert 1 <= resumed <= 3, meta  # A was stopped in epoch 2 (3 or 4 on a slow machine)
+    assert meta["steps_run"] == (4 - resumed) * 5 < 4 * 5, meta  # only the epochs after the checkpoint ran
     assert [row["epoch"] for row in meta["history"]] == [1, 2, 3, 4]
     assert not (checkpoints / f"res-{entry.fingerprint}.ckpt").exists()  # the finished state replaced them
     assert (checkpoints / f"res-{entry.fingerprint}.safetensors").is_file()
@@ -359,8 +372,18 @@ async def test_a_stopped_fit_resumes_from_its_checkpoint(tmp_path, refs, tiny_ba
     assert [p for p, _ in ended] == ["res"] * 3
 
 
-@pytest.mark.xfail(strict=True, reason="inspectd bug: registry.put marks a superseded first build FAILED although "
-                   "the newer build is queued (_has_newer is always False inside the lock)")
+# Registry bugs found by these tests (each failed before the fix): the registry tracked only the *running*
+# build per product, never one queued behind it, and removal waited for a running training.
+SLOW = {"epochs": 4, "steps": 10, "step_sleep_s": 0.05}  # a 2 s per-product training
+
+
+async def training(registry: ProductRegistry, product_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while (registry.progress(product_id) or {}).get("fraction", 0.0) < 0.1:
+        assert time.monotonic() < deadline, registry.progress(product_id)
+        await asyncio.sleep(0.01)
+
+
 async def test_a_superseded_first_build_is_never_reported_failed(tmp_path, refs, tiny_backbone) -> None:
     statuses: list[str | None] = []
     registry: ProductRegistry | None = None
@@ -370,15 +393,10 @@ async def test_a_superseded_first_build_is_never_reported_failed(tmp_path, refs,
             statuses.append(registry.status(product_id))
 
     registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False), on_progress=on_progress)
-    slow = build(ProductConfig, product("new", refs, epochs=4, steps=10, step_sleep_s=0.05), "")
-    fast = build(ProductConfig, product("new", refs, epochs=1, steps=1), "")
     try:
-        first = asyncio.create_task(registry.put(slow))
-        deadline = time.monotonic() + 20
-        while (registry.progress("new") or {}).get("fraction", 0.0) < 0.1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
-        second = asyncio.create_task(registry.put(fast))
+        first = asyncio.create_task(registry.put(build(ProductConfig, product("new", refs, **SLOW), "")))
+        await training(registry, "new")
+        second = asyncio.create_task(registry.put(build(ProductConfig, product("new", refs, epochs=1, steps=1), "")))
         with pytest.raises(BuildSuperseded):
             await first
         await second
@@ -386,6 +404,38 @@ async def test_a_superseded_first_build_is_never_reported_failed(tmp_path, refs,
         registry.close()
     # frames arriving in between would be dead-lettered `product_failed` instead of waiting for the newer build
     assert statuses[0] != FAILED, statuses
+
+
+async def test_a_queued_build_is_stopped_by_an_even_newer_put(tmp_path, refs, tiny_backbone) -> None:
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    try:
+        running = asyncio.create_task(registry.put(build(ProductConfig, product("q", refs, **SLOW), "")))
+        await training(registry, "q")
+        queued = asyncio.create_task(registry.put(build(ProductConfig, product("q", refs, **SLOW, lr=0.02), "")))
+        newest = asyncio.create_task(registry.put(build(ProductConfig, product("q", refs, epochs=1, steps=1), "")))
+        with pytest.raises(BuildSuperseded):
+            await running
+        outcome = await asyncio.gather(queued, return_exceptions=True)
+        entry = await newest
+    finally:
+        registry.close()
+    assert entry.version == 1 and registry.builds == 1, (entry.version, registry.builds)  # only the newest swapped
+    assert isinstance(outcome[0], BuildSuperseded), outcome
+
+
+async def test_remove_stops_a_running_training_build(tmp_path, refs, tiny_backbone) -> None:
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    try:
+        put = asyncio.create_task(registry.put(build(ProductConfig, product("gone", refs, **SLOW), "")))
+        await training(registry, "gone")
+        started = time.monotonic()
+        assert await registry.remove("gone")
+        took = time.monotonic() - started
+        outcome = await asyncio.gather(put, return_exceptions=True)
+    finally:
+        registry.close()
+    assert took < 1.0, f"remove waited {took:.2f} s for a build it should have stopped"
+    assert isinstance(outcome[0], BuildSuperseded) and registry.builds == 0, (outcome, registry.builds)
 
 
 # ------------------------------------------------------------------------------------------------ f. mismatches

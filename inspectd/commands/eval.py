@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     settings = runner.EvalSettings(detector=args.detector, options=json.loads(args.options), shots=args.shots,
                                    seeds=args.seeds, eval_size=args.eval_size, batch_size=args.batch_size,
                                    dataset_name=dataset_name, cache_dir=args.cache or None,
-                                   calibrate=args.calibrate,
+                                   calibrate=args.calibrate, vand=args.compare == "aprilgan",
                                    threshold=ThresholdPolicy(quantile=args.quantile, margin=args.margin))
     with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
         def progress(n: int, label: str) -> None:
@@ -73,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
         if args.compare:
             try:
                 compare = tables.comparison_for(args.compare, dataset_name, shots)
+                if args.compare == "aprilgan":
+                    compare = tables.with_vand(compare)
             except ValueError as exc:
                 print(f"--compare: {exc}", file=sys.stderr)
             else:

@@ -146,7 +146,8 @@ class ProductRegistry:
         self._versions: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ready_events: dict[str, asyncio.Event] = {}
-        self._builds: dict[str, BuildProgress] = {}  # product -> the build running (or queued) for it
+        self._builds: dict[str, BuildProgress] = {}  # product -> the build running for it
+        self._latest: dict[str, BuildProgress] = {}  # product -> the newest build asked for (running or queued)
         self._version_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.build_workers),
                                             thread_name_prefix="inspectd-build")
@@ -202,15 +203,14 @@ class ProductRegistry:
         With ``force=False`` (file watcher) a build whose config and reference fingerprint equal the serving
         entry's is skipped and the serving entry returned, so echoes of our own writes cost no new version.
         """
-        running = self._builds.get(config.id)
-        if running is not None:
-            log.info("product %s: a newer update arrived; stopping the build in progress", config.id)
-            running.ctx.stop()
+        self._stop_builds(config.id, "a newer update arrived")
         build = BuildProgress(FitContext(seed=config.seed,
                                          on_progress=lambda f, note: self._progressed(config.id, f, note)))
+        self._latest[config.id] = build
         lock = self._locks.setdefault(config.id, asyncio.Lock())
         async with lock:
             if build.ctx.should_stop():  # an even newer update stopped us while we waited
+                self._forget(config.id, build)
                 raise BuildSuperseded(f"product {config.id!r}: superseded by a newer update before it started")
             self._builds[config.id] = build
             if config.id not in self._entries:
@@ -222,8 +222,8 @@ class ProductRegistry:
             except FitStopped as exc:
                 log.info("product %s: build stopped (superseded); version %s keeps serving", config.id,
                          self._entries[config.id].version if config.id in self._entries else "none")
-                if config.id not in self._entries and not self._has_newer(config.id, build):
-                    self._status[config.id] = FAILED
+                if config.id not in self._entries and self._latest.get(config.id) is build:
+                    self._status[config.id] = FAILED  # stopped with nothing newer coming (a removal)
                 raise BuildSuperseded(f"product {config.id!r}: build stopped by a newer update") from exc
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
@@ -234,10 +234,7 @@ class ProductRegistry:
                     self._on_change(None, config.id)
                 raise BuildError(message) from exc
             finally:
-                if self._builds.get(config.id) is build:
-                    del self._builds[config.id]
-                    if self._on_progress:
-                        self._on_progress(config.id, None)
+                self._forget(config.id, build)
             if entry is current:
                 log.info("product %s: unchanged (fingerprint %s); version %d keeps serving", config.id,
                          entry.fingerprint, entry.version)
@@ -253,9 +250,20 @@ class ProductRegistry:
                 self._on_change(entry, config.id)
             return entry
 
-    def _has_newer(self, product_id: str, build: BuildProgress) -> bool:
-        lock = self._locks.get(product_id)
-        return lock is not None and lock.locked() and self._builds.get(product_id) is not build
+    def _stop_builds(self, product_id: str, why: str) -> None:
+        """Stop the running build and any queued one of ``product_id`` (they are superseded)."""
+        for build in {id(b): b for b in (self._builds.get(product_id), self._latest.get(product_id)) if b}.values():
+            if not build.ctx.should_stop():
+                log.info("product %s: %s; stopping the superseded build", product_id, why)
+                build.ctx.stop()
+
+    def _forget(self, product_id: str, build: BuildProgress) -> None:
+        if self._latest.get(product_id) is build:
+            del self._latest[product_id]
+        if self._builds.get(product_id) is build:
+            del self._builds[product_id]
+            if self._on_progress:
+                self._on_progress(product_id, None)
 
     def _progressed(self, product_id: str, fraction: float, note: str) -> None:
         """Called from a build thread: record progress, tell the metric, log at every quarter."""
@@ -277,15 +285,13 @@ class ProductRegistry:
         return await self.put(entry.config, force=force)
 
     async def remove(self, product_id: str) -> bool:
-        """Stop serving ``product_id`` (waits for a build in progress); False if it was unknown."""
+        """Stop serving ``product_id`` (stops a build in progress first); False if it was unknown."""
+        self._stop_builds(product_id, "the product is being removed")
         lock = self._locks.setdefault(product_id, asyncio.Lock())
         async with lock:
             found = self._entries.pop(product_id, None) is not None
             known = self._status.pop(product_id, None) is not None or found
             self._errors.pop(product_id, None)
-            running = self._builds.get(product_id)
-            if running is not None:
-                running.ctx.stop()
             event = self._ready_events.pop(product_id, None)
             if event:
                 event.clear()

@@ -26,7 +26,7 @@ from inspectd.detectors.building import BuildResult, StateCache, ThresholdPolicy
 from inspectd.detectors.data.datasets import Category, Sample, load_image, load_mask, sample_references
 from inspectd.detectors.evaluation.cache import ScoreCache
 from inspectd.detectors.evaluation.metrics import CategoryEvaluator
-from inspectd.detectors.evaluation.tables import ResultTable, summarize
+from inspectd.detectors.evaluation.tables import ResultTable, summarize, vand_hmean
 from inspectd.detectors.pipeline import ScoreItem, run
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class EvalSettings:
     defect_words: dict[str, list[str]] = field(default_factory=dict)
     cache_dir: str | None = None
     calibrate: bool = False  # report verdict precision/recall/F1 at the threshold a deployment would get
+    vand: bool = False  # add the VAND 2023 per-category score (harmonic mean of image and pixel F1-max)
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
 
 
@@ -152,6 +153,9 @@ class _Run:
             if self.progress:
                 self.progress(len(batch), label)
         metrics, notes = evaluator.compute()
+        if settings.vand:
+            metrics = dict(metrics, vand_hmean=vand_hmean(metrics.get("image_f1_max", float("nan")),
+                                                          metrics.get("pixel_f1_max", float("nan"))))
         if settings.calibrate and built is not None:
             metrics = dict(metrics, **verdict_metrics(verdicts, built.threshold))
             notes = [*notes, f"{category.name} {shots}-shot seed {seed}: NG verdicts at the calibrated threshold "

@@ -26,8 +26,32 @@ LABELS = {
     "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1max",
     "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP", "pixel_f1_max": "P-F1max", "pixel_pro": "PRO",
     "verdict_precision": "NG-Prec", "verdict_recall": "NG-Rec", "verdict_f1": "NG-F1",
+    "vand_hmean": "VAND",
 }
 VERDICT_METRICS = ("verdict_precision", "verdict_recall", "verdict_f1")  # at the calibrated threshold
+VAND_METRIC = "vand_hmean"  # VAND 2023 summary: harmonic mean of image and pixel F1-max per category
+
+
+def vand_hmean(image_f1_max: float, pixel_f1_max: float) -> float:
+    """The VAND challenge's per-category score (its summary averages it over categories)."""
+    if math.isnan(image_f1_max) or math.isnan(pixel_f1_max) or image_f1_max + pixel_f1_max == 0:
+        return math.nan
+    return 2 * image_f1_max * pixel_f1_max / (image_f1_max + pixel_f1_max)
+
+
+def with_vand(rows: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Published rows plus the VAND score where both F1-max values are printed; the mean row is the mean of the
+    per-category scores when those exist (as the challenge computes it), else from the mean F1s."""
+    out = {c: dict(r) for c, r in rows.items()}
+    scored = []
+    for category, row in out.items():
+        if "image_f1_max" in row and "pixel_f1_max" in row:
+            row[VAND_METRIC] = vand_hmean(row["image_f1_max"], row["pixel_f1_max"])
+            if category != MEAN_ROW:
+                scored.append(row[VAND_METRIC])
+    if scored and MEAN_ROW in out:
+        out[MEAN_ROW][VAND_METRIC] = float(np.mean(scored))
+    return out
 PerCategory = Mapping[str, Mapping[str, float]]  # category -> metric -> value
 Published = dict[str, dict[str, dict[str, float]]]  # setting -> category -> metric -> value (percent)
 
@@ -69,7 +93,7 @@ def summarize(per_seed: Sequence[PerCategory], title: str = "", metrics: Sequenc
     categories = list(dict.fromkeys(c for run in per_seed for c in run if c != MEAN_ROW))
     if metrics is None:
         present = {m for run in per_seed for row in run.values() for m in row}
-        known = (*ALL_METRICS, *VERDICT_METRICS)
+        known = (*ALL_METRICS, *VERDICT_METRICS, VAND_METRIC)
         metrics = [m for m in known if m in present] + sorted(present - set(known))
     out_notes = list(notes)
     per_seed_rows: list[dict[str, dict[str, float]]] = []
