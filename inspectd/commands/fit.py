@@ -42,8 +42,9 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"inspectd fit {name}", description=trainer.description or None)
     parser.add_argument("--out", required=True, help="artifact file to write (.safetensors)")
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch (default: %(default)s)")
-    model.add_argument("--pretrained", default="laion400m_e31",
+    arch, pretrained = trainer.default_model
+    model.add_argument("--arch", default=arch, help="open_clip arch (default: %(default)s)")
+    model.add_argument("--pretrained", default=pretrained,
                        help="open_clip tag or checkpoint path; 'random' only with --demo (default: %(default)s)")
     model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

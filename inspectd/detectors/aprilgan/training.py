@@ -128,6 +128,7 @@ class AprilGanTrainer(Trainer):
     detector = "aprilgan"
     Config = AprilGanFitConfig
     data = "dataset"
+    default_model = ("ViT-L-14-336", "openai")  # the report's backbone (run at 518 px)
     description = ("Train APRIL-GAN's per-stage linear adapters on a labelled dataset (frozen CLIP, focal + dice "
                    "on the masks, 2x2 mosaics). Cross-dataset: train on VisA for MVTec AD, on MVTec AD for VisA. "
                    "Products point to the file with `options: {adapters: FILE}`.")

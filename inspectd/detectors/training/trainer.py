@@ -38,6 +38,7 @@ class Trainer(ABC):
     Config: ClassVar[type]
     data: ClassVar[str] = "none"
     description: ClassVar[str] = ""
+    default_model: ClassVar[tuple[str, str]] = ("ViT-B-16-plus-240", "laion400m_e31")  # (arch, pretrained)
 
     def __init__(self, backbone: Any, config: Any) -> None:
         if self.data not in DATA_KINDS:
