@@ -86,7 +86,11 @@ async def test_read_respects_max_count_over_two_streams(redis_client: Any, keys:
         assert len(batch) <= 3
         seen += batch
     assert len(seen) == 10 and len({f.entry_id + f.source for f in seen}) == 10
-    assert {f.line for f in seen} == {"l1"}  # the line comes from the message itself
+    # the line rule: a frame belongs to its stream's line; the messages on l2's stream claim line l1
+    frames = [f for f in seen if isinstance(f, Frame)]
+    refused = [f for f in seen if isinstance(f, DeadLetter)]
+    assert len(frames) == 5 and {f.line for f in frames} == {"l1"} and {f.source for f in frames} == {f"redis:{s1}"}
+    assert len(refused) == 5 and {d.reason for d in refused} == {"bad_line"} and {d.line for d in refused} == {"l2"}
 
 
 async def test_nothing_is_delivered_beyond_what_was_read(redis_client: Any, keys: StreamKeys) -> None:

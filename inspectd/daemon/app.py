@@ -26,8 +26,9 @@ from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.pipeline import ScoreItem
 from inspectd.streams.codec import DecodeLimits
+from inspectd.streams.reasons import Reason
 from inspectd.streams.records import MaskPolicy
-from inspectd.streams.schema import VERDICT_NG, VERDICT_OK, DeadLetter, Frame, Result
+from inspectd.streams.schema import VERDICT_NG, VERDICT_OK, DeadLetter, Frame, FrameError, Result
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class InspectDaemon:
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self.http: Any = None
+        self.publisher: Any = None  # daemon.publisher.Publisher once the sinks are open
         self.watcher: Any = None  # daemon.watcher.RegistryWatcher when registry.watch
         self.control: Any = None  # daemon.control.ControlListener when redis.control_stream
         self.started = False
@@ -105,16 +107,22 @@ class InspectDaemon:
         limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
         on_cpu = all(b.device.type == "cpu" for b in self.backbones.values())
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
-        self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits)
+        self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
+                                    max_tiles=cfg.decode.max_tiles)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
                                         on_progress=self.metrics.build_progress)
+        registry = self.registry
+        self.metrics.is_known = lambda product: registry.status(product) is not None
         if cfg.sources.redis or cfg.sinks.redis:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.from_url(cfg.redis.url)
             await self.redis.ping()
         self._open_sinks()
+        from inspectd.daemon.publisher import Publisher
+
+        self.publisher = Publisher(self.sinks, self.metrics)
         await self._load_products()
         if cfg.registry.watch:
             from inspectd.daemon.watcher import RegistryWatcher
@@ -176,7 +184,8 @@ class InspectDaemon:
             source = RedisStreamSource(self.redis, [keys.frames(line) for line in cfg.redis.lines], cfg.redis.group,
                                        cfg.redis.consumer, block_ms=cfg.redis.block_ms,
                                        claim_idle_ms=cfg.redis.claim_idle_ms,
-                                       max_deliveries=cfg.redis.max_deliveries)
+                                       max_deliveries=cfg.redis.max_deliveries,
+                                       max_meta_bytes=cfg.decode.max_meta_bytes)
             await source.start()
             self.sources.append(source)
         for folder in cfg.sources.folders:
@@ -230,7 +239,12 @@ class InspectDaemon:
             await self.shutdown()
 
     def healthy(self) -> bool:
-        return self.started and all(not t.done() for t in self._tasks)
+        """Alive: every stage task runs, and publishing has not been failing longer than sinks.publish_stall_s
+        while work waits (then systemd's watchdog restarts the daemon)."""
+        if not (self.started and all(not t.done() for t in self._tasks)):
+            return False
+        stalled = self.publisher.stalled_for() if self.publisher is not None else 0.0
+        return stalled <= self.config.sinks.publish_stall_s
 
     def ready(self) -> bool:
         return self.started and self.registry is not None and self.registry.all_ready()
@@ -367,14 +381,19 @@ class InspectDaemon:
             for flight in flights:
                 entry = self.registry.get(flight.frame.product)
                 if entry is not None:
+                    try:  # the serving detector may cut frames differently than the one it was prepared for
+                        self.engine.check_tiles(entry.detector, flight.prepared.size)
+                    except FrameError as exc:
+                        dead.append((flight, self._dead(flight.frame, exc.reason, exc.stage, exc.detail)))
+                        continue
                     scored.append((flight, entry))
                 elif self.registry.status(flight.frame.product) == BUILDING and cfg.on_building == "wait" \
                         and not flight.parked:
                     self._park(flight)
                 else:
                     status = self.registry.status(flight.frame.product)
-                    reason = "product_building" if status == BUILDING else (
-                        "product_failed" if status else "unknown_product")
+                    reason = Reason.PRODUCT_BUILDING if status == BUILDING else (
+                        Reason.PRODUCT_FAILED if status else Reason.UNKNOWN_PRODUCT)
                     detail = self.registry.error(flight.frame.product) or f"product {flight.frame.product!r}"
                     dead.append((flight, self._dead(flight.frame, reason, "product", detail)))
             results: list[Result] = []
@@ -389,7 +408,7 @@ class InspectDaemon:
                     log.exception("scoring failed for a batch of %d", len(items))
                     self.metrics.error("score")
                     for flight, _ in scored:
-                        dead.append((flight, self._dead(flight.frame, "detector_error", "score",
+                        dead.append((flight, self._dead(flight.frame, Reason.DETECTOR_ERROR, "score",
                                                         f"{type(exc).__name__}: {exc}")))
                     scored, outputs = [], []
                 for (flight, entry), output in zip(scored, outputs, strict=True):
@@ -446,15 +465,7 @@ class InspectDaemon:
                 if d.stage == "decode":
                     self.metrics.dead_lettered(d.product, d.line, d.reason)
             started = time.perf_counter()
-            while True:
-                try:
-                    for sink in self.sinks:
-                        await sink.publish_batch(results, dead)
-                    break
-                except Exception as exc:  # noqa: BLE001 - keep the frames, retry: at-least-once
-                    self.metrics.error("publish")
-                    log.warning("publishing %d result(s) failed (%s); retrying", len(results) + len(dead), exc)
-                    await asyncio.sleep(0.5)
+            results, dead = await self.publisher.publish(results, dead)
             publish_s = time.perf_counter() - started
             await self._ack(flights)
             now = time.time()

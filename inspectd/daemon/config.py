@@ -92,6 +92,7 @@ class SinksConfig:
     redis: bool = True
     jsonl: str | None = None  # path of a JSONL results file
     jsonl_masks_dir: str | None = None
+    publish_stall_s: float = 60.0  # liveness fails when publishing keeps failing this long (watchdog restarts)
 
 
 @dataclass
@@ -113,6 +114,13 @@ class DecodeConfig:
     max_pixels: int = 40_000_000
     threads: int = -1  # -1 = auto: 0 on CPU (decode on the engine thread: torch already uses every core),
     #                    2 on GPU (decode the next batch while the GPU runs this one)
+    max_tiles: int = 16  # model inputs one frame may need after tiling (aspect up to ~13:1; a 10000 x 10 strip
+    #                      would need ~500): above = dead letter too_many_tiles
+    max_meta_bytes: int = 64 * 1024  # the `meta` field is copied into every result
+
+    def __post_init__(self) -> None:
+        _positive("decode.max_tiles", self.max_tiles)
+        _positive("decode.max_meta_bytes", self.max_meta_bytes)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from inspectd.detectors.base import Detector
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
 from inspectd.detectors.preprocess import InputSpec, TileLayout
 from inspectd.streams.codec import DecodeLimits, decode_frame_image
+from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import DeadLetter, Frame, FrameError
 
 
@@ -40,9 +41,10 @@ class ScoringEngine:
     """Owns the worker thread the forwards run on and the decode pool."""
 
     def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
-                 limits: DecodeLimits | None = None) -> None:
+                 limits: DecodeLimits | None = None, max_tiles: int = 16) -> None:
         self.devices = sorted(set(devices), key=str)
         self.limits = limits or DecodeLimits()
+        self.max_tiles = max_tiles
         name = "+".join(str(d) for d in self.devices)
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inspectd-engine-{name}")
         # decode_threads = 0: decode on the engine thread, in turn with the forwards (no overlap, no contention:
@@ -57,6 +59,7 @@ class ScoringEngine:
             decoded = time.perf_counter()
             prepared = PreparedFrame(frame, (int(image.shape[0]), int(image.shape[1])))
             if detector is not None:
+                self.check_tiles(detector, prepared.size)
                 prepared.tiles, prepared.layout = detector.preprocessor(image)
                 prepared.input_spec = detector.input_spec()
         except FrameError as exc:
@@ -64,11 +67,23 @@ class ScoringEngine:
                               frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
                               detail=exc.detail, ack=frame.ack)
         except Exception as exc:  # noqa: BLE001 - any decoder bug becomes a dead letter, not a crash
-            return DeadLetter(reason="decode_error", stage="decode", product=frame.product, line=frame.line,
+            return DeadLetter(reason=Reason.DECODE_ERROR, stage="decode", product=frame.product, line=frame.line,
                               frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
                               detail=f"{type(exc).__name__}: {exc}", ack=frame.ack)
         prepared.timings = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
         return prepared
+
+    def tiles_needed(self, detector: Detector, size: tuple[int, int]) -> int:
+        return detector.preprocessor.layout(*size).n_tiles
+
+    def check_tiles(self, detector: Detector, size: tuple[int, int]) -> None:
+        """Refuse a frame whose shape needs more model inputs than ``max_tiles`` (checked from the size alone,
+        before any resize: a 10000 x 10 strip would otherwise become a 240 x 240000 image of 500 tiles)."""
+        needed = self.tiles_needed(detector, size)
+        if needed > self.max_tiles:
+            raise FrameError("decode", Reason.TOO_MANY_TILES,
+                             f"{size[1]}x{size[0]} needs {needed} inputs of {detector.preprocessor.size} px "
+                             f"> decode.max_tiles {self.max_tiles}")
 
     async def prepare(self, frames: list[Frame], detector_for: Callable[[str], Detector | None] | None = None
                       ) -> list[PreparedFrame | DeadLetter]:

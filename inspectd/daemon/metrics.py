@@ -37,6 +37,9 @@ class _ProductEntryLike(Protocol):
     config: Any  # has .detector
 
 
+UNKNOWN_PRODUCT_LABEL = "_unknown"  # the product label of frames naming no known product
+
+
 class Metrics:
     """The daemon's metric objects (attributes) and the small helpers the hot path calls."""
 
@@ -84,9 +87,16 @@ class Metrics:
         self.start_time.set(time.time())
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self._seen_lines: set[tuple[str, str]] = set()
+        # Product ids in frames are chosen by producers: only products the registry knows get their own label
+        # value (anything else is counted as UNKNOWN_PRODUCT), so made-up names cannot grow /metrics.
+        self.is_known: Callable[[str], bool] = lambda _product: True
+
+    def product_label(self, product: str) -> str:
+        return product if self.is_known(product) else UNKNOWN_PRODUCT_LABEL
 
     # ------------------------------------------------------------------ frames
     def received(self, product: str, line: str, n: int = 1) -> None:
+        product = self.product_label(product)
         self.frames_received.labels(product, line).inc(n)
         if (product, line) not in self._seen_lines:  # NG rate reads 0, not absent, before the first NG
             self._seen_lines.add((product, line))
@@ -114,7 +124,7 @@ class Metrics:
         self.stage_duration.labels(stage).observe(max(0.0, seconds))
 
     def dead_lettered(self, product: str, line: str, reason: str) -> None:
-        self.frames_dead_lettered.labels(product, line, reason).inc()
+        self.frames_dead_lettered.labels(self.product_label(product), line, str(reason)).inc()
 
     def batch(self, size: int) -> None:
         self.batch_size.observe(size)

@@ -10,19 +10,20 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
+from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import Frame, FrameError
 
 DEFAULT_FORMATS = frozenset({"PNG", "JPEG", "BMP", "TIFF"})
 RAW_DTYPES = ("uint8", "uint16")
 
 # Short machine-readable reasons (the dead-letter ``reason`` field).
-R_MISSING = "missing_image"
-R_TOO_LARGE = "too_large"
-R_TOO_MANY_PIXELS = "too_many_pixels"
-R_CORRUPT = "corrupt_image"
-R_UNSUPPORTED = "unsupported_format"
-R_BAD_RAW_SHAPE = "bad_raw_shape"
-R_BAD_RAW_DTYPE = "bad_raw_dtype"
+R_MISSING = Reason.MISSING_IMAGE
+R_TOO_LARGE = Reason.TOO_LARGE
+R_TOO_MANY_PIXELS = Reason.TOO_MANY_PIXELS
+R_CORRUPT = Reason.CORRUPT_IMAGE
+R_UNSUPPORTED = Reason.UNSUPPORTED_FORMAT
+R_BAD_RAW_SHAPE = Reason.BAD_RAW_SHAPE
+R_BAD_RAW_DTYPE = Reason.BAD_RAW_DTYPE
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import AckHandle, DeadLetter, Frame
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -134,15 +135,15 @@ class FolderSource:
         stat = self._last_seen.get(path, (0, 0))
         common = {"product": product, "line": self.line, "frame_id": rel, "entry_id": rel, "source": self.source}
         if not product:
-            return DeadLetter(reason="no_product", stage="parse", detail="file is not in a <product>/ folder "
+            return DeadLetter(reason=Reason.NO_PRODUCT, stage="parse", detail="file is not in a <product>/ folder "
                               "and no product is configured", ack=self._ack(path, stat, dead=True), **common)
         if stat[0] > self.max_bytes:
-            return DeadLetter(reason="too_large", stage="decode", detail=f"{stat[0]} bytes > {self.max_bytes}",
+            return DeadLetter(reason=Reason.TOO_LARGE, stage="decode", detail=f"{stat[0]} bytes > {self.max_bytes}",
                               ack=self._ack(path, stat, dead=True), **common)
         try:
             payload = path.read_bytes()
         except OSError as exc:
-            return DeadLetter(reason="unreadable", stage="parse", detail=str(exc),
+            return DeadLetter(reason=Reason.UNREADABLE, stage="parse", detail=str(exc),
                               ack=self._ack(path, stat, dead=True), **common)
         return Frame(captured_at=stat[1] / 1e9, payload=payload, meta={"path": str(path)},
                      ack=self._ack(path, stat, dead=False), **common)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from inspectd.streams.codec import RAW_DTYPES, is_raw_shape
+from inspectd.streams.reasons import Reason
+from inspectd.streams.redis_keys import validate_line
 from inspectd.streams.schema import (
     F_CAPTURED_AT,
     F_DTYPE,
@@ -24,6 +26,7 @@ from inspectd.streams.schema import (
 
 REQUIRED_FIELDS = (F_PRODUCT, F_IMAGE)
 SMALL_FIELD_LIMIT = 512  # bytes of each non-image field copied into a dead letter
+MAX_META_BYTES = 64 * 1024  # default bound of the `meta` field (copied into every result)
 
 
 def frame_fields(
@@ -95,16 +98,20 @@ def parse_frame_fields(
     entry_id: str,
     source: str,
     default_line: str = "",
+    max_meta_bytes: int = MAX_META_BYTES,
 ) -> Frame | DeadLetter:
     """A Frame from one stream entry, or a DeadLetter(stage="parse") naming what is wrong.
 
-    Required: product, image. ``line`` defaults to the stream's line, ``frame_id`` to the entry id,
-    ``ts`` to the entry id's time.
+    Required: product, image. ``frame_id`` defaults to the entry id, ``ts`` to the entry id's time.
+    The line rule: a frame belongs to the line of the stream it was read from (``default_line``), so its
+    result can only go to that line's results stream; a ``line`` field naming another line, or no valid
+    line id at all, is a ``bad_line`` dead letter on the stream's own line.
     """
     raw = {_text(k): v for k, v in (fields or {}).items()}
+    claimed = _text(raw.get(F_LINE, b""))[:SMALL_FIELD_LIMIT]
     base = {
         "product": _text(raw.get(F_PRODUCT, b""))[:SMALL_FIELD_LIMIT],
-        "line": _text(raw.get(F_LINE, b""))[:SMALL_FIELD_LIMIT] or default_line,
+        "line": default_line or claimed,
         "frame_id": _text(raw.get(F_FRAME_ID, b""))[:SMALL_FIELD_LIMIT] or entry_id,
     }
 
@@ -112,9 +119,14 @@ def parse_frame_fields(
         return DeadLetter(reason=reason, stage="parse", entry_id=entry_id, source=source, detail=detail,
                           fields=small_fields(raw), **base)
 
+    line_problem = _line_problem(claimed, default_line)
+    if line_problem:
+        if not default_line:
+            base["line"] = ""  # no valid line to name: the dead-letter sink's default stream takes it
+        return dead(Reason.BAD_LINE, line_problem)
     missing = [name for name in REQUIRED_FIELDS if not raw.get(name)]
     if missing:
-        return dead("missing_field", "missing or empty: " + ",".join(missing))
+        return dead(Reason.MISSING_FIELD, "missing or empty: " + ",".join(missing))
     image = raw[F_IMAGE]
     payload = image if isinstance(image, bytes) else image.encode("latin-1")
 
@@ -124,27 +136,45 @@ def parse_frame_fields(
         try:
             shape = parse_shape(_text(raw[F_SHAPE]))
         except (ValueError, TypeError) as exc:
-            return dead("bad_shape", f"{_text(raw[F_SHAPE])[:80]!r}: {exc}")
+            return dead(Reason.BAD_SHAPE, f"{_text(raw[F_SHAPE])[:80]!r}: {exc}")
         dtype = _text(raw.get(F_DTYPE, b"uint8")) or "uint8"
         if dtype not in RAW_DTYPES:
-            return dead("bad_dtype", f"dtype {dtype[:40]!r} not uint8/uint16")
+            return dead(Reason.BAD_DTYPE, f"dtype {dtype[:40]!r} not uint8/uint16")
 
     if raw.get(F_CAPTURED_AT):
         try:
             captured_at = float(_text(raw[F_CAPTURED_AT]))
         except ValueError:
-            return dead("bad_ts", f"ts {_text(raw[F_CAPTURED_AT])[:40]!r} is not a number")
+            return dead(Reason.BAD_TS, f"ts {_text(raw[F_CAPTURED_AT])[:40]!r} is not a number")
     else:
         captured_at = entry_time(entry_id)
 
     meta: dict[str, Any] = {}
     if raw.get(F_META):
+        size = len(raw[F_META])
+        if size > max_meta_bytes:
+            return dead(Reason.META_TOO_LARGE, f"meta is {size} bytes > {max_meta_bytes} (decode.max_meta_bytes)")
         try:
             meta = json.loads(_text(raw[F_META]))
         except ValueError as exc:
-            return dead("bad_meta", f"meta is not JSON: {exc}")
+            return dead(Reason.BAD_META, f"meta is not JSON: {exc}")
         if not isinstance(meta, dict):
-            return dead("bad_meta", "meta is not a JSON object")
+            return dead(Reason.BAD_META, "meta is not a JSON object")
 
     return Frame(captured_at=captured_at, payload=payload, raw_shape=shape, raw_dtype=dtype, meta=meta,
                  source=source, entry_id=entry_id, **base)
+
+
+def _line_problem(claimed: str, stream_line: str) -> str:
+    """Why a frame's line is unacceptable ("" when it is fine): see `parse_frame_fields`' line rule."""
+    line = claimed or stream_line
+    if not line:
+        return ""  # not from a stream and no line given: the sinks' default line
+    try:
+        validate_line(line)
+    except ValueError as exc:
+        return str(exc)
+    if stream_line and claimed and claimed != stream_line:
+        return (f"line field {claimed!r} differs from the line {stream_line!r} of the stream it was read from "
+                "(a frame's result goes to its own stream's line only)")
+    return ""

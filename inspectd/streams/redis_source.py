@@ -15,7 +15,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from inspectd.streams.message import parse_frame_fields
+from inspectd.streams.message import MAX_META_BYTES, parse_frame_fields
+from inspectd.streams.reasons import Reason
 from inspectd.streams.redis_keys import line_of_key
 from inspectd.streams.schema import AckHandle, DeadLetter, Frame
 
@@ -62,6 +63,7 @@ class RedisStreamSource:
         claim_interval_s: float | None = None,
         group_start_id: str = "0",
         max_deliveries: int = 5,
+        max_meta_bytes: int = MAX_META_BYTES,
     ) -> None:
         if not streams:
             raise ValueError("at least one input stream is required")
@@ -73,6 +75,7 @@ class RedisStreamSource:
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval_s = claim_interval_s if claim_interval_s is not None else claim_idle_ms / 2000.0
         self.group_start_id = group_start_id
+        self.max_meta_bytes = max_meta_bytes
         self.max_deliveries = max_deliveries  # a frame delivered this often (it keeps killing its consumer)
         #                                       becomes a dead letter instead of being retried forever
         self.claimed_total = 0  # entries taken over from other consumers (for a metric)
@@ -174,8 +177,8 @@ class RedisStreamSource:
             times = deliveries.get(item.entry_id or "", 0)
             if isinstance(item, Frame) and times > self.max_deliveries:
                 log.error("frame %s (%s) delivered %d times: dead-lettering it", item.frame_id, item.entry_id, times)
-                item = DeadLetter(reason="too_many_deliveries", stage="parse", product=item.product, line=item.line,
-                                  frame_id=item.frame_id, entry_id=item.entry_id, source=item.source,
+                item = DeadLetter(reason=Reason.TOO_MANY_DELIVERIES, stage="parse", product=item.product,
+                                  line=item.line, frame_id=item.frame_id, entry_id=item.entry_id, source=item.source,
                                   detail=f"delivered {times} times (max_deliveries {self.max_deliveries}); "
                                          "it may crash the daemon", ack=item.ack)
             out.append(item)
@@ -209,7 +212,7 @@ class RedisStreamSource:
                 gone.append(entry_id)
                 continue
             item = parse_frame_fields(fields, entry_id=entry_id, source=f"redis:{stream}",
-                                      default_line=line_of_key(stream))
+                                      default_line=line_of_key(stream), max_meta_bytes=self.max_meta_bytes)
             item.ack = self.ack_handle(stream, entry_id)
             items.append(item)
         if gone:

@@ -1,0 +1,248 @@
+"""No input can wedge the daemon (real Redis): bad or foreign line ids, unpublishable results, thin images,
+oversized meta, made-up product names as metric labels, and liveness when publishing stalls."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inspectd.daemon.app import InspectDaemon
+from inspectd.daemon.publisher import Publisher, source_line
+from inspectd.streams.message import frame_fields
+from inspectd.streams.reasons import REASONS, Reason
+from inspectd.streams.redis_keys import StreamKeys
+from inspectd.streams.redis_sink import RedisResultSink
+from inspectd.streams.schema import VERDICT_OK, Result
+from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, read_stream
+
+pytestmark = pytest.mark.redis
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_config(redis_url: str, prefix: str, tmp: Path, **over):  # noqa: ANN003, ANN201
+    config = daemon_config(redis_url, prefix, tmp, registry={"watch": False},
+                           redis={"url": redis_url, "prefix": prefix, "lines": ["l1"], "block_ms": 50,
+                                  "control_stream": None}, **over)
+    config.products = [p for p in config.products if p.id == "grid"]  # zero-shot: quick to build
+    return config
+
+
+async def wait_for(client, keys: list[str], n: int, timeout: float = 30) -> list[dict]:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [r for key in keys for r in await read_stream(client, key)]
+        if len(records) >= n or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- 1. lines
+async def test_bad_and_foreign_lines_are_dead_letters_and_never_wedge_the_publisher(
+        redis_client, redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    daemon = InspectDaemon(one_line_config(redis_url, key_prefix, tmp_path), backbone=tiny_backbone)
+    await daemon.start()
+    keys = StreamKeys(key_prefix)
+    try:
+        good = png_bytes(HAZELNUT / "good" / "03.png")
+        frames = keys.frames("l1")
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "ok-1", good))
+        await redis_client.xadd(frames, frame_fields("grid", "bad line", "bad", good))  # wedged the publisher
+        await redis_client.xadd(frames, frame_fields("grid", "l2", "foreign", good))  # another line's stream
+        await redis_client.xadd(frames, frame_fields("grid", "{l9}", "braces", good))
+        for i in range(5):
+            await redis_client.xadd(frames, frame_fields("grid", "l1", f"ok-{i + 2}", good))
+        results = await wait_for(redis_client, [keys.results("l1")], 6)
+        dead = await wait_for(redis_client, [keys.dead("l1")], 3)
+        assert sorted(r["frame_id"] for r in results) == [f"ok-{i}" for i in range(1, 7)]
+        assert {d["frame_id"]: d["reason"] for d in dead} == {"bad": "bad_line", "foreign": "bad_line",
+                                                               "braces": "bad_line"}
+        assert "stream it was read from" in next(d["detail"] for d in dead if d["frame_id"] == "foreign")
+        assert await redis_client.xlen(keys.results("l2")) == 0  # a frame cannot write to another line
+        assert daemon.healthy()
+        pending = await redis_client.xpending(frames, daemon.config.redis.group)
+        assert pending["pending"] == 0  # everything acked, nothing redelivered to wedge a restart
+    finally:
+        await daemon.shutdown()
+
+
+async def test_a_permanently_refused_result_becomes_unpublishable_and_the_rest_publish(
+        redis_client, key_prefix) -> None:
+    from inspectd.daemon.metrics import Metrics
+
+    keys = StreamKeys(key_prefix)
+    sink = RedisResultSink(redis_client, keys)
+    publisher = Publisher([sink], Metrics())
+
+    def result(frame_id: str, line: str) -> Result:
+        return Result(product="p", line=line, frame_id=frame_id, captured_at=1.0, score=0.1, verdict=VERDICT_OK,
+                      threshold=0.5, detector="winclip", state_version="1",
+                      source=f"redis:{keys.frames('l1')}", entry_id=f"{frame_id}-0")
+
+    batch = [result("a", "l1"), result("b", "no such {line}"), result("c", "l1")]
+    published, dead = await asyncio.wait_for(publisher.publish(batch, []), 10)
+    assert [r.frame_id for r in published] == ["a", "c"]
+    assert [(d.frame_id, d.reason, d.line) for d in dead] == [("b", Reason.UNPUBLISHABLE, "l1")]
+    assert [r["frame_id"] for r in await read_stream(redis_client, keys.results("l1"))] == ["a", "c"]
+    [letter] = await read_stream(redis_client, keys.dead("l1"))
+    assert letter["reason"] == "unpublishable" and "invalid line id" in letter["detail"]
+    assert source_line("redis:inspect:{l7}:frames") == "l7" and source_line("camera:0") == ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+
+
+async def until(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if await predicate():
+                return True
+        except Exception:  # noqa: BLE001 - e.g. the server is not up yet
+            pass
+        await asyncio.sleep(step)
+    return False
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start a private server")
+async def test_liveness_fails_while_publishing_stalls_then_recovers_with_nothing_lost(tmp_path, tiny_backbone
+                                                                                     ) -> None:
+    import redis.asyncio as aioredis
+
+    port = _free_port()
+    server = start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = aioredis.from_url(url)
+    assert await until(client.ping)
+    inbox = tmp_path / "in"
+    (inbox / "grid").mkdir(parents=True)
+    config = one_line_config(url, "stall", tmp_path, sinks={"publish_stall_s": 1.0, "redis": True},
+                             sources={"redis": False, "folders": [{"path": str(inbox), "line": "l1",
+                                                                   "poll_interval_s": 0.05}]})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    keys = StreamKeys("stall")
+    try:
+        (inbox / "grid" / "a.png").write_bytes(png_bytes(HAZELNUT / "good" / "03.png"))
+        assert await until(lambda: _xlen(client, keys.results("l1"), 1))
+        server.terminate()
+        server.wait(timeout=10)
+        (inbox / "grid" / "b.png").write_bytes(png_bytes(HAZELNUT / "good" / "04.png"))  # read, scored, unpublishable
+        assert await until(lambda: _false(daemon.healthy), timeout=15), "liveness never failed"
+        assert daemon.publisher.stalled_for() > 1.0
+        server = start_redis(port, tmp_path)  # the outage ends
+        assert await until(lambda: _xlen(client, keys.results("l1"), 1), timeout=30)  # the new server has b
+        assert await until(lambda: _true(daemon.healthy))
+        records = await read_stream(client, keys.results("l1"))
+        assert [Path(json.loads(r["meta"])["path"]).name for r in records] == ["b.png"]
+    finally:
+        await daemon.shutdown()
+        await client.aclose()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def _xlen(client, key: str, n: int) -> bool:  # noqa: ANN001
+    return await client.xlen(key) >= n
+
+
+async def _false(fn) -> bool:  # noqa: ANN001
+    return not fn()
+
+
+async def _true(fn) -> bool:  # noqa: ANN001
+    return bool(fn())
+
+
+# ----------------------------------------------------------------------------- 2. thin images, 6. meta
+def thin_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_thin_images_and_oversized_meta_are_refused_without_blocking_others(
+        redis_client, redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    daemon = InspectDaemon(one_line_config(redis_url, key_prefix, tmp_path, decode={"max_meta_bytes": 1024}),
+                           backbone=tiny_backbone)
+    await daemon.start()
+    keys = StreamKeys(key_prefix)
+    try:
+        good = png_bytes(HAZELNUT / "good" / "03.png")
+        frames = keys.frames("l1")
+        started = time.monotonic()
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "strip", thin_png(10000, 10)))
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "long-strip", thin_png(100000, 10)))
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "fat-meta", good, meta={"x": "y" * 5000}))
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "wide-ok", thin_png(1200, 240)))  # 5 tiles: fine
+        await redis_client.xadd(frames, frame_fields("grid", "l1", "ok", good, meta={"lot": 7}))
+        results = await wait_for(redis_client, [keys.results("l1")], 2)
+        dead = await wait_for(redis_client, [keys.dead("l1")], 3)
+        took = time.monotonic() - started
+        assert sorted(r["frame_id"] for r in results) == ["ok", "wide-ok"]
+        reasons = {d["frame_id"]: d["reason"] for d in dead}
+        assert reasons == {"strip": "too_many_tiles", "long-strip": "too_many_tiles", "fat-meta": "meta_too_large"}
+        assert "decode.max_tiles" in next(d["detail"] for d in dead if d["frame_id"] == "strip")
+        assert took < 15, f"{took:.1f} s: a thin image must be refused before it is resized"
+        assert json.loads(next(r for r in results if r["frame_id"] == "ok")["meta"]) == {"lot": 7}
+    finally:
+        await daemon.shutdown()
+
+
+# ----------------------------------------------------------------------------- 5. metric labels
+async def test_made_up_product_names_do_not_become_metric_labels(redis_client, redis_url, key_prefix, tmp_path,
+                                                               tiny_backbone) -> None:
+    daemon = InspectDaemon(one_line_config(redis_url, key_prefix, tmp_path), backbone=tiny_backbone)
+    await daemon.start()
+    keys = StreamKeys(key_prefix)
+    try:
+        tiny = thin_png(8, 8)
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(300):
+            pipe.xadd(keys.frames("l1"), frame_fields(f"made-up-{i}", "l1", f"x{i}", tiny))
+        await pipe.execute()
+        dead = await wait_for(redis_client, [keys.dead("l1")], 300, timeout=60)
+        assert len(dead) == 300 and {d["reason"] for d in dead} == {"unknown_product"}
+        text = daemon.metrics.exposition().decode()
+        assert "made-up-" not in text
+        assert 'inspectd_frames_received_total{line="l1",product="_unknown"} 300.0' in text
+        assert len(text) < 40_000
+    finally:
+        await daemon.shutdown()
+
+
+# ----------------------------------------------------------------------------- one enum, one table
+def test_every_dead_letter_reason_is_in_the_enum_and_the_readme_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = set(re.findall(r"^\| `([a-z_]+)` \| (?:parse|decode|product|score|publish) \|", readme, flags=re.M))
+    assert table == {r.value for r in Reason}, table ^ {r.value for r in Reason}
+    assert set(REASONS) == set(Reason)
+    known = {r.value for r in Reason}
+    used: set[str] = set()
+    for path in (REPO / "inspectd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "reason" and isinstance(node.value, ast.Constant):
+                used.add(node.value.value)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "dead", "_dead", "_fail") and node.args and isinstance(node.args[0], ast.Constant):
+                used.add(node.args[0].value)
+    assert used <= known, used - known  # no reason string outside the enum
