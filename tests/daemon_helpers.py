@@ -36,6 +36,7 @@ def daemon_config(redis_url: str, prefix: str, tmp: Path, **overrides: Any) -> D
                   "claim_idle_ms": 2000, "control_stream": None},
         "batcher": {"max_batch_size": 16, "max_delay_ms": 10, "queue_size": 64},
         "http": {"enabled": False},
+        "registry": {"references_root": str(tmp)},  # products PUT over the API keep their references under tmp
         "products": [
             {"id": "nut", "object_name": "hazelnut", "references": str(refs), "shots": 2},
             {"id": "grid", "object_name": "grid", "shots": 0, "mask": "none"},

@@ -246,3 +246,117 @@ def test_every_dead_letter_reason_is_in_the_enum_and_the_readme_table() -> None:
                     "dead", "_dead", "_fail") and node.args and isinstance(node.args[0], ast.Constant):
                 used.add(node.args[0].value)
     assert used <= known, used - known  # no reason string outside the enum
+
+
+# ----------------------------------------------------------------------------- 3. a web page cannot drive the API
+@pytest.fixture
+async def open_api(redis_url, key_prefix, tmp_path, tiny_backbone, monkeypatch):  # noqa: ANN001, ANN201
+    """A daemon on loopback with no token configured (the default a new user runs)."""
+    import aiohttp
+
+    monkeypatch.delenv("INSPECTD_ADMIN_TOKEN", raising=False)
+    config = daemon_config(redis_url, key_prefix, tmp_path, registry={"watch": False},
+                           http={"enabled": True, "host": "127.0.0.1", "port": 0,
+                                 "token_file": str(tmp_path / "state" / "admin-token")})
+    config.products = [p for p in config.products if p.id == "nut"]
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    session = aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}")
+    yield daemon, session, tmp_path
+    await session.close()
+    await daemon.shutdown()
+
+
+async def test_a_cross_site_form_post_cannot_replace_references(open_api) -> None:  # noqa: ANN001
+    import aiohttp
+
+    daemon, session, tmp = open_api
+    refs = tmp / "refs"
+    before = sorted(p.name for p in refs.iterdir())
+    form = aiohttp.FormData()
+    form.add_field("file", thin_png(64, 64), filename="defect.png", content_type="image/png")
+    # what a page on another site makes the operator's browser send: a simple multipart POST, its Origin, no token
+    async with session.post("/products/nut/references?replace=true", data=form,
+                            headers={"Origin": "http://evil.example"}) as response:
+        assert response.status == 403
+    form2 = aiohttp.FormData()
+    form2.add_field("file", thin_png(64, 64), filename="defect.png", content_type="image/png")
+    async with session.post("/products/nut/references?replace=true", data=form2) as response:
+        assert response.status == 401  # no Origin (e.g. a local script): still needs the token
+    assert sorted(p.name for p in refs.iterdir()) == before and daemon.registry.get("nut").version == 1
+
+
+async def test_dns_rebinding_cannot_read_or_write(open_api) -> None:  # noqa: ANN001
+    daemon, session, _ = open_api
+    token = (Path(daemon.config.http.token_file)).read_text().strip()
+    rebound = {"Host": f"evil.example:{daemon.http_port}"}
+    async with session.put("/products/nut", json={"threshold": {"value": 99}},
+                           headers={**rebound, "Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 421
+    async with session.get("/products", headers=rebound) as response:
+        assert response.status == 421  # no config leaks either
+    assert daemon.registry.get("nut").threshold != 99
+    async with session.get("/products") as response:  # a loopback Host reads
+        assert response.status == 200
+
+
+async def test_writes_need_the_generated_token_and_a_non_simple_body(open_api) -> None:  # noqa: ANN001
+    daemon, session, _ = open_api
+    path = Path(daemon.config.http.token_file)
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    body = {"object_name": "hazelnut", "references": str(path.parents[1] / "refs"), "shots": 2,
+            "threshold": {"value": 0.9}}
+    async with session.put("/products/nut", json=body) as response:
+        assert response.status == 401
+    async with session.put("/products/nut", data=json.dumps(body),
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}) as response:
+        assert response.status == 415  # a form's simple content type is not a write body
+    async with session.put("/products/nut", json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 200 and daemon.registry.get("nut").threshold == 0.9
+    from inspectd.daemon.http_common import load_or_create_token
+
+    assert load_or_create_token(path) == token  # stable across restarts
+
+
+def test_a_public_bind_without_token_is_refused_by_check_before_any_model_loads(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.delenv("INSPECTD_ADMIN_TOKEN", raising=False)
+    config = tmp_path / "public.yaml"
+    config.write_text("http: {host: 0.0.0.0}\nmodel: {pretrained: /nonexistent/weights.pt}\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "INSPECTD_ADMIN_TOKEN"}
+    for args in (["--check"], []):
+        out = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(config), *args],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode != 0
+        assert "http.token" in out.stderr and "0.0.0.0" in out.stderr, out.stderr[-2000:]
+        assert "weights" not in out.stderr.lower().split("http.token")[0][-200:]  # refused before the model
+
+
+# ----------------------------------------------------------------------------- 4. references under a root
+async def test_a_put_cannot_point_references_at_an_unrelated_directory(open_api, tmp_path_factory) -> None:  # noqa: ANN001
+    import aiohttp
+
+    daemon, session, tmp = open_api
+    token = Path(daemon.config.http.token_file).read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    victim = tmp_path_factory.mktemp("unrelated")
+    (victim / "keep.png").write_bytes(thin_png(32, 32))
+    body = {"object_name": "hazelnut", "references": str(victim), "shots": 1}
+    async with session.put("/products/nut", json=body, headers=auth) as response:
+        answer = await response.json()
+    assert response.status == 400 and answer["path"] == "references", answer
+    assert "references_root" in answer["error"]
+    form = aiohttp.FormData()
+    form.add_field("file", thin_png(64, 64), filename="x.png", content_type="image/png")
+    async with session.post("/products/nut/references?replace=true", data=form, headers=auth) as response:
+        assert response.status == 201  # the product's own directory (under the root) is fine
+    assert [p.name for p in victim.iterdir()] == ["keep.png"]
+    inside = tmp / "refs-2"
+    inside.mkdir()
+    for name in ("00.png", "01.png"):
+        (inside / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
+    async with session.put("/products/nut", json={**body, "references": str(inside)}, headers=auth) as response:
+        assert response.status == 200  # under registry.references_root

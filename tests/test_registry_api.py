@@ -31,7 +31,7 @@ def api_config(redis_url: str, prefix: str, tmp: Path, **overrides: Any) -> Any:
     (tmp / "products").mkdir(exist_ok=True)
     settings: dict[str, Any] = {
         "http": {"enabled": True, "host": "127.0.0.1", "port": 0, "token": TOKEN, "max_body_bytes": 2 * 1024 * 1024},
-        "registry": {"products_dir": str(tmp / "products"), "watch": False},
+        "registry": {"products_dir": str(tmp / "products"), "watch": False, "references_root": str(tmp)},
         "sources": {"redis": False}, "sinks": {"redis": False},
     }
     settings.update(overrides)
@@ -153,9 +153,10 @@ async def test_put_validation_errors_are_400_naming_the_key(api) -> None:  # noq
             answer = await response.json()
         assert response.status == 400, body
         assert answer["path"] == key and f"config error at {key}" in answer["error"], answer
-    async with session.put("/products/nut", data="a: [unclosed", headers=AUTH) as response:
+    yaml_type = {**AUTH, "Content-Type": "application/yaml"}
+    async with session.put("/products/nut", data="a: [unclosed", headers=yaml_type) as response:
         assert response.status == 400 and "YAML" in (await response.json())["error"]
-    async with session.put("/products/nut", data="[1, 2]", headers=AUTH) as response:
+    async with session.put("/products/nut", data="[1, 2]", headers=yaml_type) as response:
         assert response.status == 400
     async with session.put("/products/bad%2Fid", json={}, headers=AUTH) as response:
         assert response.status in (400, 404)
@@ -191,7 +192,7 @@ async def test_upload_refuses_traversal_and_non_images(api, tmp_path) -> None:  
                             headers=AUTH) as response:
         assert response.status == 400
     async with session.post("/products/nut/references", data=b"raw", headers=AUTH) as response:
-        assert response.status == 400
+        assert response.status == 415  # not multipart: no write takes an arbitrary content type
     big = random_png(1, size=1024)  # ~3 MB of noise > max_body_bytes
     async with session.post("/products/nut/references", data=form(("big.png", big)), headers=AUTH) as response:
         assert response.status == 413

@@ -22,7 +22,7 @@ import yaml
 from aiohttp import BodyPartReader, web
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
-from inspectd.daemon.http_common import DAEMON_KEY, admin_token, is_loopback
+from inspectd.daemon.http_common import DAEMON_KEY, TOKEN_ENV, admin_token, host_allowed, is_loopback
 from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, BuildSuperseded, ProductRegistry
 
 if TYPE_CHECKING:
@@ -81,12 +81,26 @@ def guarded(handler: Handler) -> Handler:
     return wrapper
 
 
+WRITE_METHODS = ("PUT", "POST", "DELETE", "PATCH")
+WRITE_BODY_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml", "multipart/form-data")
+
+
 def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
+    """Reads on a loopback bind are open; every write needs the bearer token (a web page the operator opens
+    cannot send one, and its cross-site requests carry a foreign Origin); off loopback everything needs it."""
     token = admin_token(daemon)
+    writing = request.method in WRITE_METHODS
+    if writing:
+        origin = request.headers.get("Origin")
+        if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
+                                       daemon.config.http.allowed_hosts):
+            log.warning("admin API: %s %s with foreign Origin %r refused", request.method, request.path, origin)
+            raise ApiError(403, f"cross-origin write refused (Origin {origin!r})")
+    configured = daemon.config.http.token or os.environ.get(TOKEN_ENV)
+    if not writing and not configured and is_loopback(daemon.config.http.host):
+        return  # reads on loopback stay open unless the operator configured a token
     if token is None:
-        if is_loopback(daemon.config.http.host):
-            return
-        raise ApiError(401, "admin API disabled: no token configured on a non-loopback address")
+        raise ApiError(401, "no admin token configured" if not writing else "writes need the admin token")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
@@ -94,6 +108,9 @@ def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
         log.warning("admin API: %s %s from %s refused (bad or missing token)", request.method, request.path,
                     request.remote)
         raise ApiError(401, "missing or invalid bearer token")
+    if writing and request.can_read_body and request.content_type not in WRITE_BODY_TYPES:
+        raise ApiError(415, f"content type {request.content_type!r} not accepted for writes; use "
+                            "application/json, application/yaml or multipart/form-data")
 
 
 def _registry(request: web.Request) -> ProductRegistry:
@@ -136,6 +153,7 @@ async def put_product(request: web.Request) -> web.Response:
     registry = _registry(request)
     product_id = _product_id(request)
     config = parse_product(await request.read(), request.content_type, product_id, registry)
+    check_references_root(config, registry)
     created = registry.get(product_id) is None
     if request.query.get("wait", "true").lower() in ("0", "false", "no"):
         daemon: InspectDaemon = request.app[DAEMON_KEY]
@@ -199,6 +217,26 @@ async def upload_references(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def check_references_root(config: ProductConfig, registry: ProductRegistry) -> None:
+    """A reference (or holdout) directory set over the API must lie under ``registry.references_root`` unless it
+    is the one the serving version already uses (so an upload with ?replace=true can never empty an unrelated
+    directory). Files the operator writes into products_dir may point anywhere."""
+    serving = registry.get(config.id)
+    root = registry.config.references_root
+    for key, value, current in (("references", config.references, serving.config.references if serving else None),
+                                ("threshold.holdout_dir", config.threshold.holdout_dir,
+                                 serving.config.threshold.holdout_dir if serving else None)):
+        if not value or (current and Path(value).resolve() == Path(current).resolve()):
+            continue
+        if root is None:
+            raise ApiError(400, f"config error at {key}: directories cannot be set over the API without "
+                                "registry.references_root (set it, or write the product file yourself)", path=key)
+        resolved = Path(value).resolve()
+        if not resolved.is_relative_to(Path(root).resolve()):
+            raise ApiError(400, f"config error at {key}: {value!r} is not under registry.references_root {root!r}",
+                           path=key)
+
+
 async def _build_and_save(registry: ProductRegistry, config: ProductConfig) -> None:
     """A background PUT: build, then persist the product file; failures are logged and shown in GET."""
     try:

@@ -129,7 +129,19 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 9464
     token: str | None = None  # required when host is not a loopback address (or env INSPECTD_ADMIN_TOKEN)
+    token_file: str | None = None  # without a token on loopback: one is generated here (0600) for writes;
+    #                                default $STATE_DIRECTORY/admin-token or ~/.local/state/inspectd/admin-token
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides loopback ones
     max_body_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        import os
+
+        from inspectd.daemon.http_common import is_loopback
+
+        if self.enabled and not is_loopback(self.host) and not (self.token or os.environ.get("INSPECTD_ADMIN_TOKEN")):
+            raise ConfigError("http.token", f"http.host {self.host!r} is not a loopback address: set http.token "
+                                            "(or INSPECTD_ADMIN_TOKEN), or bind to 127.0.0.1")
 
 
 @dataclass
@@ -160,6 +172,8 @@ class ProductConfig:
 class RegistryConfig:
     products_dir: str | None = None  # one YAML file per product
     state_cache_dir: str | None = None  # fitted product states, keyed by model/config/reference hash
+    references_root: str | None = None  # reference directories set over the admin API must lie under it (files
+    #                                     written by the operator may point anywhere); None = the API cannot set them
     watch: bool = True  # rebuild on changes to products_dir and reference directories
     debounce_s: float = 1.0
     on_building: str = "wait"  # frames of a product still building: "wait" (bounded) | "dead_letter"
@@ -307,6 +321,7 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> None:
 
     config.registry.products_dir = fix(config.registry.products_dir)
     config.registry.state_cache_dir = fix(config.registry.state_cache_dir)
+    config.registry.references_root = fix(config.registry.references_root)
     config.sinks.jsonl = fix(config.sinks.jsonl)
     config.sinks.jsonl_masks_dir = fix(config.sinks.jsonl_masks_dir)
     for folder in config.sources.folders:

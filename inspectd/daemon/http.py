@@ -6,12 +6,20 @@ Binds to 127.0.0.1 by default; bound anywhere else it refuses to start without a
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from inspectd.daemon.admin import add_admin_routes
-from inspectd.daemon.http_common import DAEMON_KEY, admin_token, is_loopback
+from inspectd.daemon.http_common import (
+    DAEMON_KEY,
+    admin_token,
+    default_token_file,
+    host_allowed,
+    is_loopback,
+    load_or_create_token,
+)
 from inspectd.daemon.metrics import metrics_handler
 
 if TYPE_CHECKING:
@@ -38,8 +46,21 @@ async def readyz(request: web.Request) -> web.Response:
                               if daemon.backbone else None}, status=200 if ok else 503)
 
 
+@web.middleware
+async def host_allow_list(request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001 - aiohttp handler
+    """Refuse requests whose Host is not ours (DNS rebinding: a page on evil.example resolving to 127.0.0.1)."""
+    daemon: InspectDaemon = request.app[DAEMON_KEY]
+    cfg = daemon.config.http
+    if not host_allowed(request.headers.get("Host", ""), cfg.host, cfg.allowed_hosts):
+        log.warning("http: %s %s with Host %r refused (not in the allow-list)", request.method, request.path,
+                    request.headers.get("Host"))
+        return web.json_response({"error": f"Host {request.headers.get('Host')!r} not allowed (http.allowed_hosts)"},
+                                 status=421)
+    return await handler(request)
+
+
 def build_app(daemon: InspectDaemon) -> web.Application:
-    app = web.Application(client_max_size=daemon.config.http.max_body_bytes)
+    app = web.Application(client_max_size=daemon.config.http.max_body_bytes, middlewares=[host_allow_list])
     app[DAEMON_KEY] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -52,6 +73,11 @@ async def start_http(daemon: InspectDaemon) -> web.AppRunner:
     cfg = daemon.config.http
     if not is_loopback(cfg.host) and not admin_token(daemon):
         raise RuntimeError(f"http.host {cfg.host!r} is not loopback: set http.token or INSPECTD_ADMIN_TOKEN")
+    if not admin_token(daemon):  # loopback, nothing configured: writes still need a token, made once into a file
+        path = Path(cfg.token_file).expanduser() if cfg.token_file else default_token_file()
+        daemon.generated_token = load_or_create_token(path)
+        log.info("admin API writes need the token in %s (0600): curl -H \"Authorization: Bearer $(cat %s)\"",
+                 path, path)
     runner = web.AppRunner(build_app(daemon), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)

@@ -1,4 +1,5 @@
-"""What the HTTP server and the admin API share: the app key holding the daemon, the admin token, loopback test.
+"""What the HTTP server and the admin API share: the app key holding the daemon, the admin token (configured,
+from the environment, or generated once into a 0600 file), the loopback test and the Host allow-list.
 
 ``inspectd.daemon.http`` (which mounts the admin routes) and ``inspectd.daemon.admin`` both import these from
 here, so ``admin`` never imports ``http`` and the two form no import cycle.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -27,5 +30,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_ENV = "INSPECTD_ADMIN_TOKEN"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
 def admin_token(daemon: InspectDaemon) -> str | None:
-    return daemon.config.http.token or os.environ.get("INSPECTD_ADMIN_TOKEN") or None
+    return daemon.config.http.token or os.environ.get(TOKEN_ENV) or getattr(daemon, "generated_token", None)
+
+
+def default_token_file() -> Path:
+    """Where a generated admin token lives: systemd's $STATE_DIRECTORY, else $XDG_STATE_HOME/inspectd, else
+    ~/.local/state/inspectd (the same place `curl -H "Authorization: Bearer $(cat FILE)"` reads it from)."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "admin-token"
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "inspectd" / "admin-token"
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token in ``path``, created (random, mode 0600, never world-readable) on first use."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another instance created it meanwhile
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def host_allowed(host_header: str, bind_host: str, allowed: tuple[str, ...] | list[str]) -> bool:
+    """Host allow-list against DNS rebinding: on a loopback bind only loopback names (or ``allowed``) may be
+    the request's Host; on another bind any Host unless ``allowed`` is given."""
+    name = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
+    name = name.lower()
+    if allowed and name in {a.lower() for a in allowed}:
+        return True
+    if is_loopback(bind_host):
+        return name in LOOPBACK_NAMES
+    return not allowed
