@@ -360,3 +360,77 @@ async def test_a_put_cannot_point_references_at_an_unrelated_directory(open_api,
         (inside / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
     async with session.put("/products/nut", json={**body, "references": str(inside)}, headers=auth) as response:
         assert response.status == 200  # under registry.references_root
+
+
+# ----------------------------------------------------------------------------- 7. trimmed input, retention
+async def test_frames_trimmed_away_while_pending_are_dead_letters_not_silent_acks(redis_client, key_prefix) -> None:
+    from inspectd.streams.redis_source import RedisStreamSource
+    from inspectd.streams.schema import DeadLetter
+
+    keys = StreamKeys(key_prefix)
+    stream = keys.frames("l1")
+    good = thin_png(8, 8)
+    for i in range(6):
+        await redis_client.xadd(stream, frame_fields("p", "l1", f"f{i}", good))
+    first = RedisStreamSource(redis_client, [stream], group="g", consumer="a", block_ms=10, claim_idle_ms=1)
+    await first.start()
+    assert len(await first.read(6)) == 6  # delivered, never acked (the instance dies)
+    await redis_client.xtrim(stream, maxlen=0)  # a producer's MAXLEN trims them away meanwhile
+    restarted = RedisStreamSource(redis_client, [stream], group="g", consumer="a", block_ms=10, claim_idle_ms=1)
+    await restarted.start()
+    items = await restarted.read(3)  # half come back from its own backlog
+    assert [type(i) for i in items] == [DeadLetter] * 3
+    assert {i.reason for i in items} == {"deleted_before_scoring"} and {i.line for i in items} == {"l1"}
+    for item in items:
+        await item.ack()
+    await asyncio.sleep(0.01)
+    other = RedisStreamSource(redis_client, [stream], group="g", consumer="b", block_ms=10, claim_idle_ms=1,
+                              claim_interval_s=0)
+    await other.start()
+    claimed = await other.read(10)  # the rest are found by XAUTOCLAIM, which names the deleted ids
+    assert len(claimed) == 3 and {i.reason for i in claimed} == {"deleted_before_scoring"}
+    assert restarted.deleted_total + other.deleted_total == 6
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_retention_trims_only_what_every_group_is_done_with(redis_client, key_prefix) -> None:
+    from inspectd.streams.redis_source import RedisStreamSource
+
+    stream = StreamKeys(key_prefix).frames("l1")
+    for i in range(10):
+        await redis_client.xadd(stream, frame_fields("p", "l1", f"f{i}", thin_png(8, 8)))
+    source = RedisStreamSource(redis_client, [stream], group="g", consumer="a", block_ms=10)
+    await source.start()
+    items = await source.read(6)
+    for item in items[:4]:
+        await item.ack()  # 4 acked, 2 pending, 4 never delivered
+    assert await source.trim_acked(keep_s=0) == {stream: 4}
+    assert await redis_client.xlen(stream) == 6
+    assert await source.trim_acked(keep_s=3600) == {}  # recent entries are kept for keep_acked_s anyway
+    slow = RedisStreamSource(redis_client, [stream], group="archiver", consumer="x", block_ms=10)
+    await slow.start()  # another group that has read nothing yet: nothing may be trimmed for it
+    for item in items[4:]:
+        await item.ack()
+    assert await source.trim_acked(keep_s=0) == {}
+    assert await redis_client.xlen(stream) == 6
+
+
+async def test_idle_consumers_without_pending_entries_are_removed(redis_client, key_prefix) -> None:
+    from inspectd.streams.redis_source import RedisStreamSource
+
+    stream = StreamKeys(key_prefix).frames("l1")
+    await redis_client.xadd(stream, frame_fields("p", "l1", "f0", thin_png(8, 8)))
+    holder = RedisStreamSource(redis_client, [stream], group="g", consumer="holder", block_ms=10)
+    await holder.start()
+    assert len(await holder.read(1)) == 1  # keeps one pending entry
+    for name in ("dead-1", "dead-2"):
+        ghost = RedisStreamSource(redis_client, [stream], group="g", consumer=name, block_ms=10)
+        await ghost.start()
+        await ghost.read(1)  # nothing left: a consumer without pending entries
+    me = RedisStreamSource(redis_client, [stream], group="g", consumer="me", block_ms=10)
+    await me.start()
+    await me.read(1)
+    await asyncio.sleep(0.05)
+    assert sorted(await me.remove_idle_consumers(idle_ms=10)) == ["dead-1", "dead-2"]
+    names = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "g")}
+    assert names == {"holder", "me"}

@@ -151,6 +151,7 @@ class InspectDaemon:
                               for i, s in enumerate(self.sources)]
         self._tasks.append(asyncio.create_task(self._gauge_loop(), name="gauges"))
         self._tasks.append(asyncio.create_task(self._keep_alive_loop(), name="keep-alive"))
+        self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
         self.started = True
         log.info("inspectd started: %d source(s), %d sink(s), products %s, models %s", len(self.sources),
                  len(self.sinks), self.registry.ids(), {n: b.describe() for n, b in self.backbones.items()})
@@ -512,6 +513,29 @@ class InspectDaemon:
                     except Exception as exc:  # noqa: BLE001 - at worst another instance scores a duplicate
                         self.metrics.error("keep_alive")
                         log.warning("keep-alive of in-flight entries failed: %s", exc)
+
+    async def _maintenance_loop(self) -> None:
+        """Input retention (trim what every group has acked) and removal of long-idle consumers without work."""
+        cfg = self.config.redis
+        while True:
+            await asyncio.sleep(cfg.maintenance_interval_s)
+            await self.maintain()
+
+    async def maintain(self) -> None:
+        cfg = self.config.redis
+        for source in self.sources:
+            if not hasattr(source, "trim_acked"):
+                continue
+            try:
+                if cfg.keep_acked_s >= 0:
+                    trimmed = await source.trim_acked(cfg.keep_acked_s)
+                    if trimmed:
+                        log.info("input retention: trimmed %s", trimmed)
+                if cfg.idle_consumer_s > 0:
+                    await source.remove_idle_consumers(int(cfg.idle_consumer_s * 1000))
+            except Exception as exc:  # noqa: BLE001 - maintenance never stops the daemon
+                self.metrics.error("maintenance")
+                log.warning("stream maintenance failed: %s", exc)
 
     async def _gauge_loop(self) -> None:
         while True:

@@ -55,6 +55,10 @@ class RedisConfig:
     max_deliveries: int = 5  # a frame redelivered more often (it keeps crashing consumers) is dead-lettered
     results_maxlen: int = 100000
     control_stream: str | None = None  # fleet-wide product commands, e.g. "inspect:control" (opt-in)
+    keep_acked_s: float = 600.0  # input retention: entries acked by every group are trimmed (XTRIM MINID) once
+    #                              older than this; -1 = never trim (the producer's MAXLEN must bound the stream)
+    idle_consumer_s: float = 3600.0  # consumers of our group idle this long with nothing pending are removed
+    maintenance_interval_s: float = 30.0  # how often trimming and consumer clean-up run
 
 
 @dataclass

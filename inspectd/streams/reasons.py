@@ -19,6 +19,7 @@ class Reason(StrEnum):
     BAD_META = "bad_meta"
     META_TOO_LARGE = "meta_too_large"
     TOO_MANY_DELIVERIES = "too_many_deliveries"
+    DELETED_BEFORE_SCORING = "deleted_before_scoring"
     NO_PRODUCT = "no_product"
     UNREADABLE = "unreadable"
     # decode: the image
@@ -51,6 +52,8 @@ REASONS: dict[Reason, tuple[str, str]] = {
     Reason.META_TOO_LARGE: ("parse", "`meta` is larger than `decode.max_meta_bytes`"),
     Reason.TOO_MANY_DELIVERIES: ("parse", "the entry was delivered more than `redis.max_deliveries` times "
                                           "(it keeps crashing consumers)"),
+    Reason.DELETED_BEFORE_SCORING: ("parse", "a pending entry trimmed or deleted from the input stream before it was "
+                                             "scored (a producer's MAXLEN, an XDEL): only its id is left"),
     Reason.NO_PRODUCT: ("parse", "a watched-folder file not inside a <product>/ folder"),
     Reason.UNREADABLE: ("parse", "a watched-folder file that cannot be read"),
     Reason.MISSING_IMAGE: ("decode", "an empty image payload"),

@@ -79,6 +79,7 @@ class RedisStreamSource:
         self.max_deliveries = max_deliveries  # a frame delivered this often (it keeps killing its consumer)
         #                                       becomes a dead letter instead of being retried forever
         self.claimed_total = 0  # entries taken over from other consumers (for a metric)
+        self.deleted_total = 0  # pending entries deleted (trimmed) from the stream before they were scored
         self._started = False
         # Own pending entries still to re-read after a restart: stream -> last id seen ("0" = from start).
         self._backlog: dict[str, str] = {}
@@ -152,11 +153,13 @@ class RedisStreamSource:
         for stream in self.streams:
             if len(out) >= count:
                 break
-            next_id, entries, *_deleted = await self.client.xautoclaim(
+            next_id, entries, *deleted = await self.client.xautoclaim(
                 stream, self.group, self.consumer, self.claim_idle_ms,
                 start_id=self._claim_cursor[stream], count=count - len(out))
             self._claim_cursor[stream] = _str(next_id)
             items = await self._redelivered(stream, await self._to_items(stream, entries))
+            # Redis >= 7 drops pending entries that were trimmed away and names them here
+            items += [self._deleted(stream, _str(d), None) for d in (deleted[0] if deleted else [])]
             if items:
                 log.info("claimed %d idle entries from %s", len(items), stream)
             self.claimed_total += len(items)
@@ -205,19 +208,62 @@ class RedisStreamSource:
 
     async def _to_items(self, stream: str, entries: Iterable[tuple[Any, Any]]) -> list[Item]:
         items: list[Item] = []
-        gone: list[str] = []
         for raw_id, fields in entries:
             entry_id = _str(raw_id)
-            if not fields:  # entry trimmed/deleted while pending: nothing left to score
-                gone.append(entry_id)
+            if not fields:  # entry trimmed/deleted while pending: nothing left to score, but say so
+                items.append(self._deleted(stream, entry_id, self.ack_handle(stream, entry_id)))
                 continue
             item = parse_frame_fields(fields, entry_id=entry_id, source=f"redis:{stream}",
                                       default_line=line_of_key(stream), max_meta_bytes=self.max_meta_bytes)
             item.ack = self.ack_handle(stream, entry_id)
             items.append(item)
-        if gone:
-            await self.client.xack(stream, self.group, *gone)
         return items
+
+    def _deleted(self, stream: str, entry_id: str, ack: AckHandle | None) -> DeadLetter:
+        """A dead letter for a pending entry the stream no longer holds (a producer's MAXLEN, an XDEL)."""
+        self.deleted_total += 1
+        log.warning("entry %s of %s was deleted from the stream before it was scored (trimmed by a producer's "
+                    "MAXLEN/XTRIM or XDEL?); dead-lettering its id", entry_id, stream)
+        return DeadLetter(reason=Reason.DELETED_BEFORE_SCORING, stage="parse", product="", line=line_of_key(stream),
+                          frame_id=entry_id, entry_id=entry_id, source=f"redis:{stream}",
+                          detail="the entry was removed from the input stream while pending; its image is gone",
+                          ack=ack)
+
+    async def trim_acked(self, keep_s: float) -> dict[str, int]:
+        """Retention of acked input: XTRIM MINID each stream below the oldest entry any consumer group still
+        needs (its oldest pending entry, or the first it has not been delivered yet), keeping the last
+        ``keep_s`` seconds anyway. Returns entries trimmed per stream."""
+        trimmed: dict[str, int] = {}
+        horizon = f"{max(0, int((time.time() - keep_s) * 1000))}-0"
+        for stream in self.streams:
+            needed = horizon
+            for group in await self.client.xinfo_groups(stream):
+                name = _str(group["name"])
+                if int(group.get("pending", 0)):
+                    summary = await self.client.xpending(stream, name)
+                    oldest = _str(summary["min"])
+                else:
+                    oldest = _next_id(_str(group["last-delivered-id"]))
+                needed = min(needed, oldest, key=_id_key)
+            count = await self.client.xtrim(stream, minid=needed, approximate=False)
+            if count:
+                trimmed[stream] = int(count)
+        return trimmed
+
+    async def remove_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Delete consumers of our group that hold no pending entries and were idle longer than ``idle_ms``
+        (names of crashed or replaced instances accumulate otherwise). Never deletes ourselves."""
+        removed: list[str] = []
+        for stream in self.streams:
+            for consumer in await self.client.xinfo_consumers(stream, self.group):
+                name = _str(consumer["name"])
+                if name != self.consumer and int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle_ms:
+                    await self.client.xgroup_delconsumer(stream, self.group, name)
+                    removed.append(name)
+        if removed:
+            log.info("removed %d idle consumer(s) without pending entries: %s", len(removed),
+                     ", ".join(sorted(set(removed))))
+        return removed
 
     def ack_handle(self, stream: str, entry_id: str) -> AckHandle:
         """An async callable that XACKs one entry."""
@@ -260,3 +306,8 @@ class RedisStreamSource:
                 continue
             total += int(info["pending"])
         return total
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
