@@ -434,3 +434,48 @@ async def test_idle_consumers_without_pending_entries_are_removed(redis_client, 
     assert sorted(await me.remove_idle_consumers(idle_ms=10)) == ["dead-1", "dead-2"]
     names = {c["name"].decode() for c in await redis_client.xinfo_consumers(stream, "g")}
     assert names == {"holder", "me"}
+
+
+# ----------------------------------------------------------------------------- 8. shutdown honours its limit
+def test_sigterm_with_a_slow_frame_in_flight_honours_the_timeout_and_says_so(redis_url, key_prefix, tmp_path,
+                                                                             tiny_checkpoint) -> None:
+    import os
+    import signal
+    import sys
+
+    import redis
+    import yaml
+
+    config = {"model": {"arch": "inspectd-tiny", "pretrained": str(tiny_checkpoint), "device": "cpu"},
+              "redis": {"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 100},
+              "http": {"enabled": False}, "sinks": {"redis": True}, "shutdown_timeout_s": 2,
+              "products": [{"id": "slow", "detector": "test-slow", "shots": 0, "options": {"sleep_s": 8}}]}
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import tests.slow_detector; "
+            f"from inspectd.cli import main; sys.exit(main(['run', '--config', {str(path)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    client = redis.Redis.from_url(redis_url)
+    stream = StreamKeys(key_prefix).frames("l1")
+    try:
+        client.xadd(stream, frame_fields("slow", "l1", "f0", png_bytes(HAZELNUT / "good" / "00.png")))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # delivered to the daemon: its slow forward is running
+            groups = client.xinfo_groups(stream)
+            if groups and groups[0]["pending"] == 1:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        client.close()
+    assert took < 2 + 1.5, f"shutdown took {took:.1f} s against shutdown_timeout_s 2\n{output[-3000:]}"
+    assert proc.returncode == 3, output[-3000:]
+    assert "still in flight" in output and "redelivered" in output
+    assert redis.Redis.from_url(redis_url).xpending(stream, "inspectd")["pending"] == 1  # left for redelivery

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 log = logging.getLogger("inspectd.run")
+EXIT_LEFT_PENDING = 3  # frames were still in flight when shutdown_timeout_s ran out (they will be redelivered)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +51,13 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         print("config OK")
         return 0
-    return asyncio.run(serve(config, args.max_frames, args.idle_exit))
+    code = asyncio.run(serve(config, args.max_frames, args.idle_exit))
+    if code == EXIT_LEFT_PENDING:
+        # frames were still in flight at shutdown_timeout_s: do not wait for the engine thread's forward at
+        # interpreter exit (it would overrun the limit); the pending entries are redelivered to the next instance
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 async def serve(config, max_frames: int = 0, idle_exit: float = 0.0) -> int:  # noqa: ANN001
@@ -59,7 +67,7 @@ async def serve(config, max_frames: int = 0, idle_exit: float = 0.0) -> int:  # 
     if max_frames or idle_exit:
         asyncio.get_running_loop().create_task(_auto_stop(daemon, max_frames, idle_exit))
     await daemon.run()
-    return 0
+    return EXIT_LEFT_PENDING if daemon.left_pending else 0
 
 
 async def _auto_stop(daemon, max_frames: int, idle_exit: float) -> None:  # noqa: ANN001

@@ -96,6 +96,7 @@ class InspectDaemon:
         self.control: Any = None  # daemon.control.ControlListener when redis.control_stream
         self.started = False
         self.frames_done = 0
+        self.left_pending = 0  # frames still in flight when shutdown_timeout_s ran out
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -263,27 +264,32 @@ class InspectDaemon:
         for task in readers:
             if task not in self._reading:  # waiting for permits: nothing delivered yet, safe to cancel
                 task.cancel()
-        _, stuck = await asyncio.wait(readers, timeout=self.config.redis.block_ms / 1000.0 + 2.0) if readers \
-            else (set(), set())
+        read_wait = max(0.0, min(self.config.redis.block_ms / 1000.0 + 2.0, deadline - time.monotonic()))
+        _, stuck = await asyncio.wait(readers, timeout=read_wait) if readers else (set(), set())
         for task in stuck:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         self.batcher.close()
         while self._in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        self.left_pending = self._in_flight
         if self._in_flight:
-            log.warning("shutdown: %d frame(s) still in flight after %.0fs; they stay pending and will be "
-                        "redelivered", self._in_flight, self.config.shutdown_timeout_s)
+            self.metrics.error("shutdown_left_pending")
+            log.warning("shutdown: %d frame(s) still in flight after %.0fs (shutdown_timeout_s); they stay pending "
+                        "and will be redelivered; exiting with status 3", self._in_flight,
+                        self.config.shutdown_timeout_s)
         for task in [*self._tasks, *self._side_tasks]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
         for source in self.sources:
             close = getattr(source, "close", None)
             if close is not None:
+                remaining = max(0.1, deadline - time.monotonic())
                 with contextlib.suppress(Exception):
-                    result = close()
-                    if asyncio.iscoroutine(result):
-                        await result
+                    if asyncio.iscoroutinefunction(close):
+                        await asyncio.wait_for(close(), remaining)
+                    else:  # a camera's close joins its capture thread: bounded by the deadline too
+                        await asyncio.wait_for(asyncio.shield(asyncio.to_thread(close)), remaining)
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is not None and not asyncio.iscoroutinefunction(close):
@@ -291,7 +297,7 @@ class InspectDaemon:
         if self.http is not None:
             await self.http.cleanup()
         if self.engine:
-            self.engine.close()
+            self.engine.close(wait=self.left_pending == 0)  # never wait out a forward past the deadline
         if self.registry:
             self.registry.close()
         if self.redis is not None:

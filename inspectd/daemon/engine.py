@@ -118,9 +118,14 @@ class ScoringEngine:
 
         return await loop.run_in_executor(self._engine, work)
 
-    def close(self) -> None:
-        self._engine.shutdown(wait=True)
-        self._decode.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads; ``wait=False`` leaves a running forward behind (the process exits without it)."""
+        self._engine.shutdown(wait=wait, cancel_futures=not wait)
+        self._decode.shutdown(wait=wait, cancel_futures=not wait)
+
+    @property
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in getattr(self._engine, "_threads", ()))
 
 
 def map_size_for(policy_mode: str, max_side: int | None, size: tuple[int, int]) -> tuple[int, int] | None:
