@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -479,3 +480,48 @@ def test_sigterm_with_a_slow_frame_in_flight_honours_the_timeout_and_says_so(red
     assert proc.returncode == 3, output[-3000:]
     assert "still in flight" in output and "redelivered" in output
     assert redis.Redis.from_url(redis_url).xpending(stream, "inspectd")["pending"] == 1  # left for redelivery
+
+
+# ----------------------------------------------------------------------------- 9. started before Redis
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start a private server")
+async def test_a_daemon_started_before_redis_waits_not_ready_then_serves(tmp_path, tiny_backbone, caplog) -> None:
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    config = one_line_config(url, "late", tmp_path, http={"enabled": True, "port": 0})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    caplog.set_level("WARNING", logger="inspectd.daemon.app")
+    starting = asyncio.create_task(daemon.start())
+    server = None
+    try:
+        assert await until(lambda: _true(lambda: getattr(daemon, "http_port", None)), timeout=10)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}") as session:
+            await asyncio.sleep(1.0)  # a few failed attempts
+            async with session.get("/readyz") as response:
+                body = await response.json()
+                assert response.status == 503 and body["checks"]["redis"] is False
+            async with session.get("/healthz") as response:
+                assert response.status == 200  # alive: waiting is not a crash
+            assert not starting.done()
+            assert any("not reachable" in r.getMessage() for r in caplog.records)
+            server = start_redis(port, tmp_path)
+            await asyncio.wait_for(starting, 30)
+            client = aioredis.from_url(url)
+            keys = StreamKeys("late")
+            frame = frame_fields("grid", "l1", "f0", png_bytes(HAZELNUT / "good" / "03.png"))
+            await client.xadd(keys.frames("l1"), frame)
+            assert await until(lambda: _xlen(client, keys.results("l1"), 1))
+            async with session.get("/readyz") as response:
+                assert response.status == 200
+            await client.aclose()
+    finally:
+        if not starting.done():
+            daemon.request_stop()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(starting, 10)
+        await daemon.shutdown()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)

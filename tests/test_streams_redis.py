@@ -154,7 +154,8 @@ async def test_restart_rereads_own_pending_first(redis_client: Any, keys: Stream
     assert await again.read(5) == []
 
 
-async def test_trimmed_pending_entry_is_acked_and_skipped(redis_client: Any, keys: StreamKeys) -> None:
+async def test_trimmed_pending_entry_becomes_a_dead_letter_not_a_silent_ack(redis_client: Any,
+                                                                             keys: StreamKeys) -> None:
     stream = keys.frames("l1")
     first = _source(redis_client, stream, "c1")
     ids = await _add(redis_client, stream, 2)
@@ -162,7 +163,9 @@ async def test_trimmed_pending_entry_is_acked_and_skipped(redis_client: Any, key
     await redis_client.xdel(stream, ids[0])
     again = _source(redis_client, stream, "c1")
     got = await again.read(5)
-    assert [f.entry_id for f in got] == [ids[1]]
+    assert [(type(f).__name__, f.entry_id) for f in got] == [("DeadLetter", ids[0]), ("Frame", ids[1])]
+    assert got[0].reason == "deleted_before_scoring"
+    await got[0].ack()  # acked like any dead letter, once it is published
     assert (await redis_client.xpending(stream, "g"))["pending"] == 1
 
 

@@ -23,6 +23,7 @@ from inspectd.daemon.config import DaemonConfig, ModelConfig
 from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
+from inspectd.daemon.retry import Backoff
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.pipeline import ScoreItem
 from inspectd.streams.codec import DecodeLimits
@@ -115,11 +116,15 @@ class InspectDaemon:
                                         on_progress=self.metrics.build_progress)
         registry = self.registry
         self.metrics.is_known = lambda product: registry.status(product) is not None
+        if cfg.http.enabled:  # first, so /readyz says what is missing while Redis or the products come up
+            from inspectd.daemon.http import start_http
+
+            self.http = await start_http(self)
         if cfg.sources.redis or cfg.sinks.redis:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.from_url(cfg.redis.url)
-            await self.redis.ping()
+            await self._wait_for_redis()
         self._open_sinks()
         from inspectd.daemon.publisher import Publisher
 
@@ -141,10 +146,6 @@ class InspectDaemon:
                                            persist=bool(cfg.registry.products_dir))
             await self.control.start()
         await self._open_sources()
-        if cfg.http.enabled:
-            from inspectd.daemon.http import start_http
-
-            self.http = await start_http(self)
         self._tasks = [asyncio.create_task(self._batch_loop(), name="batcher"),
                        asyncio.create_task(self._engine_loop(), name="engine"),
                        asyncio.create_task(self._publish_loop(), name="publisher")]
@@ -156,6 +157,25 @@ class InspectDaemon:
         self.started = True
         log.info("inspectd started: %d source(s), %d sink(s), products %s, models %s", len(self.sources),
                  len(self.sinks), self.registry.ids(), {n: b.describe() for n, b in self.backbones.items()})
+
+    async def _wait_for_redis(self) -> None:
+        """Until Redis answers: retry with the shared backoff (not ready meanwhile, a log line per attempt at
+        first, then every tenth), instead of dying with a traceback when the daemon starts before Redis."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                await self.redis.ping()
+                if backoff.failures:
+                    log.info("Redis at %s is reachable after %d attempt(s)", self.config.redis.url, backoff.failures)
+                return
+            except Exception as exc:  # noqa: BLE001 - any connection failure: wait and retry
+                delay = backoff.next_delay()
+                self.metrics.error("redis_connect")
+                if backoff.failures <= 3 or backoff.failures % 10 == 0:
+                    log.warning("Redis at %s is not reachable (%s); retrying in %.1fs (not ready until then)",
+                                self.config.redis.url, exc, delay)
+                await asyncio.sleep(delay)
+        raise asyncio.CancelledError("stopped while waiting for Redis")
 
     def _open_sinks(self) -> None:
         cfg = self.config
@@ -241,9 +261,11 @@ class InspectDaemon:
             await self.shutdown()
 
     def healthy(self) -> bool:
-        """Alive: every stage task runs, and publishing has not been failing longer than sinks.publish_stall_s
-        while work waits (then systemd's watchdog restarts the daemon)."""
-        if not (self.started and all(not t.done() for t in self._tasks)):
+        """Alive: starting up (e.g. waiting for Redis: alive, not ready), or every stage task runs and publishing
+        has not been going on longer than sinks.publish_stall_s (then systemd's watchdog restarts the daemon)."""
+        if not self.started:
+            return not self._stop.is_set()
+        if not all(not t.done() for t in self._tasks):
             return False
         stalled = self.publisher.stalled_for() if self.publisher is not None else 0.0
         return stalled <= self.config.sinks.publish_stall_s
@@ -306,6 +328,7 @@ class InspectDaemon:
 
     # ------------------------------------------------------------------ stages
     async def _read_loop(self, source: Any) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
             await self._permits.acquire()
             granted = 1
@@ -324,11 +347,13 @@ class InspectDaemon:
             except Exception as exc:  # noqa: BLE001 - a flaky source backs off, the daemon lives
                 self._release(granted)
                 self.metrics.error("source")
-                log.warning("source %s read failed: %s", type(source).__name__, exc)
-                await asyncio.sleep(1.0)
+                delay = backoff.next_delay()
+                log.warning("source %s read failed: %s; retrying in %.2fs", type(source).__name__, exc, delay)
+                await asyncio.sleep(delay)
                 continue
             finally:
                 self._reading.discard(asyncio.current_task())
+            backoff.reset()
             self._release(granted - len(items))
             if not items:
                 if getattr(source, "exhausted", False):

@@ -11,6 +11,7 @@ from typing import Any
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
 from inspectd.daemon.registry import BuildError, ProductRegistry
+from inspectd.daemon.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ControlListener:
             self._task = None
 
     async def _run(self) -> None:
+        backoff = Backoff()
         while True:
             try:
                 reply = await self.redis.xread({self.stream: self.last_id}, count=READ_COUNT, block=self.block_ms)
@@ -95,8 +97,9 @@ class ControlListener:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: back off, keep the position
                 self._error(f"read failed: {exc}")
-                await asyncio.sleep(1.0)
+                await backoff.wait()
                 continue
+            backoff.reset()
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

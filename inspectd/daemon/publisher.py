@@ -1,7 +1,7 @@
 """Publishing a batch's results and dead letters to every sink: retry what may heal, isolate what never will.
 
-A transient failure (Redis unreachable or failing over, a full disk) is retried with redis-py's
-exponential backoff, keeping the frames (at-least-once). A permanent one (a key or value Redis or a
+A transient failure (Redis unreachable or failing over, a full disk) is retried with the shared
+backoff (`retry.Backoff`), keeping the frames (at-least-once). A permanent one (a key or value Redis or a
 sink refuses) is isolated: the batch is published item by item and only the items that fail for a
 permanent reason are replaced by an ``unpublishable`` dead letter on their source stream's line, so
 one bad item never blocks the frames behind it. ``stalled_for`` tells liveness how long the current
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.backoff import ExponentialBackoff
 
+from inspectd.daemon.retry import Backoff
 from inspectd.streams.reasons import Reason
 from inspectd.streams.redis_keys import line_of_key, validate_line
 from inspectd.streams.schema import DeadLetter, Result
@@ -48,10 +48,9 @@ def source_line(source: str) -> str:
 class Publisher:
     """Publishes to ``sinks`` (objects with ``publish_batch(results, dead)``) until it has succeeded."""
 
-    def __init__(self, sinks: Sequence[Any], metrics: Any, backoff: ExponentialBackoff | None = None) -> None:
+    def __init__(self, sinks: Sequence[Any], metrics: Any) -> None:
         self.sinks = sinks
         self.metrics = metrics
-        self.backoff = backoff or ExponentialBackoff(cap=5.0, base=0.1)
         self._busy_since: float | None = None
         self.unpublishable = 0
 
@@ -61,7 +60,7 @@ class Publisher:
 
     async def publish(self, results: list[Result], dead: list[DeadLetter]) -> tuple[list[Result], list[DeadLetter]]:
         """Publish everything; returns what was published (results, and dead letters incl. replacements)."""
-        failures = 0
+        backoff = Backoff()
         self._busy_since = time.monotonic()
         try:
             while True:
@@ -71,8 +70,7 @@ class Publisher:
                 except Exception as exc:  # noqa: BLE001 - classified right below
                     self.metrics.error("publish")
                     if is_transient(exc):
-                        failures += 1
-                        delay = self.backoff.compute(failures)
+                        delay = backoff.next_delay()
                         log.warning("publishing %d item(s) failed (%s: %s); retrying in %.2fs",
                                     len(results) + len(dead), type(exc).__name__, exc, delay)
                         await asyncio.sleep(delay)
