@@ -50,6 +50,7 @@ DETECTOR_MODULES: dict[str, str] = {
     "winclip": "inspectd.detectors.winclip",
     "randword": "inspectd.detectors.randword",
     "aprilgan": "inspectd.detectors.aprilgan",
+    "promptad": "inspectd.detectors.promptad",
 }
 
 
