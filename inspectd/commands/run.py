@@ -48,9 +48,19 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.port is not None:
         config.http.port = args.port
+    from inspectd.daemon.checks import check_config
+
+    problems = check_config(config)
     if args.check:
+        for problem in problems:
+            print(f"config error at {problem}", file=sys.stderr)
+        if problems:
+            print(f"{len(problems)} problem(s) in the config", file=sys.stderr)
+            return 2
         print("config OK")
         return 0
+    for problem in problems:  # the daemon still starts: a bad product is visible in GET /products, not fatal
+        log.warning("config problem: %s", problem)
     code = asyncio.run(serve(config, args.max_frames, args.idle_exit))
     if code == EXIT_LEFT_PENDING:
         # frames were still in flight at shutdown_timeout_s: do not wait for the engine thread's forward at

@@ -1,0 +1,101 @@
+"""`run --check`: every problem a config has that can be found without loading a model, each with its key path.
+
+The schema (types, unknown keys) is checked when the YAML is parsed (`config.load_config`); this module checks
+what lies beyond it: product files through the same parser a build uses, detector names and options, paths,
+devices, URLs and the security rules. One list of problems, in the order of the config.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
+from inspectd.daemon.products import product_files
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_config(config: DaemonConfig) -> list[str]:
+    """Problems as "<key path>: <what is wrong>" lines; empty when the config is sound."""
+    problems: list[str] = []
+    models = config.model_pool()
+    for index, model in enumerate(models):
+        where = f"models[{index}]" if config.models else "model"
+        problems += _check_model(model.device, model.arch, model.pretrained, config.demo, where)
+    names = [m.name for m in models]
+    if (config.sources.redis or config.sinks.redis or config.redis.control_stream) and not config.redis.url.startswith(
+            REDIS_SCHEMES):
+        problems.append(f"redis.url: {config.redis.url!r} has no scheme; use redis://host:port/db, rediss:// or "
+                        "unix://")
+    if config.registry.products_dir and not Path(config.registry.products_dir).is_dir():
+        problems.append(f"registry.products_dir: {config.registry.products_dir} is not a folder")
+    if config.registry.references_root and not Path(config.registry.references_root).is_dir():
+        problems.append(f"registry.references_root: {config.registry.references_root} is not a folder")
+    for index, folder in enumerate(config.sources.folders):
+        if not Path(folder.path).is_dir():
+            problems.append(f"sources.folders[{index}].path: {folder.path} is not a folder")
+    if not (config.sources.redis or config.sources.folders or config.sources.cameras):
+        problems.append("sources: no source is enabled (redis, folders, cameras): the daemon would score nothing")
+    if not (config.sinks.redis or config.sinks.jsonl):
+        problems.append("sinks: no sink is enabled (redis, jsonl): results would go nowhere")
+    for index, product in enumerate(config.products):
+        problems += check_product(product, names, f"products[{index}]")
+    for path in product_files(config.registry.products_dir):
+        try:
+            product = load_product_file(path)
+        except ConfigError as exc:
+            problems.append(f"{path.name}: {exc}")
+            continue
+        problems += check_product(product, names, path.name)
+    return problems
+
+
+def _check_model(device: str, arch: str, pretrained: str, demo: bool, where: str) -> list[str]:
+    from inspectd.detectors import weights
+
+    problems = []
+    if not DEVICE_RE.match(device):
+        problems.append(f"{where}.device: {device!r} is not auto, cpu, cuda, cuda:N or mps")
+    if pretrained == weights.RANDOM_WEIGHTS and not demo:
+        problems.append(f"{where}.pretrained: 'random' weights need --demo (scores would be meaningless)")
+    try:
+        weights.resolve(arch, pretrained)
+    except weights.WeightsNotFoundError as exc:
+        problems.append(f"{where}.pretrained: {str(exc).splitlines()[0]}")
+    return problems
+
+
+def check_product(product: ProductConfig, model_names: list[str], where: str) -> list[str]:
+    """What a build of ``product`` would reject, short of loading the model and the images."""
+    from inspectd.detectors.base import build_options, detector_class
+    from inspectd.streams.records import MaskPolicy
+
+    problems = []
+    try:
+        cls = detector_class(product.detector)
+    except ValueError as exc:
+        problems.append(f"{where}.detector: {exc}")
+    else:
+        try:
+            build_options(cls.Options, product.options, where=f"{where}.options")
+        except ValueError as exc:
+            problems.append(str(exc))
+        for option in cls.artifact_options:
+            value = product.options.get(option)
+            if value and not Path(value).expanduser().is_file():
+                problems.append(f"{where}.options.{option}: no such file {value}")
+    if product.model is not None and product.model not in model_names:
+        problems.append(f"{where}.model: {product.model!r} is not one of the models {model_names}")
+    if product.shots > 0 and product.references and not Path(product.references).is_dir():
+        problems.append(f"{where}.references: {product.references} is not a folder")
+    if product.threshold.holdout_dir and not Path(product.threshold.holdout_dir).is_dir():
+        problems.append(f"{where}.threshold.holdout_dir: {product.threshold.holdout_dir} is not a folder")
+    if not 0.0 <= product.threshold.quantile <= 1.0:
+        problems.append(f"{where}.threshold.quantile: must be within [0, 1], got {product.threshold.quantile}")
+    try:
+        MaskPolicy.parse(product.mask)
+    except ValueError as exc:
+        problems.append(f"{where}.mask: {exc}")
+    return problems
