@@ -121,9 +121,7 @@ class InspectDaemon:
 
             self.http = await start_http(self)
         if cfg.sources.redis or cfg.sinks.redis:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.from_url(cfg.redis.url)
+            self.redis = self._redis_client()
             await self._wait_for_redis()
         self._open_sinks()
         from inspectd.daemon.publisher import Publisher
@@ -139,9 +137,7 @@ class InspectDaemon:
             from inspectd.daemon.control import ControlListener
 
             if self.redis is None:
-                import redis.asyncio as aioredis
-
-                self.redis = aioredis.from_url(cfg.redis.url)
+                self.redis = self._redis_client()
             self.control = ControlListener(self.redis, cfg.redis.control_stream, self.registry, self.metrics,
                                            persist=bool(cfg.registry.products_dir))
             await self.control.start()
@@ -155,8 +151,25 @@ class InspectDaemon:
         self._tasks.append(asyncio.create_task(self._keep_alive_loop(), name="keep-alive"))
         self._tasks.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
         self.started = True
-        log.info("inspectd started: %d source(s), %d sink(s), products %s, models %s", len(self.sources),
-                 len(self.sinks), self.registry.ids(), {n: b.describe() for n, b in self.backbones.items()})
+        serving = [p for p in self.registry.ids() if self.registry.get(p) is not None]
+        failed = [p for p in self.registry.ids() if self.registry.get(p) is None]
+        log.info("inspectd started: %d source(s), %d sink(s), products serving %s%s, models %s", len(self.sources),
+                 len(self.sinks), serving, f", FAILED {failed} (see GET /products)" if failed else "",
+                 {n: b.describe() for n, b in self.backbones.items()})
+        if not self.sources or not self.sinks:
+            log.warning("the daemon has %d source(s) and %d sink(s): %s", len(self.sources), len(self.sinks),
+                        "it will score nothing" if not self.sources else "results go nowhere")
+
+    def _redis_client(self) -> Any:
+        """The shared client: a plain ``redis.asyncio.Redis``, or with ``redis.cluster`` a ``RedisCluster``
+        that discovers the cluster from the one node the URL names (its pipelines split per node)."""
+        if self.config.redis.cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(self.config.redis.url)
+        import redis.asyncio as aioredis
+
+        return aioredis.from_url(self.config.redis.url)
 
     async def _wait_for_redis(self) -> None:
         """Until Redis answers: retry with the shared backoff (not ready meanwhile, a log line per attempt at
@@ -203,13 +216,17 @@ class InspectDaemon:
             from inspectd.streams.redis_source import RedisStreamSource
 
             keys = StreamKeys(cfg.redis.prefix)
-            source = RedisStreamSource(self.redis, [keys.frames(line) for line in cfg.redis.lines], cfg.redis.group,
-                                       cfg.redis.consumer, block_ms=cfg.redis.block_ms,
-                                       claim_idle_ms=cfg.redis.claim_idle_ms,
-                                       max_deliveries=cfg.redis.max_deliveries,
-                                       max_meta_bytes=cfg.decode.max_meta_bytes)
-            await source.start()
-            self.sources.append(source)
+            streams = [keys.frames(line) for line in cfg.redis.lines]
+            # One XREADGROUP spans all lines on one Redis; in a Cluster all keys of a command must share a hash
+            # slot, so there it is one source (reader) per slot: a line, or lines whose hash tags collide.
+            groups = [streams] if not cfg.redis.cluster else list(_by_slot(streams).values())
+            for group_streams in groups:
+                source = RedisStreamSource(self.redis, group_streams, cfg.redis.group, cfg.redis.consumer,
+                                           block_ms=cfg.redis.block_ms, claim_idle_ms=cfg.redis.claim_idle_ms,
+                                           max_deliveries=cfg.redis.max_deliveries,
+                                           max_meta_bytes=cfg.decode.max_meta_bytes)
+                await source.start()
+                self.sources.append(source)
         for folder in cfg.sources.folders:
             from inspectd.streams.folder import FolderSource
 
@@ -230,11 +247,14 @@ class InspectDaemon:
     async def _load_products(self) -> None:
         from inspectd.daemon.products import product_configs
 
-        for product in product_configs(self.config):
+        invalid: dict[str, str] = {}
+        for product in product_configs(self.config, invalid):
             try:
                 await self.registry.put(product)
             except Exception as exc:  # noqa: BLE001 - a bad product never stops the daemon
                 log.error("product %s not loaded: %s", product.id, exc)
+        for product_id, error in invalid.items():
+            self.registry.record_invalid(product_id, error)
 
     def _on_registry_change(self, entry: ProductEntry | None, product_id: str) -> None:
         self.metrics.product_changed(product_id, entry)
@@ -578,6 +598,16 @@ class InspectDaemon:
                     with contextlib.suppress(Exception):
                         self.metrics.redis_pending(",".join(source.streams), await pending())
             await asyncio.sleep(2.0)
+
+
+def _by_slot(streams: list[str]) -> dict[int, list[str]]:
+    """Streams grouped by Redis Cluster hash slot (the ``{line}`` hash tag decides it), in config order."""
+    from redis.crc import key_slot
+
+    groups: dict[int, list[str]] = {}
+    for stream in streams:
+        groups.setdefault(key_slot(stream.encode()), []).append(stream)
+    return groups
 
 
 def configure_threads(config: DaemonConfig) -> None:

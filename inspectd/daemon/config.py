@@ -46,6 +46,7 @@ class ModelConfig:
 @dataclass
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False  # Redis Cluster: url names any one node; one reader per line (per hash slot)
     prefix: str = "inspect"
     lines: list[str] = field(default_factory=lambda: ["line-1"])  # input streams: <prefix>:{<line>}:frames
     group: str = "inspectd"

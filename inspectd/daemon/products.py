@@ -19,17 +19,20 @@ def product_files(products_dir: str | None) -> list[Path]:
     return sorted(p for p in files if p.suffix in PRODUCT_SUFFIXES and not p.name.startswith("."))
 
 
-def product_configs(config: DaemonConfig) -> list[ProductConfig]:
+def product_configs(config: DaemonConfig, invalid: dict[str, str] | None = None) -> list[ProductConfig]:
     """Inline products, then products_dir files (a file overrides an inline product of the same id).
 
-    A broken product file is logged and skipped: it must not keep the other products from loading.
+    A broken product file is logged and skipped: it must not keep the other products from loading. With
+    ``invalid`` given, it receives {product id (the file's stem): error} for each such file.
     """
     products = {p.id: p for p in config.products}
     for path in product_files(config.registry.products_dir):
         try:
             product = load_product_file(path)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             log.error("product file %s rejected: %s", path, exc)
+            if invalid is not None:
+                invalid[path.stem] = f"{path.name}: {exc}"
             continue
         products[product.id] = product
     return list(products.values())

@@ -174,6 +174,15 @@ class ProductRegistry:
     def error(self, product_id: str) -> str | None:
         return self._errors.get(product_id)
 
+    def record_invalid(self, product_id: str, error: str) -> None:
+        """A product definition that cannot even be parsed (a broken YAML file): shown as ``failed`` with the
+        error in the API, counted as a rejected build, and not ready; a version already serving keeps serving."""
+        log.error("product %s: definition rejected: %s", product_id, error)
+        self._errors[product_id] = error
+        self._status[product_id] = READY if product_id in self._entries else FAILED
+        if self._on_change:
+            self._on_change(None, product_id)
+
     def progress(self, product_id: str) -> dict[str, Any] | None:
         """The running build's progress (fraction, note, timing), or None when none runs."""
         build = self._builds.get(product_id)
@@ -183,6 +192,7 @@ class ProductRegistry:
         return sorted(set(self._entries) | set(self._status))
 
     def all_ready(self) -> bool:
+        """Every known product serves (a failed one, e.g. a broken product file, makes the daemon not ready)."""
         return all(s == READY for s in self._status.values()) if self._status else True
 
     async def wait_ready(self, product_id: str, timeout: float) -> ProductEntry | None:

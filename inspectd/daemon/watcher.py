@@ -183,6 +183,7 @@ class RegistryWatcher:
         except (ConfigError, OSError) as exc:
             self.errors += 1
             log.error("watcher: product file %s rejected: %s (the serving version stays)", path.name, exc)
+            self.registry.record_invalid(previous or path.stem, f"{path.name}: {exc}")
             return
         self._file_ids[path] = config.id
         if previous is not None and previous != config.id and previous not in self._file_ids.values():

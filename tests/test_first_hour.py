@@ -1,0 +1,82 @@
+"""A new user's first hour: mistakes get one clear line and stay visible (real daemon, real Redis, real files)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inspectd.daemon.app import InspectDaemon
+from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes
+
+pytestmark = pytest.mark.redis
+
+
+async def test_a_broken_product_file_is_failed_in_the_api_counted_and_not_ready(redis_url, key_prefix, tmp_path,
+                                                                               tiny_backbone) -> None:
+    import aiohttp
+
+    products = tmp_path / "products"
+    products.mkdir()
+    (products / "grid.yaml").write_text("id: grid\nobject_name: grid\nshots: 0\n")
+    (products / "bolt.yaml").write_text("id: bolt\nobject_name: bolt\nshots: 0\ntreshold: {value: 0.5}\n")  # typo
+    (products / "nut.yaml").write_text("id: nut\nobject_name: [unclosed\n")  # not YAML
+    config = daemon_config(redis_url, key_prefix, tmp_path, http={"enabled": True, "port": 0, "token": "t"},
+                           registry={"products_dir": str(products), "watch": False})
+    config.products = []
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}",
+                                         headers={"Authorization": "Bearer t"}) as session:
+            async with session.get("/products") as response:
+                listed = {p["id"]: p for p in (await response.json())["products"]}
+            assert listed["grid"]["status"] == "ready"
+            assert listed["bolt"]["status"] == "failed" and "treshold" in listed["bolt"]["error"]
+            assert listed["nut"]["status"] == "failed" and "nut.yaml" in listed["nut"]["error"]
+            async with session.get("/readyz") as response:
+                body = await response.json()
+                assert response.status == 503 and body["checks"]["products_ready"] is False
+            async with session.get("/metrics") as response:
+                text = await response.text()
+        assert 'inspectd_product_reloads_total{outcome="error",product="bolt"} 1.0' in text
+        assert 'inspectd_product_reloads_total{outcome="error",product="nut"} 1.0' in text
+    finally:
+        await daemon.shutdown()
+
+
+def test_check_lists_every_problem_with_its_key_path(tmp_path: Path) -> None:
+    products = tmp_path / "products"
+    products.mkdir()
+    (products / "bad.yaml").write_text("id: bad\ndetector: winclip\noptions: {window_size: 2}\n")
+    (products / "typo.yaml").write_text("id: typo\ndetector: nosuch\n")
+    config = tmp_path / "inspectd.yaml"
+    config.write_text(f"""
+model: {{device: tpu, pretrained: {tmp_path}/missing-weights.pt}}
+redis: {{url: "localhost:6379"}}
+registry: {{products_dir: {products}}}
+products:
+  - {{id: a, detector: randword, options: {{ffn: {tmp_path}/missing-ffn.safetensors}}}}
+  - {{id: b, references: {tmp_path}/no-refs, shots: 2, model: other}}
+  - {{id: c, options: {{language_weight: half}}, mask: sometimes}}
+""")
+    out = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(config), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "config OK" not in out.stdout
+    expected = ["model.device", "model.pretrained", "redis.url", "products[0].options.ffn", "products[1].references",
+                "products[1].model", "products[2].options.language_weight", "products[2].mask", "bad.yaml.options",
+                "typo.yaml.detector"]
+    for key in expected:
+        assert f"config error at {key}" in out.stderr, (key, out.stderr)
+    assert f"{len(expected)} problem(s)" in out.stderr
+    good = tmp_path / "good.yaml"
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "00.png").write_bytes(png_bytes(HAZELNUT / "good" / "00.png"))
+    good.write_text(f"model: {{arch: inspectd-tiny, pretrained: random}}\ndemo: true\nsources: {{redis: true}}\n"
+                    f"products:\n  - {{id: nut, references: {refs}, shots: 1}}\n")
+    ok = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(good), "--check"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "config OK" in ok.stdout, ok.stderr
