@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietLibraries(logging.Filter):
+    """open_clip logs its INFO chatter on the root logger; keep it (and other libraries' INFO) out unless -v."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("inspectd")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -29,7 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    result = args.func(args)
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietLibraries())
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user; the traceback with -v
+        if args.verbose:
+            raise
+        message = str(exc).strip() or type(exc).__name__
+        print(f"inspectd {args.command}: {message}\n(run with -v for the traceback)", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -80,3 +80,19 @@ products:
     ok = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(good), "--check"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "config OK" in ok.stdout, ok.stderr
+
+
+def test_a_start_up_failure_is_one_clear_message_and_the_traceback_only_with_v(tmp_path: Path) -> None:
+    config = tmp_path / "no-weights.yaml"
+    config.write_text(f"model: {{arch: inspectd-tiny, pretrained: {tmp_path}/missing.pt}}\n"
+                      f"sources: {{redis: false, folders: [{{path: {tmp_path}}}]}}\n"
+                      f"sinks: {{redis: false, jsonl: {tmp_path}/out.jsonl}}\nhttp: {{enabled: false}}\n")
+    quiet = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(config)],
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1
+    assert "Traceback" not in quiet.stderr and "missing.pt" in quiet.stderr and "inspectd weights" in quiet.stderr
+    assert "INFO root" not in quiet.stderr  # open_clip's chatter stays out
+    assert len(quiet.stderr.strip().splitlines()) <= 10, quiet.stderr
+    loud = subprocess.run([sys.executable, "-m", "inspectd.cli", "-v", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr

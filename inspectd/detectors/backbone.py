@@ -213,10 +213,12 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
                 )
         except Exception as exc:  # download failures surface as many types
             if source.kind == "tag":
+                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+                why = ("not in the local hub cache and HF_HUB_OFFLINE is set" if offline else
+                       f"download/cache lookup failed ({type(exc).__name__}: {exc}); on a machine without internet "
+                       "set HF_HUB_OFFLINE=1 so this fails at once instead of after the hub's retries")
                 raise weights_mod.WeightsNotFoundError(
-                    weights_mod.missing_message(spec.arch, spec.pretrained,
-                                                f"download/cache lookup failed ({type(exc).__name__}: {exc})")
-                ) from exc
+                    weights_mod.missing_message(spec.arch, spec.pretrained, why)) from exc
             raise
         tokenizer = open_clip.get_tokenizer(spec.arch)
     model.eval()
