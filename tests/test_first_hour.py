@@ -96,3 +96,46 @@ def test_a_start_up_failure_is_one_clear_message_and_the_traceback_only_with_v(t
     loud = subprocess.run([sys.executable, "-m", "inspectd.cli", "-v", "run", "--config", str(config)],
                           capture_output=True, text=True, timeout=120)
     assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+async def test_create_a_product_with_its_references_in_one_request_and_see_which_are_used(
+        redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    import aiohttp
+
+    root = tmp_path / "references"
+    root.mkdir()
+    config = daemon_config(redis_url, key_prefix, tmp_path, http={"enabled": True, "port": 0, "token": "t"},
+                           registry={"watch": False, "references_root": str(root)})
+    config.products = []
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    auth = {"Authorization": "Bearer t"}
+
+    def form(*files: tuple[str, bytes], config_text: str | None = None) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        if config_text is not None:
+            data.add_field("config", config_text, content_type="application/yaml")
+        for name, content in files:
+            data.add_field("file", content, filename=name, content_type="image/png")
+        return data
+
+    good = [png_bytes(HAZELNUT / "good" / f"{i:02d}.png") for i in range(4)]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=auth) as session:
+            body = form(("10.png", good[0]), ("11.png", good[1]), config_text="object_name: hazelnut\nshots: 2\n")
+            async with session.put("/products/nut", data=body) as response:
+                created = await response.json()
+            assert response.status == 201, created
+            assert created["references"] == ["10.png", "11.png"] and created["version"] == 1
+            assert sorted(p.name for p in (root / "nut").iterdir()) == ["10.png", "11.png"]
+            async with session.post("/products/nut/references", data=form(("20.png", good[2]))) as response:
+                later = await response.json()
+            assert response.status == 201 and later["ignored"] == ["20.png"] and "first 2" in later["note"]
+            assert later["version"] == 1  # nothing the product uses changed: no new version
+            async with session.post("/products/nut/references", data=form(("00.png", good[3]))) as response:
+                used = await response.json()
+            assert used["ignored"] == [] and used["version"] == 2 and used["references"] == ["00.png", "10.png"]
+            async with session.put("/products/bolt", data=form(("a.png", good[0]))) as response:
+                assert response.status == 400 and "config" in (await response.json())["error"]
+    finally:
+        await daemon.shutdown()

@@ -39,6 +39,7 @@ MAX_UPLOAD_FILE_BYTES = 32 * 1024 * 1024
 # Pillow format -> file suffixes it may be stored under
 IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "TIFF": (".tif", ".tiff")}
 JSON_TYPES = ("application/json",)
+MAX_CONFIG_BYTES = 256 * 1024
 
 
 class ApiError(Exception):
@@ -152,8 +153,11 @@ async def put_product(request: web.Request) -> web.Response:
     runs in the background (progress in GET /products/{id}); a newer PUT stops a build still running."""
     registry = _registry(request)
     product_id = _product_id(request)
-    config = parse_product(await request.read(), request.content_type, product_id, registry)
-    check_references_root(config, registry)
+    if request.content_type.startswith("multipart/"):
+        config = await _create_with_references(request, product_id, registry)
+    else:
+        config = parse_product(await request.read(), request.content_type, product_id, registry)
+        check_references_root(config, registry)
     created = registry.get(product_id) is None
     if request.query.get("wait", "true").lower() in ("0", "false", "no"):
         daemon: InspectDaemon = request.app[DAEMON_KEY]
@@ -210,10 +214,44 @@ async def upload_references(request: web.Request) -> web.Response:
     written = await asyncio.to_thread(write_references, directory, targets, replace)
     log.info("product %s: %d reference image(s) uploaded%s", product_id, len(written),
              " (replacing the set)" if replace else "")
-    await _build_or_422(registry.reload(product_id), product_id, uploaded=written)
+    # force=False: an upload that changes none of the references the product uses builds no new version
+    entry = await _build_or_422(registry.reload(product_id, force=False), product_id, uploaded=written)
     body = describe(registry, product_id)
     body["uploaded"] = written
+    body["ignored"] = [name for name in written if name not in entry.references]
+    if body["ignored"]:
+        body["note"] = (f"the product uses its first {entry.config.shots} reference image(s) by file name; "
+                        f"{len(body['ignored'])} uploaded file(s) are not among them (raise `shots`, or upload "
+                        "with ?replace=true)")
     return web.json_response(body, status=201)
+
+
+async def _create_with_references(request: web.Request, product_id: str, registry: ProductRegistry
+                                  ) -> ProductConfig:
+    """A multipart PUT: a ``config`` field (YAML or JSON) and the reference images in one request. The images
+    become the product's reference set in ``registry.references_root/<id>/`` (replacing what was there)."""
+    daemon: InspectDaemon = request.app[DAEMON_KEY]
+    root = registry.config.references_root
+    if root is None:
+        raise ApiError(409, "creating a product with references over the API needs registry.references_root")
+    fields: dict[str, bytes] = {}
+    per_file = min(MAX_UPLOAD_FILE_BYTES, daemon.config.decode.max_bytes)
+    files = await read_uploads(request, per_file, daemon.config.http.max_body_bytes, fields)
+    if "config" not in fields:
+        raise ApiError(400, "a multipart PUT needs a `config` field (YAML or JSON) beside the image files")
+    directory = (Path(root) / product_id).resolve()
+    config = parse_product(fields["config"], "application/yaml", product_id, registry)
+    if config.references and Path(config.references).resolve() != directory:
+        raise ApiError(400, f"config error at references: a multipart PUT stores its images in {directory}; "
+                            "leave `references` out", path="references")
+    for name, data in files:
+        await asyncio.to_thread(check_image, name, data, daemon.config.decode.max_pixels)
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = [(safe_target(directory, name), data) for name, data in files]
+    written = await asyncio.to_thread(write_references, directory, targets, True)
+    log.info("product %s: created with %d reference image(s) in %s", product_id, len(written), directory)
+    config.references = str(directory)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -286,7 +324,9 @@ def parse_product(body: bytes, content_type: str, product_id: str, registry: Pro
     return config
 
 
-async def read_uploads(request: web.Request, per_file: int, total: int) -> list[tuple[str, bytes]]:
+async def read_uploads(request: web.Request, per_file: int, total: int,
+                       fields: dict[str, bytes] | None = None) -> list[tuple[str, bytes]]:
+    """Image files of a multipart body; with ``fields`` given, a non-file ``config`` field is accepted into it."""
     if not request.content_type.startswith("multipart/"):
         raise ApiError(400, "expected a multipart/form-data body of image files")
     reader = await request.multipart()
@@ -295,6 +335,11 @@ async def read_uploads(request: web.Request, per_file: int, total: int) -> list[
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):  # nested multipart: refused
             raise ApiError(400, "nested multipart bodies are not accepted")
+        if part.filename is None and fields is not None and part.name == "config":
+            fields["config"] = bytes(await part.read(decode=False))[:MAX_CONFIG_BYTES + 1]
+            if len(fields["config"]) > MAX_CONFIG_BYTES:
+                raise ApiError(413, f"config field larger than {MAX_CONFIG_BYTES} bytes")
+            continue
         if part.filename is None:
             raise ApiError(400, f"form field {part.name!r} is not a file")
         name = unquote(part.filename)  # clients may percent-encode; check what the name really says
