@@ -208,13 +208,16 @@ async def test_upload_adds_or_replaces_and_rebuilds(api) -> None:  # noqa: ANN00
     async with session.post("/products/nut/references", data=form(*files), headers=AUTH) as response:
         answer = await response.json()
     assert response.status == 201, answer
-    assert answer["uploaded"] == ["10.png", "11.jpg"] and answer["version"] == 2
+    # the product uses its first 2 references by name (00, 01): the upload is stored, said to be unused, and
+    # builds no new version (it used to bump the version silently)
+    assert answer["uploaded"] == ["10.png", "11.jpg"] and answer["ignored"] == ["10.png", "11.jpg"]
+    assert answer["version"] == 1 and answer["references"] == ["00.png", "01.png"]
     assert sorted(p.name for p in refs.iterdir()) == ["00.png", "01.png", "10.png", "11.jpg"]
     async with session.post("/products/nut/references?replace=true",
                             data=form(("20.png", png_bytes(HAZELNUT / "good" / "20.png")),
                                       ("21.png", png_bytes(HAZELNUT / "good" / "21.png"))), headers=AUTH) as response:
         answer = await response.json()
-    assert response.status == 201 and answer["version"] == 3
+    assert response.status == 201 and answer["version"] == 2 and answer["references"] == ["20.png", "21.png"]
     assert sorted(p.name for p in refs.iterdir()) == ["20.png", "21.png"]
     assert not [p for p in refs.iterdir() if p.name.startswith(".")]  # no temp files left behind
     async with session.post("/products/grid/references", data=form(files[0]), headers=AUTH) as response:
