@@ -139,3 +139,74 @@ async def test_create_a_product_with_its_references_in_one_request_and_see_which
                 assert response.status == 400 and "config" in (await response.json())["error"]
     finally:
         await daemon.shutdown()
+
+
+async def test_cached_states_are_keyed_by_the_weights_actually_loaded(tmp_path) -> None:
+    """Demo (random) weights are seeded, and a state built under other weights is never reused."""
+    from inspectd.daemon.config import ProductConfig, RegistryConfig
+    from inspectd.daemon.registry import ProductRegistry
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    register_tiny_arch()
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        (refs / f"{i:02d}.png").write_bytes(png_bytes(HAZELNUT / "good" / f"{i:02d}.png"))
+    product = ProductConfig(id="nut", object_name="hazelnut", references=str(refs), shots=3)
+    cache = RegistryConfig(watch=False, state_cache_dir=str(tmp_path / "cache"))
+
+    async def build(seed: int) -> tuple[float, int]:
+        backbone = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained="random", device="cpu", demo=True,
+                                          seed=seed))
+        registry = ProductRegistry(backbone, cache)
+        entry = await registry.put(product)
+        registry.close()
+        return entry.threshold, registry.cache.hits
+
+    first, hits = await build(0)
+    again, hits_again = await build(0)  # a restarted demo: same weights, same threshold, served from the cache
+    other, hits_other = await build(1)  # other weights: rebuilt, never the stale state
+    assert (hits, hits_again, hits_other) == (0, 1, 0)
+    assert again == first and other != first
+
+
+def test_the_redis_demo_walk_through_works_as_the_readme_says(redis_url, key_prefix, tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config" / "demo-redis.yaml").read_text())
+    config["redis"].update({"url": redis_url, "prefix": key_prefix})
+    config["http"]["port"] = 0
+    config["registry"]["state_cache_dir"] = str(tmp_path / "states")
+    config["products"][0]["references"] = str((repo / "config" / config["products"][0]["references"]).resolve())
+    path = tmp_path / "demo-redis.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = [sys.executable, "-m", "inspectd.cli"]
+    daemon = subprocess.Popen([*cli, "run", "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        images = sorted(str(p) for p in (HAZELNUT / "colour").glob("0[0-2].png"))
+        sent = subprocess.run([*cli, "send", *images, "--product", "hazelnut", "--line", "demo", "--redis",
+                               redis_url, "--prefix", key_prefix], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 90
+        tail = None
+        while time.monotonic() < deadline:
+            tail = subprocess.run([*cli, "tail", "--line", "demo", "--redis", redis_url, "--prefix", key_prefix,
+                                   "--save", str(tmp_path / "masks")], capture_output=True, text=True, timeout=60)
+            if len(tail.stdout.strip().splitlines()) >= 3:
+                break
+            time.sleep(1.0)
+        lines = tail.stdout.strip().splitlines()
+        assert len(lines) == 3 and all("hazelnut" in line and "(demo weights)" in line for line in lines), tail
+        assert len(list((tmp_path / "masks" / "hazelnut").glob("*.mask.png"))) == 3, tail.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        output, _ = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, output[-2000:]
+    assert "RANDOM weights" in output and os.path.exists(tmp_path / "states")

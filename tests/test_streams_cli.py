@@ -56,12 +56,17 @@ def test_send_xadds_decodable_frames(sync_redis: redis.Redis, redis_url: str, ke
     assert len(entries) == 3
     frames = [parse_frame_fields(f, entry_id=i.decode(), source="t") for i, f in entries]
     assert all(isinstance(f, Frame) for f in frames)
-    assert [f.frame_id for f in frames] == ["000.png", "001.png", "raw.npy"]
-    assert frames[0].product == "grid" and frames[0].line == "l1" and frames[0].meta == {"shift": 2}
+    assert [f.frame_id for f in frames] == [e.decode() for e, _ in entries]  # the entry id: unique everywhere
+    assert frames[0].product == "grid" and frames[0].line == "l1"
+    assert frames[0].meta == {"shift": 2, "file": str(GRID / "000.png")}
     expected = np.asarray(Image.open(GRID / "000.png"))
     np.testing.assert_array_equal(decode_frame_image(frames[0])[:, :, 0], expected)
     assert frames[2].raw_shape == (6, 5) and frames[2].raw_dtype == "uint16"
     assert decode_frame_image(frames[2]).shape == (6, 5, 3)
+    assert main(["send", str(GRID / "000.png"), "--product", "grid", "--line", "l1", "--redis", redis_url,
+                 "--prefix", key_prefix, "--frame-id", "path"]) == 0
+    last = sync_redis.xrevrange(stream, count=1)[0]
+    assert parse_frame_fields(last[1], entry_id=last[0].decode(), source="t").frame_id == str(GRID / "000.png")
     assert main(["send", str(tmp_path / "missing.png"), "--product", "p", "--line", "l1",
                  "--redis", redis_url, "--prefix", key_prefix]) == 1
 
@@ -72,18 +77,41 @@ def test_tail_prints_results_and_follows(sync_redis: redis.Redis, redis_url: str
     for i in range(3):
         sync_redis.xadd(stream, _result_fields(f"f{i}", 0.1 * i, "OK"))
     assert main(["tail", "--redis", redis_url, "--prefix", key_prefix, "--line", "l1", "--count", "2"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["f1 grid OK score=0.1000 version=v7", "f2 grid OK score=0.2000 version=v7"]
+    out = [line.split(" ", 2)[2] for line in capsys.readouterr().out.strip().splitlines()]  # after the time
+    assert out == ["f1 grid OK score=0.1000 threshold=0.5000 version=v7",
+                   "f2 grid OK score=0.2000 threshold=0.5000 version=v7"]
 
     timer = threading.Timer(0.2, lambda: sync_redis.xadd(stream, _result_fields("late", 0.9, "NG")))
     timer.start()
     assert main(["tail", "--redis", redis_url, "--stream", stream, "--count", "1", "--follow",
                  "--timeout", "1.0"]) == 0
     timer.join()
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["f2 grid OK score=0.2000 version=v7", "late grid NG score=0.9000 version=v7"]
+    out = [line.split(" ", 2)[2] for line in capsys.readouterr().out.strip().splitlines()]
+    assert out == ["f2 grid OK score=0.2000 threshold=0.5000 version=v7",
+                   "late grid NG score=0.9000 threshold=0.5000 version=v7"]
 
     dead = DeadLetter(reason="corrupt_image", stage="decode", product="grid", line="l1", frame_id="bad")
     sync_redis.xadd(dead_key("l1", key_prefix), dead_letter_fields(dead))
     assert main(["tail", "--redis", redis_url, "--prefix", key_prefix, "--line", "l1", "--dead"]) == 0
     assert capsys.readouterr().out.strip() == "bad grid DEAD decode/corrupt_image"
+
+
+def test_tail_json_and_save_masks(sync_redis: redis.Redis, redis_url: str, key_prefix: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    stream = results_key("l1", key_prefix)
+    with_mask = Result(product="grid", line="l1", frame_id="cam/01.png", captured_at=1.0, score=0.7, verdict="NG",
+                       threshold=0.5, detector="tiny", state_version="3",
+                       mask=np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
+    sync_redis.xadd(stream, result_fields(with_mask, MaskPolicy.parse("full")))
+    sync_redis.xadd(stream, _result_fields("no-mask", 0.1, "OK"))
+    assert main(["tail", "--redis", redis_url, "--stream", stream, "--count", "5", "--json",
+                 "--save", str(tmp_path / "masks")]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [r["frame_id"] for r in records] == ["cam/01.png", "no-mask"]
+    assert records[0]["mask_bytes"] > 0 and records[0]["verdict"] == "NG" and float(records[0]["threshold"]) == 0.5
+    saved = tmp_path / "masks" / "grid" / "cam_01.png.mask.png"
+    assert Image.open(saved).size == (8, 8)
+    assert f"mask saved to {saved}" in captured.err and "no-mask: no mask saved (" in captured.err

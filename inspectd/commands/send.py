@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix (default: %(default)s)")
     p.add_argument("--meta", default=None, help="JSON object attached to every frame")
     p.add_argument("--maxlen", type=int, default=None, help="trim the stream to ~N entries")
+    p.add_argument("--frame-id", choices=("entry", "path"), default="entry",
+                   help="frame_id of each frame: entry = the Redis entry id (the README's default; unique), "
+                        "path = the file path as given (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -56,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            fields = frame_fields(args.product, args.line, path.name, payload, captured_at=time.time(),
-                                  shape=shape, dtype=dtype, meta=meta)
+            fields = frame_fields(args.product, args.line, str(path) if args.frame_id == "path" else "", payload,
+                                  captured_at=time.time(), shape=shape, dtype=dtype,
+                                  meta={"file": str(path), **(meta or {})})
+            if args.frame_id == "entry":
+                del fields["frame_id"]  # the daemon then uses the entry id, unique across folders and runs
             entry_id = client.xadd(stream, fields, maxlen=args.maxlen, approximate=True)
-            print(f"{entry_id.decode()} {path.name} -> {stream}")
+            print(f"{entry_id.decode()} {path} -> {stream}")
     finally:
         client.close()
     return 1 if failed else 0

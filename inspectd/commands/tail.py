@@ -1,9 +1,17 @@
-"""``inspectd tail``: print a line's results (or dead letters) one per line, optionally following."""
+"""``inspectd tail``: print a line's results (or dead letters) one per line, optionally following.
+
+``--json`` prints each entry as one JSON object (the mask as its byte count); ``--save DIR`` writes each
+result's mask PNG to ``DIR/<product>/<frame_id>.mask.png`` (unique, readable names) and says for each result
+without one why not (its ``mask_note``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from inspectd.streams.redis_keys import DEFAULT_PREFIX, dead_key, default_redis_url, results_key
@@ -20,6 +28,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--count", type=int, default=10, help="how many recent entries to print first (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     p.add_argument("--timeout", type=float, default=None, help="with --follow: stop after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per entry instead of a text line")
+    p.add_argument("--save", metavar="DIR", help="write each result's mask PNG into DIR/<product>/")
     p.set_defaults(func=run)
 
 
@@ -28,20 +38,72 @@ def _s(fields: dict[bytes, bytes], name: str, default: str = "") -> str:
     return value.decode("utf-8", errors="replace") if value is not None else default
 
 
+def _number(text: str) -> str:
+    try:
+        return f"{float(text):.4f}"
+    except ValueError:
+        return text or "?"
+
+
 def format_entry(fields: dict[bytes, bytes]) -> str:
-    """One result as ``<frame_id> <product> <verdict> score=<s> version=<v>``; dead letters as
+    """One result as ``<time> <frame_id> <product> <verdict> score=<s> threshold=<t> version=<v>``; dead letters as
     ``<frame_id> <product> DEAD <stage>/<reason> <detail>``."""
     frame_id, product = _s(fields, "frame_id", "-"), _s(fields, "product", "-")
     if b"reason" in fields and b"verdict" not in fields:
         return f"{frame_id} {product} DEAD {_s(fields, 'stage')}/{_s(fields, 'reason')} {_s(fields, 'detail')}"
+    score = _number(_s(fields, "score", "?"))
+    threshold = _number(_s(fields, "threshold"))
+    when = _s(fields, "ts")
     try:
-        score = f"{float(_s(fields, 'score')):.4f}"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))
     except ValueError:
-        score = _s(fields, "score", "?")
-    line = f"{frame_id} {product} {_s(fields, 'verdict', '?')} score={score} version={_s(fields, 'state_version')}"
-    if _s(fields, "demo_weights") == "1":
+        when = when or "-"
+    line = (f"{when} {frame_id} {product} {_s(fields, 'verdict', '?')} score={score} threshold={threshold} "
+            f"version={_s(fields, 'state_version')}")
+    if _s(fields, "demo_weights") in ("1", "true"):
         line += " (demo weights)"
     return line
+
+
+def entry_json(entry_id: str, fields: dict[bytes, bytes]) -> str:
+    out: dict[str, Any] = {"entry": entry_id}
+    for key, value in fields.items():
+        name = key.decode(errors="replace")
+        if name == "mask":
+            out["mask_bytes"] = len(value)
+            continue
+        text = value.decode("utf-8", errors="replace")
+        if name in ("timings", "meta", "fields"):
+            try:
+                out[name] = json.loads(text)
+                continue
+            except ValueError:
+                pass
+        out[name] = text
+    return json.dumps(out, sort_keys=True)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
+
+
+def save_mask(directory: Path, fields: dict[bytes, bytes]) -> str:
+    """Write the mask PNG of one result; returns what was done (for the user)."""
+    product, frame_id = _s(fields, "product", "unknown"), _s(fields, "frame_id", "frame")
+    mask = fields.get(b"mask")
+    if not mask:
+        note = _s(fields, "mask_note") or "the result carries no mask"
+        return f"{frame_id}: no mask saved ({note})"
+    target = directory / safe_name(product) / f"{safe_name(frame_id)}.mask.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(mask)
+    return f"{frame_id}: mask saved to {target}"
+
+
+def emit(entry_id: str, fields: dict[bytes, bytes], args: argparse.Namespace) -> None:
+    print(entry_json(entry_id, fields) if args.json else format_entry(fields), flush=True)
+    if args.save and b"verdict" in fields:
+        print(save_mask(Path(args.save), fields), file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(args.redis)
     try:
         recent = client.xrevrange(stream, count=args.count) if args.count > 0 else []
-        for _entry_id, fields in reversed(recent):
-            print(format_entry(fields), flush=True)
+        for entry_id, fields in reversed(recent):
+            emit(entry_id.decode(), fields, args)
         if not args.follow:
             return 0
         newest = recent[:1] or client.xrevrange(stream, count=1)
@@ -66,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             reply = client.xread({stream: last_id}, block=block_ms, count=100)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    print(format_entry(fields), flush=True)
+                    emit(entry_id.decode(), fields, args)
                     last_id = entry_id.decode()
     except KeyboardInterrupt:
         pass
