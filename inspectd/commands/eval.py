@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DATASET_NAMES = {"mvtec": "mvtec_ad", "visa": "visa", "visa-mvtec": "visa", "meta": "dataset", "folder": "dataset"}
 LAYOUTS = {"mvtec": "mvtec", "visa": "visa", "visa-mvtec": "mvtec", "meta": "meta", "folder": "folder",
@@ -56,19 +57,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"no categories found under {args.root}", file=sys.stderr)
         return 2
     dataset_name = DATASET_NAMES.get(args.dataset, "dataset")
+    if dataset_name == "dataset":  # folder / meta layouts: name the table after the dataset's own folder
+        dataset_name = Path(args.root).resolve().name
     backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo))
     settings = runner.EvalSettings(detector=args.detector, options=json.loads(args.options), shots=args.shots,
                                    seeds=args.seeds, eval_size=args.eval_size, batch_size=args.batch_size,
                                    dataset_name=dataset_name, cache_dir=args.cache or None,
                                    calibrate=args.calibrate, vand=args.compare == "aprilgan",
                                    threshold=ThresholdPolicy(quantile=args.quantile, margin=args.margin))
-    with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
-        def progress(n: int, label: str) -> None:
-            bar.set_description(label, refresh=False)
-            bar.update(n)
-
-        results = runner.evaluate(backbone, categories, settings, progress)
-    for shots, table in results.items():
+    def write(shots: int, table: object) -> None:
+        """Write one shots value's tables as soon as it is finished (a later failure never loses them)."""
         compare = None
         if args.compare:
             try:
@@ -86,8 +84,19 @@ def main(args: argparse.Namespace) -> int:
         text = tables.to_markdown(table, compare, compare_label=args.compare or "paper")
         md.write_text(text)
         tables.write_json(table, js, compare, extra={"model": backbone.describe(), "shots": shots,
-                                                     "seeds": runner.seeds_for(shots, args.seeds)})
+                                                     "seeds": runner.seeds_for(shots, args.seeds),
+                                                     "demo_weights": backbone.demo_weights})
         tables.write_csv(table, csv_path, compare)
-        print(text)
+        print(text, flush=True)
+
+    with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
+        def progress(n: int, label: str) -> None:
+            bar.set_description(label, refresh=False)
+            bar.update(n)
+
+        results = runner.evaluate(backbone, categories, settings, progress, on_table=write)
+    if not results:
+        print("no shots value could be evaluated (see the warnings above)", file=sys.stderr)
+        return 1
     print(f"tables written to {args.out}", file=sys.stderr)
     return 0

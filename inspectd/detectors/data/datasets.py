@@ -59,12 +59,34 @@ class Category:
         return sum(s.label for s in self.test)
 
 
+MASK_THRESHOLD = 127  # a mask pixel is anomalous above this (8-bit); 0/1-valued masks: above 0
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+# files named like images that no decoder recognises (a text file called .png): skipped, named in the notes
+_SKIPPED: dict[str, list[str]] = {}
+
+
+def readable(path: Path) -> bool:
+    """True when the file's header is an image Pillow can open (cheap: nothing is decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.size[0] > 0 and im.size[1] > 0
+    except Exception:  # noqa: BLE001 - any unreadable header
+        return False
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image(p)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    found = sorted(p for p in folder.iterdir() if _is_image(p))
+    bad = [p for p in found if not readable(p)]
+    for path in bad:
+        _SKIPPED.setdefault(str(folder), []).append(path.name)
+    return [p for p in found if p not in bad]
 
 
 def _find_mask(folder: Path, stem: str, suffixes: Sequence[str]) -> Path | None:
@@ -90,6 +112,13 @@ def _masks_flag(category: str, test: list[Sample], notes: list[str]) -> bool:
 
 def _finish(name: str, dataset: str, root: Path, train: list[Sample], test: list[Sample],
             notes: list[str]) -> Category:
+    def ours(folder: Path) -> bool:  # root is the dataset root (MVTec-like) or the category folder itself
+        return folder.is_relative_to(root / name) or (root.name == name and folder.is_relative_to(root))
+
+    skipped = [f"{Path(folder).name}/{n}" for folder, names in _SKIPPED.items() if ours(Path(folder)) for n in names]
+    if skipped:
+        notes.append(f"{name}: {len(skipped)} file(s) with an image suffix but no readable image skipped: "
+                     + ", ".join(sorted(skipped)[:10]) + (" ..." if len(skipped) > 10 else ""))
     if not train:
         notes.append(f"{name}: no normal training images: only 0-shot evaluation possible")
     return Category(name, dataset, root, train, test, _masks_flag(name, test, notes), notes)
@@ -272,6 +301,7 @@ READERS = {"mvtec": read_mvtec, "visa": read_visa_csv, "meta": read_meta_json, "
 
 def open_dataset(root: str | Path, layout: str = "auto", categories: Iterable[str] | None = None) -> list[Category]:
     """Read every (or the named) categories of a dataset with the reader for ``layout`` (auto-detected)."""
+    _SKIPPED.clear()
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in READERS:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(READERS)}")
@@ -295,15 +325,20 @@ def load_image(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Bool H×W mask, True where the file is non-zero (any channel); all False of ``shape`` when ``path`` is None."""
+def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None,
+              threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """Bool H×W mask: True where the file (its brightest channel) is above ``threshold`` — soft, JPEG-ish grey
+    borders are not regions — or above 0 for label-valued masks whose maximum is below the threshold; all False
+    of ``shape`` when ``path`` is None."""
     if path is None:
         if shape is None:
             raise ValueError("load_mask(None) needs the image shape")
         return np.zeros(shape, dtype=bool)
     with Image.open(path) as im:
         arr = np.asarray(im)
-    mask = arr.any(axis=2) if arr.ndim == 3 else arr != 0
+    values = arr.max(axis=2) if arr.ndim == 3 else arr
+    # label-valued masks (VisA stores 1, 2, 3 ...; some sets 0/1) never reach the 8-bit threshold: above 0 there
+    mask = values > (threshold if values.max(initial=0) > threshold else 0)
     if shape is not None and mask.shape != tuple(shape):
         raise ValueError(f"{path}: mask {mask.shape} does not match image {tuple(shape)}")
     return mask

@@ -398,8 +398,7 @@ class CategoryEvaluator:
         im = self.image.compute()
         out = {"image_auroc": im.auroc, "image_ap": im.ap, "image_f1_max": im.f1_max}
         notes = list(im.notes)
-        if self.pixel is None:
-            notes.append("masks missing: image metrics only")
+        if self.pixel is None:  # the dataset reader's note says why (e.g. "63 of 63 ... have no mask")
             out.update(dict.fromkeys(PIXEL_METRICS, math.nan))
         elif self.pixel.n_images == 0:
             notes.append("no anomaly maps given: image metrics only")

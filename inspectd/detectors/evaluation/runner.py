@@ -48,6 +48,7 @@ class EvalSettings:
     cache_dir: str | None = None
     calibrate: bool = False  # report verdict precision/recall/F1 at the threshold a deployment would get
     vand: bool = False  # add the VAND 2023 per-category score (harmonic mean of image and pixel F1-max)
+    mask_threshold: int = 127  # 8-bit mask values above it are anomalous (0/1 masks: above 0)
     threshold: ThresholdPolicy = field(default_factory=ThresholdPolicy)
 
 
@@ -61,8 +62,14 @@ def seeds_for(shots: int, seeds: int) -> list[int]:
 
 
 def evaluate(backbone: ClipBackbone, categories: Sequence[Category], settings: EvalSettings,
-             progress: Callable[[int, str], None] | None = None) -> dict[int, ResultTable]:
-    """{shots: ResultTable (mean ± std over seeds, per category and mean row)}."""
+             progress: Callable[[int, str], None] | None = None,
+             on_table: Callable[[int, ResultTable], None] | None = None) -> dict[int, ResultTable]:
+    """{shots: ResultTable (mean ± std over seeds, per category and mean row)}.
+
+    ``on_table(shots, table)`` is called as each shots value finishes (the CLI writes its files then), so a
+    later failure never loses finished results; a (category, shots, seed) cell that cannot run (too few
+    training images, a failure) is skipped with a note instead of ending the run.
+    """
     run_ = _Run(backbone, settings, progress)
     tables: dict[int, ResultTable] = {}
     for shots in settings.shots:
@@ -71,15 +78,30 @@ def evaluate(backbone: ClipBackbone, categories: Sequence[Category], settings: E
         for seed in seeds_for(shots, settings.seeds):
             results: dict[str, dict[str, float]] = {}
             for category in categories:
-                results[category.name], category_notes = run_.category(category, shots, seed)
+                if shots > len(category.train):
+                    notes.append(f"{category.name}: {shots}-shot skipped: {len(category.train)} normal training "
+                                 "image(s)")
+                    continue
+                try:
+                    results[category.name], category_notes = run_.category(category, shots, seed)
+                except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the others
+                    log.exception("%s %d-shot seed %d failed", category.name, shots, seed)
+                    notes.append(f"{category.name}: {shots}-shot seed {seed} failed: {type(exc).__name__}: {exc}")
+                    continue
                 if seed == 0:
                     notes += category_notes + list(category.notes)
-            per_seed.append(results)
+            if results:
+                per_seed.append(results)
+        if not per_seed:
+            log.warning("%d-shot: no category could be evaluated (%s)", shots, "; ".join(notes))
+            continue
         seeds = seeds_for(shots, settings.seeds)
         title = f"{settings.detector} {shots}-shot on {settings.dataset_name} ({len(seeds)} seed(s))"
         if backbone.demo_weights:
             title += " — RANDOM WEIGHTS: MEANINGLESS"
-        tables[shots] = summarize(per_seed, title=title, notes=list(dict.fromkeys(notes)))
+        tables[shots] = summarize(per_seed, title=title, notes=list(dict.fromkeys(notes + run_.skipped_notes())))
+        if on_table is not None:
+            on_table(shots, tables[shots])
     if run_.cache is not None:
         log.info("score cache: %d hit(s), %d miss(es)", run_.cache.hits, run_.cache.misses)
     return tables
@@ -98,6 +120,24 @@ class _Run:
         self.cache = ScoreCache(settings.cache_dir) if settings.cache_dir else None
         self.states = StateCache(Path(settings.cache_dir) / "states") if settings.cache_dir else None
         self.builds = 0  # products built (not loaded from the state cache), for tests
+        self.unreadable: dict[str, list[str]] = {}  # category -> test images that could not be decoded
+        self.mask_mismatch: dict[str, list[str]] = {}  # category -> masks of another size than their image
+
+    def skipped_notes(self) -> list[str]:
+        notes = [f"{c}: {len(set(files))} unreadable test image(s) skipped: {', '.join(sorted(set(files))[:10])}"
+                 for c, files in self.unreadable.items()]
+        notes += [f"{c}: {len(set(files))} mask(s) of another size than their image, resized (nearest): "
+                  f"{', '.join(sorted(set(files))[:10])}" for c, files in self.mask_mismatch.items()]
+        return notes
+
+    def _load(self, category: Category, sample: Sample) -> np.ndarray | None:
+        try:
+            return load_image(sample.image_path)
+        except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: skipped and named
+            log.warning("%s: cannot read %s (%s: %s); skipped", category.name, sample.image_path,
+                        type(exc).__name__, exc)
+            self.unreadable.setdefault(category.name, []).append(Path(sample.image_path).name)
+            return None
 
     def build(self, category: Category, spec: ProductSpec, refs: Sequence[Sample]) -> BuildResult:
         """The product as the daemon would build it from these references (through the state cache)."""
@@ -138,16 +178,22 @@ class _Run:
                 if built is None:  # built lazily: a fully cached category needs no CLIP at all
                     built = self.build(category, spec, refs)
                 size = (settings.eval_size, settings.eval_size)
-                fresh = run([ScoreItem(self.detector, built.state, load_image(batch[i].image_path), map_size=size)
-                             for i in missing])
-                for i, out in zip(missing, fresh, strict=True):
+                images = {i: self._load(category, batch[i]) for i in missing}
+                readable = [i for i in missing if images[i] is not None]
+                fresh = run([ScoreItem(self.detector, built.state, images[i], map_size=size) for i in readable])
+                for i, out in zip(readable, fresh, strict=True):
                     outputs[i] = (out.score, out.map)
                     if self.cache is not None and keys[i]:
                         self.cache.put(keys[i], out.score, out.map)
-            for sample, (score, amap) in zip(batch, outputs, strict=True):
+            for sample, output in zip(batch, outputs, strict=True):
+                if output is None:  # unreadable: skipped, named in the notes
+                    continue
+                score, amap = output
                 mask = None
                 if evaluator.pixel is not None and sample.mask_path is not None:
-                    mask = resize_mask(load_mask(sample.mask_path), settings.eval_size)
+                    raw_mask = load_mask(sample.mask_path, threshold=settings.mask_threshold)
+                    self._check_mask_size(category, sample, raw_mask.shape)
+                    mask = resize_mask(raw_mask, settings.eval_size)
                 evaluator.update(score, sample.label, amap if evaluator.pixel is not None else None, mask)
                 verdicts.append((score, int(sample.label)))
             if self.progress:
@@ -161,6 +207,16 @@ class _Run:
             notes = [*notes, f"{category.name} {shots}-shot seed {seed}: NG verdicts at the calibrated threshold "
                              f"{built.threshold:.4f} ({describe_calibration(built.calibration)})"]
         return metrics, notes
+
+    def _check_mask_size(self, category: Category, sample: Sample, shape: tuple[int, ...]) -> None:
+        with Image.open(sample.image_path) as im:
+            size = (im.size[1], im.size[0])
+        if tuple(shape) != size:
+            name = Path(sample.mask_path).name
+            if name not in self.mask_mismatch.get(category.name, []):
+                log.warning("%s: mask %s is %s but its image is %s; resized", category.name, sample.mask_path,
+                            tuple(shape), size)
+            self.mask_mismatch.setdefault(category.name, []).append(name)
 
     def _key(self, sample: Sample, shots: int, seed: int) -> Any:
         if self.cache is None:
@@ -197,7 +253,14 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def total_images(categories: Sequence[Category], settings: EvalSettings) -> int:
-    return sum(len(c.test) for c in categories) * sum(len(seeds_for(k, settings.seeds)) for k in settings.shots)
+    """Test images the run will score (references drawn from the test pool, as in the folder layout, excluded)."""
+    total = 0
+    for k in settings.shots:
+        for seed in seeds_for(k, settings.seeds):
+            for c in categories:
+                if k <= len(c.train):
+                    total += len(c.test_samples(exclude=sample_references(c.train, k, seed)))
+    return total
 
 
 def output_paths(out_dir: str | Path, detector: str, shots: int) -> tuple[Path, Path, Path]:
