@@ -88,3 +88,40 @@ def test_save_overlay_writes_a_png_of_the_input_size(tmp_path: Path,
     with Image.open(path) as saved:
         assert saved.format == "PNG" and saved.mode == "RGB" and saved.size == (image.shape[1], image.shape[0])
         assert np.array_equal(np.asarray(saved), overlay(image, amap, 0.5))
+
+
+def test_an_overlay_reads_alone_verdict_score_threshold_colour_bar(tmp_path: Path, capsys) -> None:
+    """`inspectd overlay --results` as a user runs it: readable names, a legend, the contour kept under --stretch,
+    and a reason for every skipped result."""
+    import json
+
+    from inspectd.cli import main
+    from inspectd.streams.overlay import LEGEND_HEIGHT, VERDICT_COLOURS
+
+    frame = tmp_path / "in" / "00.png"
+    frame.parent.mkdir()
+    Image.fromarray(np.full((64, 80, 3), 90, np.uint8)).save(frame)
+    amap = np.zeros((64, 80), np.uint8)
+    amap[20:40, 30:50] = 200
+    mask = tmp_path / "m.png"
+    Image.fromarray(amap).save(mask)
+    records = [
+        {"kind": "result", "product": "nut", "frame_id": "00.png", "verdict": "NG", "score": 0.81, "threshold": 0.5,
+         "mask_path": str(mask), "meta": {"path": str(frame)}},
+        {"kind": "result", "product": "nut", "frame_id": "r1", "verdict": "OK", "score": 0.1, "threshold": 0.5,
+         "mask_path": "", "mask_note": "mask output disabled for this product", "meta": {}},
+        {"kind": "result", "product": "nut", "frame_id": "r2", "verdict": "OK", "score": 0.1, "threshold": 0.5,
+         "mask_path": str(mask), "meta": {}},
+    ]
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert main(["overlay", "--results", str(results), "--out", str(tmp_path / "ov"), "--stretch"]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / "ov" / "nut" / "00.NG.png"  # readable and unique, no doubled suffix
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (64 + LEGEND_HEIGHT, 80, 3)
+    legend = image[64:]
+    assert (legend == np.array(VERDICT_COLOURS["NG"])).all(axis=-1).sum() > 50  # the verdict badge
+    assert (image[:64] == 255).all(axis=-1).sum() > 20  # the threshold outline survives --stretch
+    assert "r1: skipped: no mask (mask output disabled" in captured.err
+    assert "r2: skipped: no frame file" in captured.err and "1 overlay(s)" in captured.out

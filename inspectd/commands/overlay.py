@@ -31,31 +31,55 @@ def load_map(path: str | Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
 
 
-def render(image_path: str | Path, mask_path: str | Path, out: Path, threshold: float | None, stretch: bool,
-           alpha: float) -> Path:
-    from inspectd.streams.overlay import save_overlay
+def render(image: np.ndarray | str | Path, mask_path: str | Path, out: Path, threshold: float | None,
+           stretch: bool, alpha: float, *, score: float | None = None, verdict: str | None = None,
+           label: str = "") -> Path:
+    """Overlay + legend. The threshold outline is kept under --stretch (drawn where the map, in its own scale,
+    reaches the threshold); the legend states score vs threshold and the verdict."""
+    from inspectd.streams.overlay import annotate, overlay
 
-    image = np.asarray(Image.open(image_path).convert("RGB"))
+    rgb = np.asarray(Image.open(image).convert("RGB")) if isinstance(image, str | Path) else image
     amap = load_map(mask_path)
     vmin, vmax = (float(amap.min()), float(amap.max()) + 1e-6) if stretch else (0.0, 1.0)
-    return save_overlay(out, image, amap, threshold, alpha=alpha, vmin=vmin, vmax=vmax)
+    drawn = overlay(rgb, amap, threshold, alpha=alpha, vmin=vmin, vmax=vmax)
+    annotated = annotate(drawn, score=score, threshold=threshold, verdict=verdict, vmin=vmin, vmax=vmax, label=label)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(annotated).save(out)
+    return out
+
+
+def overlay_name(product: str, frame_id: str, verdict: str) -> str:
+    """``<product>/<frame id, readable>.<verdict>.png``: unique per frame, no doubled suffixes."""
+    from inspectd.commands.tail import safe_name
+
+    stem = frame_id[:-4] if frame_id.lower().endswith((".png", ".jpg", ".bmp")) else frame_id
+    return f"{safe_name(product)}/{safe_name(stem)}.{verdict or 'unknown'}.png"
 
 
 def main(args: argparse.Namespace) -> int:
     if args.results:
         out_dir = Path(args.out)
         written = 0
+        skipped = 0
         for line in Path(args.results).read_text().splitlines():
             record = json.loads(line)
-            image = (record.get("meta") or {}).get("path")
-            if record.get("kind") != "result" or not record.get("mask_path") or not image:
+            if record.get("kind") != "result":
                 continue
-            threshold = args.threshold if args.threshold is not None else (
-                None if args.stretch else record.get("threshold"))
-            name = f"{record['product']}_{Path(record['frame_id']).stem}_{record['verdict']}.png"
-            render(image, record["mask_path"], out_dir / name, threshold, args.stretch, args.alpha)
+            image = (record.get("meta") or {}).get("path")
+            why = ("no mask" + (f" ({record['mask_note']})" if record.get("mask_note") else "")
+                   if not record.get("mask_path") else
+                   "no frame file (Redis frames carry none: use `inspectd tail --save DIR`)" if not image else "")
+            if why:
+                print(f"{record.get('frame_id')}: skipped: {why}", file=sys.stderr)
+                skipped += 1
+                continue
+            threshold = args.threshold if args.threshold is not None else record.get("threshold")
+            name = overlay_name(record["product"], str(record["frame_id"]), record.get("verdict", ""))
+            render(image, record["mask_path"], out_dir / name, threshold, args.stretch, args.alpha,
+                   score=record.get("score"), verdict=record.get("verdict"),
+                   label=f"{record['product']} / {record['frame_id']}")
             written += 1
-        print(f"{written} overlay(s) in {out_dir}")
+        print(f"{written} overlay(s) in {out_dir}" + (f", {skipped} skipped (reasons above)" if skipped else ""))
         return 0 if written else 1
     if not args.image or not args.mask:
         print("give IMAGE --mask MASK.png, or --results FILE", file=sys.stderr)

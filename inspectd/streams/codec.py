@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,8 @@ def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.nd
     except Image.DecompressionBombError as exc:
         raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
     except Exception as exc:  # UnidentifiedImageError, SyntaxError, struct.error, ...
-        raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " (the frame's bytes)", str(exc))
+        raise _fail(R_CORRUPT, f"{type(exc).__name__}: {detail}") from None
     with img:
         if img.format not in limits.allowed_formats:
             raise _fail(R_UNSUPPORTED, f"format {img.format!r} not in {sorted(limits.allowed_formats)}")

@@ -29,6 +29,8 @@ def _safe(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("._")[:120] or "x"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 class JsonlSink:
     """Appends records to ``path``; with ``mask_dir`` set, masks go to ``<mask_dir>/<product>/<id>.png``."""
 
@@ -54,10 +56,13 @@ class JsonlSink:
 
     def _mask_path(self, result: Result) -> Path:
         assert self.mask_dir is not None
-        stem = _safe(result.frame_id)
-        if result.entry_id:
-            stem += "_" + _safe(result.entry_id)
-        return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.png"
+        def bare(name: str) -> str:  # "00.png" -> "00": no doubled suffixes in mask names
+            return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
+
+        stem = _safe(bare(result.frame_id))
+        if result.entry_id and bare(result.entry_id) != bare(result.frame_id):
+            stem += "_" + _safe(bare(result.entry_id))  # still unique when producers reuse frame ids
+        return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
 
     def _result_line(self, result: Result) -> dict[str, Any]:
         record = {"kind": "result", **result_record(result)}

@@ -96,3 +96,43 @@ def save_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, threshol
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(image, amap, threshold, **kwargs)).save(path)  # type: ignore[arg-type]
     return path
+
+
+VERDICT_COLOURS = {"NG": (220, 40, 40), "OK": (40, 170, 70)}
+LEGEND_HEIGHT = 34
+
+
+def annotate(rendered: np.ndarray, *, score: float | None = None, threshold: float | None = None,
+             verdict: str | None = None, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "turbo",
+             label: str = "") -> np.ndarray:
+    """Add a legend strip under an overlay so it reads alone: verdict (coloured), score vs threshold, the colour
+    bar of the map's value range with the threshold marked, and an optional label (e.g. product/frame)."""
+    from PIL import ImageDraw
+
+    h, w = rendered.shape[:2]
+    canvas = Image.new("RGB", (w, h + LEGEND_HEIGHT), (24, 24, 24))
+    canvas.paste(Image.fromarray(rendered), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = 4
+    if verdict:
+        colour = VERDICT_COLOURS.get(verdict, (200, 200, 200))
+        draw.rectangle([x, h + 4, x + 26, h + 18], fill=colour)
+        draw.text((x + 4, h + 5), verdict[:2], fill=(255, 255, 255))
+        x += 32
+    if score is not None:
+        relation = "" if threshold is None else (" >= " if score >= threshold else " < ")
+        text = f"score {score:.4f}" + (f"{relation}threshold {threshold:.4f}" if threshold is not None else "")
+        draw.text((x, h + 5), text, fill=(235, 235, 235))
+    if label:
+        draw.text((4, h + 20), label[:80], fill=(170, 170, 170))
+    bar_w = max(40, min(160, w // 3))
+    bar_x = w - bar_w - 4
+    if bar_x > x + 150 or not score:
+        ramp = colormap(np.linspace(0.0, 1.0, bar_w)[None, :].repeat(8, axis=0), cmap)
+        canvas.paste(Image.fromarray(ramp), (bar_x, h + 4))
+        draw.text((bar_x, h + 14), f"{vmin:.2f}", fill=(200, 200, 200))
+        draw.text((bar_x + bar_w - 28, h + 14), f"{vmax:.2f}", fill=(200, 200, 200))
+        if threshold is not None and vmin <= threshold <= vmax and vmax > vmin:
+            tx = bar_x + round((threshold - vmin) / (vmax - vmin) * (bar_w - 1))
+            draw.line([tx, h + 2, tx, h + 13], fill=(255, 255, 255), width=2)
+    return np.asarray(canvas)
