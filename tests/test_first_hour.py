@@ -205,6 +205,8 @@ def test_the_redis_demo_walk_through_works_as_the_readme_says(redis_url, key_pre
         lines = tail.stdout.strip().splitlines()
         assert len(lines) == 3 and all("hazelnut" in line and "(demo weights)" in line for line in lines), tail
         assert len(list((tmp_path / "masks" / "hazelnut").glob("*.mask.png"))) == 3, tail.stderr
+        overlays = [p for p in (tmp_path / "masks" / "hazelnut").glob("*.png") if not p.name.endswith(".mask.png")]
+        assert len(overlays) == 3 and "overlay to" in tail.stderr  # frames read back from the input stream
     finally:
         daemon.send_signal(signal.SIGTERM)
         output, _ = daemon.communicate(timeout=30)

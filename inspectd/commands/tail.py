@@ -87,8 +87,8 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
 
 
-def save_mask(directory: Path, fields: dict[bytes, bytes]) -> str:
-    """Write the mask PNG of one result; returns what was done (for the user)."""
+def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = None) -> str:
+    """Write the mask PNG of one result, and its overlay when the frame could be read back; returns what was done."""
     product, frame_id = _s(fields, "product", "unknown"), _s(fields, "frame_id", "frame")
     mask = fields.get(b"mask")
     if not mask:
@@ -97,13 +97,50 @@ def save_mask(directory: Path, fields: dict[bytes, bytes]) -> str:
     target = directory / safe_name(product) / f"{safe_name(frame_id)}.mask.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(mask)
-    return f"{frame_id}: mask saved to {target}"
+    if frame_image is None:
+        return f"{frame_id}: mask saved to {target} (no overlay: the frame is no longer in the input stream)"
+    from inspectd.commands.overlay import render
+
+    verdict = _s(fields, "verdict")
+    try:
+        threshold: float | None = float(_s(fields, "threshold"))
+        score: float | None = float(_s(fields, "score"))
+    except ValueError:
+        threshold = score = None
+    overlay = target.with_name(f"{safe_name(frame_id)}.{verdict or 'result'}.png")
+    render(frame_image, target, overlay, threshold, False, 0.5, score=score, verdict=verdict,
+           label=f"{product} / {frame_id}")
+    return f"{frame_id}: mask saved to {target}, overlay to {overlay}"
 
 
-def emit(entry_id: str, fields: dict[bytes, bytes], args: argparse.Namespace) -> None:
+def frame_of(client: Any, results_stream: str, fields: dict[bytes, bytes]) -> Any:
+    """The scored frame's RGB pixels, read back from its input stream by entry id (None once trimmed)."""
+    from inspectd.streams.codec import decode_frame_image
+    from inspectd.streams.message import parse_frame_fields
+    from inspectd.streams.schema import Frame
+
+    entry_id = _s(fields, "entry_id")
+    if not entry_id or not results_stream.endswith(":results"):
+        return None
+    frames_stream = results_stream[: -len("results")] + "frames"
+    found = client.xrange(frames_stream, min=entry_id, max=entry_id, count=1)
+    if not found:
+        return None
+    frame = parse_frame_fields(found[0][1], entry_id=entry_id, source="tail")
+    if not isinstance(frame, Frame):
+        return None
+    try:
+        return decode_frame_image(frame)
+    except Exception:  # noqa: BLE001 - the mask alone is still worth saving
+        return None
+
+
+def emit(entry_id: str, fields: dict[bytes, bytes], args: argparse.Namespace, client: Any = None,
+         stream: str = "") -> None:
     print(entry_json(entry_id, fields) if args.json else format_entry(fields), flush=True)
     if args.save and b"verdict" in fields:
-        print(save_mask(Path(args.save), fields), file=sys.stderr, flush=True)
+        image = frame_of(client, stream, fields) if client is not None and fields.get(b"mask") else None
+        print(save_mask(Path(args.save), fields, image), file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         recent = client.xrevrange(stream, count=args.count) if args.count > 0 else []
         for entry_id, fields in reversed(recent):
-            emit(entry_id.decode(), fields, args)
+            emit(entry_id.decode(), fields, args, client, stream)
         if not args.follow:
             return 0
         newest = recent[:1] or client.xrevrange(stream, count=1)
@@ -128,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             reply = client.xread({stream: last_id}, block=block_ms, count=100)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    emit(entry_id.decode(), fields, args)
+                    emit(entry_id.decode(), fields, args, client, stream)
                     last_id = entry_id.decode()
     except KeyboardInterrupt:
         pass
