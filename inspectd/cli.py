@@ -10,9 +10,12 @@ import sys
 
 from inspectd import __version__, commands
 
+DESCRIPTION = ("inspectd: streaming visual-inspection daemon (CLIP zero-/few-shot anomaly detection). "
+               "'inspectd COMMAND --help' describes each command.")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inspectd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="inspectd", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -25,7 +25,12 @@ def _port_open(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a real Redis server: the machine's on 6379, or one started for this session."""
+    """URL of a real Redis server: $INSPECTD_TEST_REDIS_URL, the machine's on 6379, or one started for this session."""
+    import os
+
+    if os.environ.get("INSPECTD_TEST_REDIS_URL"):
+        yield os.environ["INSPECTD_TEST_REDIS_URL"]
+        return
     if _port_open("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/0"
         return

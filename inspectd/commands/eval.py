@@ -20,17 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="layout: mvtec, visa (split_csv/1cls.csv), visa-mvtec (converted), meta (meta.json), folder")
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--categories", nargs="*", help="categories to evaluate (default: all)")
-    p.add_argument("--detector", default="winclip")
+    p.add_argument("--detector", default="winclip", help="detector to evaluate (default: %(default)s)")
     p.add_argument("--options", default="{}", help="detector options as JSON, e.g. '{\"language_weight\": 0.5}'")
-    p.add_argument("--shots", type=int, nargs="+", default=[0])
-    p.add_argument("--seeds", type=int, default=1, help="few-shot seeds (mean ± std over them)")
-    p.add_argument("--arch", default="ViT-B-16-plus-240")
+    p.add_argument("--shots", type=int, nargs="+", default=[0],
+                   help="k values: references per category, e.g. 0 1 2 4 (default: 0)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="few-shot seeds: references are re-drawn per seed, tables show mean ± std (default: 1)")
+    p.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch (default: %(default)s)")
     p.add_argument("--weights", "--pretrained", dest="weights", default="laion400m_e31",
                    help="open_clip tag, or a checkpoint file/folder")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--demo", action="store_true", help="allow --weights random (results are meaningless)")
     p.add_argument("--eval-size", type=int, default=256, help="maps and masks compared at this square size")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per forward; 0 = auto: 1 for a full-size model on CPU (the progress bar moves per "
+                        "image), else 8")
     p.add_argument("--compare", metavar="PAPER", help="print the published numbers of PAPER beside ours")
     p.add_argument("--out", default="runs/eval", help="folder for the .md/.json/.csv tables")
     p.add_argument("--cache", default="runs/eval/cache", help="score and state cache folder ('' to disable)")
@@ -60,8 +64,11 @@ def main(args: argparse.Namespace) -> int:
     if dataset_name == "dataset":  # folder / meta layouts: name the table after the dataset's own folder
         dataset_name = Path(args.root).resolve().name
     backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo))
+    # auto: a real model on CPU gains nothing from batching, so 1 (the bar moves per image, not per 8 x 8 s);
+    # a GPU, or a tiny test model whose per-call overhead dominates, batches 8
+    batch_size = args.batch_size or (1 if backbone.device.type == "cpu" and backbone.width >= 512 else 8)
     settings = runner.EvalSettings(detector=args.detector, options=json.loads(args.options), shots=args.shots,
-                                   seeds=args.seeds, eval_size=args.eval_size, batch_size=args.batch_size,
+                                   seeds=args.seeds, eval_size=args.eval_size, batch_size=batch_size,
                                    dataset_name=dataset_name, cache_dir=args.cache or None,
                                    calibrate=args.calibrate, vand=args.compare == "aprilgan",
                                    threshold=ThresholdPolicy(quantile=args.quantile, margin=args.margin))
@@ -87,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
                                                      "seeds": runner.seeds_for(shots, args.seeds),
                                                      "demo_weights": backbone.demo_weights})
         tables.write_csv(table, csv_path, compare)
-        print(text, flush=True)
+        terminal = tables.to_terminal(table, compare, compare_label=args.compare or "paper")
+        print(terminal + (f"(full table: {md})\n" if compare is not None else ""), flush=True)
 
     with tqdm(total=runner.total_images(categories, settings), unit="img", file=sys.stderr) as bar:
         def progress(n: int, label: str) -> None:

@@ -14,7 +14,7 @@ DEFAULT_STREAM = "inspect:control"
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("product", help="reload/put/delete a product on every daemon (control stream)",
-                              description=__doc__)
+                              description=__doc__.replace("``", "'"))
     ops = p.add_subparsers(dest="op", required=True, metavar="OP")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--redis", default=default_redis_url(),

@@ -15,7 +15,7 @@ from inspectd.streams.redis_keys import DEFAULT_PREFIX, default_redis_url, frame
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("send", help="send image files as frames to a Redis stream",
-                              description=__doc__)
+                              description=__doc__.replace("``", "'"))
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG/JPEG/BMP/TIFF) or .npy arrays")
     p.add_argument("--product", required=True, help="product id")
     p.add_argument("--line", required=True, help="line id (also picks the stream unless --stream)")

@@ -18,7 +18,9 @@ from inspectd.streams.redis_keys import DEFAULT_PREFIX, dead_key, default_redis_
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("tail", help="print results from a Redis results stream", description=__doc__)
+    p = subparsers.add_parser("tail", help="print results from a Redis results stream",
+                              description="Print a line's results (or dead letters), optionally following; "
+                                          "--json for one JSON object per entry, --save DIR for masks and overlays.")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--line", help="line id: reads <prefix>:{<line>}:results")
     where.add_argument("--stream", help="stream key to read")

@@ -201,6 +201,25 @@ def to_markdown(table: ResultTable, compare: PerCategory | None = None, scale: f
     return "\n".join(lines) + "\n"
 
 
+def to_terminal(table: ResultTable, compare: PerCategory | None = None, scale: float = 100.0, digits: int = 1,
+                compare_label: str = "paper") -> str:
+    """What fits a terminal: without ``compare`` the Markdown table; with it, one row per metric (ours, the paper's,
+    Δ) for every category as a column block of three, so the width grows with categories, not with metrics x 3."""
+    if compare is None:
+        return to_markdown(table, None, scale, digits)
+    lines = [f"### {table.title}", ""] if table.title else []
+    categories = list(table.rows)
+    header = ["metric"] + [f"{'mean' if c == MEAN_ROW else c} ({cell})" for c in categories
+                           for cell in ("ours", compare_label, "Δ")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric in table.metrics:
+        cells = [c for category in categories for c in _cells(table, category, metric, compare, scale, digits)]
+        lines.append("| " + " | ".join([LABELS.get(metric, metric), *cells]) + " |")
+    if table.notes:
+        lines += ["", *[f"- {n}" for n in table.notes]]
+    return "\n".join(lines) + "\n"
+
+
 def to_records(table: ResultTable, compare: PerCategory | None = None, scale: float = 100.0) -> list[dict[str, Any]]:
     """Long format: one record per (category, metric) with mean, std, n_seeds, and paper/diff when comparing."""
     records = []
