@@ -8,7 +8,6 @@ against what the caller expects and fails with a message naming both sides. No p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from inspectd.detectors.weights import sha256_of
 
 FORMAT = "inspectd-artifact"
 FORMAT_VERSION = 2
@@ -135,12 +136,9 @@ def describe_backbone(identity: Mapping[str, Any]) -> str:
     return f"{identity.get('arch')}/{identity.get('weights')} (embed dim {identity.get('embed_dim')})"
 
 
-def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's content (the artifact's content hash; the same function checks downloaded weights)."""
+    return sha256_of(path)
 
 
 def quarantine(path: Path, why: str) -> Path:
