@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,9 @@ def entry_json(entry_id: str, fields: dict[bytes, bytes]) -> str:
 
 
 def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
+    from inspectd.streams.records import safe_file_name
+
+    return safe_file_name(text)
 
 
 def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = None) -> str:

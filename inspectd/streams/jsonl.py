@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +18,11 @@ from inspectd.streams.records import (
     encode_result_mask,
     policy_for,
     result_record,
+    safe_file_name,
 )
 from inspectd.streams.schema import DeadLetter, Result
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _safe(text: str) -> str:
-    return _UNSAFE.sub("_", text).strip("._")[:120] or "x"
+_safe = safe_file_name
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -3,6 +3,7 @@ per-product mask publishing policy ("full" | "downscaled:<max_side>" | "none")."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,3 +109,11 @@ def dead_letter_record(dead: DeadLetter, field_limit: int = 512) -> dict[str, An
         "detail": dead.detail[: field_limit * 4],
         "fields": {str(k)[:128]: str(v)[:field_limit] for k, v in dead.fields.items()},
     }
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_name(text: str) -> str:
+    """A file-name-safe, readable version of an id (frame ids, products), at most 120 characters."""
+    return _UNSAFE_NAME.sub("_", text).strip("._")[:120] or "x"
