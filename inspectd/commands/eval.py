@@ -87,13 +87,17 @@ def main(args: argparse.Namespace) -> int:
                 if len(published) > len(categories):
                     table.notes.append(f"the {args.compare} mean row is over its {len(published)} categories, "
                                        f"ours over the {len(categories)} evaluated here")
+                elif not published:
+                    table.notes.append(f"the {args.compare} {shots}-shot numbers are published as a mean over the "
+                                       "dataset's categories only; ours over the "
+                                       f"{len(categories)} evaluated here")
         md, js, csv_path = runner.output_paths(args.out, args.detector, shots)
         text = tables.to_markdown(table, compare, compare_label=args.compare or "paper")
         md.write_text(text)
         tables.write_json(table, js, compare, extra={"model": backbone.describe(), "shots": shots,
                                                      "seeds": runner.seeds_for(shots, args.seeds),
                                                      "demo_weights": backbone.demo_weights})
-        tables.write_csv(table, csv_path, compare)
+        tables.write_csv(table, csv_path, compare, demo_weights=backbone.demo_weights)
         terminal = tables.to_terminal(table, compare, compare_label=args.compare or "paper")
         print(terminal + (f"(full table: {md})\n" if compare is not None else ""), flush=True)
 

@@ -246,11 +246,14 @@ def write_json(table: ResultTable, path: str | Path, compare: PerCategory | None
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def write_csv(table: ResultTable, path: str | Path, compare: PerCategory | None = None, scale: float = 100.0) -> None:
+def write_csv(table: ResultTable, path: str | Path, compare: PerCategory | None = None, scale: float = 100.0,
+              demo_weights: bool = False) -> None:
+    """One row per (category, metric); every row says ``demo_weights`` (true: random weights, meaningless)."""
     records = to_records(table, compare, scale)
     fields = ["category", "metric", "mean", "std", "n_seeds"] + (["paper", "diff"] if compare is not None else [])
     with Path(path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=[*fields, "demo_weights"])
         writer.writeheader()
         for rec in records:
-            writer.writerow({k: "" if rec[k] is None else rec[k] for k in fields})
+            row = {k: "" if rec[k] is None else rec[k] for k in fields}
+            writer.writerow({**row, "demo_weights": str(bool(demo_weights)).lower()})
