@@ -48,7 +48,9 @@ async def test_new_files_picked_up_with_product_from_subfolder(tmp_path: Path) -
 
 
 async def test_half_written_and_temp_files_wait(tmp_path: Path) -> None:
-    src = FolderSource(tmp_path, product="hazelnut", poll_interval_s=POLL)
+    import time
+
+    src = FolderSource(tmp_path, product="hazelnut", poll_interval_s=POLL, settle_s=0.3)
     data = (HAZELNUT / "03.png").read_bytes()
     growing = tmp_path / "g.png"
     growing.write_bytes(data[:1000])
@@ -59,10 +61,12 @@ async def test_half_written_and_temp_files_wait(tmp_path: Path) -> None:
         with growing.open("ab") as fh:
             fh.write(data[growing.stat().st_size:chunk_end])
     assert src.scan() == []  # last write seen for the first time
-    assert src.scan() == [growing]  # unchanged across two polls
+    assert src.scan() == []  # unchanged across two polls is not enough: they can be 10 ms apart
+    time.sleep(0.35)
+    assert src.scan() == [growing]  # unchanged for settle_s
     (tmp_path / "h.png.part").rename(tmp_path / "h.png")  # the writer's atomic rename
     items = await src.read(10, timeout_s=2)
-    assert [i.frame_id for i in items] == ["g.png"]  # h.png was seen only once so far
+    assert [i.frame_id for i in items] == ["g.png"]  # h.png has only just appeared
     assert items[0].payload == data
     assert [i.frame_id for i in await src.read(10, timeout_s=2)] == ["h.png"]
 

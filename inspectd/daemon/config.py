@@ -83,6 +83,7 @@ class FolderSourceConfig:
     after: str = "move"  # "move" to done/ | "record" in a ledger
     ledger: str | None = None  # with after=record: where processed files are recorded
     poll_interval_s: float = 0.5
+    settle_s: float = 1.0  # a file is scored once unchanged (size, mtime) for this long: never half-written
 
 
 @dataclass

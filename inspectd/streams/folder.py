@@ -51,6 +51,7 @@ class FolderSource:
         suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
         poll_interval_s: float = 0.5,
         max_bytes: int = 64 * 1024 * 1024,
+        settle_s: float = 1.0,
     ) -> None:
         if after not in (AFTER_MOVE, AFTER_RECORD):
             raise ValueError(f"after must be {AFTER_MOVE!r} or {AFTER_RECORD!r}, not {after!r}")
@@ -65,7 +66,8 @@ class FolderSource:
         self.poll_interval_s = poll_interval_s
         self.max_bytes = max_bytes
         self.source = f"folder:{self.root}"
-        self._last_seen: dict[Path, Stat] = {}
+        self.settle_s = settle_s  # a file is taken once its size and mtime have not changed for this long
+        self._last_seen: dict[Path, tuple[Stat, float]] = {}  # path -> (stat, when it was first seen so)
         self._inflight: set[Path] = set()
         self._lock = threading.Lock()
         self._processed: set[tuple[str, int, int]] = self._load_ledger() if after == AFTER_RECORD else set()
@@ -93,17 +95,23 @@ class FolderSource:
         return found
 
     def scan(self) -> list[Path]:
-        """One poll: files whose (size, mtime) equal the previous poll's, not in flight, not processed."""
+        """One poll: files whose (size, mtime) have not changed for ``settle_s`` (a writer still appending keeps
+        changing them, however fast polls follow each other), not in flight, not processed."""
         current = self._candidates()
+        now = time.monotonic()
         ready = []
         with self._lock:
+            seen: dict[Path, tuple[Stat, float]] = {}
             for path, stat in current.items():
-                if path in self._inflight or stat[0] == 0 or self._last_seen.get(path) != stat:
+                previous = self._last_seen.get(path)
+                since = previous[1] if previous is not None and previous[0] == stat else now
+                seen[path] = (stat, since)
+                if path in self._inflight or stat[0] == 0 or now - since < self.settle_s:
                     continue
                 if (self._rel(path), *stat) in self._processed:
                     continue
                 ready.append(path)
-            self._last_seen = current
+            self._last_seen = seen
         return ready
 
     def _rel(self, path: Path) -> str:
@@ -132,7 +140,7 @@ class FolderSource:
         rel = self._rel(path)
         parts = rel.split("/")
         product = self.product or (parts[0] if len(parts) > 1 else "")
-        stat = self._last_seen.get(path, (0, 0))
+        stat = self._last_seen.get(path, ((0, 0), 0.0))[0]
         common = {"product": product, "line": self.line, "frame_id": rel, "entry_id": rel, "source": self.source}
         if not product:
             return DeadLetter(reason=Reason.NO_PRODUCT, stage="parse", detail="file is not in a <product>/ folder "

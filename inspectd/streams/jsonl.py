@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -23,6 +24,19 @@ from inspectd.streams.records import (
 from inspectd.streams.schema import DeadLetter, Result
 
 _safe = safe_file_name
+
+
+def ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte is a newline."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return True
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -56,6 +70,8 @@ class JsonlSink:
             return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
 
         stem = _safe(bare(result.frame_id))
+        if stem != bare(result.frame_id):  # "a/x.png", "a_x.png", "a x.png" sanitise alike: keep them apart
+            stem += "-" + hashlib.sha1(result.frame_id.encode()).hexdigest()[:8]
         if result.entry_id and bare(result.entry_id) != bare(result.frame_id):
             stem += "_" + _safe(bare(result.entry_id))  # still unique when producers reuse frame ids
         return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
@@ -85,6 +101,10 @@ class JsonlSink:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open across batches
+                if not ends_with_newline(self.path):
+                    # a crash (kill -9) mid-line left a torn last line: end it, or the next record would be
+                    # glued onto it and lost to every reader
+                    self._file.write("\n")
             self._file.write(text)
             self._file.flush()
             if self.fsync:

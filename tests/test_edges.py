@@ -1,0 +1,96 @@
+"""The edges a plant's file drop meets first: half-written files are never scored, a torn JSONL line never
+swallows the next result, and mask files never collide."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from inspectd.streams.folder import FolderSource
+from inspectd.streams.jsonl import JsonlSink
+from inspectd.streams.schema import Frame, Result
+
+
+def big_png() -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_a_file_written_slowly_is_taken_only_once_complete(tmp_path: Path) -> None:
+    data = big_png()
+    (tmp_path / "nut").mkdir()
+    target = tmp_path / "nut" / "slow.png"
+    source = FolderSource(tmp_path, poll_interval_s=0.02, settle_s=0.4)
+    done = threading.Event()
+
+    def writer() -> None:  # 64 KB chunks over ~2 s, as a camera PC copying over the network would
+        with open(target, "wb") as handle:
+            for start in range(0, len(data), 64 * 1024):
+                handle.write(data[start:start + 64 * 1024])
+                handle.flush()
+                time.sleep(2.0 / (len(data) / (64 * 1024)))
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    items = []
+    deadline = time.monotonic() + 15
+    while not items and time.monotonic() < deadline:
+        items = await source.read(4, timeout_s=0.02)  # polls back to back: ~20 ms apart
+        if items:
+            assert done.is_set(), "a half-written file was taken"
+    thread.join()
+    assert len(items) == 1 and isinstance(items[0], Frame)
+    assert items[0].payload == data  # the whole file
+
+
+def result(frame_id: str, entry_id: str = "") -> Result:
+    return Result(product="nut", line="l", frame_id=frame_id, captured_at=1.0, score=0.5, verdict="NG",
+                  threshold=0.4, detector="winclip", state_version="1", entry_id=entry_id,
+                  mask=np.full((4, 4), 0.5, np.float32))
+
+
+def test_a_torn_last_line_never_swallows_the_next_result(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    first = JsonlSink(path)
+    first.write_batch([result("a")])
+    first.close()
+    with open(path, "a") as handle:  # kill -9 in the middle of writing a record
+        handle.write('{"kind": "result", "frame_id": "torn-')
+    again = JsonlSink(path)
+    again.write_batch([result("b")])
+    again.close()
+    lines = path.read_text().splitlines()
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    assert [p["frame_id"] for p in parsed] == ["a", "b"]  # b is intact on its own line
+
+
+def test_mask_files_of_similar_names_never_collide(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "r.jsonl", mask_dir=tmp_path / "masks")
+    sink.write_batch([result("a/x.png"), result("a_x.png"), result("a x.png"), result("plain.png")])
+    sink.close()
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    paths = [r["mask_path"] for r in records]
+    assert len(set(paths)) == 4 and all(Path(p).is_file() for p in paths)
+    assert Path(paths[3]).name == "plain.mask.png"  # readable where nothing needed sanitising
+
+
+def test_records_are_flushed_per_batch(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    asyncio.run(sink.publish_batch([result("x")]))
+    assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])["frame_id"] == "x"
+    sink.close()
