@@ -212,3 +212,16 @@ def test_the_redis_demo_walk_through_works_as_the_readme_says(redis_url, key_pre
         output, _ = daemon.communicate(timeout=30)
     assert daemon.returncode == 0, output[-2000:]
     assert "RANDOM weights" in output and os.path.exists(tmp_path / "states")
+
+
+def test_daemon_only_check_ignores_products_for_systemds_exec_start_pre(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"products:\n  - {{id: a, references: {tmp_path}/missing, shots: 2}}\n"
+                      "model: {arch: inspectd-tiny, pretrained: random}\ndemo: true\n")
+    run = [sys.executable, "-m", "inspectd.cli", "run", "--config", str(config), "--check"]
+    full = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 2 and "products[0].references" in full.stderr
+    daemon_only = subprocess.run([*run, "--daemon-only"], capture_output=True, text=True, timeout=120)
+    assert daemon_only.returncode == 0, daemon_only.stderr
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "inspectd.service").read_text()
+    assert "--check --daemon-only" in unit

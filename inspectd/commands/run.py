@@ -26,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = never)")
     parser.add_argument("--idle-exit", type=float, default=0.0,
                         help="stop after this many seconds with nothing in flight (0 = never)")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (daemon and products) without loading a model, list every problem, "
+                             "exit 2 if any")
+    parser.add_argument("--daemon-only", action="store_true",
+                        help="with --check: leave products out (systemd's ExecStartPre: one product's missing "
+                             "references must not keep the daemon and the other products from starting)")
     parser.set_defaults(func=main)
 
 
@@ -50,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         config.http.port = args.port
     from inspectd.daemon.checks import check_config
 
-    problems = check_config(config)
+    problems = check_config(config, products=not args.daemon_only)
     if args.check:
         for problem in problems:
             print(f"config error at {problem}", file=sys.stderr)

@@ -17,8 +17,9 @@ DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def check_config(config: DaemonConfig) -> list[str]:
-    """Problems as "<key path>: <what is wrong>" lines; empty when the config is sound."""
+def check_config(config: DaemonConfig, products: bool = True) -> list[str]:
+    """Problems as "<key path>: <what is wrong>" lines; empty when the config is sound (``products=False``: the
+    daemon's own settings only)."""
     problems: list[str] = []
     models = config.model_pool()
     for index, model in enumerate(models):
@@ -40,6 +41,8 @@ def check_config(config: DaemonConfig) -> list[str]:
         problems.append("sources: no source is enabled (redis, folders, cameras): the daemon would score nothing")
     if not (config.sinks.redis or config.sinks.jsonl):
         problems.append("sinks: no sink is enabled (redis, jsonl): results would go nowhere")
+    if not products:
+        return problems
     for index, product in enumerate(config.products):
         problems += check_product(product, names, f"products[{index}]")
     for path in product_files(config.registry.products_dir):
