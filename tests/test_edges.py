@@ -94,3 +94,28 @@ def test_records_are_flushed_per_batch(tmp_path: Path) -> None:
     asyncio.run(sink.publish_batch([result("x")]))
     assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])["frame_id"] == "x"
     sink.close()
+
+
+async def test_an_unwritable_ledger_never_makes_a_file_be_picked_again_and_says_so(tmp_path: Path, caplog) -> None:
+    (tmp_path / "nut").mkdir()
+    (tmp_path / "nut" / "a.png").write_bytes(_small_png())
+    ledger_dir = tmp_path / "ro"
+    ledger_dir.mkdir()
+    ledger = ledger_dir / "ledger.jsonl"
+    ledger.mkdir()  # a folder where the ledger file should be: every write fails (as on a read-only mount)
+    source = FolderSource(tmp_path, after="record", ledger=ledger, poll_interval_s=0.02, settle_s=0.05)
+    picks = []
+    caplog.set_level("ERROR", logger="inspectd.streams.folder")
+    for _ in range(6):
+        for item in await source.read(4, timeout_s=0.2):
+            picks.append(item.frame_id)
+            await item.ack()
+    assert picks == ["nut/a.png"]  # once, not on every poll
+    assert source.finish_errors == 1
+    assert any("WILL BE SCORED AGAIN after a restart" in r.getMessage() for r in caplog.records)
+
+
+def _small_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import threading
@@ -16,6 +17,7 @@ from inspectd.streams.schema import AckHandle, DeadLetter, Frame
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+log = logging.getLogger(__name__)
 AFTER_MOVE = "move"
 AFTER_RECORD = "record"
 LEDGER_NAME = ".inspectd-processed.jsonl"
@@ -71,6 +73,7 @@ class FolderSource:
         self._inflight: set[Path] = set()
         self._lock = threading.Lock()
         self._processed: set[tuple[str, int, int]] = self._load_ledger() if after == AFTER_RECORD else set()
+        self.finish_errors = 0  # ledger writes / moves that failed (the files are remembered in memory)
 
     # -- scanning ---------------------------------------------------------------------------------
 
@@ -165,7 +168,13 @@ class FolderSource:
         return ack
 
     def _finish(self, path: Path, stat: Stat, dead: bool) -> None:
+        """Move the file away or record it in the ledger. It is remembered in memory first, so a ledger or a
+        done/ folder that cannot be written never makes the same file be picked on every poll; that failure is
+        logged loudly (first time, then every 100th) and counted in ``finish_errors``."""
         rel = self._rel(path)
+        size, mtime_ns = stat
+        with self._lock:
+            self._processed.add((rel, size, mtime_ns))
         try:
             if self.after == AFTER_MOVE:
                 target = (self.failed_dir if dead else self.done_dir) / rel
@@ -175,14 +184,19 @@ class FolderSource:
                 if path.exists():
                     shutil.move(str(path), str(target))
             else:
-                size, mtime_ns = stat
                 record = {"path": rel, "size": size, "mtime_ns": mtime_ns, "dead": dead, "at": time.time()}
                 with open(self.ledger, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
                     fh.flush()
                     os.fsync(fh.fileno())
-                with self._lock:
-                    self._processed.add((rel, size, mtime_ns))
+        except OSError as exc:
+            self.finish_errors += 1
+            if self.finish_errors == 1 or self.finish_errors % 100 == 0:
+                where = self.ledger if self.after == AFTER_RECORD else self.done_dir
+                log.error("folder %s: cannot %s (%s; %d time(s) so far): processed files are remembered in "
+                          "memory only and WILL BE SCORED AGAIN after a restart", self.root,
+                          f"write the ledger {where}" if self.after == AFTER_RECORD else f"move files into {where}",
+                          exc, self.finish_errors)
         finally:
             with self._lock:
                 self._inflight.discard(path)
@@ -191,7 +205,13 @@ class FolderSource:
         done: set[tuple[str, int, int]] = set()
         if not self.ledger.exists():
             return done
-        for text in self.ledger.read_text(encoding="utf-8").splitlines():
+        try:
+            lines = self.ledger.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            log.error("folder %s: cannot read the ledger %s (%s): files processed before this start WILL BE "
+                      "SCORED AGAIN", self.root, self.ledger, exc)
+            return done
+        for text in lines:
             try:
                 rec = json.loads(text)
                 done.add((rec["path"], int(rec["size"]), int(rec["mtime_ns"])))
