@@ -57,7 +57,8 @@ async def test_reads_file_in_order_as_rgb(tmp_path: Path) -> None:
     frames = await collect(src, 10)
     await wait_for(lambda: src.exhausted)
     src.stop()
-    assert [f.frame_id for f in frames] == [f"cam-{i}" for i in range(1, 11)]
+    run_id = frames[0].frame_id.split("-")[1]  # <name>-<start ms>-<seq>: unique across restarts
+    assert [f.frame_id for f in frames] == [f"cam-{run_id}-{i}" for i in range(1, 11)]
     f = frames[-1]
     assert (f.product, f.line, f.source) == ("bottle", "l1", "camera:cam")
     assert f.image is not None and f.image.shape == (H, W, 3) and f.image.dtype == np.uint8
@@ -79,7 +80,7 @@ async def test_reconnects_when_file_is_removed_and_recreated(tmp_path: Path) -> 
     write_video(video, 4, level0=100)
     second = await collect(src, 4)
     src.stop()
-    assert [f.frame_id for f in second] == [f"cam-{i}" for i in range(7, 11)]
+    assert [f.frame_id.rsplit("-", 1)[1] for f in second] == [str(i) for i in range(7, 11)]
     assert second[0].image is not None and abs(second[0].image[..., 2].mean() - 100) < 6
     assert src.reconnects >= 1
 
@@ -94,7 +95,59 @@ async def test_unchanged_file_is_not_replayed_but_loop_replays(tmp_path: Path) -
     looping = CameraSource(cfg(video, policy="queue", queue_size=100, loop=True, max_fps=200))
     frames = await collect(looping, 7)
     looping.stop()
-    assert len(frames) == 7 and looping.reconnects >= 2
+    assert len(frames) == 7 and looping.reconnects == 0  # a looping file is not a reconnect (it was counted)
+    assert len({f.frame_id for f in frames}) == 7  # ids keep counting across loops
+
+
+async def test_a_camera_that_never_answers_costs_only_itself_and_says_so(tmp_path: Path, caplog) -> None:
+    """A port that accepts and never answers (a hung IP camera) beside a healthy camera: the healthy one delivers
+    at once, the silent one gives up after open_timeout_s with one log line naming it, credentials masked."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_ignore() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_ignore, daemon=True)
+    thread.start()
+    caplog.set_level("WARNING", logger="inspectd.streams.camera")
+    silent = CameraSource(cfg(f"rtsp://op:secret@127.0.0.1:{port}/line1", open_timeout_s=1.0, read_timeout_s=1.0,
+                              reconnect=True, backoff_initial_s=5.0, backoff_max_s=5.0))
+    video = tmp_path / "v.avi"
+    write_video(video, 5)
+    healthy = CameraSource(cfg(video, policy="queue", queue_size=100))
+    started = time.monotonic()
+    silent.start()
+    try:
+        frames = await collect(healthy, 5)
+        took = time.monotonic() - started
+        assert len(frames) == 5 and took < 3.0, took  # not behind the silent camera's open
+        deadline = time.monotonic() + 10
+        while silent.failed_opens == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert silent.failed_opens == 1 and time.monotonic() - started < 8
+        lines = [r.getMessage() for r in caplog.records if "cannot open" in r.getMessage()]
+        assert lines and "op:***@127.0.0.1" in lines[0] and "secret" not in lines[0]
+    finally:
+        healthy.stop()
+        silent.stop(timeout_s=3)
+        stop.set()
+        server.close()
+        for conn in accepted:
+            conn.close()
 
 
 async def test_missing_source_without_reconnect_finishes(tmp_path: Path) -> None:
@@ -113,7 +166,7 @@ async def test_slow_consumer_keeps_newest_and_counts_drops(tmp_path: Path, polic
     src.start()
     await wait_for(lambda: src.finished)  # the consumer is slower than the capture
     frames = await src.read(10, timeout_s=0.1)
-    assert [f.frame_id for f in frames] == [f"cam-{i}" for i in range(31 - kept, 31)]
+    assert [f.frame_id.rsplit("-", 1)[1] for f in frames] == [str(i) for i in range(31 - kept, 31)]
     assert src.dropped == 30 - kept == sum(drops)
     assert src.exhausted
 

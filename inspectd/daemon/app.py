@@ -239,7 +239,10 @@ class InspectDaemon:
             uri: int | str = int(cam.uri) if cam.uri.isdigit() else cam.uri
             camera = CameraSource(CameraConfig(cam.name, uri, cam.product, cam.line, policy=cam.policy,
                                                queue_size=cam.queue_size, loop=cam.loop, reconnect=cam.reconnect,
-                                               max_fps=cam.max_fps),
+                                               max_fps=cam.max_fps, open_timeout_s=cam.open_timeout_s,
+                                               read_timeout_s=cam.read_timeout_s,
+                                               backoff_initial_s=cam.backoff_initial_s,
+                                               backoff_max_s=cam.backoff_max_s),
                                   on_drop=lambda n, name=cam.name: self.metrics.camera_dropped(name, n))
             camera.start()
             self.sources.append(camera)

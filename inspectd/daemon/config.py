@@ -73,6 +73,10 @@ class CameraSourceConfig:
     loop: bool = False
     reconnect: bool = True
     max_fps: float | None = None
+    open_timeout_s: float = 5.0  # a camera that does not answer costs only itself this long per attempt
+    read_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.5  # reconnect backoff: doubles per failed attempt up to backoff_max_s
+    backoff_max_s: float = 8.0
 
 
 @dataclass

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -43,6 +44,8 @@ class CameraConfig:
     queue_size: int = 8
     loop: bool = False
     reconnect: bool = True
+    open_timeout_s: float = 5.0  # a stream that does not answer costs this camera this long, no other camera
+    read_timeout_s: float = 5.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
     max_fps: float | None = None  # pace the capture (e.g. a file played at camera speed)
@@ -56,6 +59,21 @@ class CameraConfig:
     @property
     def is_file(self) -> bool:
         return isinstance(self.uri, str) and not self.uri.lower().startswith(_LIVE_SCHEMES)
+
+
+def mask_credentials(uri: int | str) -> str:
+    """``rtsp://user:secret@host/x`` -> ``rtsp://user:***@host/x`` (for log lines and metrics)."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(uri))
+
+
+def open_capture(uri: int | str, open_timeout_s: float, read_timeout_s: float) -> Any:
+    """cv2.VideoCapture with explicit open and read timeouts (OpenCV's default is 30 s, and the opens of all
+    cameras of a process wait for each other behind it)."""
+    if isinstance(uri, int):
+        return cv2.VideoCapture(uri)
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
+              cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000)]
+    return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
 
 
 def _file_identity(path: str) -> tuple[int, int, int] | None:
@@ -75,11 +93,16 @@ class CameraSource:
         config: CameraConfig,
         *,
         on_drop: Callable[[int], None] | None = None,
-        capture_factory: Callable[[int | str], Any] = cv2.VideoCapture,
+        capture_factory: Callable[[int | str], Any] | None = None,
     ) -> None:
         self.config = config
         self.on_drop = on_drop
-        self._factory = capture_factory
+        self._factory = capture_factory or (
+            lambda uri: open_capture(uri, config.open_timeout_s, config.read_timeout_s))
+        # frame ids are <name>-<start time ms>-<seq>: unique across restarts (de-duplication keys on them)
+        self.run_id = str(int(time.time() * 1000))
+        self.failed_opens = 0
+        self.last_frame_at = 0.0  # monotonic time of the newest captured frame (0: none yet)
         self.source = f"camera:{config.name}"
         self.frames_captured = 0
         self.dropped = 0
@@ -156,7 +179,7 @@ class CameraSource:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
         else:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return Frame(product=cfg.product, line=cfg.line, frame_id=f"{cfg.name}-{seq}", captured_at=ts,
+        return Frame(product=cfg.product, line=cfg.line, frame_id=f"{cfg.name}-{self.run_id}-{seq}", captured_at=ts,
                      image=rgb, meta={"camera": cfg.name, "seq": seq}, source=self.source)
 
     # -- capture thread -------------------------------------------------------------------------------
@@ -186,11 +209,17 @@ class CameraSource:
         if cfg.is_file and not os.path.exists(str(cfg.uri)):
             self.last_error = f"{cfg.uri}: no such file"
             return None
+        started = time.monotonic()
         cap = self._factory(cfg.uri)
         if cap is None or not cap.isOpened():
             if cap is not None:
                 cap.release()
-            self.last_error = f"{cfg.uri}: cannot open"
+            self.failed_opens += 1
+            self.last_error = f"{mask_credentials(cfg.uri)}: cannot open"
+            if self.failed_opens <= 3 or self.failed_opens % 20 == 0:  # one line per attempt, then rate-limited
+                log.warning("camera %s (%s): cannot open (attempt %d, %.1f s; open_timeout_s %.1f)", cfg.name,
+                            mask_credentials(cfg.uri), self.failed_opens, time.monotonic() - started,
+                            cfg.open_timeout_s)
             return None
         return cap
 
@@ -212,7 +241,7 @@ class CameraSource:
                     backoff = min(backoff * 2, cfg.backoff_max_s)
                     continue
                 identity = _file_identity(str(cfg.uri)) if cfg.is_file else None
-                if ever_opened:
+                if ever_opened and not (cfg.is_file and cfg.loop):  # a looping file is no reconnect
                     self.reconnects += 1
                     log.info("camera %s: reconnected", cfg.name)
                 ever_opened, played = True, None
@@ -248,6 +277,7 @@ class CameraSource:
                     self.last_error = "end of stream" if self.config.is_file else "read failed"
                     break
                 count += 1
+                self.last_frame_at = time.monotonic()
                 self._push(bgr)
                 if interval:
                     next_at += interval
