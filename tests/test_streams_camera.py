@@ -176,3 +176,55 @@ def test_config_is_validated() -> None:
         CameraConfig(name="c", uri=0, product="p", line="l", policy="newest")
     assert not CameraConfig(name="c", uri="rtsp://cam/1", product="p", line="l").is_file
     assert CameraConfig(name="c", uri="/data/a.mp4", product="p", line="l").is_file
+
+
+async def test_camera_health_is_in_metrics_and_readiness(tmp_path: Path, tiny_backbone) -> None:
+    """A camera whose stream stops: /readyz says cameras false once it has been silent for camera_stale_s, the
+    metrics show it disconnected with its frame count and silence; when the stream returns it is ready again."""
+    import shutil
+
+    import aiohttp
+
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import parse_config
+
+    video = tmp_path / "cam.avi"
+    write_video(video, 5)
+    config = parse_config({
+        "model": {"device": "cpu"}, "http": {"enabled": True, "port": 0},
+        "sources": {"redis": False, "camera_stale_s": 0.6,
+                    "cameras": [{"name": "door", "uri": str(video), "product": "grid", "line": "l1",
+                                 "policy": "queue", "backoff_initial_s": 0.05, "backoff_max_s": 0.1}]},
+        "sinks": {"redis": False, "jsonl": str(tmp_path / "out.jsonl")},
+        "products": [{"id": "grid", "object_name": "grid", "shots": 0, "mask": "none"}],
+        "registry": {"watch": False}, "redis": {"control_stream": None}})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}") as session:
+            deadline = time.monotonic() + 10
+            while daemon.frames_done < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            video.unlink()  # the camera's stream is gone
+            await asyncio.sleep(1.0)
+            async with session.get("/readyz") as response:
+                body = await response.json()
+            assert response.status == 503 and body["checks"]["cameras"] is False and body["cameras"] == {
+                "door": False}
+            async with session.get("/metrics") as response:
+                text = await response.text()
+            assert 'inspectd_camera_connected{camera="door"} 0.0' in text
+            assert 'inspectd_camera_frames_captured{camera="door"} 5.0' in text
+            silence = float(text.split('inspectd_camera_seconds_since_frame{camera="door"} ')[1].split()[0])
+            assert silence >= 0.6
+            write_video(tmp_path / "new.avi", 5, level0=40)
+            shutil.move(tmp_path / "new.avi", video)  # the stream is back
+            deadline = time.monotonic() + 10
+            ready = False
+            while not ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                async with session.get("/readyz") as response:
+                    ready = response.status == 200
+            assert ready
+    finally:
+        await daemon.shutdown()

@@ -98,6 +98,7 @@ class InspectDaemon:
         self.started = False
         self.frames_done = 0
         self.left_pending = 0  # frames still in flight when shutdown_timeout_s ran out
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -591,8 +592,22 @@ class InspectDaemon:
                 self.metrics.error("maintenance")
                 log.warning("stream maintenance failed: %s", exc)
 
+    def cameras_live(self) -> dict[str, bool]:
+        """Per camera: delivered a frame within sources.camera_stale_s (readiness), refreshing its metrics."""
+        now = time.monotonic()
+        live = {}
+        for source in self.sources:
+            if not hasattr(source, "last_frame_at") or getattr(source, "finished", False):
+                continue  # a video file played to its end is done, not down
+            name = source.config.name
+            since = now - (source.last_frame_at or self._started_at)
+            self.metrics.camera_state(name, source.connected, source.reconnects, source.frames_captured, since)
+            live[name] = since <= self.config.sources.camera_stale_s
+        return live
+
     async def _gauge_loop(self) -> None:
         while True:
+            self.cameras_live()
             self.metrics.queue_depth("inbox", self.batcher.qsize())
             self.metrics.queue_depth("in_flight", self._in_flight)
             for source in self.sources:

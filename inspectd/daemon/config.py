@@ -95,6 +95,7 @@ class SourcesConfig:
     redis: bool = True
     cameras: list[CameraSourceConfig] = field(default_factory=list)
     folders: list[FolderSourceConfig] = field(default_factory=list)
+    camera_stale_s: float = 10.0  # /readyz: a camera without a frame for this long makes the daemon not ready
 
 
 @dataclass

@@ -36,14 +36,18 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     daemon: InspectDaemon = request.app[DAEMON_KEY]
     checks = {"model_loaded": daemon.backbone is not None, "products_ready": daemon.ready()}
+    cameras = daemon.cameras_live() if daemon.started else {}
+    if cameras:
+        checks["cameras"] = all(cameras.values())
     if daemon.redis is not None:
         try:
             checks["redis"] = bool(await daemon.redis.ping())
         except Exception:  # noqa: BLE001 - any failure means not ready
             checks["redis"] = False
     ok = all(checks.values())
-    return web.json_response({"ready": ok, "checks": checks, "demo_weights": daemon.backbone.demo_weights
-                              if daemon.backbone else None}, status=200 if ok else 503)
+    return web.json_response({"ready": ok, "checks": checks, "cameras": cameras,
+                              "demo_weights": daemon.backbone.demo_weights if daemon.backbone else None},
+                             status=200 if ok else 503)
 
 
 @web.middleware

@@ -76,6 +76,15 @@ class Metrics:
                                namespace=ns, registry=r)
         self.camera_frames_dropped = Counter("camera_frames_dropped", "Camera frames dropped by the capture policy.",
                                              ["source"], namespace=ns, registry=r)
+        self.camera_connected = Gauge("camera_connected", "1 while the camera delivers a stream, else 0.",
+                                      ["camera"], namespace=ns, registry=r)
+        self.camera_reconnects = Gauge("camera_reconnects", "Reconnects of the camera since the daemon started.",
+                                       ["camera"], namespace=ns, registry=r)
+        self.camera_frames_captured = Gauge("camera_frames_captured", "Frames captured since the daemon started.",
+                                            ["camera"], namespace=ns, registry=r)
+        self.camera_seconds_since_frame = Gauge("camera_seconds_since_frame",
+                                                "Seconds since the camera's newest frame (since start when none).",
+                                                ["camera"], namespace=ns, registry=r)
         self.product_build_progress = Gauge(
             "product_build_progress", "Fraction (0..1) of the product build in progress; absent when none runs.",
             ["product"], namespace=ns, registry=r)
@@ -179,6 +188,12 @@ class Metrics:
 
     def camera_dropped(self, source: str, n: int = 1) -> None:
         self.camera_frames_dropped.labels(source).inc(n)
+
+    def camera_state(self, camera: str, connected: bool, reconnects: int, frames: int, since_frame_s: float) -> None:
+        self.camera_connected.labels(camera).set(1 if connected else 0)
+        self.camera_reconnects.labels(camera).set(reconnects)
+        self.camera_frames_captured.labels(camera).set(frames)
+        self.camera_seconds_since_frame.labels(camera).set(round(since_frame_s, 3))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
