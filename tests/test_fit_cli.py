@@ -22,7 +22,7 @@ def test_fit_help_lists_the_trainers_config_fields() -> None:
 def test_fit_refuses_detectors_that_learn_nothing_offline_and_unknown_names() -> None:
     winclip = inspectd("fit", "winclip", "--out", "x.safetensors")
     assert winclip.returncode == 2
-    assert "'winclip' learns nothing offline; trainable: aprilgan, randword" in winclip.stderr
+    assert "'winclip' learns nothing offline; trainable: anople, aprilgan, randword" in winclip.stderr
     unknown = inspectd("fit", "nope", "--out", "x.safetensors")
     assert unknown.returncode == 2 and "'nope' is not a detector" in unknown.stderr
     bare = inspectd("fit")

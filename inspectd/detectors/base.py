@@ -51,6 +51,8 @@ DETECTOR_MODULES: dict[str, str] = {
     "randword": "inspectd.detectors.randword",
     "aprilgan": "inspectd.detectors.aprilgan",
     "promptad": "inspectd.detectors.promptad",
+    "anople": "inspectd.detectors.anople",
+    "anople-star": "inspectd.detectors.anople",
 }
 
 
