@@ -82,10 +82,14 @@ class ControlListener:
         self._task = asyncio.create_task(self._run(), name="control")
         log.info("control stream %s: listening after %s", self.stream, self.last_id)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        """Cancel the listener; bounded, so a read stuck inside the Redis client never holds up shutdown."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                log.warning("control stream %s: listener did not stop within %.1fs; leaving it", self.stream,
+                            timeout_s)
             self._task = None
 
     async def _run(self) -> None:

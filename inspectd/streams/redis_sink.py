@@ -8,6 +8,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from inspectd.streams.records import (
     MaskPolicies,
     MaskPolicy,
@@ -84,7 +86,7 @@ class DeadLetterSink:
         """XADD all in one round trip; returns the new entry ids."""
         pipe = self.client.pipeline(transaction=False)
         self.add_to(pipe, dead_letters)
-        return [_id(x) for x in await pipe.execute()] if dead_letters else []
+        return [_id(x) for x in await _execute(pipe)] if dead_letters else []
 
 
 class RedisResultSink:
@@ -137,10 +139,23 @@ class RedisResultSink:
         for result, fields in zip(results, encoded, strict=True):
             pipe.xadd(self.key_for(result), fields, maxlen=self.maxlen, approximate=True)
         self.dead_letters.add_to(pipe, dead_letters)
-        return [_id(x) for x in await pipe.execute()]
+        return [_id(x) for x in await _execute(pipe)]
 
     async def publish(self, results: Sequence[Result]) -> list[str]:
         return await self.publish_batch(results, ())
+
+
+async def _execute(pipe: Any) -> list[Any]:
+    """``pipe.execute()``. redis-py's cluster client, when one node's connection fails, closes the connections of
+    every node (to rediscover the topology) even while other tasks use them; a pipeline caught mid-write then fails
+    with ``AttributeError: 'NoneType' object has no attribute ...`` (its reader/writer is gone). That is a lost
+    connection: raised as one, so the publisher retries it (transient) instead of dead-lettering the batch."""
+    try:
+        return await pipe.execute()
+    except AttributeError as exc:
+        if "'NoneType' object has no attribute" not in str(exc):
+            raise
+        raise RedisConnectionError(f"connection closed during the pipeline ({exc})") from exc
 
 
 def _id(value: bytes | str) -> str:
