@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import best_time
+from bench.common import best_time, load_model
 from inspectd.detectors.anople.model import model_artifact
 from inspectd.detectors.anople.training import Recipe, fit_model
 from inspectd.detectors.artifacts import save_artifact
-from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, ModelSpec
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.pipeline import ScoreItem, prepare, run
-from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HAZELNUT = DATA / "hazelnut_toy" / "hazelnut"
@@ -37,13 +36,6 @@ CLASSES = {"hazelnut": HAZELNUT / "good", "grid": DATA / "mvtec_ad" / "grid" / "
            "bottle": DATA / "mvtec_ad" / "bottle" / "test" / "good"}
 PAPER_EPOCHS = 60
 
-
-def load_model(name: str, tmp: Path) -> ClipBackbone:
-    register_tiny_arch()
-    if name == "tiny":
-        return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
-                                      device="cpu"))
-    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))
 
 
 def images(folder: Path, n: int, size: int | None = None) -> list[np.ndarray]:

@@ -17,25 +17,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import best_time, fp32_flop_bound, vit_forward_flops
+from bench.common import best_time, fp32_flop_bound, load_model, vit_forward_flops
 from inspectd.detectors.artifacts import save_artifact
-from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.data.datasets import open_dataset
 from inspectd.detectors.pipeline import ScoreItem, prepare, run
-from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
 from inspectd.detectors.training.trainer import TrainingData
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy"
 
-
-def load_model(name: str, tmp: Path) -> ClipBackbone:
-    register_tiny_arch()
-    if name == "tiny":
-        return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
-                                      device="cpu"))
-    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))
 
 
 def bench_model(name: str, epochs: int, batch: int, tmp: Path) -> list[dict]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -84,3 +87,15 @@ def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cl
         return transformer_flops(tokens, windows, width, layers) + head
     last = windows * (tokens * 4 * width * width + (2 + 2 + 16) * width * width + 4 * tokens * width)
     return transformer_flops(tokens, windows, width, layers - 1) + last + head
+
+
+def load_model(name: str, tmp: Path) -> ClipBackbone:
+    """The benchmark's CLIP: "tiny" (a seeded tiny checkpoint written into ``tmp``) or an open_clip arch with
+    random (demo) weights: timing only, the scores mean nothing."""
+    from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
+
+    register_tiny_arch()
+    if name == "tiny":
+        return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
+                                      device="cpu"))
+    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))

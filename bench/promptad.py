@@ -18,23 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import best_time
-from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, ModelSpec
+from bench.common import best_time, load_model
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.pipeline import ScoreItem, prepare, run
-from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
 DEFAULT_STEPS = 100
 
-
-def load_model(name: str, tmp: Path) -> ClipBackbone:
-    register_tiny_arch()
-    if name == "tiny":
-        return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
-                                      device="cpu"))
-    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))
 
 
 def images(folder: str, n: int, size: int | None = None) -> list[np.ndarray]:
