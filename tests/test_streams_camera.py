@@ -228,3 +228,35 @@ async def test_camera_health_is_in_metrics_and_readiness(tmp_path: Path, tiny_ba
             assert ready
     finally:
         await daemon.shutdown()
+
+
+async def test_shutdown_with_stuck_cameras_honours_its_limit(tmp_path: Path, tiny_backbone) -> None:
+    """Three cameras stuck opening a stream that never answers: shutdown takes shutdown_timeout_s once, not 5 s
+    per camera (24.7 s against a 20 s limit before)."""
+    import socket
+
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import parse_config
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    cameras = [{"name": f"cam{i}", "uri": f"rtsp://127.0.0.1:{port}/s{i}", "product": "grid", "line": "l1",
+                "open_timeout_s": 30.0, "read_timeout_s": 30.0} for i in range(3)]
+    config = parse_config({
+        "model": {"device": "cpu"}, "http": {"enabled": False}, "shutdown_timeout_s": 1.5,
+        "sources": {"redis": False, "cameras": cameras},
+        "sinks": {"redis": False, "jsonl": str(tmp_path / "out.jsonl")},
+        "products": [{"id": "grid", "object_name": "grid", "shots": 0, "mask": "none"}],
+        "registry": {"watch": False}, "redis": {"control_stream": None}})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    try:
+        await daemon.start()
+        await asyncio.sleep(0.5)  # every camera is inside its (30 s) open now
+        started = time.monotonic()
+        await daemon.shutdown()
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert took < 1.5 + 1.0, f"shutdown took {took:.1f} s against shutdown_timeout_s 1.5"
