@@ -260,3 +260,56 @@ async def test_shutdown_with_stuck_cameras_honours_its_limit(tmp_path: Path, tin
     finally:
         server.close()
     assert took < 1.5 + 1.0, f"shutdown took {took:.1f} s against shutdown_timeout_s 1.5"
+
+
+def _mjpeg_server(fps: float):  # noqa: ANN202 - (server, url, counter)
+    """A live HTTP MJPEG camera on loopback: frame i is grey level i % 250, sent at ``fps``."""
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    counter = {"sent": 0}
+
+    class Camera(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: ANN002, ANN201
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            try:
+                while True:
+                    buffer = io.BytesIO()
+                    level = counter["sent"] % 250
+                    Image.fromarray(np.full((48, 64, 3), level, np.uint8)).save(buffer, format="JPEG", quality=95)
+                    data = buffer.getvalue()
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                     + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
+                    counter["sent"] += 1
+                    time.sleep(1.0 / fps)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg", counter
+
+
+async def test_max_fps_on_a_live_stream_drops_instead_of_building_a_backlog() -> None:
+    server, url, counter = _mjpeg_server(fps=50)
+    source = CameraSource(CameraConfig(name="live", uri=url, product="p", line="l", policy="latest", max_fps=5))
+    source.start()
+    try:
+        await asyncio.sleep(2.5)
+        frames = source.take(10)
+        assert len(frames) == 1  # keep-newest: memory bounded to one frame
+        newest_level = int(frames[0].image[..., 0].mean().round())
+        lag = (counter["sent"] % 250) - newest_level
+        assert 0 <= lag <= 15, f"the newest frame is {lag} frames behind the camera (a backlog)"
+        assert source.throttled > 60 and source.frames_captured <= 20  # skipped at the source, not queued
+    finally:
+        source.stop()
+        server.shutdown()

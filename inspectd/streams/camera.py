@@ -102,6 +102,7 @@ class CameraSource:
         # frame ids are <name>-<start time ms>-<seq>: unique across restarts (de-duplication keys on them)
         self.run_id = str(int(time.time() * 1000))
         self.failed_opens = 0
+        self.throttled = 0  # live-stream frames skipped to honour max_fps (grabbed, never decoded)
         self.last_frame_at = 0.0  # monotonic time of the newest captured frame (0: none yet)
         self.source = f"camera:{config.name}"
         self.frames_captured = 0
@@ -269,17 +270,30 @@ class CameraSource:
         interval = 1.0 / self.config.max_fps if self.config.max_fps else 0.0
         count = 0
         self.connected = True
+        live = not self.config.is_file
         try:
             next_at = time.monotonic()
             while not self._stop.is_set():
-                ok, bgr = cap.read()
+                if interval and live:
+                    # a live stream keeps coming whatever we do: grab every frame (cheap, no decode) and decode
+                    # only at max_fps, so frames are dropped here instead of piling up in the socket (latency)
+                    if not cap.grab():
+                        self.last_error = "read failed"
+                        break
+                    if time.monotonic() < next_at:
+                        self.throttled += 1
+                        continue
+                    ok, bgr = cap.retrieve()
+                    next_at = max(next_at + interval, time.monotonic())
+                else:
+                    ok, bgr = cap.read()
                 if not ok or bgr is None:
                     self.last_error = "end of stream" if self.config.is_file else "read failed"
                     break
                 count += 1
                 self.last_frame_at = time.monotonic()
                 self._push(bgr)
-                if interval:
+                if interval and not live:  # a file: pace the playback at max_fps
                     next_at += interval
                     self._stop.wait(max(0.0, next_at - time.monotonic()))
         finally:
