@@ -23,12 +23,12 @@ from inspectd.daemon.config import DaemonConfig, ModelConfig
 from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
-from inspectd.daemon.retry import Backoff
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.pipeline import ScoreItem
 from inspectd.streams.codec import DecodeLimits
 from inspectd.streams.reasons import Reason
 from inspectd.streams.records import MaskPolicy
+from inspectd.streams.retry import Backoff
 from inspectd.streams.schema import VERDICT_NG, VERDICT_OK, DeadLetter, Frame, FrameError, Result
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
 from inspectd.daemon.registry import BuildError, ProductRegistry
-from inspectd.daemon.retry import Backoff
+from inspectd.streams.retry import Backoff
 
 log = logging.getLogger(__name__)
 

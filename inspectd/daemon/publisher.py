@@ -19,9 +19,9 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 
-from inspectd.daemon.retry import Backoff
 from inspectd.streams.reasons import Reason
 from inspectd.streams.redis_keys import line_of_key, validate_line
+from inspectd.streams.retry import Backoff
 from inspectd.streams.schema import DeadLetter, Result
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from inspectd.streams.retry import Backoff
 from inspectd.streams.schema import Frame
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class CameraSource:
 
     def _run(self) -> None:
         cfg = self.config
-        backoff = cfg.backoff_initial_s
+        backoff = Backoff(cap=cfg.backoff_max_s, base=cfg.backoff_initial_s)  # the shared policy
         played: tuple[int, int, int] | None = None  # identity of a file played to its end
         ever_opened = False
         try:
@@ -238,8 +239,7 @@ class CameraSource:
                 if cap is None:
                     if not cfg.reconnect:
                         break
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, cfg.backoff_max_s)
+                    self._stop.wait(backoff.next_delay())
                     continue
                 identity = _file_identity(str(cfg.uri)) if cfg.is_file else None
                 if ever_opened and not (cfg.is_file and cfg.loop):  # a looping file is no reconnect
@@ -248,7 +248,7 @@ class CameraSource:
                 ever_opened, played = True, None
                 got = self._capture(cap)
                 if got:
-                    backoff = cfg.backoff_initial_s
+                    backoff.reset()
                 if self._stop.is_set():
                     break
                 if cfg.is_file and cfg.loop and got:
@@ -257,9 +257,9 @@ class CameraSource:
                     break
                 if cfg.is_file:
                     played = identity
-                log.warning("camera %s: stream ended (%s); retrying in %.2fs", cfg.name, self.last_error, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, cfg.backoff_max_s)
+                delay = backoff.next_delay()
+                log.warning("camera %s: stream ended (%s); retrying in %.2fs", cfg.name, self.last_error, delay)
+                self._stop.wait(delay)
         finally:
             self.connected = False
             self.finished = True

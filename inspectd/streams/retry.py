@@ -1,4 +1,4 @@
-"""The one backoff policy every reconnect and retry loop of the daemon uses (redis-py's ExponentialBackoff).
+"""The one backoff policy every reconnect and retry loop uses (redis-py's jittered exponential backoff).
 
 ``Backoff.wait()`` sleeps 0.1 s, 0.2 s, 0.4 s ... up to 5 s (with jitter from redis-py's policy) over
 consecutive failures; ``reset()`` after a success starts again from the shortest wait.
