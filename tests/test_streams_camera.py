@@ -313,3 +313,44 @@ async def test_max_fps_on_a_live_stream_drops_instead_of_building_a_backlog() ->
     finally:
         source.stop()
         server.shutdown()
+
+
+async def test_a_slow_engine_keeps_the_newest_camera_frame_counts_drops_and_latency_stays_bounded(
+        tmp_path: Path, tiny_backbone) -> None:
+    import json
+
+    import tests.slow_detector  # noqa: F401 - registers "test-slow" (scoring sleeps)
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import parse_config
+
+    server, url, _counter = _mjpeg_server(fps=40)
+    out = tmp_path / "out.jsonl"
+    config = parse_config({
+        "model": {"device": "cpu"}, "http": {"enabled": False},
+        "batcher": {"max_batch_size": 1, "max_delay_ms": 0, "queue_size": 4},
+        "sources": {"redis": False, "cameras": [{"name": "live", "uri": url, "product": "slow", "line": "l1",
+                                                   "policy": "latest"}]},
+        "sinks": {"redis": False, "jsonl": str(out)},
+        "products": [{"id": "slow", "detector": "test-slow", "shots": 0, "mask": "none",
+                      "options": {"sleep_s": 0.25}}],
+        "registry": {"watch": False}, "redis": {"control_stream": None}})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        await asyncio.sleep(3.0)
+        camera = next(s for s in daemon.sources if hasattr(s, "last_frame_at"))
+        assert len(camera._buffer) <= 1  # memory bounded: keep-newest
+        assert camera.dropped > 20  # the engine scores ~4 frames/s of 40: the rest are counted drops
+        text = daemon.metrics.exposition().decode()
+        dropped = float(text.split('inspectd_camera_frames_dropped_total{source="live"} ')[1].split()[0])
+        assert dropped == camera.dropped
+    finally:
+        await daemon.shutdown()
+        server.shutdown()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    captured = sorted(r["ts"] for r in records if r.get("kind") == "result")
+    assert len(captured) >= 5
+    gaps = np.diff(captured)
+    # each scored frame is the newest one when the engine gets free (~0.25 s later), not the next of a backlog of
+    # frames 25 ms apart; so the latency stays one scoring time instead of growing
+    assert float(np.median(gaps)) > 0.15, gaps
