@@ -119,3 +119,19 @@ def _small_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+async def test_files_that_are_skipped_say_why_once(tmp_path: Path, caplog) -> None:
+    (tmp_path / "nut").mkdir()
+    (tmp_path / "nut" / "empty.png").write_bytes(b"")
+    (tmp_path / "nut" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere, target_is_directory=True)
+    caplog.set_level("INFO", logger="inspectd.streams.folder")
+    source = FolderSource(tmp_path, poll_interval_s=0.02, settle_s=0.0)
+    for _ in range(5):
+        assert await source.read(4, timeout_s=0.05) == []
+    messages = [r.getMessage() for r in caplog.records]
+    for words in ("empty (0 bytes)", "broken link", "symlinked folder"):
+        assert sum(words in m for m in messages) == 1, (words, messages)  # said once, not on every poll

@@ -74,18 +74,30 @@ class FolderSource:
         self._lock = threading.Lock()
         self._processed: set[tuple[str, int, int]] = self._load_ledger() if after == AFTER_RECORD else set()
         self.finish_errors = 0  # ledger writes / moves that failed (the files are remembered in memory)
+        self._noted: set[str] = set()  # paths whose skip reason was logged already
 
     # -- scanning ---------------------------------------------------------------------------------
 
     def _skip_dirs(self) -> set[Path]:
         return {self.done_dir.resolve(), self.failed_dir.resolve()}
 
+    def _note_once(self, key: str, message: str, *args: object) -> None:
+        """Say once per path why it is not scored (0-byte files, broken links, linked folders...)."""
+        if key not in self._noted:
+            self._noted.add(key)
+            log.info(message, *args)
+
     def _candidates(self) -> dict[Path, Stat]:
         found: dict[Path, Stat] = {}
         skip = self._skip_dirs()
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
+            for d in dirnames:
+                if (here / d).is_symlink():
+                    self._note_once(f"link:{here / d}", "folder %s: %s is a symlinked folder and is not followed "
+                                                        "(drop files into real folders)", self.root, here / d)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip
+                                 and not (here / d).is_symlink())
             for name in sorted(filenames):
                 if is_temp_name(name) or not name.lower().endswith(self.suffixes):
                     continue
@@ -93,7 +105,11 @@ class FolderSource:
                 try:
                     st = path.stat()
                 except FileNotFoundError:
+                    self._note_once(f"broken:{path}", "folder %s: %s is a broken link; skipped", self.root, path)
                     continue
+                if st.st_size == 0:
+                    self._note_once(f"empty:{path}:{st.st_mtime_ns}", "folder %s: %s is empty (0 bytes); it is "
+                                    "taken once it has content", self.root, path)
                 found[path] = (st.st_size, st.st_mtime_ns)
         return found
 
