@@ -54,6 +54,8 @@ class FolderSource:
         poll_interval_s: float = 0.5,
         max_bytes: int = 64 * 1024 * 1024,
         settle_s: float = 1.0,
+        notify: bool = True,
+        rescan_s: float = 60.0,
     ) -> None:
         if after not in (AFTER_MOVE, AFTER_RECORD):
             raise ValueError(f"after must be {AFTER_MOVE!r} or {AFTER_RECORD!r}, not {after!r}")
@@ -75,11 +77,24 @@ class FolderSource:
         self._processed: set[tuple[str, int, int]] = self._load_ledger() if after == AFTER_RECORD else set()
         self.finish_errors = 0  # ledger writes / moves that failed (the files are remembered in memory)
         self._noted: set[str] = set()  # paths whose skip reason was logged already
+        self._skip: set[Path] | None = None
+        self._pending: set[Path] = set()  # seen and not processed yet (unsettled, waiting or in flight)
+        # Change notification (watchfiles: inotify on Linux): a poll then looks only at changed paths and at files
+        # still waiting, not at every file ever scored; a full walk every rescan_s catches anything missed.
+        self.notify = notify
+        self.rescan_s = rescan_s
+        self.full_walks = 0
+        self._dirty: set[Path] = set()
+        self._last_full = 0.0
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # -- scanning ---------------------------------------------------------------------------------
 
     def _skip_dirs(self) -> set[Path]:
-        return {self.done_dir.resolve(), self.failed_dir.resolve()}
+        if self._skip is None:  # resolved once: a poll must not cost syscalls per poll beyond what changed
+            self._skip = {self.done_dir.resolve(), self.failed_dir.resolve()}
+        return self._skip
 
     def _note_once(self, key: str, message: str, *args: object) -> None:
         """Say once per path why it is not scored (0-byte files, broken links, linked folders...)."""
@@ -113,25 +128,100 @@ class FolderSource:
                 found[path] = (st.st_size, st.st_mtime_ns)
         return found
 
+    def close(self) -> None:
+        """Stop the change-notification thread."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2.0)
+
+    def _start_watcher(self) -> None:
+        import watchfiles
+
+        def watch() -> None:
+            try:
+                for changes in watchfiles.watch(self.root, watch_filter=None, debounce=50, step=20,
+                                                stop_event=self._watch_stop, raise_interrupt=False):
+                    with self._lock:
+                        self._dirty.update(Path(p) for _change, p in changes)
+            except Exception as exc:  # noqa: BLE001 - no notification: fall back to full walks
+                log.warning("folder %s: change notification failed (%s); polling every file instead", self.root, exc)
+                self.notify = False
+
+        self._watcher = threading.Thread(target=watch, name=f"folder-watch-{self.root.name}", daemon=True)
+        self._watcher.start()
+
+    def _changed(self) -> dict[Path, Stat | None]:
+        """Paths that changed since the last poll (from the notifications), with their stat (None: gone)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        skip = self._skip_dirs()
+        changed: dict[Path, Stat | None] = {}
+        for path in dirty:
+            if any(path == d or d in path.parents for d in skip):
+                continue
+            if not path.name.lower().endswith(self.suffixes) and path.is_dir():
+                for child in self._walk(path):
+                    changed.update(child)
+                continue
+            changed[path] = self._stat_candidate(path)
+        return changed
+
+    def _walk(self, folder: Path) -> list[dict[Path, Stat]]:
+        found = []
+        for dirpath, _dirs, filenames in os.walk(folder):
+            for name in filenames:
+                stat = self._stat_candidate(Path(dirpath) / name)
+                if stat is not None:
+                    found.append({Path(dirpath) / name: stat})
+        return found
+
+    def _stat_candidate(self, path: Path) -> Stat | None:
+        if is_temp_name(path.name) or not path.name.lower().endswith(self.suffixes):
+            return None
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size, st.st_mtime_ns
+
     def scan(self) -> list[Path]:
         """One poll: files whose (size, mtime) have not changed for ``settle_s`` (a writer still appending keeps
-        changing them, however fast polls follow each other), not in flight, not processed."""
-        current = self._candidates()
+        changing them, however fast polls follow each other), not in flight, not processed. With change
+        notification only changed paths and files still waiting are looked at (idle cost stays flat however
+        many scored files the folder keeps); a full walk every ``rescan_s`` catches anything missed."""
         now = time.monotonic()
+        if self.notify and self._watcher is None:
+            self._start_watcher()
+        full = not self.notify or self._watcher is None or now - self._last_full >= self.rescan_s
+        if full:
+            self.full_walks += 1
+            self._last_full = now
+            current = self._candidates()
+            with self._lock:
+                self._last_seen = {p: v for p, v in self._last_seen.items() if p in current}
+            consider: dict[Path, Stat | None] = dict(current)
+        else:
+            consider = self._changed()
+            for path in self._pending - consider.keys():
+                consider[path] = self._stat_candidate(path)
         ready = []
         with self._lock:
-            seen: dict[Path, tuple[Stat, float]] = {}
-            for path, stat in current.items():
+            for path, stat in consider.items():
+                if stat is None:  # gone
+                    self._last_seen.pop(path, None)
+                    self._pending.discard(path)
+                    continue
                 previous = self._last_seen.get(path)
                 since = previous[1] if previous is not None and previous[0] == stat else now
-                seen[path] = (stat, since)
+                self._last_seen[path] = (stat, since)
+                if (self._rel(path), *stat) in self._processed:
+                    self._pending.discard(path)
+                    continue
+                self._pending.add(path)
                 if path in self._inflight or stat[0] == 0 or now - since < self.settle_s:
                     continue
-                if (self._rel(path), *stat) in self._processed:
-                    continue
                 ready.append(path)
-            self._last_seen = seen
-        return ready
+        return sorted(ready)
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
