@@ -233,7 +233,8 @@ class InspectDaemon:
 
             self.sources.append(FolderSource(folder.path, product=folder.product, line=folder.line,
                                              after=folder.after, ledger=folder.ledger,
-                                             poll_interval_s=folder.poll_interval_s, settle_s=folder.settle_s))
+                                             poll_interval_s=folder.poll_interval_s, settle_s=folder.settle_s,
+                                             notify=folder.notify, rescan_s=folder.rescan_s))
         for cam in cfg.sources.cameras:
             from inspectd.streams.camera import CameraConfig, CameraSource
 

@@ -88,6 +88,8 @@ class FolderSourceConfig:
     ledger: str | None = None  # with after=record: where processed files are recorded
     poll_interval_s: float = 0.5
     settle_s: float = 1.0  # a file is scored once unchanged (size, mtime) for this long: never half-written
+    notify: bool = True  # change notification (inotify via watchfiles): idle cost flat however many files stay
+    rescan_s: float = 60.0  # full walk this often anyway (catches what a notification missed)
 
 
 @dataclass
