@@ -215,6 +215,9 @@ class FolderSource:
                 since = previous[1] if previous is not None and previous[0] == stat else now
                 self._last_seen[path] = (stat, since)
                 if (self._rel(path), *stat) in self._processed:
+                    if path not in self._inflight and previous is None:
+                        self._note_once(f"done:{path}:{stat}", "folder %s: %s was scored before (same name, size "
+                                        "and mtime in the ledger); skipped", self.root, path)
                     self._pending.discard(path)
                     continue
                 self._pending.add(path)
