@@ -225,3 +225,36 @@ def test_daemon_only_check_ignores_products_for_systemds_exec_start_pre(tmp_path
     assert daemon_only.returncode == 0, daemon_only.stderr
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "inspectd.service").read_text()
     assert "--check --daemon-only" in unit
+
+
+def test_an_offline_machine_with_a_tag_fails_in_seconds_with_the_way_out(tmp_path: Path) -> None:
+    import os
+    import time
+
+    config = tmp_path / "tag.yaml"
+    config.write_text(f"model: {{arch: ViT-B-16-plus-240, pretrained: laion400m_e31, device: cpu}}\n"
+                      f"sources: {{redis: false, folders: [{{path: {tmp_path}}}]}}\n"
+                      f"sinks: {{redis: false, jsonl: {tmp_path}/out.jsonl}}\nhttp: {{enabled: false}}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path)}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    took = time.monotonic() - started
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "HF_HUB_OFFLINE" in out.stderr and "inspectd weights fetch" in out.stderr, out.stderr[-2000:]
+    assert took < 30, f"{took:.0f} s"  # no hub retries: HF_HUB_OFFLINE is honoured
+
+
+def test_the_shipped_template_check_names_what_a_fresh_machine_still_lacks() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    template = str(repo / "config" / "inspectd.yaml")
+    out = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", template, "--check"],
+                         capture_output=True, text=True, timeout=120)
+    if Path("/var/lib/inspectd/references/bottle").is_dir():
+        pytest.skip("this machine has the production reference folder")
+    assert out.returncode == 2
+    assert "config error at bottle.yaml.references: /var/lib/inspectd/references/bottle is not a folder" in out.stderr
+    daemon_only = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config",
+                                  str(repo / "config" / "inspectd.yaml"), "--check", "--daemon-only"],
+                                 capture_output=True, text=True, timeout=120)
+    assert daemon_only.returncode == 0, daemon_only.stderr
