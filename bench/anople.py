@@ -18,17 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from bench.common import best_time, load_model
+from bench.common import load_model, scoring_rows
 from inspectd.detectors.anople.model import model_artifact
 from inspectd.detectors.anople.training import Recipe, fit_model
 from inspectd.detectors.artifacts import save_artifact
-from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
+from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
-from inspectd.detectors.pipeline import ScoreItem, prepare, run
+from inspectd.detectors.pipeline import ScoreItem
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HAZELNUT = DATA / "hazelnut_toy" / "hazelnut"
@@ -74,14 +73,7 @@ def bench_model(name: str, recipe: Recipe, label: str, shots: int, batch: int, t
     rows.append({"what": f"product fit k={shots} (prototypes + memory)", "value": time.perf_counter() - started,
                  "unit": "s"})
     items = [ScoreItem(detector, state, f) for f in images(HAZELNUT / "colour", batch, 512)]
-    prepare(items)
-    seconds = best_time(lambda: run(items), repeats=3)
-    rows.append({"what": f"score {shots}-shot, batch {batch} (prompted tower + decoder + memory)",
-                 "value": batch / seconds, "unit": "images/s"})
-    pixels = torch.cat([item.tiles for item in items])
-    plain = best_time(lambda: backbone.forward(pixels, FeatureRequest()), repeats=3)
-    rows.append({"what": f"plain tower forward only, batch {batch} (reference)", "value": batch / plain,
-                 "unit": "images/s"})
+    rows += scoring_rows(backbone, items, shots, "prompted tower + decoder + memory")
     return [{"model": name, **row} for row in rows]
 
 

@@ -99,3 +99,18 @@ def load_model(name: str, tmp: Path) -> ClipBackbone:
         return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
                                       device="cpu"))
     return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))
+
+
+def scoring_rows(backbone: ClipBackbone, items: list, shots: int, what: str) -> list[dict]:
+    """images/s of ``pipeline.run`` over prepared ``items`` and, for reference, of the plain tower's forward."""
+    from inspectd.detectors.backbone import FeatureRequest
+    from inspectd.detectors.pipeline import prepare, run
+
+    prepare(items)
+    batch = len(items)
+    seconds = best_time(lambda: run(items), repeats=3)
+    pixels = torch.cat([item.tiles for item in items])
+    plain = best_time(lambda: backbone.forward(pixels, FeatureRequest()), repeats=3)
+    return [{"what": f"score {shots}-shot, batch {batch} ({what})", "value": batch / seconds, "unit": "images/s"},
+            {"what": f"plain tower forward only, batch {batch} (reference)", "value": batch / plain,
+             "unit": "images/s"}]

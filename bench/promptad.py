@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from bench.common import best_time, load_model
-from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
+from bench.common import load_model, scoring_rows
+from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
-from inspectd.detectors.pipeline import ScoreItem, prepare, run
+from inspectd.detectors.pipeline import ScoreItem
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
 DEFAULT_STEPS = 100
@@ -57,14 +56,7 @@ def bench_model(name: str, steps: int, shots: int, batch: int, tmp: Path) -> lis
     rows, detector, state = bench_fit(backbone, steps, shots)
     frames = images("colour", batch, 512)
     items = [ScoreItem(detector, state, f) for f in frames]
-    prepare(items)
-    seconds = best_time(lambda: run(items), repeats=3)
-    rows.append({"what": f"score {shots}-shot, batch {batch} (V-V tower + memory)", "value": batch / seconds,
-                 "unit": "images/s"})
-    pixels = torch.cat([item.tiles for item in items])
-    plain = best_time(lambda: backbone.forward(pixels, FeatureRequest()), repeats=3)
-    rows.append({"what": f"plain tower forward only, batch {batch} (reference)", "value": batch / plain,
-                 "unit": "images/s"})
+    rows += scoring_rows(backbone, items, shots, "V-V tower + memory")
     return [{"model": name, **row} for row in rows]
 
 
