@@ -294,3 +294,26 @@ def test_vand_summary_is_the_harmonic_mean_of_the_two_f1_max() -> None:
     per_category = [r["vand_hmean"] for c, r in rows.items() if c != "mean"]
     assert len(per_category) == 15 and rows["mean"]["vand_hmean"] == pytest.approx(np.mean(per_category))
     assert math.isnan(vand_hmean(float("nan"), 0.5))
+
+
+def test_published_masks_are_not_clipped_for_maps_above_one(tiny_backbone: ClipBackbone, adapters_file: Path) -> None:
+    """APRIL-GAN's map sums stage probabilities (and few-shot distances): up to 3 per stage. The published 8-bit
+    mask maps mask_scale to 255, so nothing saturates, and readers scale it back."""
+    import io
+
+    from inspectd.streams.records import MaskPolicy, encode_result_mask
+    from inspectd.streams.schema import Result
+
+    det = create_detector("aprilgan", tiny_backbone, {"adapters": str(adapters_file)})
+    few = det.fit(ProductSpec("nut", "hazelnut"), [rgb(HAZELNUT / "good" / "00.png")])
+    zero = det.fit(ProductSpec("nut", "hazelnut"), [])
+    assert det.mask_scale(zero) == 2.0 and det.mask_scale(few) == 6.0  # 2 stages on the tiny tower
+    [out] = run([ScoreItem(det, few, rgb(HAZELNUT / "colour" / "02.png"))])
+    assert out.map.max() > 1.0  # a map a [0, 1] mask would have clipped
+    result = Result("nut", "l", "f", 0.0, out.score, "NG", 0.5, "aprilgan", "1", mask=out.map,
+                    mask_scale=det.mask_scale(few))
+    png, _ = encode_result_mask(result, MaskPolicy.parse("full"))
+    raw = np.asarray(Image.open(io.BytesIO(png)))
+    assert raw.max() < 255  # not saturated
+    back = raw.astype(np.float32) / 255.0 * result.mask_scale
+    np.testing.assert_allclose(back, out.map, atol=result.mask_scale / 255.0 + 1e-6)

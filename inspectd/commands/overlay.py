@@ -33,14 +33,14 @@ def load_map(path: str | Path) -> np.ndarray:
 
 def render(image: np.ndarray | str | Path, mask_path: str | Path, out: Path, threshold: float | None,
            stretch: bool, alpha: float, *, score: float | None = None, verdict: str | None = None,
-           label: str = "") -> Path:
+           label: str = "", scale: float = 1.0) -> Path:
     """Overlay + legend. The threshold outline is kept under --stretch (drawn where the map, in its own scale,
     reaches the threshold); the legend states score vs threshold and the verdict."""
     from inspectd.streams.overlay import annotate, overlay
 
     rgb = np.asarray(Image.open(image).convert("RGB")) if isinstance(image, str | Path) else image
-    amap = load_map(mask_path)
-    vmin, vmax = (float(amap.min()), float(amap.max()) + 1e-6) if stretch else (0.0, 1.0)
+    amap = load_map(mask_path) * scale  # back on the detector's map scale (255 = the result's mask_scale)
+    vmin, vmax = (float(amap.min()), float(amap.max()) + 1e-6) if stretch else (0.0, scale)
     drawn = overlay(rgb, amap, threshold, alpha=alpha, vmin=vmin, vmax=vmax)
     annotated = annotate(drawn, score=score, threshold=threshold, verdict=verdict, vmin=vmin, vmax=vmax, label=label)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
             name = overlay_name(record["product"], str(record["frame_id"]), record.get("verdict", ""))
             render(image, record["mask_path"], out_dir / name, threshold, args.stretch, args.alpha,
                    score=record.get("score"), verdict=record.get("verdict"),
-                   label=f"{record['product']} / {record['frame_id']}")
+                   label=f"{record['product']} / {record['frame_id']}", scale=float(record.get("mask_scale", 1.0)))
             written += 1
         print(f"{written} overlay(s) in {out_dir}" + (f", {skipped} skipped (reasons above)" if skipped else ""))
         return 0 if written else 1

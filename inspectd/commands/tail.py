@@ -111,8 +111,12 @@ def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = No
     except ValueError:
         threshold = score = None
     overlay = target.with_name(f"{safe_name(frame_id)}.{verdict or 'result'}.png")
+    try:
+        scale = float(_s(fields, "mask_scale", "1"))
+    except ValueError:
+        scale = 1.0
     render(frame_image, target, overlay, threshold, False, 0.5, score=score, verdict=verdict,
-           label=f"{product} / {frame_id}")
+           label=f"{product} / {frame_id}", scale=scale)
     return f"{frame_id}: mask saved to {target}, overlay to {overlay}"
 
 

@@ -515,7 +515,8 @@ class InspectDaemon:
                       score=output.score, verdict=verdict, threshold=entry.threshold, detector=entry.config.detector,
                       state_version=str(entry.version), mask=output.map if has_mask else None, mask_note=note,
                       entry_id=frame.entry_id, source=frame.source, timings=timings, meta=frame.meta,
-                      demo_weights=entry.detector.backbone.demo_weights)
+                      demo_weights=entry.detector.backbone.demo_weights,
+                      mask_scale=entry.detector.mask_scale(entry.state))
 
     def _dead(self, frame: Frame, reason: str, stage: str, detail: str) -> DeadLetter:
         self.metrics.dead_lettered(frame.product, frame.line, reason)

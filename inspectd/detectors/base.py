@@ -147,6 +147,11 @@ class Detector(ABC):
     def score(self, features: Features, state: ProductState) -> DetectorOutput:
         """Score rows of ``features`` (inputs of this product's frames) with the product's state."""
 
+    def mask_scale(self, state: ProductState) -> float:
+        """The largest value this detector's maps take for ``state`` (a published 8-bit mask maps it to 255);
+        1.0 for maps of probabilities or distances in [0, 1]."""
+        return 1.0
+
     def tower_inputs(self, state: ProductState) -> dict[str, torch.Tensor]:
         """Per-product tensors the requested tower variant needs, each [1, ...] (repeated over the product's
         rows), e.g. {"visual_prompts": [1, J, P, W]}. Plain towers need none."""

@@ -66,7 +66,7 @@ def encode_result_mask(result: Result, policy: MaskPolicy) -> tuple[bytes | None
         return None, result.mask_note
     if policy.mode == MASK_NONE:
         return None, result.mask_note or "mask not published (product policy: none)"
-    mask = np.asarray(result.mask)
+    mask = np.asarray(result.mask) / (result.mask_scale or 1.0)  # 255 = mask_scale on the detector's map scale
     max_side = policy.max_side if policy.mode == MASK_DOWNSCALED else None
     png = encode_mask_png(mask, max_side)
     note = result.mask_note
@@ -91,6 +91,7 @@ def result_record(result: Result) -> dict[str, Any]:
         "timings": {k: float(v) for k, v in result.timings.items()},
         "mask_note": result.mask_note,
         "demo_weights": bool(result.demo_weights),
+        "mask_scale": float(result.mask_scale),
         "source": result.source,
         "meta": result.meta,
     }

@@ -47,6 +47,7 @@ def result_fields(result: Result, policy: MaskPolicy) -> Fields:
         "timings": _json(rec["timings"]),
         "mask_note": note,
         "demo_weights": "1" if rec["demo_weights"] else "0",
+        "mask_scale": repr(float(result.mask_scale)),
         "source": rec["source"],
         "meta": _json(rec["meta"]),
     }

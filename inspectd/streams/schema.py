@@ -69,6 +69,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     demo_weights: bool = False  # True when scored by random (meaningless) weights
+    mask_scale: float = 1.0  # the map value a mask pixel of 255 stands for (maps of some detectors exceed 1)
 
 
 @dataclass(slots=True)

@@ -97,6 +97,12 @@ class AprilGan(Detector):
                 tensors[f"memory_stage_{stage}"] = F.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
         return ProductState(self.name, tensors, meta)
 
+    def mask_scale(self, state: ProductState) -> float:
+        """Σ of one probability per stage, plus (few-shot) Σ of one (1 − cos) ∈ [0, 2] per stage."""
+        stages = len(self.bundle.stages)
+        few_shot = self.options.use_memory and f"memory_stage_{self.bundle.stages[0]}" in state.tensors
+        return float(stages * (3 if few_shot else 1))
+
     def feature_request(self, state: ProductState) -> FeatureRequest:
         return FeatureRequest(blocks=frozenset(self.bundle.stages))
 
