@@ -28,7 +28,7 @@ from inspectd.daemon.registry import FAILED, BuildSuperseded, ProductEntry, Prod
 from inspectd.detectors.artifacts import LEARNED, ArtifactMismatch, load_artifact, save_artifact
 from inspectd.detectors.base import ProductSpec, available_detectors, detector_class
 from inspectd.streams.message import frame_fields
-from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream
+from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream, wait_for_results
 
 pytestmark = pytest.mark.redis
 
@@ -114,15 +114,6 @@ async def start(config: Any, backbone: Any) -> tuple[InspectDaemon, list[Product
     return daemon, swaps
 
 
-async def results_for(client: Any, prefix: str, n: int, timeout: float = 20.0) -> list[dict[str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        results = await read_stream(client, f"{prefix}:{{l1}}:results")
-        if len(results) >= n or time.monotonic() > deadline:
-            return results
-        await asyncio.sleep(0.05)
-
-
 def gauges(text: str) -> dict[str, float]:
     return {m["p"]: float(m["v"]) for m in GAUGE.finditer(text)}
 
@@ -184,7 +175,7 @@ async def test_daemon_loads_the_artifact_and_scores_frames(redis_client, redis_u
         for i in range(n):
             await redis_client.xadd(f"{key_prefix}:{{l1}}:frames",
                                     frame_fields("toy", "l1", f"toy-{i:03d}", images[kinds[i % 3]]))
-        results = await results_for(redis_client, key_prefix, n)
+        results = await wait_for_results(redis_client, key_prefix, n, timeout=20)
         dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
     finally:
         await daemon.shutdown()
@@ -287,7 +278,7 @@ async def test_a_newer_put_stops_the_training_build_and_no_frame_is_lost(redis_c
             await asyncio.sleep(0.5)  # frames after the swap
         producing = False
         await producer
-        results = await results_for(redis_client, key_prefix, len(sent))
+        results = await wait_for_results(redis_client, key_prefix, len(sent), timeout=20)
         dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
         serving = daemon.registry.get("toy")
     finally:
@@ -494,7 +485,7 @@ async def test_daemon_rejects_mismatched_artifacts_and_keeps_serving(redis_clien
             for i in range(5):  # the daemon keeps running and scoring with version 1
                 await redis_client.xadd(f"{key_prefix}:{{l1}}:frames",
                                         frame_fields("toy", "l1", f"m{i}", png_bytes(HAZELNUT / "good" / "05.png")))
-            results = await results_for(redis_client, key_prefix, 5)
+            results = await wait_for_results(redis_client, key_prefix, 5, timeout=20)
             async with http.get("/healthz") as response:
                 assert response.status == 200
     finally:

@@ -32,7 +32,7 @@ from inspectd.detectors.promptad import prompts as PP
 from inspectd.detectors.promptad.losses import alignment_loss, contrastive_loss, margin_loss, promptad_terms
 from inspectd.detectors.promptad.tower import TOWER, memory_blocks, vv_forward
 from inspectd.streams.message import frame_fields
-from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream
+from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream, wait_for_results
 
 MVTEC = DATA / "mvtec_ad"
 
@@ -326,15 +326,6 @@ def refs_dir(tmp_path: Path) -> Path:
     return folder
 
 
-async def results_for(client: Any, prefix: str, n: int, timeout: float = 20.0) -> list[dict[str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        results = await read_stream(client, f"{prefix}:{{l1}}:results")
-        if len(results) >= n or time.monotonic() > deadline:
-            return results
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.redis
 async def test_daemon_fits_on_hazelnut_and_scores_with_the_result(redis_client, redis_url, key_prefix, tmp_path,
                                                                   refs_dir, tiny_backbone, monkeypatch) -> None:
@@ -351,7 +342,7 @@ async def test_daemon_fits_on_hazelnut_and_scores_with_the_result(redis_client, 
         frames |= {f"colour-{i}": png_bytes(HAZELNUT / "colour" / f"{i:02d}.png") for i in range(6)}
         for frame_id, data in frames.items():
             await redis_client.xadd(f"{key_prefix}:{{l1}}:frames", frame_fields("nut", "l1", frame_id, data))
-        results = await results_for(redis_client, key_prefix, len(frames))
+        results = await wait_for_results(redis_client, key_prefix, len(frames), timeout=20)
         dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
     finally:
         await daemon.shutdown()
@@ -430,7 +421,7 @@ async def test_a_background_fit_keeps_other_products_scoring_shows_progress_and_
                 assert response.status in (200, 201), newer
         producing = False
         await producer
-        results = await results_for(redis_client, key_prefix, len(sent))
+        results = await wait_for_results(redis_client, key_prefix, len(sent), timeout=20)
         entry = daemon.registry.get("slow")
         builds = daemon.registry.builds
     finally:

@@ -50,10 +50,10 @@ def render(image: np.ndarray | str | Path, mask_path: str | Path, out: Path, thr
 
 def overlay_name(product: str, frame_id: str, verdict: str) -> str:
     """``<product>/<frame id, readable>.<verdict>.png``: unique per frame, no doubled suffixes."""
-    from inspectd.streams.records import safe_file_name as safe_name
+    from inspectd.streams.records import safe_file_name
 
     stem = frame_id[:-4] if frame_id.lower().endswith((".png", ".jpg", ".bmp")) else frame_id
-    return f"{safe_name(product)}/{safe_name(stem)}.{verdict or 'unknown'}.png"
+    return f"{safe_file_name(product)}/{safe_file_name(stem)}.{verdict or 'unknown'}.png"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inspectd.streams.records import safe_file_name
 from inspectd.streams.redis_keys import DEFAULT_PREFIX, dead_key, default_redis_url, results_key
 
 
@@ -84,12 +85,6 @@ def entry_json(entry_id: str, fields: dict[bytes, bytes]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def safe_name(text: str) -> str:
-    from inspectd.streams.records import safe_file_name
-
-    return safe_file_name(text)
-
-
 def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = None) -> str:
     """Write the mask PNG of one result, and its overlay when the frame could be read back; returns what was done."""
     product, frame_id = _s(fields, "product", "unknown"), _s(fields, "frame_id", "frame")
@@ -97,7 +92,7 @@ def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = No
     if not mask:
         note = _s(fields, "mask_note") or "the result carries no mask"
         return f"{frame_id}: no mask saved ({note})"
-    target = directory / safe_name(product) / f"{safe_name(frame_id)}.mask.png"
+    target = directory / safe_file_name(product) / f"{safe_file_name(frame_id)}.mask.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(mask)
     if frame_image is None:
@@ -110,7 +105,7 @@ def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = No
         score: float | None = float(_s(fields, "score"))
     except ValueError:
         threshold = score = None
-    overlay = target.with_name(f"{safe_name(frame_id)}.{verdict or 'result'}.png")
+    overlay = target.with_name(f"{safe_file_name(frame_id)}.{verdict or 'result'}.png")
     try:
         scale = float(_s(fields, "mask_scale", "1"))
     except ValueError:

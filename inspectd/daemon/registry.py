@@ -35,11 +35,11 @@ from inspectd.detectors.building import (
 )
 from inspectd.detectors.context import FitContext, FitStopped
 from inspectd.streams.codec import decode_image_bytes
+from inspectd.streams.folder import IMAGE_SUFFIXES
 from inspectd.streams.records import MaskPolicy
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 READY = "ready"
 BUILDING = "building"

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inspectd.streams.folder import IMAGE_SUFFIXES
 from inspectd.streams.records import (
     MaskPolicies,
     MaskPolicy,
@@ -39,7 +40,6 @@ def ends_with_newline(path: Path) -> bool:
         return True
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class JsonlSink:
     """Appends records to ``path``; with ``mask_dir`` set, masks go to ``<mask_dir>/<product>/<id>.png``."""

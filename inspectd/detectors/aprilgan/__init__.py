@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from inspectd.detectors import prompts as P
-from inspectd.detectors.aprilgan.adapters import APRILGAN_VERSION, AdapterBundle, load_adapters, stage_logits
+from inspectd.detectors.aprilgan.adapters import (
+    APRILGAN_VERSION,
+    AdapterBundle,
+    load_adapters,
+    stage_logits,
+    stage_probabilities,
+)
 from inspectd.detectors.aprilgan.training import AprilGanTrainer
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features
 from inspectd.detectors.base import (
@@ -119,8 +125,7 @@ class AprilGan(Detector):
         total = None
         for tokens in adapted:
             logits = stage_logits(tokens, text, self.options.logit_scale, features.grid)
-            up = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
-            prob = torch.softmax(up, dim=1)[:, 1]
+            prob = stage_probabilities(logits, size)[:, 1]  # the same maths the trainer's loss sees
             total = prob if total is None else total + prob
         return total
 
