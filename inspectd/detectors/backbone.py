@@ -398,17 +398,9 @@ class ClipBackbone:
         causal = getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
         if not causal or not hasattr(model, "token_embedding"):
             return model.encode_text(tokens)
-        length = int((tokens != 0).sum(dim=1).max().item())
-        tokens = tokens[:, :max(length, 1)]
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:tokens.shape[1]].to(cast)
-        x = model.transformer(x, attn_mask=model.attn_mask[:tokens.shape[1], :tokens.shape[1]])
-        x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        projection = model.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max().item()) + 1
+        return self.encode_text_embeddings(model.token_embedding(tokens[:, :length]), eot)
 
     # ---------------------------------------------------------------- image
     def _embed_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
