@@ -450,11 +450,12 @@ class InspectDaemon:
             for flight in flights:
                 entry = self.registry.get(flight.frame.product)
                 if entry is not None:
-                    try:  # the serving detector may cut frames differently than the one it was prepared for
-                        self.engine.check_tiles(entry.detector, flight.prepared.size)
-                    except FrameError as exc:
-                        dead.append((flight, self._dead(flight.frame, exc.reason, exc.stage, exc.detail)))
-                        continue
+                    if flight.prepared.input_spec != entry.detector.input_spec():
+                        try:  # prepared for no or another detector's input: check its cut too (prepare did the rest)
+                            self.engine.check_tiles(entry.detector, flight.prepared.size)
+                        except FrameError as exc:
+                            dead.append((flight, self._dead(flight.frame, exc.reason, exc.stage, exc.detail)))
+                            continue
                     scored.append((flight, entry))
                 elif self.registry.status(flight.frame.product) == BUILDING and cfg.on_building == "wait" \
                         and not flight.parked:

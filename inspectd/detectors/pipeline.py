@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 import torch
@@ -58,15 +57,17 @@ def prepare(items: Sequence[ScoreItem]) -> None:
         prepare_item(item)
 
 
-def forward_groups(items: Sequence[ScoreItem]) -> dict[tuple, list[int]]:
-    """Item indices by (model, input size, tower variant): each group is one backbone forward. Inputs of one
-    size share it whether they were tiled or resized (a tensor of S x S inputs is all the tower sees)."""
-    groups: dict[tuple, list[int]] = {}
+def forward_groups(items: Sequence[ScoreItem]) -> list[tuple[list[int], FeatureRequest]]:
+    """(item indices, their merged feature request) per (model, input size, tower variant): each group is one
+    backbone forward. Inputs of one size share it whether they were tiled or resized (a tensor of S x S inputs
+    is all the tower sees)."""
+    groups: dict[tuple, tuple[list[int], FeatureRequest]] = {}
     for index, item in enumerate(items):
         request = item.detector.feature_request(item.state)
         key = (id(item.detector.backbone), tuple(item.tiles.shape[-2:]), request.tower)
-        groups.setdefault(key, []).append(index)
-    return groups
+        members, merged = groups.get(key, ([], None))
+        groups[key] = ([*members, index], request if merged is None else merged | request)
+    return list(groups.values())
 
 
 def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> list[ScoreOutput]:
@@ -80,8 +81,8 @@ def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> 
     tile_scores: list[torch.Tensor | None] = [None] * len(items)
     tile_maps: list[torch.Tensor | None] = [None] * len(items)
     forward_s = score_s = 0.0
-    for members in forward_groups(items).values():
-        f, s = _run_group([items[m] for m in members], members, tile_scores, tile_maps)
+    for members, request in forward_groups(items):
+        f, s = _run_group([items[m] for m in members], members, request, tile_scores, tile_maps)
         forward_s += f
         score_s += s
     merged_at = time.perf_counter()
@@ -99,8 +100,8 @@ def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> 
     return results
 
 
-def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], tile_scores: list, tile_maps: list
-               ) -> tuple[float, float]:
+def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], request: FeatureRequest, tile_scores: list,
+               tile_maps: list) -> tuple[float, float]:
     """One forward for items sharing a model, input and tower; fills tile_scores/tile_maps at ``positions``."""
     backbone = items[0].detector.backbone
     # Per item: its map tiles, then (multi-crop) crop views whose image scores are averaged in.
@@ -109,7 +110,6 @@ def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], tile_scores
     map_tiles = [item.tiles.shape[0] for item in items]
     counts = [v.shape[0] for v in views]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    request = reduce(FeatureRequest.__or__, (i.detector.feature_request(i.state) for i in items))
     row_inputs = _row_inputs(items, counts)
     started = time.perf_counter()
     features = backbone.forward(torch.cat(views), request, row_inputs)
