@@ -103,30 +103,7 @@ class FolderSource:
             log.info(message, *args)
 
     def _candidates(self) -> dict[Path, Stat]:
-        found: dict[Path, Stat] = {}
-        skip = self._skip_dirs()
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            here = Path(dirpath)
-            for d in dirnames:
-                if (here / d).is_symlink():
-                    self._note_once(f"link:{here / d}", "folder %s: %s is a symlinked folder and is not followed "
-                                                        "(drop files into real folders)", self.root, here / d)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip
-                                 and not (here / d).is_symlink())
-            for name in sorted(filenames):
-                if is_temp_name(name) or not name.lower().endswith(self.suffixes):
-                    continue
-                path = here / name
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    self._note_once(f"broken:{path}", "folder %s: %s is a broken link; skipped", self.root, path)
-                    continue
-                if st.st_size == 0:
-                    self._note_once(f"empty:{path}:{st.st_mtime_ns}", "folder %s: %s is empty (0 bytes); it is "
-                                    "taken once it has content", self.root, path)
-                found[path] = (st.st_size, st.st_mtime_ns)
-        return found
+        return self._walk(self.root)
 
     def close(self) -> None:
         """Stop the change-notification thread."""
@@ -160,28 +137,42 @@ class FolderSource:
             if any(path == d or d in path.parents for d in skip):
                 continue
             if not path.name.lower().endswith(self.suffixes) and path.is_dir():
-                for child in self._walk(path):
-                    changed.update(child)
+                changed.update(self._walk(path))
                 continue
             changed[path] = self._stat_candidate(path)
         return changed
 
-    def _walk(self, folder: Path) -> list[dict[Path, Stat]]:
-        found = []
-        for dirpath, _dirs, filenames in os.walk(folder):
-            for name in filenames:
-                stat = self._stat_candidate(Path(dirpath) / name)
+    def _walk(self, folder: Path) -> dict[Path, Stat]:
+        """Every candidate file below ``folder`` (hidden, done/failed and symlinked folders left out)."""
+        found: dict[Path, Stat] = {}
+        skip = self._skip_dirs()
+        for dirpath, dirnames, filenames in os.walk(folder):
+            here = Path(dirpath)
+            for d in dirnames:
+                if (here / d).is_symlink():
+                    self._note_once(f"link:{here / d}", "folder %s: %s is a symlinked folder and is not followed "
+                                                        "(drop files into real folders)", self.root, here / d)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip
+                                 and not (here / d).is_symlink())
+            for name in sorted(filenames):
+                stat = self._stat_candidate(here / name)
                 if stat is not None:
-                    found.append({Path(dirpath) / name: stat})
+                    found[here / name] = stat
         return found
 
     def _stat_candidate(self, path: Path) -> Stat | None:
+        """(size, mtime) of a file worth scoring, or None (not an image name, a temp name, gone)."""
         if is_temp_name(path.name) or not path.name.lower().endswith(self.suffixes):
             return None
         try:
             st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
+            if path.is_symlink():
+                self._note_once(f"broken:{path}", "folder %s: %s is a broken link; skipped", self.root, path)
             return None
+        if st.st_size == 0:
+            self._note_once(f"empty:{path}:{st.st_mtime_ns}", "folder %s: %s is empty (0 bytes); it is taken once it "
+                            "has content", self.root, path)
         return st.st_size, st.st_mtime_ns
 
     def scan(self) -> list[Path]:
