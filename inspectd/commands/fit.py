@@ -9,6 +9,7 @@ bar, checkpoints every epoch next to the output (`FILE.ckpt/`) and resumes from 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,6 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
     out = Path(options.out)
     checkpoint = out.with_name(out.name + ".ckpt")
     if options.fresh and checkpoint.exists():
-        import shutil
-
         shutil.rmtree(checkpoint, ignore_errors=True)
     start = time.perf_counter()
     trainer = trainer_cls(backbone, config)
@@ -136,8 +135,6 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
         print(f"inspectd fit {name}: {exc}", file=sys.stderr)
         return 2
     digest = save_artifact(artifact, out)
-    import shutil
-
     shutil.rmtree(checkpoint, ignore_errors=True)
     curve = artifact.training.get("history") or []
     last = curve[-1].get("loss", float("nan")) if curve else float("nan")

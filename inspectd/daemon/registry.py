@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -385,7 +386,7 @@ class ProductRegistry:
             if self.cache:
                 self.cache.store(detector, config.id, result)
                 if ctx.checkpoint_dir is not None:
-                    _remove_tree(ctx.checkpoint_dir)  # the finished state replaces the training checkpoints
+                    shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the saved state replaces the checkpoints
         threshold = result.threshold if config.threshold.value is None else config.threshold.value
         with self._version_lock:
             version = self._versions.get(config.id, 0) + 1
@@ -394,9 +395,4 @@ class ProductRegistry:
         return ProductEntry(config, detector, result.state.to(backbone.device), version, threshold, fingerprint,
                             time.time(), dict(result.calibration), mask_policy, tuple(p.name for p in files), model)
 
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 

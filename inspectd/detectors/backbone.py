@@ -12,6 +12,7 @@ token embeddings in, features out, no cache) for methods that learn prompts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -312,7 +313,7 @@ class ClipBackbone:
             elif source.kind == "dir":
                 files = sorted(p for p in Path(source.value).iterdir() if p.is_file())
                 digest = "".join(f"{p.name}:{weights_mod.sha256_of(p)};" for p in files)
-                self._weights_id = "dir:" + __import__("hashlib").sha256(digest.encode()).hexdigest()
+                self._weights_id = "dir:" + hashlib.sha256(digest.encode()).hexdigest()
             else:
                 self._weights_id = f"tag:{self.spec.pretrained}"
         return self._weights_id

@@ -9,6 +9,7 @@ returns a learned-part `Artifact` that product options point to.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -79,7 +80,7 @@ def parse_field(tp: Any, text: str) -> Any:
         return lowered in ("1", "true", "yes")
     if tp in (int, float, str):
         return tp(text)
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if text.lower() in ("", "none") else parse_field(args[0], text)
     raise ValueError(f"unsupported config field type {tp}")
