@@ -66,10 +66,6 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-# files named like images that no decoder recognises (a text file called .png): skipped, named in the notes
-_SKIPPED: dict[str, list[str]] = {}
-
-
 def readable(path: Path) -> bool:
     """True when the file's header is an image Pillow can open (cheap: nothing is decoded)."""
     try:
@@ -79,13 +75,14 @@ def readable(path: Path) -> bool:
         return False
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Path, skipped: list[str]) -> list[Path]:
+    """The readable images of ``folder``; files with an image name but no readable image (a text file called
+    .png) go into ``skipped`` as "<folder>/<name>", for the category's notes."""
     if not folder.is_dir():
         return []
     found = sorted(p for p in folder.iterdir() if _is_image(p))
     bad = [p for p in found if not readable(p)]
-    for path in bad:
-        _SKIPPED.setdefault(str(folder), []).append(path.name)
+    skipped += [f"{folder.name}/{p.name}" for p in bad]
     return [p for p in found if p not in bad]
 
 
@@ -111,11 +108,7 @@ def _masks_flag(category: str, test: list[Sample], notes: list[str]) -> bool:
 
 
 def _finish(name: str, dataset: str, root: Path, train: list[Sample], test: list[Sample],
-            notes: list[str]) -> Category:
-    def ours(folder: Path) -> bool:  # root is the dataset root (MVTec-like) or the category folder itself
-        return folder.is_relative_to(root / name) or (root.name == name and folder.is_relative_to(root))
-
-    skipped = [f"{Path(folder).name}/{n}" for folder, names in _SKIPPED.items() if ours(Path(folder)) for n in names]
+            notes: list[str], skipped: Sequence[str] = ()) -> Category:
     if skipped:
         notes.append(f"{name}: {len(skipped)} file(s) with an image suffix but no readable image skipped: "
                      + ", ".join(sorted(skipped)[:10]) + (" ..." if len(skipped) > 10 else ""))
@@ -148,17 +141,18 @@ def read_mvtec(root: str | Path, categories: Iterable[str] | None = None,
     out = []
     for folder in folders:
         name = folder.name
-        train = [Sample(p, 0, None, NORMAL, name, "train") for p in _images(folder / "train" / NORMAL)]
+        skipped: list[str] = []
+        train = [Sample(p, 0, None, NORMAL, name, "train") for p in _images(folder / "train" / NORMAL, skipped)]
         test: list[Sample] = []
         for defect_dir in sorted(d for d in (folder / "test").iterdir() if d.is_dir()):
             defect = defect_dir.name
-            for p in _images(defect_dir):
+            for p in _images(defect_dir, skipped):
                 if defect == NORMAL:
                     test.append(Sample(p, 0, None, NORMAL, name))
                 else:
                     mask = _find_mask(folder / "ground_truth" / defect, p.stem, mask_suffixes)
                     test.append(Sample(p, 1, mask, defect, name))
-        out.append(_finish(name, "mvtec", folder, train, test, []))
+        out.append(_finish(name, "mvtec", folder, train, test, [], skipped))
     if not out:
         raise FileNotFoundError(f"{root}: no MVTec-layout category (<cat>/test/) found")
     return out
@@ -261,18 +255,19 @@ def read_folder(root: str | Path, categories: Iterable[str] | None = None) -> li
     for folder in folders:
         name = folder.name
         mask_root = next((folder / d for d in MASK_DIR_NAMES if (folder / d).is_dir()), None)
-        goods = _images(folder / NORMAL)
+        skipped = []
+        goods = _images(folder / NORMAL, skipped)
         train = [Sample(p, 0, None, NORMAL, name, "train") for p in goods]
         test = [Sample(p, 0, None, NORMAL, name) for p in goods]
         for defect_dir in sorted(d for d in folder.iterdir() if d.is_dir() and d.name not in (NORMAL, *MASK_DIR_NAMES)):
-            for p in _images(defect_dir):
+            for p in _images(defect_dir, skipped):
                 mask = None
                 if mask_root is not None:
                     mask = (_find_mask(mask_root / defect_dir.name, p.stem, ("", "_mask"))
                             or _find_mask(mask_root, p.stem, ("", "_mask")))
                 test.append(Sample(p, 1, mask, defect_dir.name, name))
         notes = [f"{name}: no train split; references come from good/ and are excluded from the test set"]
-        out.append(_finish(name, "folder", folder, train, test, notes))
+        out.append(_finish(name, "folder", folder, train, test, notes, skipped))
     if not out:
         raise FileNotFoundError(f"{root}: no folder with a good/ subfolder")
     return out
@@ -301,7 +296,6 @@ READERS = {"mvtec": read_mvtec, "visa": read_visa_csv, "meta": read_meta_json, "
 
 def open_dataset(root: str | Path, layout: str = "auto", categories: Iterable[str] | None = None) -> list[Category]:
     """Read every (or the named) categories of a dataset with the reader for ``layout`` (auto-detected)."""
-    _SKIPPED.clear()
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in READERS:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(READERS)}")
