@@ -21,8 +21,10 @@ from typing import Any
 from inspectd.daemon.batcher import MicroBatcher
 from inspectd.daemon.config import DaemonConfig, ModelConfig
 from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
+from inspectd.daemon.feedback import FeedbackStore, feedback_root
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
+from inspectd.daemon.review import ReviewHub
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.pipeline import ScoreItem
 from inspectd.streams.codec import DecodeLimits
@@ -92,6 +94,8 @@ class InspectDaemon:
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self.http: Any = None
+        self.review = ReviewHub(config.console, self.metrics)  # the console's recent frames, NG rates, live feed
+        self.feedback: FeedbackStore | None = None  # the console's feedback actions (once the registry exists)
         self.publisher: Any = None  # daemon.publisher.Publisher once the sinks are open
         self.watcher: Any = None  # daemon.watcher.RegistryWatcher when registry.watch
         self.control: Any = None  # daemon.control.ControlListener when redis.control_stream
@@ -111,11 +115,13 @@ class InspectDaemon:
         on_cpu = all(b.device.type == "cpu" for b in self.backbones.values())
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
         self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
-                                    max_tiles=cfg.decode.max_tiles)
+                                    max_tiles=cfg.decode.max_tiles,
+                                    review_side=cfg.console.max_side if self.review.wants_images() else None)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
                                         on_progress=self.metrics.build_progress)
         registry = self.registry
+        self.feedback = FeedbackStore(feedback_root(cfg), registry, self.metrics) if cfg.console.enabled else None
         self.metrics.is_known = lambda product: registry.status(product) is not None
         if cfg.http.enabled:  # first, so /readyz says what is missing while Redis or the products come up
             from inspectd.daemon.http import start_http
@@ -263,6 +269,7 @@ class InspectDaemon:
 
     def _on_registry_change(self, entry: ProductEntry | None, product_id: str) -> None:
         self.metrics.product_changed(product_id, entry)
+        self.review.publish("product", {"id": product_id, "version": entry.version if entry else None})
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -333,6 +340,7 @@ class InspectDaemon:
             close = getattr(sink, "close", None)
             if close is not None and not asyncio.iscoroutinefunction(close):
                 close()
+        await self.review.close()  # ends the console's live streams, so the server closes at once
         if self.http is not None:
             await self.http.cleanup()
         if self.engine:
@@ -542,6 +550,9 @@ class InspectDaemon:
             now = time.time()
             for result in results:
                 self.metrics.scored(result, publish_s, now)
+            self.review.observe(results, dead, {(f.frame.source, f.frame.entry_id, f.frame.frame_id): f.prepared.review
+                                                for f in flights if f.prepared is not None
+                                                and f.prepared.review is not None})
             self.frames_done += len(flights)
             for flight in flights:
                 self._flights.pop(id(flight.frame), None)

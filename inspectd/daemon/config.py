@@ -158,6 +158,29 @@ class HttpConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """The operator console under /console: review buffer of recent frames and feedback into the product."""
+
+    enabled: bool = True  # served by the http server (same auth rules as the admin API)
+    review: str = "memory"  # where recent frames are kept for review: memory | off (lines that keep no images)
+    keep_ng: int = 100  # NG frames kept for review (newest), all products together
+    keep_ok: int = 20  # OK frames kept (0 = none)
+    max_side: int = 512  # review images are downscaled to this longer side (also the size feedback saves)
+    stats_window: int = 200  # "NG rate over the last N frames" per product
+    feedback_dir: str | None = None  # confirmed defects land here in the `folder` eval layout, with the feedback
+    #                                  log; None = <registry.references_root>/_console, else feedback is off
+    session_ttl_s: float = 12 * 3600.0  # a browser session (obtained once with the admin token) lasts this long
+
+    def __post_init__(self) -> None:
+        _choice("console.review", self.review, ("memory", "off"))
+        for key in ("keep_ng", "keep_ok"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"console.{key}", "must be >= 0")
+        _positive("console.max_side", self.max_side)
+        _positive("console.stats_window", self.stats_window)
+
+
+@dataclass
 class ThresholdConfig:
     value: float | None = None  # fixed threshold; overrides calibration
     quantile: float = 1.0  # of the normal scores (leave-one-out on references, plus held-out goods)
@@ -208,6 +231,7 @@ class DaemonConfig:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     products: list[ProductConfig] = field(default_factory=list)
     shutdown_timeout_s: float = 20.0
@@ -335,6 +359,7 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> None:
     config.registry.products_dir = fix(config.registry.products_dir)
     config.registry.state_cache_dir = fix(config.registry.state_cache_dir)
     config.registry.references_root = fix(config.registry.references_root)
+    config.console.feedback_dir = fix(config.console.feedback_dir)
     config.sinks.jsonl = fix(config.sinks.jsonl)
     config.sinks.jsonl_masks_dir = fix(config.sinks.jsonl_masks_dir)
     for folder in config.sources.folders:

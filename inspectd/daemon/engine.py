@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from inspectd.daemon.review import downscale
 from inspectd.detectors.base import Detector
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
 from inspectd.detectors.preprocess import InputSpec, TileLayout
@@ -35,14 +37,16 @@ class PreparedFrame:
     layout: TileLayout | None = None
     input_spec: InputSpec | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    review: np.ndarray | None = None  # the frame at the console's review size (only while a console keeps frames)
 
 
 class ScoringEngine:
     """Owns the worker thread the forwards run on and the decode pool."""
 
     def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
-                 limits: DecodeLimits | None = None, max_tiles: int = 16) -> None:
+                 limits: DecodeLimits | None = None, max_tiles: int = 16, review_side: int | None = None) -> None:
         self.devices = sorted(set(devices), key=str)
+        self.review_side = review_side
         self.limits = limits or DecodeLimits()
         self.max_tiles = max_tiles
         name = "+".join(str(d) for d in self.devices)
@@ -58,6 +62,8 @@ class ScoringEngine:
             image = decode_frame_image(frame, self.limits)
             decoded = time.perf_counter()
             prepared = PreparedFrame(frame, (int(image.shape[0]), int(image.shape[1])))
+            if self.review_side:
+                prepared.review = downscale(image, self.review_side)
             if detector is not None:
                 self.check_tiles(detector, prepared.size)
                 prepared.tiles, prepared.layout = detector.preprocessor(image)

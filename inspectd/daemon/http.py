@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from inspectd.daemon.admin import add_admin_routes
+from inspectd.daemon.console import add_console_routes
 from inspectd.daemon.http_common import (
     DAEMON_KEY,
     admin_token,
@@ -70,6 +71,8 @@ def build_app(daemon: InspectDaemon) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(daemon.metrics))
     add_admin_routes(app, daemon)
+    if daemon.config.console.enabled:
+        add_console_routes(app, daemon)
     return app
 
 
@@ -87,5 +90,6 @@ async def start_http(daemon: InspectDaemon) -> web.AppRunner:
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     daemon.http_port = runner.addresses[0][1] if runner.addresses else cfg.port
-    log.info("http on %s:%s (/healthz /readyz /metrics)", cfg.host, daemon.http_port)
+    log.info("http on %s:%s (/healthz /readyz /metrics%s)", cfg.host, daemon.http_port,
+             " /console" if daemon.config.console.enabled else "")
     return runner

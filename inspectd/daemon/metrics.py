@@ -88,6 +88,13 @@ class Metrics:
         self.product_build_progress = Gauge(
             "product_build_progress", "Fraction (0..1) of the product build in progress; absent when none runs.",
             ["product"], namespace=ns, registry=r)
+        self.console_feedback = Counter("console_feedback", "Operator feedback from the console, by action "
+                                        "(false_alarm | defect | undo).", ["product", "action"], namespace=ns,
+                                        registry=r)
+        self.review_frames = Gauge("console_review_frames", "Frames held in the console's review buffer.",
+                                   namespace=ns, registry=r)
+        self.review_dropped = Counter("console_review_dropped", "Scored frames not kept for review because the "
+                                      "console's render queue was full.", namespace=ns, registry=r)
         self.up = Gauge("up", "1 while the daemon process runs.", namespace=ns, registry=r)
         self.build_info = Info("build", "inspectd build (value 1).", namespace=ns, registry=r)
         self.start_time = Gauge("start_time_seconds", "Unix time the daemon started.", namespace=ns, registry=r)

@@ -1,0 +1,381 @@
+"""The operator console's HTTP side: the page under /console, its JSON API, live updates (Server-Sent Events)
+and browser sessions.
+
+Auth follows the admin API's rules: reads on a loopback bind without a configured token are open, everything
+else needs proof. A browser proves it once: the operator pastes the admin token into the sign-in form (POST
+body, never a URL, never logged) and gets an HttpOnly, SameSite=Strict session cookie plus a CSRF token the
+page keeps in memory; every write needs the cookie *and* the CSRF header (a script may send the bearer token
+instead), and a foreign Origin is refused. Pages are framed by no one (clickjacking) and load nothing remote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from inspectd.daemon.feedback import DEFECT, FALSE_ALARM, FeedbackError
+from inspectd.daemon.http_common import DAEMON_KEY, TOKEN_ENV, admin_token, host_allowed, is_loopback
+
+if TYPE_CHECKING:
+    from inspectd.daemon.app import InspectDaemon
+
+log = logging.getLogger(__name__)
+
+COOKIE = "inspectd_console"
+CSRF_HEADER = "X-CSRF-Token"
+STATIC_FILES = {"index.html": "text/html", "console.js": "text/javascript", "console.css": "text/css"}
+PICTURES = {"thumb.jpg": ("thumb_jpeg", "image/jpeg"), "overlay.jpg": ("overlay_jpeg", "image/jpeg"),
+            "mask.png": ("mask_png", "image/png"), "image.png": ("image_png", "image/png")}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+}
+KEEP_ALIVE_S = 15.0
+MAX_SESSIONS = 256
+
+
+class ConsoleError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Session:
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """Browser sessions in memory (a restart signs everyone out): id -> CSRF token and expiry."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._by_id: dict[str, Session] = {}
+
+    def create(self) -> tuple[str, Session]:
+        now = time.time()
+        self._by_id = {k: s for k, s in self._by_id.items() if s.expires > now}
+        while len(self._by_id) >= MAX_SESSIONS:  # oldest first out
+            self._by_id.pop(min(self._by_id, key=lambda k: self._by_id[k].expires))
+        session_id, session = secrets.token_urlsafe(32), Session(secrets.token_urlsafe(32), now + self.ttl_s)
+        self._by_id[session_id] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> Session | None:
+        session = self._by_id.get(session_id or "")
+        if session is None or session.expires <= time.time():
+            return None
+        return session
+
+    def drop(self, session_id: str | None) -> None:
+        self._by_id.pop(session_id or "", None)
+
+
+SESSIONS_KEY: web.AppKey = web.AppKey("console_sessions", Sessions)
+
+
+def add_console_routes(app: web.Application, daemon: InspectDaemon) -> None:
+    app[SESSIONS_KEY] = Sessions(daemon.config.console.session_ttl_s)
+    app.router.add_get("/console", to_console)
+    routes = [
+        ("GET", "/console/", page, "page"), ("GET", "/console/static/{name}", static, "page"),
+        ("GET", "/console/api/session", session_info, "open"), ("POST", "/console/api/session", sign_in, "open"),
+        ("DELETE", "/console/api/session", sign_out, "write"),
+        ("GET", "/console/api/overview", overview, "read"), ("GET", "/console/api/frames", frames, "read"),
+        ("GET", "/console/api/frames/{id}/{kind}", picture, "read"), ("GET", "/console/api/events", events, "read"),
+        ("GET", "/console/api/feedback", feedback_log, "read"),
+        ("POST", "/console/api/frames/{id}/feedback", give_feedback, "write"),
+        ("POST", "/console/api/feedback/{id}/undo", undo_feedback, "write"),
+    ]
+    for method, path, handler, access in routes:
+        app.router.add_route(method, path, _guard(handler, access))
+
+
+async def to_console(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/console/")
+
+
+def _guard(handler: Any, access: str) -> Any:
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            if access == "read":
+                check_read(request)
+            elif access == "write":
+                check_write(request)
+            response = await handler(request)
+        except ConsoleError as exc:
+            response = web.json_response({"error": str(exc)}, status=exc.status)
+        except FeedbackError as exc:
+            response = web.json_response({"error": str(exc)}, status=exc.status)
+        if not response.prepared:
+            response.headers.update(SECURITY_HEADERS)
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ auth
+def _daemon(request: web.Request) -> InspectDaemon:
+    return request.app[DAEMON_KEY]
+
+
+def _session(request: web.Request) -> Session | None:
+    return request.app[SESSIONS_KEY].get(request.cookies.get(COOKIE))
+
+
+def _bearer_ok(request: web.Request) -> bool:
+    token = admin_token(_daemon(request))
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def reads_open(daemon: InspectDaemon) -> bool:
+    """As the admin API: reads on a loopback bind are open unless the operator configured a token."""
+    configured = daemon.config.http.token or os.environ.get(TOKEN_ENV)
+    return not configured and is_loopback(daemon.config.http.host)
+
+
+def check_read(request: web.Request) -> None:
+    if reads_open(_daemon(request)) or _session(request) is not None or _bearer_ok(request):
+        return
+    raise ConsoleError(401, "sign in to the console first")
+
+
+def check_write(request: web.Request) -> None:
+    daemon = _daemon(request)
+    origin = request.headers.get("Origin")
+    if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
+                                   daemon.config.http.allowed_hosts):
+        log.warning("console: %s %s with foreign Origin %r refused", request.method, request.path, origin)
+        raise ConsoleError(403, f"cross-origin write refused (Origin {origin!r})")
+    if _bearer_ok(request):
+        return
+    session = _session(request)
+    given = request.headers.get(CSRF_HEADER, "")
+    if session is None or not hmac.compare_digest(given.encode(), session.csrf.encode()):
+        log.warning("console: %s %s from %s refused (no session or CSRF token)", request.method, request.path,
+                    request.remote)
+        raise ConsoleError(401, "writes need a signed-in console session (and its CSRF token)")
+    if request.can_read_body and request.content_type != "application/json":
+        raise ConsoleError(415, f"content type {request.content_type!r} not accepted; use application/json")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    if request.content_type != "application/json":
+        raise ConsoleError(415, f"content type {request.content_type!r} not accepted; use application/json")
+    try:
+        body = json.loads(await request.text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConsoleError(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ConsoleError(400, "body must be a JSON object")
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ page
+def _static_bytes(name: str) -> bytes:
+    return resources.files("inspectd").joinpath("data", "console", name).read_bytes()
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(body=_static_bytes("index.html"), content_type="text/html", charset="utf-8")
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise ConsoleError(404, f"no static file {name!r}")
+    return web.Response(body=_static_bytes(name), content_type=STATIC_FILES[name], charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+# ------------------------------------------------------------------------------------------------ session
+async def session_info(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    return web.json_response({"signed_in": _session(request) is not None, "reads_open": reads_open(daemon),
+                              "token_hint": _token_hint(daemon)})
+
+
+def _token_hint(daemon: InspectDaemon) -> str:
+    if daemon.config.http.token or os.environ.get(TOKEN_ENV):
+        return "the admin token from the daemon's configuration (http.token or INSPECTD_ADMIN_TOKEN)"
+    from inspectd.daemon.http_common import default_token_file
+
+    path = daemon.config.http.token_file or str(default_token_file())
+    return f"the admin token: on the daemon's machine, cat {path}"
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    origin = request.headers.get("Origin")
+    if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
+                                   daemon.config.http.allowed_hosts):
+        raise ConsoleError(403, f"cross-origin sign-in refused (Origin {origin!r})")
+    body = await _json_body(request)
+    token, given = admin_token(daemon), str(body.get("token", "")).strip()
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        log.warning("console: sign-in from %s refused (wrong token)", request.remote)
+        await asyncio.sleep(0.5)  # a guess costs time
+        raise ConsoleError(401, "wrong token")
+    session_id, session = request.app[SESSIONS_KEY].create()
+    response = web.json_response({"signed_in": True, "csrf": session.csrf, "expires": session.expires})
+    response.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict", path="/console",
+                        max_age=int(daemon.config.console.session_ttl_s), secure=request.secure)
+    log.info("console: session started from %s", request.remote)
+    return response
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    request.app[SESSIONS_KEY].drop(request.cookies.get(COOKIE))
+    response = web.json_response({"signed_in": False})
+    response.del_cookie(COOKIE, path="/console")
+    return response
+
+
+# ------------------------------------------------------------------------------------------------ reads
+def _product_view(daemon: InspectDaemon, product_id: str) -> dict[str, Any]:
+    registry = daemon.registry
+    entry = registry.get(product_id) if registry else None
+    view: dict[str, Any] = {"id": product_id, "status": registry.status(product_id) if registry else None,
+                            "error": registry.error(product_id) if registry else None,
+                            "build": registry.progress(product_id) if registry else None}
+    if entry is not None:
+        view.update(version=entry.version, detector=entry.config.detector, model=entry.model,
+                    shots=entry.state.meta.get("shots", len(entry.references)), references=len(entry.references),
+                    threshold=entry.threshold, calibration=_calibration(entry), line_mask=str(entry.mask_policy),
+                    references_dir=entry.config.references, holdout_dir=entry.config.threshold.holdout_dir)
+    view["stats"] = daemon.review.product_stats(product_id)
+    return view
+
+
+def _calibration(entry: Any) -> str:
+    """How the threshold came about, in words."""
+    if entry.config.threshold.value is not None:
+        return f"fixed at {entry.config.threshold.value} (threshold.value)"
+    info = entry.calibration or {}
+    method = info.get("method", "calibrated")
+    parts = [str(method)]
+    for key in ("n", "n_scores", "quantile", "margin"):
+        if key in info:
+            parts.append(f"{key} {info[key]}")
+    return ", ".join(parts)
+
+
+async def overview(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    ids = sorted(set(daemon.registry.ids() if daemon.registry else []) | set(daemon.review.stats))
+    hub = daemon.review
+    return web.json_response({
+        "products": [_product_view(daemon, pid) for pid in ids],
+        "review": {"keeping": hub.keeping, "keep_ng": hub.config.keep_ng, "keep_ok": hub.config.keep_ok,
+                   "kept": len(hub._items), "dropped": hub.dropped, "max_side": hub.config.max_side},
+        "feedback": daemon.feedback is not None and daemon.feedback.root is not None,
+        "feedback_dir": str(daemon.feedback.root) if daemon.feedback and daemon.feedback.root else None,
+        "demo_weights": bool(daemon.backbone.demo_weights) if daemon.backbone else None,
+        "lines": sorted({i.result["line"] for i in hub.items(limit=10**6)}),
+    })
+
+
+async def frames(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        limit = max(1, min(500, int(query.get("limit", "100"))))
+    except ValueError as exc:
+        raise ConsoleError(400, "limit must be an integer") from exc
+    items = _daemon(request).review.items(query.get("product") or None, query.get("line") or None, limit)
+    return web.json_response({"frames": [i.summary() for i in items]})
+
+
+async def picture(request: web.Request) -> web.Response:
+    item = _daemon(request).review.get(request.match_info["id"])
+    kind = PICTURES.get(request.match_info["kind"])
+    if item is None or kind is None:
+        raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
+    data = getattr(item, kind[0])
+    if data is None:
+        raise ConsoleError(404, "this frame has no mask (the detector or the product's mask policy gives none)")
+    return web.Response(body=data, content_type=kind[1], headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def feedback_log(request: web.Request) -> web.Response:
+    store = _daemon(request).feedback
+    if store is None:
+        return web.json_response({"feedback": []})
+    records = await asyncio.to_thread(store.history, request.query.get("product") or None)
+    return web.json_response({"feedback": records[-200:]})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: ``frame`` (a newly kept frame), ``product`` (a product changed), ``feedback``."""
+    hub = _daemon(request).review
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no", **SECURITY_HEADERS})
+    await response.prepare(request)
+    queue = hub.subscribe()
+    try:
+        await response.write(b"retry: 2000\n\n")
+        while True:
+            try:
+                message = await asyncio.wait_for(queue.get(), KEEP_ALIVE_S)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if message is None:  # the daemon is stopping
+                break
+            event, data = message
+            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.unsubscribe(queue)
+    return response
+
+
+# ------------------------------------------------------------------------------------------------ writes
+async def give_feedback(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    if daemon.feedback is None:
+        raise ConsoleError(409, "feedback is off: set console.feedback_dir (or registry.references_root)")
+    item = daemon.review.get(request.match_info["id"])
+    if item is None:
+        raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
+    body = await _json_body(request)
+    action = body.get("action")
+    remote = request.remote or "?"
+    if action == FALSE_ALARM:
+        record = await daemon.feedback.false_alarm(item, str(body.get("target", "references")), remote)
+    elif action == DEFECT:
+        record = await daemon.feedback.defect(item, str(body.get("label") or "defect"), remote)
+    else:
+        raise ConsoleError(400, f"action must be {FALSE_ALARM!r} or {DEFECT!r}, got {action!r}")
+    daemon.review.publish("feedback", item.summary())
+    return web.json_response({"feedback": record, "product": _product_view(daemon, item.result["product"])},
+                             status=201)
+
+
+async def undo_feedback(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    if daemon.feedback is None:
+        raise ConsoleError(409, "feedback is off")
+    record = await daemon.feedback.undo(request.match_info["id"], request.remote or "?")
+    for item in daemon.review.items(limit=10**6):
+        if item.feedback and item.feedback.get("id") == record["undoes"]:
+            item.feedback = None
+            daemon.review.publish("feedback", item.summary())
+    return web.json_response({"undo": record, "product": _product_view(daemon, record["product"])})

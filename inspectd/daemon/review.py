@@ -1,0 +1,240 @@
+"""The console's review buffer: a bounded window of recently scored frames (downscaled image, overlay, mask)
+people may look at, per-product NG rates, dead letters by reason, and the live-update fan-out.
+
+Nothing here is unbounded: ``keep_ng`` / ``keep_ok`` frames (newest), ``stats_window`` verdicts and one hour of
+timestamps per product, a bounded capture queue (a frame that finds it full is not kept for review and counted)
+and a bounded queue per live subscriber (a slow browser loses its oldest updates, never slows the pipeline).
+Rendering runs in a worker thread, after the frame is published and acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from inspectd.daemon.config import ConsoleConfig
+from inspectd.streams.codec import encode_mask_png, encode_png
+from inspectd.streams.overlay import annotate, overlay
+from inspectd.streams.schema import DeadLetter, Result
+
+log = logging.getLogger(__name__)
+
+THUMB_SIDE = 200
+HOUR_S = 3600.0
+CAPTURE_QUEUE = 32
+SUBSCRIBER_QUEUE = 256
+
+
+def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` (uint8 HxWx3) shrunk so its longer side is at most ``max_side`` (area resampling)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return np.ascontiguousarray(image)
+    import cv2
+
+    scale = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def _jpeg(array: np.ndarray, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@dataclass
+class ReviewItem:
+    """One frame kept for review: its result's fields and the pictures the console shows."""
+
+    id: str
+    result: dict[str, Any]  # the summary the console lists (see `summary`)
+    image_png: bytes  # the frame at review size, lossless (what "false alarm" saves as a reference)
+    overlay_jpeg: bytes  # heat map over the frame, with the score/threshold/verdict legend
+    thumb_jpeg: bytes
+    mask_png: bytes | None  # the raw map, 8-bit, 255 = mask_scale (as published)
+    amap: np.ndarray | None  # float map at the detector's map size (for a defect's saved mask)
+    feedback: dict[str, Any] | None = None  # the latest feedback on this frame (None, or its log record)
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.result, "id": self.id, "has_mask": self.mask_png is not None, "feedback": self.feedback}
+
+
+def render_item(item_id: str, result: Result, image: np.ndarray) -> ReviewItem:
+    """Pictures of one result (runs in a worker thread). The colours span the map's own range (the legend gives it),
+    so a low-contrast map still shows where it is highest; the outline marks map >= threshold."""
+    amap = None if result.mask is None else np.asarray(result.mask, dtype=np.float32)
+    if amap is not None:
+        if amap.ndim == 3:
+            amap = amap.reshape(amap.shape[-2:]) if amap.shape[0] == 1 else amap[..., 0]
+        vmin, vmax = float(amap.min()), float(amap.max()) + 1e-6
+        drawn = overlay(image, amap, result.threshold, vmin=vmin, vmax=vmax)
+    else:
+        vmin, vmax, drawn = 0.0, 1.0, np.ascontiguousarray(image)
+    label = f"{result.product} / {result.frame_id}"
+    annotated = annotate(drawn, score=result.score, threshold=result.threshold, verdict=result.verdict,
+                         vmin=vmin, vmax=vmax, label=label)
+    mask_png = None if amap is None else encode_mask_png(amap / (result.mask_scale or 1.0))
+    summary = {
+        "product": result.product, "line": result.line, "frame_id": result.frame_id,
+        "entry_id": result.entry_id or "", "ts": result.captured_at, "score": float(result.score),
+        "threshold": float(result.threshold), "verdict": result.verdict, "detector": result.detector,
+        "state_version": result.state_version, "demo_weights": bool(result.demo_weights),
+        "size": [int(image.shape[1]), int(image.shape[0])],
+    }
+    return ReviewItem(item_id, summary, encode_png(image), _jpeg(annotated), _jpeg(downscale(drawn, THUMB_SIDE), 80),
+                      mask_png, amap)
+
+
+@dataclass
+class ProductStats:
+    """Verdict counts of one product: the last N frames and the last hour; dead letters by reason."""
+
+    window: int
+    recent: deque = field(default_factory=deque)  # True = NG, newest last
+    hour: deque = field(default_factory=deque)  # (time, is_ng)
+    dead: Counter = field(default_factory=Counter)
+    scored: int = 0
+
+    def add(self, is_ng: bool, now: float) -> None:
+        self.scored += 1
+        self.recent.append(is_ng)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        self.hour.append((now, is_ng))
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self.hour and self.hour[0][0] < now - HOUR_S:
+            self.hour.popleft()
+
+    def describe(self, now: float) -> dict[str, Any]:
+        self._prune(now)
+        ng_hour = sum(1 for _, ng in self.hour if ng)
+        return {
+            "last_n": len(self.recent), "ng_last_n": sum(self.recent),
+            "ng_rate_last_n": sum(self.recent) / len(self.recent) if self.recent else None,
+            "frames_hour": len(self.hour), "ng_hour": ng_hour,
+            "ng_rate_hour": ng_hour / len(self.hour) if self.hour else None,
+            "scored": self.scored, "dead_letters": dict(self.dead),
+        }
+
+
+class ReviewHub:
+    """Receives every published batch (`observe`), keeps stats and the review buffer, and tells subscribers."""
+
+    def __init__(self, config: ConsoleConfig, metrics: Any = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.keeping = config.enabled and config.review != "off" and (config.keep_ng + config.keep_ok) > 0
+        self.stats: dict[str, ProductStats] = {}
+        self._kept: dict[str, deque[ReviewItem]] = {"NG": deque(), "OK": deque()}
+        self._limits = {"NG": config.keep_ng, "OK": config.keep_ok}
+        self._items: dict[str, ReviewItem] = {}
+        self._ids = itertools.count(1)
+        self._capture: asyncio.Queue = asyncio.Queue(maxsize=CAPTURE_QUEUE)
+        self._subscribers: set[asyncio.Queue] = set()
+        self._worker: asyncio.Task | None = None
+        self.dropped = 0
+
+    # ---------------------------------------------------------------- intake (the daemon's publish loop)
+    def wants_images(self) -> bool:
+        return self.keeping
+
+    def observe(self, results: Iterable[Result], dead: Iterable[DeadLetter],
+                images: dict[tuple[str, str | None, str], np.ndarray]) -> None:
+        """Count verdicts and dead letters; queue results worth reviewing for rendering. Never blocks."""
+        now = time.time()
+        for letter in dead:
+            self._stats(letter.product).dead[letter.reason] += 1
+        for result in results:
+            self._stats(result.product).add(result.verdict == "NG", now)
+            image = images.get((result.source, result.entry_id, result.frame_id))
+            if image is None or not self._limits.get(result.verdict, 0):
+                continue
+            try:
+                self._capture.put_nowait((result, image))
+            except asyncio.QueueFull:
+                self.dropped += 1
+                if self.metrics is not None:
+                    self.metrics.review_dropped.inc()
+        if self._worker is None and self.keeping:
+            self._worker = asyncio.create_task(self._render_loop(), name="console-review")
+
+    def _stats(self, product: str) -> ProductStats:
+        stats = self.stats.get(product)
+        if stats is None:
+            stats = self.stats[product] = ProductStats(self.config.stats_window)
+        return stats
+
+    async def _render_loop(self) -> None:
+        while True:
+            result, image = await self._capture.get()
+            item_id = str(next(self._ids))
+            try:
+                item = await asyncio.to_thread(render_item, item_id, result, image)
+            except Exception:  # noqa: BLE001 - a picture that cannot be drawn costs only its review entry
+                log.exception("console: could not render frame %s/%s for review", result.product, result.frame_id)
+                continue
+            self._keep(item)
+            self.publish("frame", item.summary())
+
+    def _keep(self, item: ReviewItem) -> None:
+        kept = self._kept[item.result["verdict"]]
+        kept.append(item)
+        self._items[item.id] = item
+        while len(kept) > self._limits[item.result["verdict"]]:
+            self._items.pop(kept.popleft().id, None)
+        if self.metrics is not None:
+            self.metrics.review_frames.set(len(self._items))
+
+    # ---------------------------------------------------------------- reads (the console's routes)
+    def get(self, item_id: str) -> ReviewItem | None:
+        return self._items.get(item_id)
+
+    def items(self, product: str | None = None, line: str | None = None, limit: int = 100) -> list[ReviewItem]:
+        """NG first, then OK; newest first within each."""
+        out = []
+        for verdict in ("NG", "OK"):
+            chosen = [i for i in reversed(self._kept[verdict])
+                      if (product is None or i.result["product"] == product)
+                      and (line is None or i.result["line"] == line)]
+            out += chosen
+        return out[:limit]
+
+    def product_stats(self, product: str) -> dict[str, Any]:
+        return self._stats(product).describe(time.time())
+
+    # ---------------------------------------------------------------- live updates
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    def publish(self, event: str, data: dict[str, Any] | None) -> None:
+        """Send ``event`` to every subscriber; one that is full loses its oldest update (never blocks)."""
+        for queue in list(self._subscribers):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait((event, data))
+
+    async def close(self) -> None:
+        for queue in list(self._subscribers):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)  # the SSE handlers end their streams
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)

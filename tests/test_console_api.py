@@ -1,0 +1,242 @@
+"""The console's API against a real daemon (real Redis, tiny model, the shared hazelnut images): sessions and
+what a hostile page can send, the bounded review buffer, live events, and feedback that changes the product."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from PIL import Image
+
+from inspectd.detectors.data.datasets import open_dataset
+from tests.console_helpers import DEFECTS, GOODS, TOKEN, console_config, send, start, wait_until
+
+pytestmark = pytest.mark.redis
+
+
+def JAR() -> aiohttp.CookieJar:  # noqa: N802
+    return aiohttp.CookieJar(unsafe=True)  # a browser keeps cookies for 127.0.0.1; aiohttp needs unsafe=True
+
+
+@pytest.fixture
+async def console(redis_url, key_prefix, tmp_path, tiny_backbone, redis_client):  # noqa: ANN001, ANN201
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path), tiny_backbone)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", cookie_jar=JAR()) as http:
+        yield daemon, http
+    await daemon.shutdown()
+
+
+async def sign_in(http: aiohttp.ClientSession) -> dict[str, str]:
+    async with http.post("/console/api/session", json={"token": TOKEN}) as response:
+        assert response.status == 200
+        body = await response.json()
+        cookie = response.cookies["inspectd_console"]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/console"
+    return {"X-CSRF-Token": body["csrf"]}
+
+
+async def test_reads_and_writes_need_a_session_and_its_csrf_token(console, redis_client, key_prefix,
+                                                                  caplog) -> None:  # noqa: ANN001
+    daemon, http = console
+    await send(redis_client, key_prefix, DEFECTS[:1])
+    await wait_until(lambda: daemon.review.items(), what="a kept frame")
+    item = daemon.review.items()[0]
+    for path in ("/console/api/overview", "/console/api/frames", f"/console/api/frames/{item.id}/image.png",
+                 "/console/api/events", "/console/api/feedback"):
+        async with http.get(path) as response:  # a token is configured: reads need a session too
+            assert response.status == 401, path
+    async with http.get("/console/") as response:  # the page itself (the sign-in form) loads
+        assert response.status == 200
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    async with http.post("/console/api/session", json={"token": "guess"}) as response:
+        assert response.status == 401
+    feedback = f"/console/api/frames/{item.id}/feedback"
+    csrf = await sign_in(http)
+    async with http.get("/console/api/overview") as response:  # the cookie alone reads
+        assert response.status == 200
+    attacks = [
+        ({}, "cookie without the CSRF header (a form post from another page)", 401),
+        ({"X-CSRF-Token": "forged"}, "a forged CSRF token", 401),
+        ({**csrf, "Origin": "http://evil.example"}, "a foreign Origin", 403),
+    ]
+    for headers, why, status in attacks:
+        async with http.post(feedback, json={"action": "defect"}, headers=headers) as response:
+            assert response.status == status, why
+    async with http.post(feedback, data="action=defect", headers={**csrf, "Content-Type": "text/plain"}) as response:
+        assert response.status == 415
+    assert not (Path(daemon.feedback.root) / "nut").exists()  # none of them wrote anything
+    assert TOKEN not in caplog.text  # the token is never logged
+    async with http.post(feedback, json={"action": "defect"}, headers=csrf) as response:
+        assert response.status == 201
+    async with http.delete("/console/api/session", headers=csrf) as response:
+        assert response.status == 200
+    async with http.post(feedback, json={"action": "defect"}, headers=csrf) as response:
+        assert response.status == 401  # signed out: the old CSRF token is worth nothing
+
+
+async def test_bearer_token_works_for_scripts_and_reads_are_open_on_loopback_without_one(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client, console) -> None:  # noqa: ANN001
+    daemon, http = console
+    async with http.get("/console/api/overview", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 200
+    other = await start(console_config(redis_url, key_prefix + "b", tmp_path / "b", token=None), tiny_backbone)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{other.http_port}") as open_http:
+            async with open_http.get("/console/api/overview") as response:
+                assert response.status == 200  # loopback, no configured token: reads open as in the admin API
+            async with open_http.post("/console/api/feedback/x/undo", json={}) as response:
+                assert response.status == 401  # writes never are
+    finally:
+        await other.shutdown()
+
+
+async def test_review_buffer_is_bounded_ng_first_and_carries_the_pictures(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    config = console_config(redis_url, key_prefix, tmp_path, keep_ng=3, keep_ok=2, max_side=128)
+    config.products[1].threshold.value = 1e9  # grid: every frame OK
+    daemon = await start(config, tiny_backbone)
+    try:
+        ids = await send(redis_client, key_prefix, DEFECTS[:4] + GOODS[:2], size=300)
+        ok_ids = await send(redis_client, key_prefix, GOODS[:3], product="grid", line="l2", tag="g")
+        await wait_until(lambda: sum(s.scored for s in daemon.review.stats.values()) >= 9, what="9 scored")
+        await wait_until(lambda: len(daemon.review._items) == 5, what="5 kept")
+        items = daemon.review.items()
+        verdicts = [i.result["verdict"] for i in items]
+        assert verdicts == ["NG", "NG", "NG", "OK", "OK"]  # NG first, bounded per verdict
+        assert [i.result["frame_id"] for i in items[:3]] == ids[3:6][::-1]  # the newest NG, newest first
+        assert [i.result["frame_id"] for i in items[3:]] == ok_ids[1:][::-1]
+        image = Image.open(__import__("io").BytesIO(items[0].image_png))
+        assert max(image.size) == 128  # downscaled to console.max_side
+        assert daemon.metrics.review_frames._value.get() == 5
+        stats = daemon.review.product_stats("nut")
+        assert stats["last_n"] == 6 and stats["ng_last_n"] == 6 and stats["ng_rate_hour"] == 1.0
+        assert daemon.review.product_stats("grid")["ng_rate_last_n"] == 0.0
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}",
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.get("/console/api/frames", params={"line": "l2"}) as response:
+                frames = (await response.json())["frames"]
+            assert [f["frame_id"] for f in frames] == ok_ids[1:][::-1]
+            for kind, fmt in (("thumb.jpg", "JPEG"), ("overlay.jpg", "JPEG"), ("mask.png", "PNG"),
+                              ("image.png", "PNG")):
+                async with http.get(f"/console/api/frames/{items[0].id}/{kind}") as response:
+                    assert response.status == 200, kind
+                    assert Image.open(__import__("io").BytesIO(await response.read())).format == fmt
+            async with http.get(f"/console/api/frames/{items[3].id}/mask.png") as response:
+                assert response.status == 404  # grid publishes no mask
+    finally:
+        await daemon.shutdown()
+
+
+async def test_review_off_keeps_no_image(redis_url, key_prefix, tmp_path, tiny_backbone,
+                                         redis_client) -> None:  # noqa: ANN001
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path, review="off"), tiny_backbone)
+    try:
+        assert daemon.engine.review_side is None  # not even downscaled copies are made
+        await send(redis_client, key_prefix, DEFECTS[:2])
+        await wait_until(lambda: daemon.review.stats.get("nut") and daemon.review.stats["nut"].scored == 2,
+                         what="2 scored")
+        assert daemon.review.items() == [] and daemon.review.product_stats("nut")["ng_last_n"] == 2
+    finally:
+        await daemon.shutdown()
+
+
+async def test_live_events_stream_frames_as_they_are_scored(console, redis_client, key_prefix) -> None:  # noqa: ANN001
+    daemon, http = console
+    await sign_in(http)
+    seen: list[dict] = []
+
+    async def listen() -> None:
+        async with http.get("/console/api/events") as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            event = None
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event == "frame":
+                    seen.append(json.loads(line.split(":", 1)[1]))
+                    if len(seen) == 3:
+                        return
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0.3)
+    ids = await send(redis_client, key_prefix, DEFECTS[:3])
+    await asyncio.wait_for(task, 30)
+    assert sorted(f["frame_id"] for f in seen) == sorted(ids)
+    assert {f["verdict"] for f in seen} == {"NG"} and all(f["score"] >= f["threshold"] for f in seen)
+
+
+async def test_false_alarm_into_references_and_holdout_rebuilds_and_undo_restores(
+        console, redis_client, key_prefix) -> None:  # noqa: ANN001
+    daemon, http = console
+    csrf = await sign_in(http)
+    await send(redis_client, key_prefix, DEFECTS[:2])
+    await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
+    first, second = daemon.review.items()
+    before = daemon.registry.get("nut")
+    async with http.post(f"/console/api/frames/{first.id}/feedback", headers=csrf,
+                         json={"action": "false_alarm", "target": "references"}) as response:
+        assert response.status == 201, await response.text()
+        body = await response.json()
+    after = daemon.registry.get("nut")
+    assert after.version == before.version + 1 and body["product"]["version"] == after.version
+    assert after.config.shots == 3 and len(after.references) == 3  # the new reference is used
+    saved = Path(after.config.references) / after.references[-1]
+    assert saved.name.startswith("fb-") and np.array_equal(
+        np.asarray(Image.open(saved)), np.asarray(Image.open(__import__("io").BytesIO(first.image_png))))
+    assert body["product"]["threshold"] == pytest.approx(after.threshold) and after.threshold != before.threshold
+    product_file = Path(daemon.config.registry.products_dir) / "nut.yaml"
+    assert "shots: 3" in product_file.read_text()  # persisted: a restart keeps it
+
+    async with http.post(f"/console/api/frames/{second.id}/feedback", headers=csrf,
+                         json={"action": "false_alarm", "target": "holdout"}) as response:
+        assert response.status == 201, await response.text()
+    held = daemon.registry.get("nut")
+    assert held.version == after.version + 1 and held.config.threshold.holdout_dir
+    assert len(list(Path(held.config.threshold.holdout_dir).glob("fb-*.png"))) == 1
+    assert held.calibration != after.calibration  # the holdout image is among the calibration scores
+
+    metric = daemon.metrics.console_feedback.labels(product="nut", action="false_alarm")._value.get()
+    assert metric == 2
+    async with http.get("/console/api/feedback") as response:
+        log = (await response.json())["feedback"]
+    assert [r["action"] for r in log] == ["false_alarm", "false_alarm"]
+    for record in reversed(log):
+        async with http.post(f"/console/api/feedback/{record['id']}/undo", headers=csrf) as response:
+            assert response.status == 200, await response.text()
+    restored = daemon.registry.get("nut")
+    assert restored.config.shots == 2 and restored.config.threshold.holdout_dir is None
+    assert restored.references == before.references and restored.threshold == pytest.approx(before.threshold)
+    assert not saved.exists()
+    async with http.post(f"/console/api/feedback/{log[0]['id']}/undo", headers=csrf) as response:
+        assert response.status == 409  # undone once
+    async with http.get("/console/api/feedback") as response:
+        assert all(r["undone"] for r in (await response.json())["feedback"])
+
+
+async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_client, key_prefix) -> None:  # noqa: ANN001
+    daemon, http = console
+    csrf = await sign_in(http)
+    await send(redis_client, key_prefix, DEFECTS[:2])
+    await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
+    for item, label in zip(daemon.review.items(), ("colour", "colour"), strict=True):
+        async with http.post(f"/console/api/frames/{item.id}/feedback", headers=csrf,
+                             json={"action": "defect", "label": label}) as response:
+            assert response.status == 201, await response.text()
+    async with http.post(f"/console/api/frames/{item.id}/feedback", headers=csrf,
+                         json={"action": "defect", "label": "../x"}) as response:
+        assert response.status == 400  # a label is a folder name, never a path
+    (category,) = open_dataset(daemon.feedback.root, "folder")
+    assert category.name == "nut"
+    defects = [s for s in category.test if s.label == 1]
+    assert len(defects) == 2 and all(s.mask_path is not None for s in defects)
+    assert {s.defect_type for s in defects} == {"colour"}
+    assert len(category.train) == 2  # good/ was seeded with the product's references
+    mask = np.asarray(Image.open(defects[0].mask_path))
+    assert mask.shape == (160, 160) and set(np.unique(mask)) <= {0, 255}
+    assert daemon.metrics.console_feedback.labels(product="nut", action="defect")._value.get() == 2
