@@ -240,3 +240,25 @@ async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_c
     mask = np.asarray(Image.open(defects[0].mask_path))
     assert mask.shape == (160, 160) and set(np.unique(mask)) <= {0, 255}
     assert daemon.metrics.console_feedback.labels(product="nut", action="defect")._value.get() == 2
+
+
+async def test_false_alarm_never_writes_outside_references_root(redis_url, key_prefix, tmp_path, tiny_backbone,
+                                                                redis_client) -> None:  # noqa: ANN001
+    config = console_config(redis_url, key_prefix, tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    config.registry.references_root = str(root)  # the product's references (tmp/refs) lie outside it
+    daemon = await start(config, tiny_backbone)
+    try:
+        original = sorted(p.name for p in (tmp_path / "refs").iterdir())
+        await send(redis_client, key_prefix, GOODS[:1])
+        await wait_until(lambda: daemon.review.items(), what="a kept frame")
+        record = await daemon.feedback.false_alarm(daemon.review.items()[0], "references", "test")
+        entry = daemon.registry.get("nut")
+        assert Path(entry.config.references) == root / "nut"
+        assert sorted(p.name for p in (tmp_path / "refs").iterdir()) == original  # untouched
+        assert entry.references[:2] == tuple(original) and entry.references[2].startswith("fb-")
+        await daemon.feedback.undo(record["id"], "test")
+        assert daemon.registry.get("nut").config.references == str(tmp_path / "refs")
+    finally:
+        await daemon.shutdown()

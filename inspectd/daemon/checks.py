@@ -34,6 +34,9 @@ def check_config(config: DaemonConfig, products: bool = True) -> list[str]:
         problems.append(f"registry.products_dir: {config.registry.products_dir} is not a folder")
     if config.registry.references_root and not Path(config.registry.references_root).is_dir():
         problems.append(f"registry.references_root: {config.registry.references_root} is not a folder")
+    feedback_dir = Path(config.console.feedback_dir) if config.console.feedback_dir else None
+    if config.console.enabled and feedback_dir and feedback_dir.exists() and not feedback_dir.is_dir():
+        problems.append(f"console.feedback_dir: {feedback_dir} is a file, not a folder (created on first feedback)")
     for index, folder in enumerate(config.sources.folders):
         if not Path(folder.path).is_dir():
             problems.append(f"sources.folders[{index}].path: {folder.path} is not a folder")

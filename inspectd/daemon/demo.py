@@ -25,7 +25,7 @@ def demo_config(input_dir: str | Path | None = None, references: str | Path | No
             raise ConfigError("demo", f"no {what} at {path}: pass {flag} DIR (the default needs ../shared/datasets "
                                       "beside the checkout)")
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "references").mkdir(parents=True, exist_ok=True)  # the console's false alarms land here, never in shared/
     return parse_config({
         "demo": True,
         "model": {"arch": "inspectd-tiny", "pretrained": "random", "device": "cpu"},
@@ -34,7 +34,9 @@ def demo_config(input_dir: str | Path | None = None, references: str | Path | No
             "after": "record", "ledger": str(out / "processed.jsonl"), "poll_interval_s": 0.2}]},
         "sinks": {"redis": False, "jsonl": str(out / "results.jsonl"), "jsonl_masks_dir": str(out / "masks")},
         "http": {"port": port},
-        "registry": {"state_cache_dir": str(out / "state-cache"), "watch": False},
+        "registry": {"state_cache_dir": str(out / "state-cache"), "watch": False,
+                     "references_root": str(out / "references")},
+        "console": {"feedback_dir": str(out / "feedback")},
         "products": [{"id": "hazelnut", "object_name": "hazelnut",
                       "references": str(Path(references or DEFAULT_REFERENCES).resolve()), "shots": 4,
                       "mask": "downscaled:256"}],

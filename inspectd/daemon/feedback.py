@@ -2,7 +2,8 @@
 
 - "false alarm" (the frame is good): its image goes into the product's references (``shots`` grows so the new
   image is used) or its calibration holdout (the threshold is re-calibrated with it), then the product hot
-  reloads; a copy lands in ``<feedback_dir>/<product>/good/``.
+  reloads; a copy lands in ``<feedback_dir>/<product>/good/``. Only under ``registry.references_root`` when it is
+  set: a product whose folder lies elsewhere moves to a copy there (the operator's folder is never written).
 - "confirmed defect": the image goes to ``<feedback_dir>/<product>/<label>/`` and its mask (map >= threshold) to
   ``<feedback_dir>/<product>/masks/<label>/`` — the `folder` eval layout, so
   ``inspectd eval --dataset folder --root <feedback_dir>`` measures the real accuracy on the line (good/ is
@@ -93,14 +94,15 @@ class FeedbackStore:
             before = entry.config
             config = copy.deepcopy(before)
             name = self._file_name(item)
-            directory = self._good_directory(config, target)
+            directory, seeded = await asyncio.to_thread(self._good_directory, config, target)
             written = [await asyncio.to_thread(_write, directory / name, item.image_png)]
             if target == "references":
                 used = await asyncio.to_thread(reference_files, config.references, 10**6)
                 config.shots = max(config.shots, [p.name for p in used].index(name) + 1)
             written.append(await asyncio.to_thread(_write, root / product / "good" / name, item.image_png))
             record = self._record(FALSE_ALARM, item, remote, target=target, files=written, before=before,
-                                  after=config, version_before=entry.version, threshold_before=entry.threshold)
+                                  after=config, version_before=entry.version, threshold_before=entry.threshold,
+                                  seeded=[str(p) for p in seeded])
             try:
                 new = await self.registry.put(config)
             except BuildError as exc:
@@ -126,7 +128,7 @@ class FeedbackStore:
                 mask = _defect_mask(item.amap, item.result["threshold"], tuple(item.result["size"]))
                 written.append(await asyncio.to_thread(_write, folder / "masks" / label / name, mask))
             record = self._record(DEFECT, item, remote, label=label, files=written,
-                                  seeded_goods=[str(p) for p in seeded])
+                                  seeded=[str(p) for p in seeded])
             return await self._finish(record, item)
 
     async def undo(self, feedback_id: str, remote: str) -> dict[str, Any]:
@@ -216,21 +218,33 @@ class FeedbackStore:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(item.result["ts"] or time.time()))
         return f"fb-{stamp}-{safe_file_name(item.result['frame_id'])[:60]}-{item.id}.png"
 
-    def _good_directory(self, config: ProductConfig, target: str) -> Path:
+    def _good_directory(self, config: ProductConfig, target: str) -> tuple[Path, list[Path]]:
+        """Where a false alarm's image goes, and the images copied there first. The console writes only under
+        ``registry.references_root`` when it is set (as directories set over the admin API): a product whose
+        directory lies elsewhere gets a new one there, seeded with copies of what it used, and switches to it
+        (the operator's own folder is never written). Without ``references_root``, the product's own folder."""
+        key = "references" if target == "references" else "threshold.holdout_dir"
         current = config.references if target == "references" else config.threshold.holdout_dir
-        if current:
-            return Path(current)
         root = self.registry.config.references_root
+        if current and (root is None or Path(current).resolve().is_relative_to(Path(root).resolve())):
+            return Path(current), []
         if root is None:
-            key = "references" if target == "references" else "threshold.holdout_dir"
             raise FeedbackError(409, f"product {config.id!r} has no {key} directory and registry.references_root "
                                      "is not set: nowhere to save the frame")
         directory = Path(root) / (config.id if target == "references" else f"{config.id}-holdout")
+        seeded: list[Path] = []
+        if current:
+            used = reference_files(current, config.shots if target == "references" else 10**6)
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in used:
+                if not (directory / path.name).exists():
+                    shutil.copyfile(path, directory / path.name)
+                    seeded.append(directory / path.name)
         if target == "references":
             config.references = str(directory)
         else:
             config.threshold.holdout_dir = str(directory)
-        return directory
+        return directory, seeded
 
     def _seed_goods(self, folder: Path, product: str) -> list[Path]:
         """The eval folder needs good images: the first time, copy the product's references into good/."""

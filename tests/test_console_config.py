@@ -1,0 +1,31 @@
+"""The console's config keys: typed and validated at load with the key named; `run --check` sees a bad folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inspectd.daemon.checks import check_config
+from inspectd.daemon.config import ConfigError, parse_config
+
+
+@pytest.mark.parametrize(("console", "key"), [
+    ({"review": "disk"}, "console.review"), ({"keep_ng": -1}, "console.keep_ng"),
+    ({"max_side": 0}, "console.max_side"), ({"keep_ok": "many"}, "console.keep_ok"),
+    ({"verdicts": ["NG"]}, "console.verdicts"),
+])
+def test_bad_console_settings_name_their_key(console: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"console": console})
+    assert str(err.value).startswith(f"config error at {key}")
+
+
+def test_check_names_a_feedback_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "fb").write_text("not a folder")
+    config = parse_config({"console": {"feedback_dir": str(tmp_path / "fb")}, "model": {"pretrained": "random"},
+                           "demo": True})
+    problems = check_config(config, products=False)
+    assert any(p.startswith("console.feedback_dir:") for p in problems), problems
+    config.console.feedback_dir = str(tmp_path / "new" / "fb")  # created on first feedback: fine
+    assert not any(p.startswith("console.") for p in check_config(config, products=False))
