@@ -104,7 +104,8 @@ async def test_review_buffer_is_bounded_ng_first_and_carries_the_pictures(
         ids = await send(redis_client, key_prefix, DEFECTS[:4] + GOODS[:2], size=300)
         ok_ids = await send(redis_client, key_prefix, GOODS[:3], product="grid", line="l2", tag="g")
         await wait_until(lambda: sum(s.scored for s in daemon.review.stats.values()) >= 9, what="9 scored")
-        await wait_until(lambda: len(daemon.review._items) == 5, what="5 kept")
+        newest = {ids[-1], ok_ids[-1]}
+        await wait_until(lambda: newest <= {i.result["frame_id"] for i in daemon.review.items()}, what="all rendered")
         items = daemon.review.items()
         verdicts = [i.result["verdict"] for i in items]
         assert verdicts == ["NG", "NG", "NG", "OK", "OK"]  # NG first, bounded per verdict
@@ -219,7 +220,8 @@ async def test_false_alarm_into_references_and_holdout_rebuilds_and_undo_restore
         assert all(r["undone"] for r in (await response.json())["feedback"])
 
 
-async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_client, key_prefix) -> None:  # noqa: ANN001
+async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_client, key_prefix, tiny_checkpoint,
+                                                               tmp_path) -> None:  # noqa: ANN001
     daemon, http = console
     csrf = await sign_in(http)
     await send(redis_client, key_prefix, DEFECTS[:2])
@@ -240,6 +242,15 @@ async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_c
     mask = np.asarray(Image.open(defects[0].mask_path))
     assert mask.shape == (160, 160) and set(np.unique(mask)) <= {0, 255}
     assert daemon.metrics.console_feedback.labels(product="nut", action="defect")._value.get() == 2
+    # ... and `inspectd eval --dataset folder` measures on it
+    from inspectd.cli import main
+
+    out = tmp_path / "eval"
+    args = ["eval", "--dataset", "folder", "--root", str(daemon.feedback.root), "--detector", "winclip",
+            "--shots", "1", "--weights", str(tiny_checkpoint), "--out", str(out), "--eval-size", "128"]
+    assert await asyncio.to_thread(main, args) == 0
+    rows = {(r["category"], r["metric"]): r for r in json.loads((out / "winclip_1shot.json").read_text())["results"]}
+    assert rows[("nut", "image_auroc")]["mean"] is not None and rows[("nut", "pixel_auroc")]["mean"] is not None
 
 
 async def test_false_alarm_never_writes_outside_references_root(redis_url, key_prefix, tmp_path, tiny_backbone,
@@ -262,3 +273,54 @@ async def test_false_alarm_never_writes_outside_references_root(redis_url, key_p
         assert daemon.registry.get("nut").config.references == str(tmp_path / "refs")
     finally:
         await daemon.shutdown()
+
+
+async def test_review_in_redis_is_capped_shared_by_instances_and_holds_no_image_in_memory(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    scorer = await start(console_config(redis_url, key_prefix, tmp_path / "a", review="redis", keep_ng=3),
+                         tiny_backbone)
+    viewer_config = console_config(redis_url, key_prefix, tmp_path / "b", review="redis", keep_ng=3)
+    viewer_config.sources.redis = False  # scores nothing itself: everything it shows comes from the scorer
+    viewer = await start(viewer_config, tiny_backbone)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{viewer.http_port}", cookie_jar=JAR()) as http:
+            csrf = await sign_in(http)
+            heard: list[dict] = []
+
+            async def listen() -> None:
+                async with http.get("/console/api/events") as response:
+                    event = None
+                    async for raw in response.content:
+                        line = raw.decode().strip()
+                        if line.startswith("event:"):
+                            event = line.split(":", 1)[1].strip()
+                        elif line.startswith("data:") and event == "frame":
+                            heard.append(json.loads(line.split(":", 1)[1]))
+                            if len(heard) == 5:
+                                return
+
+            task = asyncio.create_task(listen())
+            await asyncio.sleep(0.5)
+            ids = await send(redis_client, key_prefix, DEFECTS[:4] + GOODS[:1])
+            await asyncio.wait_for(task, 30)  # the viewer's page hears the scorer's frames live
+            assert [f["frame_id"] for f in heard] == ids
+            key = f"{key_prefix}:{{console}}:review:NG"
+            assert await redis_client.xlen(key) == 3  # capped by MAXLEN = keep_ng
+            async with http.get("/console/api/frames") as response:
+                frames = (await response.json())["frames"]
+            assert [f["frame_id"] for f in frames] == ids[2:][::-1]
+            async with http.get(f"/console/api/frames/{frames[0]['id']}/overlay.jpg") as response:
+                assert response.status == 200
+                assert Image.open(__import__("io").BytesIO(await response.read())).format == "JPEG"
+            async with http.post(f"/console/api/frames/{frames[0]['id']}/feedback", headers=csrf,
+                                 json={"action": "defect", "label": "colour"}) as response:
+                assert response.status == 201, await response.text()
+            (category,) = open_dataset(viewer.feedback.root, "folder")
+            assert [s.mask_path is not None for s in category.test if s.label == 1] == [True]
+            async with http.get("/console/api/frames") as response:
+                marked = (await response.json())["frames"][0]
+            assert marked["feedback"]["action"] == "defect"
+        assert scorer.review._items == {} and viewer.review._items == {}  # no review image in either process
+    finally:
+        await viewer.shutdown()
+        await scorer.shutdown()

@@ -148,6 +148,13 @@ class InspectDaemon:
             self.control = ControlListener(self.redis, cfg.redis.control_stream, self.registry, self.metrics,
                                            persist=bool(cfg.registry.products_dir))
             await self.control.start()
+        if cfg.console.enabled and cfg.console.review == "redis" and self.review.keeping:
+            from inspectd.daemon.review_redis import RedisReviewStore
+
+            if self.redis is None:
+                self.redis = self._redis_client()
+            self.review.use_store(RedisReviewStore(self.redis, cfg.redis.prefix,
+                                                   {"NG": cfg.console.keep_ng, "OK": cfg.console.keep_ok}))
         await self._open_sources()
         self._tasks = [asyncio.create_task(self._batch_loop(), name="batcher"),
                        asyncio.create_task(self._engine_loop(), name="engine"),

@@ -162,7 +162,8 @@ class ConsoleConfig:
     """The operator console under /console: review buffer of recent frames and feedback into the product."""
 
     enabled: bool = True  # served by the http server (same auth rules as the admin API)
-    review: str = "memory"  # where recent frames are kept for review: memory | off (lines that keep no images)
+    review: str = "memory"  # where recent frames are kept for review: memory | redis (streams capped by MAXLEN,
+    #                         shared by every instance) | off (lines that must keep no images)
     keep_ng: int = 100  # NG frames kept for review (newest), all products together
     keep_ok: int = 20  # OK frames kept (0 = none)
     max_side: int = 512  # review images are downscaled to this longer side (also the size feedback saves)
@@ -172,7 +173,7 @@ class ConsoleConfig:
     session_ttl_s: float = 12 * 3600.0  # a browser session (obtained once with the admin token) lasts this long
 
     def __post_init__(self) -> None:
-        _choice("console.review", self.review, ("memory", "off"))
+        _choice("console.review", self.review, ("memory", "redis", "off"))
         for key in ("keep_ng", "keep_ok"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"console.{key}", "must be >= 0")

@@ -281,14 +281,16 @@ async def overview(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     ids = sorted(set(daemon.registry.ids() if daemon.registry else []) | set(daemon.review.stats))
     hub = daemon.review
+    listing = await hub.listing(limit=10**6)
     return web.json_response({
         "products": [_product_view(daemon, pid) for pid in ids],
         "review": {"keeping": hub.keeping, "keep_ng": hub.config.keep_ng, "keep_ok": hub.config.keep_ok,
-                   "kept": len(hub._items), "dropped": hub.dropped, "max_side": hub.config.max_side},
+                   "kept": await hub.kept(), "dropped": hub.dropped, "max_side": hub.config.max_side,
+                   "store": hub.config.review},
         "feedback": daemon.feedback is not None and daemon.feedback.root is not None,
         "feedback_dir": str(daemon.feedback.root) if daemon.feedback and daemon.feedback.root else None,
         "demo_weights": bool(daemon.backbone.demo_weights) if daemon.backbone else None,
-        "lines": sorted({i.result["line"] for i in hub.items(limit=10**6)}),
+        "lines": sorted({s["line"] for s in listing}),
     })
 
 
@@ -298,12 +300,12 @@ async def frames(request: web.Request) -> web.Response:
         limit = max(1, min(500, int(query.get("limit", "100"))))
     except ValueError as exc:
         raise ConsoleError(400, "limit must be an integer") from exc
-    items = _daemon(request).review.items(query.get("product") or None, query.get("line") or None, limit)
-    return web.json_response({"frames": [i.summary() for i in items]})
+    summaries = await _daemon(request).review.listing(query.get("product") or None, query.get("line") or None, limit)
+    return web.json_response({"frames": summaries})
 
 
 async def picture(request: web.Request) -> web.Response:
-    item = _daemon(request).review.get(request.match_info["id"])
+    item = await _daemon(request).review.fetch(request.match_info["id"])
     kind = PICTURES.get(request.match_info["kind"])
     if item is None or kind is None:
         raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
@@ -352,7 +354,7 @@ async def give_feedback(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     if daemon.feedback is None:
         raise ConsoleError(409, "feedback is off: set console.feedback_dir (or registry.references_root)")
-    item = daemon.review.get(request.match_info["id"])
+    item = await daemon.review.fetch(request.match_info["id"])
     if item is None:
         raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
     body = await _json_body(request)
@@ -364,7 +366,7 @@ async def give_feedback(request: web.Request) -> web.Response:
         record = await daemon.feedback.defect(item, str(body.get("label") or "defect"), remote)
     else:
         raise ConsoleError(400, f"action must be {FALSE_ALARM!r} or {DEFECT!r}, got {action!r}")
-    daemon.review.publish("feedback", item.summary())
+    daemon.review.set_feedback(item, record)
     return web.json_response({"feedback": record, "product": _product_view(daemon, item.result["product"])},
                              status=201)
 
@@ -374,8 +376,7 @@ async def undo_feedback(request: web.Request) -> web.Response:
     if daemon.feedback is None:
         raise ConsoleError(409, "feedback is off")
     record = await daemon.feedback.undo(request.match_info["id"], request.remote or "?")
-    for item in daemon.review.items(limit=10**6):
-        if item.feedback and item.feedback.get("id") == record["undoes"]:
-            item.feedback = None
-            daemon.review.publish("feedback", item.summary())
+    item = await daemon.review.fetch(record.get("item") or "")
+    if item is not None and item.feedback and item.feedback.get("id") == record["undoes"]:
+        daemon.review.set_feedback(item, None)
     return web.json_response({"undo": record, "product": _product_view(daemon, record["product"])})

@@ -142,7 +142,8 @@ class FeedbackStore:
                 raise FeedbackError(409, f"feedback {feedback_id!r} was already undone")
             await asyncio.to_thread(_remove, [Path(p) for p in record["files"]])
             undo: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "at": time.time(), "action": "undo",
-                                    "undoes": feedback_id, "product": record["product"], "remote": remote}
+                                    "undoes": feedback_id, "item": record.get("item"), "product": record["product"],
+                                    "remote": remote}
             if record["action"] == FALSE_ALARM:
                 entry = self.registry.get(record["product"])
                 if entry is not None:
@@ -182,7 +183,8 @@ class FeedbackStore:
                 before: ProductConfig | None = None, after: ProductConfig | None = None,
                 **extra: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "id": uuid.uuid4().hex[:12], "at": time.time(), "action": action, "product": item.result["product"],
+            "id": uuid.uuid4().hex[:12], "at": time.time(), "action": action, "item": item.id,
+            "product": item.result["product"],
             "line": item.result["line"], "frame_id": item.result["frame_id"], "entry_id": item.result["entry_id"],
             "score": item.result["score"], "threshold": item.result["threshold"],
             "state_version": item.result["state_version"], "files": [str(p) for p in files], "remote": remote,

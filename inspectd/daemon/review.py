@@ -1,9 +1,10 @@
 """The console's review buffer: a bounded window of recently scored frames (downscaled image, overlay, mask)
 people may look at, per-product NG rates, dead letters by reason, and the live-update fan-out.
 
-Nothing here is unbounded: ``keep_ng`` / ``keep_ok`` frames (newest), ``stats_window`` verdicts and one hour of
-timestamps per product, a bounded capture queue (a frame that finds it full is not kept for review and counted)
-and a bounded queue per live subscriber (a slow browser loses its oldest updates, never slows the pipeline).
+Nothing here is unbounded: ``keep_ng`` / ``keep_ok`` frames (newest; in memory, or in Redis streams capped by
+MAXLEN with ``console.review: redis``, see `review_redis`), ``stats_window`` verdicts and one hour of timestamps
+per product, a bounded capture queue (a frame that finds it full is not kept for review and counted) and a
+bounded queue per live subscriber (a slow browser loses its oldest updates, never slows the pipeline).
 Rendering runs in a worker thread, after the frame is published and acked.
 """
 
@@ -33,6 +34,7 @@ THUMB_SIDE = 200
 HOUR_S = 3600.0
 CAPTURE_QUEUE = 32
 SUBSCRIBER_QUEUE = 256
+MAX_FEEDBACK_MARKS = 10_000
 
 
 def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -144,6 +146,9 @@ class ReviewHub:
         self._capture: asyncio.Queue = asyncio.Queue(maxsize=CAPTURE_QUEUE)
         self._subscribers: set[asyncio.Queue] = set()
         self._worker: asyncio.Task | None = None
+        self._tail: asyncio.Task | None = None
+        self.store: Any = None  # review_redis.RedisReviewStore with console.review: redis
+        self._feedback: dict[str, dict[str, Any]] = {}  # item id -> the latest feedback record (bounded)
         self.dropped = 0
 
     # ---------------------------------------------------------------- intake (the daemon's publish loop)
@@ -182,8 +187,11 @@ class ReviewHub:
             item_id = str(next(self._ids))
             try:
                 item = await asyncio.to_thread(render_item, item_id, result, image)
-            except Exception:  # noqa: BLE001 - a picture that cannot be drawn costs only its review entry
-                log.exception("console: could not render frame %s/%s for review", result.product, result.frame_id)
+                if self.store is not None:
+                    item.id = await self.store.add(item)  # the live feed hears of it from the stream (every instance)
+                    continue
+            except Exception:  # noqa: BLE001 - a picture that cannot be drawn or stored costs only its review entry
+                log.exception("console: could not keep frame %s/%s for review", result.product, result.frame_id)
                 continue
             self._keep(item)
             self.publish("frame", item.summary())
@@ -197,12 +205,23 @@ class ReviewHub:
         if self.metrics is not None:
             self.metrics.review_frames.set(len(self._items))
 
+    # ---------------------------------------------------------------- the Redis store (console.review: redis)
+    def use_store(self, store: Any) -> None:
+        """Keep review items in ``store`` (a `review_redis.RedisReviewStore`) instead of this process's memory."""
+        self.store = store
+        self._tail = asyncio.create_task(store.tail(self._heard), name="console-review-tail")
+
+    def _heard(self, summary: dict[str, Any]) -> None:
+        summary["feedback"] = self._feedback.get(summary["id"])
+        self.publish("frame", summary)
+
     # ---------------------------------------------------------------- reads (the console's routes)
     def get(self, item_id: str) -> ReviewItem | None:
+        """An item held in memory (``console.review: memory``)."""
         return self._items.get(item_id)
 
     def items(self, product: str | None = None, line: str | None = None, limit: int = 100) -> list[ReviewItem]:
-        """NG first, then OK; newest first within each."""
+        """Items held in memory: NG first, then OK; newest first within each."""
         out = []
         for verdict in ("NG", "OK"):
             chosen = [i for i in reversed(self._kept[verdict])
@@ -210,6 +229,40 @@ class ReviewHub:
                       and (line is None or i.result["line"] == line)]
             out += chosen
         return out[:limit]
+
+    async def fetch(self, item_id: str) -> ReviewItem | None:
+        """An item by id, from memory or the Redis store, with the feedback given on it."""
+        item = self._items.get(item_id)
+        if item is None and self.store is not None:
+            item = await self.store.get(item_id)
+            if item is not None:
+                item.feedback = self._feedback.get(item_id)
+        return item
+
+    async def listing(self, product: str | None = None, line: str | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
+        """Summaries, NG first, newest first within each, from memory or the Redis store."""
+        if self.store is None:
+            return [i.summary() for i in self.items(product, line, limit)]
+        chosen = [s for s in await self.store.summaries(max(self._limits.values()))
+                  if (product is None or s["product"] == product) and (line is None or s["line"] == line)]
+        for summary in chosen:
+            summary["feedback"] = self._feedback.get(summary["id"])
+        return chosen[:limit]
+
+    async def kept(self) -> int:
+        return len(self._items) if self.store is None else await self.store.count()
+
+    def set_feedback(self, item: ReviewItem, record: dict[str, Any] | None) -> None:
+        """Remember (or, with None, forget) the feedback on ``item`` and tell the live pages."""
+        item.feedback = record
+        if record is None:
+            self._feedback.pop(item.id, None)
+        else:
+            self._feedback[item.id] = record
+            while len(self._feedback) > MAX_FEEDBACK_MARKS:
+                self._feedback.pop(next(iter(self._feedback)))
+        self.publish("feedback", item.summary())
 
     def product_stats(self, product: str) -> dict[str, Any]:
         return self._stats(product).describe(time.time())
@@ -235,6 +288,7 @@ class ReviewHub:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(None)  # the SSE handlers end their streams
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for task in (self._worker, self._tail):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
