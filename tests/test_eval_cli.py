@@ -29,11 +29,11 @@ def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_
     assert rows[("bottle", "image_auroc")]["n_seeds"] == 2 and rows[("bottle", "image_auroc")]["std"] is not None
     assert rows[("mean", "image_auroc")]["paper"] == 93.1  # WinCLIP+ 1-shot MVTec mean, beside ours
     assert any("have no mask" in note for note in doc["notes"])
-    assert doc["demo_weights"] is False  # a checkpoint file, not random weights
+    assert doc["demo_weights"] is True  # the tiny checkpoint file is marked as random weights by its generator
     import csv
 
     with (tmp_path / "out" / "winclip_1shot.csv").open() as handle:
-        assert {row["demo_weights"] for row in csv.DictReader(handle)} == {"false"}
+        assert {row["demo_weights"] for row in csv.DictReader(handle)} == {"true"}
     assert not any("masks missing" in note for note in doc["notes"])  # said once, not twice in other words
     # a second run is served from the score cache: same numbers, no image-tower forward at all
     first = (tmp_path / "out" / "winclip_1shot.csv").read_text()

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Either IMAGE --mask MASK.png --out OUT.png, or --results results.jsonl --out DIR "
                     "(uses each result's frame path and mask_path, as written by the JSONL sink).")
     parser.add_argument("image", nargs="?", help="frame image")
-    parser.add_argument("--mask", help="mask PNG (8-bit: 0..255 = score 0..1), e.g. from a result")
+    parser.add_argument("--mask", help="mask PNG (8- or 16-bit: 0..max = map 0..mask_scale), e.g. from a result")
     parser.add_argument("--results", help="JSONL results file with mask_path and meta.path")
     parser.add_argument("--out", required=True, help="output PNG (single image) or folder (--results)")
     parser.add_argument("--threshold", type=float, default=None, help="outline map >= threshold")
@@ -28,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_map(path: str | Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    """A mask PNG (8- or 16-bit greyscale, as results carry it) as a float map in [0, 1]."""
+    from inspectd.streams.codec import decode_mask_png
+
+    return decode_mask_png(Path(path).read_bytes())[0]
 
 
 def render(image: np.ndarray | str | Path, mask_path: str | Path, out: Path, threshold: float | None,

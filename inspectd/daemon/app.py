@@ -213,11 +213,13 @@ class InspectDaemon:
 
             keys = StreamKeys(cfg.redis.prefix)
             self.sinks.append(RedisResultSink(self.redis, keys, maxlen=cfg.redis.results_maxlen, mask_policy=policies,
-                                              dead_letters=DeadLetterSink(self.redis, keys)))
+                                              dead_letters=DeadLetterSink(self.redis, keys),
+                                              mask_bits=cfg.sinks.mask_bits))
         if cfg.sinks.jsonl:
             from inspectd.streams.jsonl import JsonlSink
 
-            self.sinks.append(JsonlSink(cfg.sinks.jsonl, mask_dir=cfg.sinks.jsonl_masks_dir, mask_policy=policies))
+            self.sinks.append(JsonlSink(cfg.sinks.jsonl, mask_dir=cfg.sinks.jsonl_masks_dir, mask_policy=policies,
+                                        mask_bits=cfg.sinks.mask_bits))
 
     def _mask_policy(self, product: str) -> MaskPolicy | None:
         entry = self.registry.get(product) if self.registry else None
@@ -531,15 +533,14 @@ class InspectDaemon:
                       score=output.score, verdict=verdict, threshold=entry.threshold, detector=entry.config.detector,
                       state_version=str(entry.version), mask=output.map if has_mask else None, mask_note=note,
                       entry_id=frame.entry_id, source=frame.source, timings=timings, meta=frame.meta,
+                      meta_raw=frame.meta_raw, input_fields=frame.input_fields,
                       demo_weights=entry.detector.backbone.demo_weights,
                       mask_scale=entry.detector.mask_scale(entry.state))
 
     def _dead(self, frame: Frame, reason: str, stage: str, detail: str) -> DeadLetter:
         self.metrics.dead_lettered(frame.product, frame.line, reason)
         log.warning("dead letter %s/%s: %s (%s)", frame.product, frame.frame_id, reason, detail)
-        return DeadLetter(reason=reason, stage=stage, product=frame.product, line=frame.line,
-                          frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source, detail=detail,
-                          ack=frame.ack)
+        return DeadLetter.of_frame(frame, reason, stage, detail)
 
     async def _publish_loop(self) -> None:
         while True:

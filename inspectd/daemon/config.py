@@ -106,6 +106,11 @@ class SinksConfig:
     jsonl: str | None = None  # path of a JSONL results file
     jsonl_masks_dir: str | None = None
     publish_stall_s: float = 60.0  # liveness fails when publishing keeps failing this long (watchdog restarts)
+    mask_bits: int = 8  # mask PNG bit depth: 8 (pixel = map / mask_scale x 255) or 16 (x 65535: fine steps)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mask_bits, bool) or self.mask_bits not in (8, 16):
+            raise ConfigError("sinks.mask_bits", f"must be 8 or 16, got {self.mask_bits!r}")
 
 
 @dataclass

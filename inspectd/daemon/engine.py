@@ -68,14 +68,10 @@ class ScoringEngine:
                 self.check_tiles(detector, prepared.size)
                 prepared.tiles, prepared.layout = detector.preprocessor(image)
                 prepared.input_spec = detector.input_spec()
-        except FrameError as exc:
-            return DeadLetter(reason=exc.reason, stage=exc.stage, product=frame.product, line=frame.line,
-                              frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
-                              detail=exc.detail, ack=frame.ack)
+        except FrameError as exc:  # the dead letter keeps the frame's original small fields (ts, meta, ...)
+            return DeadLetter.of_frame(frame, exc.reason, exc.stage, exc.detail)
         except Exception as exc:  # noqa: BLE001 - any decoder bug becomes a dead letter, not a crash
-            return DeadLetter(reason=Reason.DECODE_ERROR, stage="decode", product=frame.product, line=frame.line,
-                              frame_id=frame.frame_id, entry_id=frame.entry_id, source=frame.source,
-                              detail=f"{type(exc).__name__}: {exc}", ack=frame.ack)
+            return DeadLetter.of_frame(frame, Reason.DECODE_ERROR, "decode", f"{type(exc).__name__}: {exc}")
         prepared.timings = {"decode": decoded - started, "preprocess": time.perf_counter() - decoded}
         return prepared
 

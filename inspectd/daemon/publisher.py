@@ -97,7 +97,8 @@ class Publisher:
                 kept_results.append(result)
             else:
                 replacements.append(self._unpublishable(result.product, result.line, result.frame_id,
-                                                        result.entry_id, result.source, problem))
+                                                        result.entry_id, result.source, problem,
+                                                        result.input_fields))
         for letter in dead:
             problem = await self._refusal([], [letter])
             if problem is None:
@@ -105,7 +106,8 @@ class Publisher:
             elif letter.reason != Reason.UNPUBLISHABLE:
                 replacements.append(self._unpublishable(letter.product, letter.line, letter.frame_id,
                                                         letter.entry_id, letter.source,
-                                                        f"{problem} (its dead letter {letter.reason} too)"))
+                                                        f"{problem} (its dead letter {letter.reason} too)",
+                                                        letter.fields))
             else:
                 self._lost(letter, problem)
         for letter in replacements:
@@ -128,14 +130,16 @@ class Publisher:
         return None
 
     def _unpublishable(self, product: str, line: str, frame_id: str, entry_id: str | None, source: str,
-                       problem: str) -> DeadLetter:
+                       problem: str, fields: dict[str, str] | None = None) -> DeadLetter:
+        """The ``unpublishable`` dead letter replacing a refused item; it keeps the frame's original small fields."""
         self.unpublishable += 1
         safe_line = source_line(source)
         self.metrics.dead_lettered(product, safe_line or "unknown", Reason.UNPUBLISHABLE)
         log.error("frame %s/%s (line %r) cannot be published: %s; dead-lettered as unpublishable", product,
                   frame_id, line[:80], problem)
         return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=product, line=safe_line,
-                          frame_id=frame_id, entry_id=entry_id, source=source, detail=problem[:500])
+                          frame_id=frame_id, entry_id=entry_id, source=source, detail=problem[:500],
+                          fields=dict(fields or {}))
 
     def _lost(self, letter: DeadLetter, problem: str) -> None:
         self.metrics.error("unpublishable_dead_letter")

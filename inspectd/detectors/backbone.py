@@ -222,6 +222,9 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
                     weights_mod.missing_message(spec.arch, spec.pretrained, why)) from exc
             raise
         tokenizer = open_clip.get_tokenizer(spec.arch)
+    if not demo and weights_mod.marked_random(source):
+        demo = True  # a seeded random-weight checkpoint inspectd wrote (tests, benchmarks): as meaningless
+        log.warning("%s (%s is marked as random weights by inspectd's generator)", DEMO_WARNING, source.value)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, demo

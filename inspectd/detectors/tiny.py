@@ -1,8 +1,8 @@
 """A tiny random-weight open_clip model ("inspectd-tiny") for tests, demos and timing.
 
 Its checkpoint is written in the Hugging Face hub layout (open_clip_config.json + safetensors) and
-loaded through exactly the code path real weights take. Its scores mean nothing: every consumer
-that loads it outside tests runs in demo mode and says so.
+loaded through exactly the code path real weights take. Its scores mean nothing: the files carry a
+random-weights marker, so every backbone that loads them reports ``demo_weights`` and every result says so.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from inspectd.detectors.weights import RANDOM_MARKER
 
 TINY_ARCH = "inspectd-tiny"
 
@@ -39,7 +41,8 @@ def register_tiny_arch() -> None:
 
 def write_tiny_checkpoint(out_dir: str | Path, image_size: int = 240, patch_size: int = 16, seed: int = 0,
                           logit_scale: float | None = None) -> Path:
-    """Write a random-weight tiny CLIP as ``out_dir/{open_clip_config.json, open_clip_model.safetensors}``."""
+    """Write a random-weight tiny CLIP as ``out_dir/{open_clip_config.json, open_clip_model.safetensors}``, both
+    marked random (``weights.RANDOM_MARKER``): a backbone loading it says ``demo_weights``."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -52,8 +55,10 @@ def write_tiny_checkpoint(out_dir: str | Path, image_size: int = 240, patch_size
         with torch.no_grad():
             model.logit_scale.fill_(float(torch.tensor(logit_scale).log()))
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
+    # marked as random weights, so whoever loads the files is told (results say demo_weights)
+    save_file(state, str(out / "open_clip_model.safetensors"), metadata={RANDOM_MARKER: "true", "seed": str(seed)})
     config = {
+        RANDOM_MARKER: True,
         "model_cfg": cfg,
         "preprocess_cfg": {
             "mean": [0.48145466, 0.4578275, 0.40821073],

@@ -2,12 +2,14 @@
 
 No machine without internet has real CLIP weights. A missing checkpoint is a `WeightsNotFoundError`
 that names the file to get and the commands that get and check it; random weights only ever
-arrive through the explicit ``pretrained: random`` demo setting.
+arrive through the explicit ``pretrained: random`` demo setting, or as a checkpoint inspectd's own
+generator wrote (marked, so results say ``demo_weights``: `marked_random`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,39 @@ class WeightsSource:
 
     kind: str  # "tag" | "file" | "dir" | "random"
     value: str
+
+
+RANDOM_MARKER = "inspectd.random_weights"  # safetensors metadata key / open_clip_config.json key of seeded
+#                                            random-weight checkpoints inspectd writes (tiny.write_tiny_checkpoint)
+
+
+def marked_random(source: WeightsSource) -> bool:
+    """True when a checkpoint file or folder carries the marker inspectd's random-weight generator writes (the
+    safetensors header's metadata, or the folder's open_clip_config.json); reads headers only. Weights made
+    random elsewhere carry no marker and cannot be told from trained ones."""
+    if source.kind not in ("file", "dir"):
+        return False
+    path = Path(source.value)
+    if source.kind == "dir":
+        try:
+            config = json.loads((path / "open_clip_config.json").read_text())
+            if isinstance(config, dict) and config.get(RANDOM_MARKER):
+                return True
+        except (OSError, ValueError):
+            pass
+        files = sorted(path.glob("*.safetensors"))
+    else:
+        files = [path] if path.suffix == ".safetensors" else []
+    for file in files:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                if (handle.metadata() or {}).get(RANDOM_MARKER) == "true":
+                    return True
+        except Exception:  # noqa: BLE001 - not a readable safetensors file: no marker
+            continue
+    return False
 
 
 def looks_like_path(pretrained: str) -> bool:

@@ -1,5 +1,6 @@
-"""Image codec at the edge: frame payload (encoded or raw pixels) -> HxWx3 uint8 RGB, and PNG encoding
-of masks. Every decode failure is a ``FrameError(stage="decode", reason=...)``."""
+"""Image codec at the edge: frame payload (encoded, or raw uint8/uint16 pixels in either byte order) -> HxWx3
+uint8 RGB, and masks as 8- or 16-bit greyscale PNG (and back, for consumers). Every decode failure is a
+``FrameError(stage="decode", reason=...)``."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def decode_frame_image(frame: Frame, limits: DecodeLimits | None = None) -> np.n
     if not frame.payload:
         raise _fail(R_MISSING, "frame has neither image nor payload")
     if frame.raw_shape is not None:
-        return decode_raw(frame.payload, frame.raw_shape, frame.raw_dtype or "uint8", limits)
+        return decode_raw(frame.payload, frame.raw_shape, frame.raw_dtype or "uint8", limits,
+                          byte_order=frame.raw_byte_order)
     return decode_image_bytes(frame.payload, limits)
 
 
@@ -92,10 +94,14 @@ def is_raw_shape(shape: tuple[int, ...]) -> bool:
 
 
 def decode_raw(
-    data: bytes, shape: tuple[int, ...], dtype: str, limits: DecodeLimits | None = None
+    data: bytes, shape: tuple[int, ...], dtype: str, limits: DecodeLimits | None = None, *,
+    byte_order: str = "little",
 ) -> np.ndarray:
-    """Raw pixel bytes with shape (H,W) or (H,W,1|3|4) and dtype uint8/uint16 -> HxWx3 uint8 RGB."""
+    """Raw pixel bytes with shape (H,W) or (H,W,1|3|4), row-major, channels interleaved, dtype uint8/uint16
+    (``byte_order`` "little" or "big" for uint16) -> HxWx3 uint8 RGB (uint16 reduced by :func:`to_rgb8`)."""
     limits = limits or DecodeLimits()
+    if byte_order not in ("little", "big"):
+        raise _fail(R_BAD_RAW_DTYPE, f"byte order {byte_order!r} is not 'little' or 'big'")
     if len(data) > limits.max_bytes:
         raise _fail(R_TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
     if dtype not in RAW_DTYPES:
@@ -105,7 +111,7 @@ def decode_raw(
         raise _fail(R_BAD_RAW_SHAPE, f"shape {shape} is not (H,W) or (H,W,1|3|4)")
     if shape[0] * shape[1] > limits.max_pixels:
         raise _fail(R_TOO_MANY_PIXELS, f"{shape[1]}x{shape[0]} > {limits.max_pixels} pixels")
-    np_dtype = np.dtype(dtype).newbyteorder("<")
+    np_dtype = np.dtype(dtype).newbyteorder("<" if byte_order == "little" else ">")
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise _fail(R_BAD_RAW_SHAPE, f"{len(data)} bytes, shape {shape} {dtype} needs {expected}")
@@ -113,7 +119,10 @@ def decode_raw(
 
 
 def to_rgb8(array: np.ndarray) -> np.ndarray:
-    """HxW / HxWx1|3|4 uint8|uint16 -> contiguous HxWx3 uint8 (alpha dropped, gray replicated)."""
+    """HxW / HxWx1|3|4 uint8|uint16 -> contiguous HxWx3 uint8 (alpha dropped, gray replicated).
+
+    uint16 is reduced linearly over its full range, ``round(v * 255 / 65535)`` (0 -> 0, 65535 -> 255; no
+    windowing): 10/12-bit sensor data must be scaled to the full 16-bit range by its producer."""
     a = np.asarray(array)
     if a.dtype == np.uint16 or a.dtype.kind in "ui" and a.dtype.itemsize > 1:
         a = ((np.clip(a, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
@@ -159,22 +168,62 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MASK_BITS = (8, 16)
+
+
 def mask_to_uint8(mask: np.ndarray, max_side: int | None = None) -> np.ndarray:
     """A float [0,1] HxW map as uint8 0..255, optionally shrunk so its longer side is <= max_side."""
+    m = _mask_2d(mask)
+    m8 = (np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    size = _shrunk_size(m8.shape, max_side)
+    if size is not None:
+        m8 = np.asarray(Image.fromarray(m8).resize(size, Image.Resampling.BILINEAR))
+    return m8
+
+
+def mask_to_uint16(mask: np.ndarray, max_side: int | None = None) -> np.ndarray:
+    """A float [0,1] HxW map as uint16 0..65535 (shrunk in float first, like :func:`mask_to_uint8`)."""
+    m = np.clip(np.nan_to_num(_mask_2d(mask), nan=0.0), 0.0, 1.0)
+    size = _shrunk_size(m.shape, max_side)
+    if size is not None:
+        m = np.clip(np.asarray(Image.fromarray(m).resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
+    return (m * 65535.0 + 0.5).astype(np.uint16)
+
+
+def _mask_2d(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask, dtype=np.float32)
     if m.ndim == 3 and m.shape[-1] == 1:
         m = m[..., 0]
     if m.ndim != 2:
         raise ValueError(f"mask must be HxW, got shape {m.shape}")
-    m8 = (np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    h, w = m8.shape
-    if max_side is not None and max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        m8 = np.asarray(Image.fromarray(m8).resize(size, Image.Resampling.BILINEAR))
-    return m8
+    return m
 
 
-def encode_mask_png(mask: np.ndarray, max_side: int | None = None) -> bytes:
-    """Grayscale 8-bit PNG of a float [0,1] anomaly map, optionally downscaled to ``max_side``."""
-    return encode_png(mask_to_uint8(mask, max_side))
+def _shrunk_size(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int] | None:
+    """(width, height) with the longer side ``max_side``, or None when no shrinking is needed."""
+    h, w = shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return None
+    scale = max_side / max(h, w)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def encode_mask_png(mask: np.ndarray, max_side: int | None = None, bits: int = 8) -> bytes:
+    """Greyscale PNG of a float [0,1] anomaly map (pixel = map x (2**bits - 1)), 8- or 16-bit, optionally
+    downscaled to ``max_side``. 16-bit samples are big-endian in the file, as PNG prescribes."""
+    if bits == 8:
+        return encode_png(mask_to_uint8(mask, max_side))
+    if bits != 16:
+        raise ValueError(f"mask bits must be one of {MASK_BITS}, got {bits!r}")
+    buf = io.BytesIO()
+    Image.fromarray(mask_to_uint16(mask, max_side)).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def decode_mask_png(data: bytes) -> tuple[np.ndarray, int]:
+    """(HxW float32 map in [0,1], bit depth) of a mask PNG as results carry it (8- or 16-bit greyscale)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(img, dtype=np.float32) / 65535.0, 16
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0, 8

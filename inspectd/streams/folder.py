@@ -85,7 +85,7 @@ class FolderSource:
         self.rescan_s = rescan_s
         self.full_walks = 0
         self._dirty: set[Path] = set()
-        self._last_full = 0.0
+        self._last_full = float("-inf")  # the first poll walks the folder (monotonic time may be < rescan_s)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -245,19 +245,22 @@ class FolderSource:
         product = self.product or (parts[0] if len(parts) > 1 else "")
         stat = self._last_seen.get(path, ((0, 0), 0.0))[0]
         common = {"product": product, "line": self.line, "frame_id": rel, "entry_id": rel, "source": self.source}
+        frame = Frame(captured_at=stat[1] / 1e9, meta={"path": str(path)}, **common)
+
+        def dead(reason: Reason, stage: str, detail: str) -> DeadLetter:  # with the file's fields (path in meta)
+            frame.ack = self._ack(path, stat, dead=True)
+            return DeadLetter.of_frame(frame, reason, stage, detail)
+
         if not product:
-            return DeadLetter(reason=Reason.NO_PRODUCT, stage="parse", detail="file is not in a <product>/ folder "
-                              "and no product is configured", ack=self._ack(path, stat, dead=True), **common)
+            return dead(Reason.NO_PRODUCT, "parse", "file is not in a <product>/ folder and no product is configured")
         if stat[0] > self.max_bytes:
-            return DeadLetter(reason=Reason.TOO_LARGE, stage="decode", detail=f"{stat[0]} bytes > {self.max_bytes}",
-                              ack=self._ack(path, stat, dead=True), **common)
+            return dead(Reason.TOO_LARGE, "decode", f"{stat[0]} bytes > {self.max_bytes}")
         try:
-            payload = path.read_bytes()
+            frame.payload = path.read_bytes()
         except OSError as exc:
-            return DeadLetter(reason=Reason.UNREADABLE, stage="parse", detail=str(exc),
-                              ack=self._ack(path, stat, dead=True), **common)
-        return Frame(captured_at=stat[1] / 1e9, payload=payload, meta={"path": str(path)},
-                     ack=self._ack(path, stat, dead=False), **common)
+            return dead(Reason.UNREADABLE, "parse", str(exc))
+        frame.ack = self._ack(path, stat, dead=False)
+        return frame
 
     # -- acknowledging ------------------------------------------------------------------------------
 

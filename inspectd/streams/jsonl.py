@@ -16,6 +16,7 @@ from inspectd.streams.folder import IMAGE_SUFFIXES
 from inspectd.streams.records import (
     MaskPolicies,
     MaskPolicy,
+    check_mask_bits,
     dead_letter_record,
     encode_result_mask,
     policy_for,
@@ -52,8 +53,10 @@ class JsonlSink:
         mask_policy: MaskPolicies = None,
         default_mask_policy: MaskPolicy | None = None,
         fsync: bool = True,
+        mask_bits: int = 8,
     ) -> None:
         self.path = Path(path)
+        self.mask_bits = check_mask_bits(mask_bits)  # mask PNGs: 8- or 16-bit greyscale
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self._policy = mask_policy
         self.default_mask_policy = default_mask_policy or MaskPolicy()
@@ -77,9 +80,9 @@ class JsonlSink:
         return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
 
     def _result_line(self, result: Result) -> dict[str, Any]:
-        record = {"kind": "result", **result_record(result)}
+        record = {"kind": "result", **result_record(result, self.mask_bits)}
         if self.mask_dir is not None and result.mask is not None:
-            png, note = encode_result_mask(result, self.policy_for(result.product))
+            png, note = encode_result_mask(result, self.policy_for(result.product), self.mask_bits)
             record["mask_note"] = note
             if png is not None:
                 path = self._mask_path(result)

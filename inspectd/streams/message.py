@@ -4,6 +4,7 @@ or into a DeadLetter when a field is missing or malformed (``parse_frame_fields`
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -12,6 +13,8 @@ from inspectd.streams.codec import RAW_DTYPES, is_raw_shape
 from inspectd.streams.reasons import Reason
 from inspectd.streams.redis_keys import validate_line
 from inspectd.streams.schema import (
+    BYTE_ORDERS,
+    F_BYTE_ORDER,
     F_CAPTURED_AT,
     F_DTYPE,
     F_FRAME_ID,
@@ -38,9 +41,11 @@ def frame_fields(
     captured_at: float | None = None,
     shape: tuple[int, ...] | None = None,
     dtype: str | None = None,
-    meta: Mapping[str, Any] | None = None,
+    byte_order: str | None = None,
+    meta: Mapping[str, Any] | str | bytes | None = None,
 ) -> dict[str, bytes | str]:
-    """XADD fields for one frame; ``shape``/``dtype`` mark ``image`` as raw pixels."""
+    """XADD fields for one frame; ``shape``/``dtype`` (and ``byte_order`` for uint16) mark ``image`` as raw
+    pixels. ``meta`` as a mapping is written as compact JSON; as text or bytes it is sent exactly as given."""
     fields: dict[str, bytes | str] = {
         F_PRODUCT: product,
         F_LINE: line,
@@ -51,7 +56,11 @@ def frame_fields(
     if shape is not None:
         fields[F_SHAPE] = ",".join(str(int(s)) for s in shape)
         fields[F_DTYPE] = dtype or "uint8"
-    if meta:
+        if byte_order is not None:
+            fields[F_BYTE_ORDER] = byte_order
+    if isinstance(meta, str | bytes):
+        fields[F_META] = meta
+    elif meta:
         fields[F_META] = json.dumps(dict(meta), separators=(",", ":"))
     return fields
 
@@ -102,7 +111,9 @@ def parse_frame_fields(
 ) -> Frame | DeadLetter:
     """A Frame from one stream entry, or a DeadLetter(stage="parse") naming what is wrong.
 
-    Required: product, image. ``frame_id`` defaults to the entry id, ``ts`` to the entry id's time.
+    Required: product, image. ``frame_id`` defaults to the entry id, ``ts`` to the entry id's time. The Frame
+    keeps ``meta`` exactly as sent (``meta_raw``) and the message's small fields (``input_fields``), so a later
+    stage's dead letter still carries them.
     The line rule: a frame belongs to the line of the stream it was read from (``default_line``), so its
     result can only go to that line's results stream; a ``line`` field naming another line, or no valid
     line id at all, is a ``bad_line`` dead letter on the stream's own line.
@@ -115,9 +126,11 @@ def parse_frame_fields(
         "frame_id": _text(raw.get(F_FRAME_ID, b""))[:SMALL_FIELD_LIMIT] or entry_id,
     }
 
+    input_fields = small_fields(raw)
+
     def dead(reason: str, detail: str) -> DeadLetter:
         return DeadLetter(reason=reason, stage="parse", entry_id=entry_id, source=source, detail=detail,
-                          fields=small_fields(raw), **base)
+                          fields=input_fields, **base)
 
     line_problem = _line_problem(claimed, default_line)
     if line_problem:
@@ -140,28 +153,40 @@ def parse_frame_fields(
         dtype = _text(raw.get(F_DTYPE, b"uint8")) or "uint8"
         if dtype not in RAW_DTYPES:
             return dead(Reason.BAD_DTYPE, f"dtype {dtype[:40]!r} not uint8/uint16")
+    byte_order = _text(raw.get(F_BYTE_ORDER, b"")) or "little"
+    if byte_order not in BYTE_ORDERS:
+        return dead(Reason.BAD_BYTE_ORDER, f"byte_order {byte_order[:40]!r} is not 'little' or 'big'")
 
     if raw.get(F_CAPTURED_AT):
+        text = _text(raw[F_CAPTURED_AT])
         try:
-            captured_at = float(_text(raw[F_CAPTURED_AT]))
+            captured_at = float(text)
         except ValueError:
-            return dead(Reason.BAD_TS, f"ts {_text(raw[F_CAPTURED_AT])[:40]!r} is not a number")
+            return dead(Reason.BAD_TS, f"ts {text[:40]!r} is not a number")
+        if not math.isfinite(captured_at):
+            return dead(Reason.BAD_TS, f"ts {text[:40]!r} is not a finite number")
     else:
         captured_at = entry_time(entry_id)
 
     meta: dict[str, Any] = {}
+    meta_raw: bytes | None = None
     if raw.get(F_META):
-        size = len(raw[F_META])
-        if size > max_meta_bytes:
-            return dead(Reason.META_TOO_LARGE, f"meta is {size} bytes > {max_meta_bytes} (decode.max_meta_bytes)")
+        value = raw[F_META]
+        meta_raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        if len(meta_raw) > max_meta_bytes:
+            return dead(Reason.META_TOO_LARGE,
+                        f"meta is {len(meta_raw)} bytes > {max_meta_bytes} (decode.max_meta_bytes)")
         try:
-            meta = json.loads(_text(raw[F_META]))
+            meta = json.loads(meta_raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return dead(Reason.BAD_META, f"meta is not UTF-8: {exc}")
         except ValueError as exc:
             return dead(Reason.BAD_META, f"meta is not JSON: {exc}")
         if not isinstance(meta, dict):
             return dead(Reason.BAD_META, "meta is not a JSON object")
 
-    return Frame(captured_at=captured_at, payload=payload, raw_shape=shape, raw_dtype=dtype, meta=meta,
+    return Frame(captured_at=captured_at, payload=payload, raw_shape=shape, raw_dtype=dtype,
+                 raw_byte_order=byte_order, meta=meta, meta_raw=meta_raw, input_fields=input_fields,
                  source=source, entry_id=entry_id, **base)
 
 

@@ -1,7 +1,8 @@
 """Every dead-letter reason the daemon can emit, in one enum, with the stage and what it means.
 
-README's poison-frame table is checked against this list (tests/test_reasons.py), and a test scans
-the code so no reason string is used that is not listed here.
+README's poison-frame table is generated from this list (``spec/readme_tables.py``), the stream spec's
+``reason`` enum and its reason -> stage rules are checked against it (tests/test_wire_spec.py), and a test
+scans the code so no reason string is used that is not listed here (tests/test_hardening.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ class Reason(StrEnum):
     BAD_LINE = "bad_line"
     BAD_SHAPE = "bad_shape"
     BAD_DTYPE = "bad_dtype"
+    BAD_BYTE_ORDER = "bad_byte_order"
     BAD_TS = "bad_ts"
     BAD_META = "bad_meta"
     META_TOO_LARGE = "meta_too_large"
@@ -47,8 +49,9 @@ REASONS: dict[Reason, tuple[str, str]] = {
     Reason.BAD_LINE: ("parse", "`line` is not a valid line id, or names another line than the stream's"),
     Reason.BAD_SHAPE: ("parse", "`shape` is not H,W or H,W,C with C in 1/3/4"),
     Reason.BAD_DTYPE: ("parse", "`dtype` is not uint8 or uint16"),
-    Reason.BAD_TS: ("parse", "`ts` is not a number"),
-    Reason.BAD_META: ("parse", "`meta` is not a JSON object"),
+    Reason.BAD_BYTE_ORDER: ("parse", "`byte_order` is not `little` or `big`"),
+    Reason.BAD_TS: ("parse", "`ts` is not a finite decimal number"),
+    Reason.BAD_META: ("parse", "`meta` is not a JSON object in UTF-8"),
     Reason.META_TOO_LARGE: ("parse", "`meta` is larger than `decode.max_meta_bytes`"),
     Reason.TOO_MANY_DELIVERIES: ("parse", "the entry was delivered more than `redis.max_deliveries` times "
                                           "(it keeps crashing consumers)"),

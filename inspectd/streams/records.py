@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from inspectd.streams.codec import encode_mask_png
+from inspectd.streams.codec import MASK_BITS, encode_mask_png
 from inspectd.streams.schema import DeadLetter, Result
 
 MASK_FULL = "full"
@@ -60,23 +60,36 @@ def policy_for(policies: MaskPolicies, product: str, default: MaskPolicy) -> Mas
     return found or default
 
 
-def encode_result_mask(result: Result, policy: MaskPolicy) -> tuple[bytes | None, str]:
-    """(PNG bytes or None, mask note) for a result under a policy."""
+def encode_result_mask(result: Result, policy: MaskPolicy, bits: int = 8) -> tuple[bytes | None, str]:
+    """(PNG bytes or None, mask note) for a result under a policy; ``bits`` 8 or 16 per pixel."""
     if result.mask is None:
         return None, result.mask_note
     if policy.mode == MASK_NONE:
         return None, result.mask_note or "mask not published (product policy: none)"
-    mask = np.asarray(result.mask) / (result.mask_scale or 1.0)  # 255 = mask_scale on the detector's map scale
+    mask = np.asarray(result.mask) / (result.mask_scale or 1.0)  # full scale = mask_scale on the detector's map
     max_side = policy.max_side if policy.mode == MASK_DOWNSCALED else None
-    png = encode_mask_png(mask, max_side)
+    png = encode_mask_png(mask, max_side, bits)
     note = result.mask_note
     if max_side is not None and max(mask.shape[:2]) > max_side:
         note = note or f"downscaled from {mask.shape[1]}x{mask.shape[0]} to max side {max_side}"
     return png, note
 
 
-def result_record(result: Result) -> dict[str, Any]:
-    """The result's fields as JSON-ready values (no mask)."""
+def mask_threshold(result: Result, bits: int = 8) -> float:
+    """The threshold on the mask's pixel scale: the pixel value where the map reaches the product's threshold
+    (``threshold / mask_scale x (2**bits - 1)``; above the maximum pixel value when no map value can reach it)."""
+    return float(result.threshold) / float(result.mask_scale or 1.0) * float((1 << bits) - 1)
+
+
+def check_mask_bits(bits: int) -> int:
+    """``bits`` when it is a mask bit depth the sinks write (8 or 16), else ValueError."""
+    if isinstance(bits, bool) or bits not in MASK_BITS:
+        raise ValueError(f"mask bits must be one of {list(MASK_BITS)}, got {bits!r}")
+    return int(bits)
+
+
+def result_record(result: Result, mask_bits: int = 8) -> dict[str, Any]:
+    """The result's fields as JSON-ready values (no mask); ``mask_bits`` is the depth its mask is written in."""
     return {
         "product": result.product,
         "line": result.line,
@@ -92,6 +105,8 @@ def result_record(result: Result) -> dict[str, Any]:
         "mask_note": result.mask_note,
         "demo_weights": bool(result.demo_weights),
         "mask_scale": float(result.mask_scale),
+        "mask_bits": int(mask_bits),
+        "mask_threshold": mask_threshold(result, mask_bits),
         "source": result.source,
         "meta": result.meta,
     }

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from inspectd.streams.records import (
     MaskPolicies,
     MaskPolicy,
+    check_mask_bits,
     dead_letter_record,
     encode_result_mask,
     policy_for,
@@ -26,19 +27,21 @@ DEFAULT_LINE = "unknown"
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+    """Compact JSON text, non-ASCII kept as UTF-8 (not escaped)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def result_fields(result: Result, policy: MaskPolicy) -> Fields:
-    """XADD fields of one result; ``mask`` (PNG bytes) only when one is published."""
-    rec = result_record(result)
-    png, note = encode_result_mask(result, policy)
+def result_fields(result: Result, policy: MaskPolicy, mask_bits: int = 8) -> Fields:
+    """XADD fields of one result (``spec/streams.asyncapi.yaml``, message ``Result``); ``mask`` (PNG bytes,
+    ``mask_bits`` per pixel) only when one is published; ``meta`` byte for byte as the frame sent it."""
+    rec = result_record(result, mask_bits)
+    png, note = encode_result_mask(result, policy, mask_bits)
     fields: Fields = {
         "product": rec["product"],
         "line": rec["line"],
         "frame_id": rec["frame_id"],
         "entry_id": rec["entry_id"],
-        "ts": repr(rec["ts"]),
+        "ts": repr(float(rec["ts"])),
         "score": repr(rec["score"]),
         "verdict": rec["verdict"],
         "threshold": repr(rec["threshold"]),
@@ -47,9 +50,11 @@ def result_fields(result: Result, policy: MaskPolicy) -> Fields:
         "timings": _json(rec["timings"]),
         "mask_note": note,
         "demo_weights": "1" if rec["demo_weights"] else "0",
-        "mask_scale": repr(float(result.mask_scale)),
+        "mask_scale": repr(rec["mask_scale"]),
+        "mask_bits": str(rec["mask_bits"]),
+        "mask_threshold": repr(rec["mask_threshold"]),
         "source": rec["source"],
-        "meta": _json(rec["meta"]),
+        "meta": result.meta_raw if result.meta_raw is not None else _json(rec["meta"]),
     }
     if png is not None:
         fields["mask"] = png
@@ -57,7 +62,8 @@ def result_fields(result: Result, policy: MaskPolicy) -> Fields:
 
 
 def dead_letter_fields(dead: DeadLetter, field_limit: int = 512) -> Fields:
-    """XADD fields of one dead letter: ids, reason, stage, detail and the original small fields (JSON)."""
+    """XADD fields of one dead letter (message ``DeadLetter`` of the spec): ids, reason, stage, detail and the
+    original small fields as one JSON object (``fields``)."""
     rec = dead_letter_record(dead, field_limit)
     fields: Fields = {k: v for k, v in rec.items() if k != "fields"}
     fields["fields"] = _json(rec["fields"])
@@ -94,7 +100,8 @@ class RedisResultSink:
     """XADDs results to ``keys.results(line)`` (or one fixed ``stream``), trimmed to ~``maxlen``.
 
     ``mask_policy`` maps product -> MaskPolicy (a mapping, or a callable), ``default_mask_policy`` covers
-    the rest. ``publish_batch`` returns only after Redis confirmed every XADD: ack the inputs then.
+    the rest; ``mask_bits`` (8 or 16, ``sinks.mask_bits``) is the masks' bit depth.
+    ``publish_batch`` returns only after Redis confirmed every XADD: ack the inputs then.
     """
 
     def __init__(
@@ -107,8 +114,10 @@ class RedisResultSink:
         mask_policy: MaskPolicies = None,
         default_mask_policy: MaskPolicy | None = None,
         dead_letters: DeadLetterSink | None = None,
+        mask_bits: int = 8,
     ) -> None:
         self.client = client
+        self.mask_bits = check_mask_bits(mask_bits)
         self.keys = keys or StreamKeys()
         self.stream = stream
         self.maxlen = maxlen
@@ -124,7 +133,7 @@ class RedisResultSink:
 
     def encode(self, results: Sequence[Result]) -> list[Fields]:
         """Field dicts for the batch (CPU: PNG encoding; ``publish_batch`` runs it in a thread)."""
-        return [result_fields(r, self.policy_for(r.product)) for r in results]
+        return [result_fields(r, self.policy_for(r.product), self.mask_bits) for r in results]
 
     async def publish_batch(self, results: Sequence[Result], dead_letters: Sequence[DeadLetter] = ()
                             ) -> list[str]:

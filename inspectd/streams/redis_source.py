@@ -183,7 +183,7 @@ class RedisStreamSource:
                 item = DeadLetter(reason=Reason.TOO_MANY_DELIVERIES, stage="parse", product=item.product,
                                   line=item.line, frame_id=item.frame_id, entry_id=item.entry_id, source=item.source,
                                   detail=f"delivered {times} times (max_deliveries {self.max_deliveries}); "
-                                         "it may crash the daemon", ack=item.ack)
+                                         "it may crash the daemon", fields=dict(item.input_fields), ack=item.ack)
             out.append(item)
         return out
 

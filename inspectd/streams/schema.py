@@ -6,6 +6,7 @@ source is its ``ack`` handle. Sinks write Results and DeadLetters; nothing raise
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ F_IMAGE = "image"
 F_SHAPE = "shape"
 F_DTYPE = "dtype"
 F_META = "meta"
+F_BYTE_ORDER = "byte_order"
+BYTE_ORDERS = ("little", "big")  # of raw uint16 pixels; little is the default
 
 
 @dataclass(slots=True)
@@ -40,8 +43,11 @@ class Frame:
     payload: bytes | None = None  # encoded image (PNG/JPEG/BMP/TIFF) or raw pixel bytes
     raw_shape: tuple[int, ...] | None = None  # set when payload is raw pixels
     raw_dtype: str | None = None
+    raw_byte_order: str = "little"  # of raw uint16 pixels: "little" | "big"
     image: np.ndarray | None = None  # HxWx3 uint8 RGB once decoded
     meta: dict[str, Any] = field(default_factory=dict)
+    meta_raw: bytes | None = None  # the `meta` field exactly as sent (results return it byte for byte)
+    input_fields: dict[str, str] = field(default_factory=dict)  # the message's small fields, for dead letters
     source: str = ""  # e.g. "redis:inspect:{line1}:frames", "camera:0", "folder:/data/in"
     entry_id: str | None = None  # source position (Redis entry id) for de-duplication
     received_at: float = field(default_factory=time.time)
@@ -68,6 +74,9 @@ class Result:
     source: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    meta_raw: bytes | None = None  # the frame's `meta` field as sent; None: none sent (or not from a stream)
+    input_fields: dict[str, str] = field(default_factory=dict)  # the frame's small fields (an unpublishable
+    #                                                             result's dead letter carries them)
     demo_weights: bool = False  # True when scored by random (meaningless) weights
     mask_scale: float = 1.0  # the map value a mask pixel of 255 stands for (maps of some detectors exceed 1)
 
@@ -86,6 +95,24 @@ class DeadLetter:
     detail: str = ""
     fields: dict[str, str] = field(default_factory=dict)  # the original message's small fields
     ack: AckHandle | None = None  # acknowledges the source entry once the dead letter is published
+
+    @classmethod
+    def of_frame(cls, frame: Frame, reason: str, stage: str, detail: str = "") -> DeadLetter:
+        """The dead letter of a parsed frame refused at a later stage (decode, product, score): it keeps the
+        frame's ids, its ack and its original small fields (``ts``, ``meta``, ...; never the image)."""
+        return cls(reason=reason, stage=stage, product=frame.product, line=frame.line, frame_id=frame.frame_id,
+                   entry_id=frame.entry_id, source=frame.source, detail=detail,
+                   fields=dict(frame.input_fields) or describe_frame(frame), ack=frame.ack)
+
+
+def describe_frame(frame: Frame) -> dict[str, str]:
+    """Wire-style small fields of a frame that did not come as a stream message (a camera, a folder)."""
+    fields = {F_PRODUCT: frame.product, F_LINE: frame.line, F_FRAME_ID: frame.frame_id,
+              F_CAPTURED_AT: repr(float(frame.captured_at))}
+    if frame.meta_raw is not None or frame.meta:
+        fields[F_META] = (frame.meta_raw.decode("utf-8", errors="replace") if frame.meta_raw is not None
+                          else json.dumps(frame.meta, separators=(",", ":"), default=str))
+    return fields
 
 
 class FrameError(Exception):
