@@ -194,8 +194,11 @@ async def test_false_alarm_into_references_and_holdout_rebuilds_and_undo_restore
     product_file = Path(daemon.config.registry.products_dir) / "nut.yaml"
     assert "shots: 3" in product_file.read_text()  # persisted: a restart keeps it
 
+    async with http.put("/console/api/products/nut/feedback-target", headers=csrf, json={"target": "holdout"}
+                        ) as response:  # the operator's choice for this product, kept by the daemon
+        assert response.status == 200 and (await response.json())["feedback_target"] == "holdout"
     async with http.post(f"/console/api/frames/{second.id}/feedback", headers=csrf,
-                         json={"action": "false_alarm", "target": "holdout"}) as response:
+                         json={"action": "false_alarm"}) as response:
         assert response.status == 201, await response.text()
     held = daemon.registry.get("nut")
     assert held.version == after.version + 1 and held.config.threshold.holdout_dir
@@ -224,13 +227,17 @@ async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_c
                                                                tmp_path) -> None:  # noqa: ANN001
     daemon, http = console
     csrf = await sign_in(http)
-    await send(redis_client, key_prefix, DEFECTS[:2])
-    await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
-    for item, label in zip(daemon.review.items(), ("colour", "colour"), strict=True):
+    await send(redis_client, key_prefix, DEFECTS[:3])
+    await wait_until(lambda: len(daemon.review.items()) == 3, what="3 kept")
+    *confirmed, spare = daemon.review.items()
+    for item in confirmed:
         async with http.post(f"/console/api/frames/{item.id}/feedback", headers=csrf,
-                             json={"action": "defect", "label": label}) as response:
+                             json={"action": "defect", "label": "colour"}) as response:
             assert response.status == 201, await response.text()
     async with http.post(f"/console/api/frames/{item.id}/feedback", headers=csrf,
+                         json={"action": "defect", "label": "colour"}) as response:
+        assert response.status == 409  # a double tap: feedback once per frame (undo first)
+    async with http.post(f"/console/api/frames/{spare.id}/feedback", headers=csrf,
                          json={"action": "defect", "label": "../x"}) as response:
         assert response.status == 400  # a label is a folder name, never a path
     (category,) = open_dataset(daemon.feedback.root, "folder")
@@ -324,3 +331,84 @@ async def test_review_in_redis_is_capped_shared_by_instances_and_holds_no_image_
     finally:
         await viewer.shutdown()
         await scorer.shutdown()
+
+
+async def test_feedback_saves_the_frame_as_scored_and_two_false_alarms_undo_independently(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    config = console_config(redis_url, key_prefix, tmp_path, max_side=128)
+    config.registry.watch = True  # the watcher sees our own writes and rebuilds meanwhile: nothing may be lost
+    config.registry.debounce_s = 0.05
+    daemon = await start(config, tiny_backbone)
+    try:
+        from tests.daemon_helpers import png_bytes
+
+        await send(redis_client, key_prefix, GOODS[:2], size=300)
+        await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
+        second, first = daemon.review.items()  # newest first
+        one = await daemon.feedback.false_alarm(first, "references", "test")
+        two = await daemon.feedback.false_alarm(second, "references", "test")
+        entry = daemon.registry.get("nut")
+        assert entry.config.shots == 4 and len(entry.references) == 4  # both new references are used
+        saved = Path(one["files"][0])
+        assert saved.read_bytes() == png_bytes(GOODS[0], 300)  # the frame as sent, not the 128 px review copy
+        assert Image.open(saved).size == (300, 300)
+        await daemon.feedback.undo(one["id"], "test")
+        entry = daemon.registry.get("nut")
+        assert entry.config.shots == 3 and Path(two["files"][0]).name in entry.references
+        assert not saved.exists()
+        await asyncio.sleep(0.3)  # let the watcher catch up with the undo's own deletes
+        assert (await daemon.registry.settled("nut")).config.shots == 3
+    finally:
+        await daemon.shutdown()
+
+
+async def test_made_up_products_share_one_stats_entry_and_skipped_lines_keep_no_frame(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path, skip_lines=["l2"]), tiny_backbone)
+    try:
+        for i in range(30):
+            await send(redis_client, key_prefix, DEFECTS[:1], product=f"evil-{i}", tag=f"e{i}")
+        await send(redis_client, key_prefix, DEFECTS[:2], line="l2", tag="private")
+        await wait_until(lambda: daemon.review.stats.get("_unknown") is not None
+                         and sum(daemon.review.stats["_unknown"].dead.values()) == 30, what="30 dead letters")
+        await wait_until(lambda: daemon.review.stats.get("nut") is not None and daemon.review.stats["nut"].scored == 2,
+                         what="2 scored")
+        assert set(daemon.review.stats) == {"_unknown", "nut"}
+        assert daemon.review.items() == []  # line l2 keeps no frame
+    finally:
+        await daemon.shutdown()
+
+
+async def test_a_forged_review_entry_in_redis_cannot_steer_feedback_out_of_its_folder(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    from inspectd.daemon.review import ReviewItem
+
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path, review="redis"), tiny_backbone)
+    outside = tmp_path / "outside"
+    try:
+        forged = ReviewItem("x", {"product": str(outside), "line": "l1", "frame_id": "f", "entry_id": "",
+                                  "ts": 1e300, "score": 1.0, "threshold": 0.5, "verdict": "NG", "detector": "winclip",
+                                  "state_version": "1", "demo_weights": True, "size": [8, 8]},
+                            b"png", b"jpg", b"jpg", None, None)
+        entry_id = await daemon.review.store.add(forged)  # what anyone who may write to Redis could do
+        item = await daemon.review.fetch(entry_id)
+        assert item is not None
+        for action in (daemon.feedback.defect(item, "x", "test"), daemon.feedback.false_alarm(item, "holdout", "t")):
+            with pytest.raises(Exception) as err:
+                await action
+            assert getattr(err.value, "status", None) == 409
+        assert not outside.exists()
+    finally:
+        await daemon.shutdown()
+
+
+async def test_the_live_stream_ends_with_the_session(console, redis_client, key_prefix) -> None:  # noqa: ANN001
+    daemon, http = console
+    csrf = await sign_in(http)
+    async with http.get("/console/api/events") as response:
+        await response.content.readline()  # the stream is open
+        async with http.delete("/console/api/session", headers=csrf) as bye:
+            assert bye.status == 200
+        await send(redis_client, key_prefix, DEFECTS[:1])
+        rest = await asyncio.wait_for(response.content.read(), 20)  # the server closes it
+    assert b"event: frame" not in rest

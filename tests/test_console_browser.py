@@ -66,6 +66,13 @@ async def in_browser(fn: Any, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
+async def wait_until_true(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
 def _shot(driver: Any, name: str, tmp: Path) -> Path:
     target = (DOCS if os.environ.get("INSPECTD_SCREENSHOTS") == "1" else tmp) / name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +166,17 @@ async def test_console_in_a_real_browser(browser, redis_url, key_prefix, tmp_pat
             _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#product-nut .version").text == "3")
         await in_browser(undo)
         assert daemon.registry.get("nut").references == before.references
+
+        # --- where a product's false alarms go is chosen on the page, for every operator (kept by the daemon)
+        def choose_holdout() -> None:
+            from selenium.webdriver.support.ui import Select
+
+            _wait(driver, lambda d: Select(d.find_element(By.CSS_SELECTOR, "#product-nut select.target"))
+                  .select_by_value("holdout") or True)
+            _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#product-nut select.target")
+                  .get_attribute("value") == "holdout")
+        await in_browser(choose_holdout)
+        await wait_until_true(lambda: daemon.feedback.target_for("nut") == "holdout")
 
         # --- a phone-sized screen
         await in_browser(driver.set_window_size, 390, 844)

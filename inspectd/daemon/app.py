@@ -116,13 +116,15 @@ class InspectDaemon:
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
         self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
                                     max_tiles=cfg.decode.max_tiles,
-                                    review_side=cfg.console.max_side if self.review.wants_images() else None)
+                                    review_side=cfg.console.max_side if self.review.wants_images() else None,
+                                    keep_payload=self.review.wants_images() and cfg.console.keep_original)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
                                         on_progress=self.metrics.build_progress)
         registry = self.registry
         self.feedback = FeedbackStore(feedback_root(cfg), registry, self.metrics) if cfg.console.enabled else None
         self.metrics.is_known = lambda product: registry.status(product) is not None
+        self.review.is_known = self.metrics.is_known
         if cfg.http.enabled:  # first, so /readyz says what is missing while Redis or the products come up
             from inspectd.daemon.http import start_http
 
@@ -558,9 +560,9 @@ class InspectDaemon:
             now = time.time()
             for result in results:
                 self.metrics.scored(result, publish_s, now)
-            self.review.observe(results, dead, {(f.frame.source, f.frame.entry_id, f.frame.frame_id): f.prepared.review
-                                                for f in flights if f.prepared is not None
-                                                and f.prepared.review is not None})
+            self.review.observe(results, dead, {(f.frame.source, f.frame.entry_id, f.frame.frame_id):
+                                                (f.prepared.review, f.frame) for f in flights
+                                                if f.prepared is not None and f.prepared.review is not None})
             self.frames_done += len(flights)
             for flight in flights:
                 self._flights.pop(id(flight.frame), None)

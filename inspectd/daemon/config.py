@@ -171,7 +171,12 @@ class ConsoleConfig:
     #                         shared by every instance) | off (lines that must keep no images)
     keep_ng: int = 100  # NG frames kept for review (newest), all products together
     keep_ok: int = 20  # OK frames kept (0 = none)
-    max_side: int = 512  # review images are downscaled to this longer side (also the size feedback saves)
+    max_side: int = 512  # review images (and their maps) are downscaled to this longer side
+    keep_original: bool = True  # also keep each frame as it was scored, so feedback saves that (not the review
+    #                             size: references and eval images at the scale the detector sees)
+    original_budget_mb: int = 256  # memory for those originals; over it, the oldest fall back to review size
+    skip_lines: list[str] = field(default_factory=list)  # lines whose frames are never kept (stats still count)
+    skip_products: list[str] = field(default_factory=list)  # products whose frames are never kept
     stats_window: int = 200  # "NG rate over the last N frames" per product
     feedback_dir: str | None = None  # confirmed defects land here in the `folder` eval layout, with the feedback
     #                                  log; None = <registry.references_root>/_console, else feedback is off

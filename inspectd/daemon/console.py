@@ -40,9 +40,11 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",  # no other site may embed the pictures (or probe for them)
 }
 KEEP_ALIVE_S = 15.0
 MAX_SESSIONS = 256
+MAX_LIVE_STREAMS = 64  # open live-feed connections, all clients together
 
 
 class ConsoleError(Exception):
@@ -98,6 +100,7 @@ def add_console_routes(app: web.Application, daemon: InspectDaemon) -> None:
         ("GET", "/console/api/feedback", feedback_log, "read"),
         ("POST", "/console/api/frames/{id}/feedback", give_feedback, "write"),
         ("POST", "/console/api/feedback/{id}/undo", undo_feedback, "write"),
+        ("PUT", "/console/api/products/{id}/feedback-target", set_feedback_target, "write"),
     ]
     for method, path, handler, access in routes:
         app.router.add_route(method, path, _guard(handler, access))
@@ -261,6 +264,7 @@ def _product_view(daemon: InspectDaemon, product_id: str) -> dict[str, Any]:
                     threshold=entry.threshold, calibration=_calibration(entry), line_mask=str(entry.mask_policy),
                     references_dir=entry.config.references, holdout_dir=entry.config.threshold.holdout_dir)
     view["stats"] = daemon.review.product_stats(product_id)
+    view["feedback_target"] = daemon.feedback.target_for(product_id) if daemon.feedback else None
     return view
 
 
@@ -325,7 +329,10 @@ async def feedback_log(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: ``frame`` (a newly kept frame), ``product`` (a product changed), ``feedback``."""
-    hub = _daemon(request).review
+    daemon = _daemon(request)
+    hub = daemon.review
+    if hub.subscribers() >= MAX_LIVE_STREAMS:
+        raise ConsoleError(503, f"too many live-feed connections (max {MAX_LIVE_STREAMS})")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no", **SECURITY_HEADERS})
     await response.prepare(request)
@@ -336,13 +343,17 @@ async def events(request: web.Request) -> web.StreamResponse:
             try:
                 message = await asyncio.wait_for(queue.get(), KEEP_ALIVE_S)
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
+                message = ("keep-alive", None)
             if message is None:  # the daemon is stopping
                 break
+            if not (reads_open(daemon) or _session(request) is not None or _bearer_ok(request)):
+                break  # signed out or expired: the stream ends with the session
             event, data = message
-            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
+            if event == "keep-alive":
+                await response.write(b": keep-alive\n\n")
+            else:
+                await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    except ConnectionResetError:
         pass
     finally:
         hub.unsubscribe(queue)
@@ -357,11 +368,13 @@ async def give_feedback(request: web.Request) -> web.Response:
     item = await daemon.review.fetch(request.match_info["id"])
     if item is None:
         raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
+    if item.feedback is not None:
+        raise ConsoleError(409, f"this frame already has feedback ({item.feedback.get('action')}); undo it first")
     body = await _json_body(request)
     action = body.get("action")
     remote = request.remote or "?"
     if action == FALSE_ALARM:
-        record = await daemon.feedback.false_alarm(item, str(body.get("target", "references")), remote)
+        record = await daemon.feedback.false_alarm(item, body.get("target"), remote)
     elif action == DEFECT:
         record = await daemon.feedback.defect(item, str(body.get("label") or "defect"), remote)
     else:
@@ -380,3 +393,16 @@ async def undo_feedback(request: web.Request) -> web.Response:
     if item is not None and item.feedback and item.feedback.get("id") == record["undoes"]:
         daemon.review.set_feedback(item, None)
     return web.json_response({"undo": record, "product": _product_view(daemon, record["product"])})
+
+
+async def set_feedback_target(request: web.Request) -> web.Response:
+    """Where this product's false alarms go, for every operator: references | holdout."""
+    daemon = _daemon(request)
+    product = request.match_info["id"]
+    if daemon.feedback is None or daemon.registry is None or daemon.registry.status(product) is None:
+        raise ConsoleError(404 if daemon.feedback else 409, f"no product {product[:80]!r} to set (or feedback off)")
+    target = str((await _json_body(request)).get("target", ""))
+    await asyncio.to_thread(daemon.feedback.set_target, product, target)
+    log.info("console: false alarms of %s now go to %s (from %s)", product, target, request.remote)
+    daemon.review.publish("product", {"id": product})
+    return web.json_response(_product_view(daemon, product))

@@ -44,9 +44,11 @@ class ScoringEngine:
     """Owns the worker thread the forwards run on and the decode pool."""
 
     def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
-                 limits: DecodeLimits | None = None, max_tiles: int = 16, review_side: int | None = None) -> None:
+                 limits: DecodeLimits | None = None, max_tiles: int = 16, review_side: int | None = None,
+                 keep_payload: bool = False) -> None:
         self.devices = sorted(set(devices), key=str)
         self.review_side = review_side
+        self.keep_payload = keep_payload  # the console keeps frames as scored: their bytes live until reviewed
         self.limits = limits or DecodeLimits()
         self.max_tiles = max_tiles
         name = "+".join(str(d) for d in self.devices)
@@ -114,7 +116,7 @@ class ScoringEngine:
             for device in self.devices:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            for frame in frames or ():
+            for frame in () if self.keep_payload else frames or ():
                 frame.payload = None  # scored: the encoded bytes are no longer needed
             return outputs, timings
 

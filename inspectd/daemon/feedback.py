@@ -31,12 +31,13 @@ import numpy as np
 from PIL import Image
 
 from inspectd.daemon.config import DaemonConfig, ProductConfig
-from inspectd.daemon.registry import BuildError, ProductRegistry, reference_files
+from inspectd.daemon.registry import BuildError, BuildSuperseded, ProductRegistry, reference_files
 from inspectd.daemon.review import ReviewItem
 from inspectd.streams.records import safe_file_name
 
 log = logging.getLogger(__name__)
 
+PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as the admin API
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 RESERVED_LABELS = ("good", "masks", "mask", "ground_truth")
 FALSE_ALARM = "false_alarm"
@@ -68,7 +69,7 @@ class FeedbackStore:
         self.root = root
         self.registry = registry
         self.metrics = metrics
-        self._lock = asyncio.Lock()  # one feedback action at a time: undo and a new action never interleave
+        self._locks: dict[str, asyncio.Lock] = {}  # per product: its actions and undos never interleave
         self._file_lock = threading.Lock()
 
     @property
@@ -80,35 +81,66 @@ class FeedbackStore:
             raise FeedbackError(409, "feedback is off: set console.feedback_dir (or registry.references_root)")
         return self.root
 
-    # ---------------------------------------------------------------- actions
-    async def false_alarm(self, item: ReviewItem, target: str, remote: str) -> dict[str, Any]:
-        """Save the frame as a good image of its product (``target``: references | holdout) and rebuild."""
+    def _product(self, item: ReviewItem) -> str:
+        """The item's product, refused unless it is a plain id the registry knows (an item read back from Redis
+        carries whatever was written there: its product never becomes a path without this check)."""
+        product = str(item.result.get("product", ""))
+        if not PRODUCT_ID_RE.match(product) or self.registry.status(product) is None:
+            raise FeedbackError(409, f"product {product[:80]!r} is not a product of this daemon")
+        return product
+
+    def _lock(self, product: str) -> asyncio.Lock:
+        return self._locks.setdefault(product, asyncio.Lock())
+
+    # ---------------------------------------------------------------- where a product's false alarms go
+    def target_for(self, product: str) -> str:
+        """The operator's choice for ``product`` (references | holdout), kept in ``<feedback_dir>/targets.json``."""
+        return self._targets().get(product, "references")
+
+    def set_target(self, product: str, target: str) -> None:
         if target not in TARGETS:
             raise FeedbackError(400, f"target must be one of {list(TARGETS)}, got {target!r}")
-        async with self._lock:
-            root = self._need_root()
-            product = item.result["product"]
+        root = self._need_root()
+        targets = {**self._targets(), product: target}
+        root.mkdir(parents=True, exist_ok=True)
+        _write(root / "targets.json", json.dumps(targets, indent=1, sort_keys=True).encode())
+
+    def _targets(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.root / "targets.json").read_text()) if self.root else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return {str(k): v for k, v in data.items() if v in TARGETS} if isinstance(data, dict) else {}
+
+    # ---------------------------------------------------------------- actions
+    async def false_alarm(self, item: ReviewItem, target: str | None, remote: str) -> dict[str, Any]:
+        """Save the frame as a good image of its product (``target``: references | holdout, default the product's
+        choice) and rebuild."""
+        target = target or self.target_for(str(item.result.get("product", "")))
+        if target not in TARGETS:
+            raise FeedbackError(400, f"target must be one of {list(TARGETS)}, got {target!r}")
+        root = self._need_root()
+        product = self._product(item)
+        async with self._lock(product):
             entry = self.registry.get(product)
             if entry is None:
                 raise FeedbackError(409, f"product {product!r} is not serving")
-            before = entry.config
-            config = copy.deepcopy(before)
             name = self._file_name(item)
+            data = item.original or item.image_png
+            config = copy.deepcopy(self._wanted(product, entry))
             directory, seeded = await asyncio.to_thread(self._good_directory, config, target)
-            written = [await asyncio.to_thread(_write, directory / name, item.image_png)]
-            if target == "references":
-                used = await asyncio.to_thread(reference_files, config.references, 10**6)
-                config.shots = max(config.shots, [p.name for p in used].index(name) + 1)
-            written.append(await asyncio.to_thread(_write, root / product / "good" / name, item.image_png))
+            written = [await asyncio.to_thread(_write, directory / name, data)]
+            written.append(await asyncio.to_thread(_write, _inside(root, product, "good", name), data))
+            before = self._wanted(product, entry)
+            if target == "references":  # the images used so far stay used, and the new one joins them
+                used = {p.name for p in await asyncio.to_thread(reference_files, before.references, before.shots)}
+                names = [p.name for p in await asyncio.to_thread(reference_files, config.references, 10**6)]
+                config.shots = max(names.index(n) for n in (used | {name}) if n in names) + 1
             record = self._record(FALSE_ALARM, item, remote, target=target, files=written, before=before,
                                   after=config, version_before=entry.version, threshold_before=entry.threshold,
-                                  seeded=[str(p) for p in seeded])
-            try:
-                new = await self.registry.put(config)
-            except BuildError as exc:
-                await asyncio.to_thread(_remove, written)
-                raise FeedbackError(422, f"product {product!r} rejected the new image: {exc}") from exc
-            await asyncio.to_thread(self.registry.save_product_file, config)
+                                  seeded=[str(p) for p in seeded], saved_size="original" if item.original else
+                                  "review")
+            new = await self._rebuild(product, config, before, written)
             record.update(version_after=new.version, threshold_after=new.threshold)
             return await self._finish(record, item)
 
@@ -117,47 +149,88 @@ class FeedbackStore:
         if not LABEL_RE.match(label) or label.lower() in RESERVED_LABELS:
             raise FeedbackError(400, f"bad defect label {label!r}: letters, digits, '_' and '-' (max 64), not "
                                      f"{'/'.join(RESERVED_LABELS)}")
-        async with self._lock:
-            root = self._need_root()
-            product = item.result["product"]
-            folder = root / product
+        root = self._need_root()
+        product = self._product(item)
+        async with self._lock(product):
+            folder = _inside(root, product)
             name = self._file_name(item)
             seeded = await asyncio.to_thread(self._seed_goods, folder, product)  # kept by an undo
-            written = [await asyncio.to_thread(_write, folder / label / name, item.image_png)]
+            written = [await asyncio.to_thread(_write, folder / label / name, item.original or item.image_png)]
             if item.amap is not None:
-                mask = _defect_mask(item.amap, item.result["threshold"], tuple(item.result["size"]))
+                size = tuple(item.result.get("frame_size") or item.result["size"])
+                mask = await asyncio.to_thread(_defect_mask, item.amap, item.result["threshold"], size)
                 written.append(await asyncio.to_thread(_write, folder / "masks" / label / name, mask))
             record = self._record(DEFECT, item, remote, label=label, files=written,
                                   seeded=[str(p) for p in seeded])
             return await self._finish(record, item)
 
     async def undo(self, feedback_id: str, remote: str) -> dict[str, Any]:
-        """Reverse one action: delete its files, put back the config fields it changed, rebuild."""
-        async with self._lock:
-            records = await asyncio.to_thread(self.history)
-            record = next((r for r in records if r["id"] == feedback_id), None)
-            if record is None:
-                raise FeedbackError(404, f"no feedback {feedback_id!r}")
-            if record.get("undone"):
+        """Reverse one action: set its files aside, put back what it changed in the config (only where nothing
+        changed it since), rebuild; a rebuild that fails puts the files back and changes nothing."""
+        records = await asyncio.to_thread(self.history)
+        record = next((r for r in records if r["id"] == feedback_id), None)
+        if record is None:
+            raise FeedbackError(404, f"no feedback {feedback_id!r}")
+        product = record["product"]
+        async with self._lock(product):
+            if any(r["id"] == feedback_id and r["undone"] for r in await asyncio.to_thread(self.history)):
                 raise FeedbackError(409, f"feedback {feedback_id!r} was already undone")
-            await asyncio.to_thread(_remove, [Path(p) for p in record["files"]])
+            aside = await asyncio.to_thread(_set_aside, [Path(p) for p in record["files"]])
             undo: dict[str, Any] = {"id": uuid.uuid4().hex[:12], "at": time.time(), "action": "undo",
-                                    "undoes": feedback_id, "item": record.get("item"), "product": record["product"],
+                                    "undoes": feedback_id, "item": record.get("item"), "product": product,
                                     "remote": remote}
-            if record["action"] == FALSE_ALARM:
-                entry = self.registry.get(record["product"])
-                if entry is not None:
-                    config = copy.deepcopy(entry.config)
-                    for key, value in record["config_before"].items():
-                        _set(config, key, value)
-                    new = await self.registry.put(config)
-                    await asyncio.to_thread(self.registry.save_product_file, config)
-                    undo.update(version_after=new.version, threshold_after=new.threshold)
+            entry = self.registry.get(product)
+            if record["action"] == FALSE_ALARM and entry is not None:
+                config = copy.deepcopy(self._wanted(product, entry))
+                kept = _revert(config, record.get("config_before", {}), record.get("config_after", {}))
+                try:
+                    new = await self._rebuild(product, config, self._wanted(product, entry), [])
+                except FeedbackError:
+                    await asyncio.to_thread(_restore, aside)
+                    raise
+                undo.update(version_after=new.version, threshold_after=new.threshold, kept=kept)
+            await asyncio.to_thread(_remove, [tmp for tmp, _ in aside])
             await asyncio.to_thread(self._append, undo)
-            self._count(record["product"], "undo")
-            log.info("console feedback %s undone (%s %s/%s) from %s", feedback_id, record["action"],
-                     record["product"], record["frame_id"], remote)
+            self._count(product, "undo")
+            log.info("console feedback %s undone (%s %s/%r) from %s", feedback_id, record["action"], product,
+                     record["frame_id"], remote)
             return undo
+
+    def _wanted(self, product: str, entry: Any) -> ProductConfig:
+        """The newest config asked for (a build may be running for it), else the serving one."""
+        return self.registry.wanted(product) or entry.config
+
+    async def _rebuild(self, product: str, config: ProductConfig, before: ProductConfig,
+                       written: list[Path]) -> Any:
+        """Save the product file, then build ``config``. The file goes first, so the file watcher, noticing our
+        writes, rebuilds this same config; when it (or anyone) stops our build, wait for the newest one and accept
+        it if it serves our change. On failure the written files go and the product file is put back."""
+        warning = await asyncio.to_thread(self._persist, config)
+        try:
+            try:
+                return await self.registry.put(config)
+            except BuildSuperseded:
+                entry = await self.registry.settled(product)
+                if entry is not None and _same_feedback_fields(entry.config, config):
+                    return entry
+                raise FeedbackError(409, f"product {product!r} was changed by someone else meanwhile; "
+                                         "nothing saved") from None
+            except BuildError as exc:
+                raise FeedbackError(422, f"product {product!r} rejected the change: {exc}") from exc
+        except FeedbackError:
+            await asyncio.to_thread(_remove, written)
+            if not warning:
+                await asyncio.to_thread(self._persist, before)
+            raise
+
+    def _persist(self, config: ProductConfig) -> str:
+        """Save the product file; a failure is logged and returned (the change still serves, until a restart)."""
+        try:
+            self.registry.save_product_file(config)
+        except OSError as exc:
+            log.error("console feedback: product %s: its file could not be saved: %s", config.id, exc)
+            return f"product file not saved: {exc}"
+        return ""
 
     # ---------------------------------------------------------------- the log
     def history(self, product: str | None = None) -> list[dict[str, Any]]:
@@ -191,14 +264,14 @@ class FeedbackStore:
             **extra,
         }
         if before is not None and after is not None:
-            record["config_before"] = _changed(before, after)
+            record["config_before"], record["config_after"] = _changed(before, after), _changed(after, before)
         return record
 
     async def _finish(self, record: dict[str, Any], item: ReviewItem) -> dict[str, Any]:
         await asyncio.to_thread(self._append, record)
         self._count(record["product"], record["action"])
         item.feedback = record
-        log.info("console feedback %s: %s on %s/%s (score %.4f, threshold %.4f) from %s -> %s", record["id"],
+        log.info("console feedback %s: %s on %s/%r (score %.4f, threshold %.4f) from %s -> %s", record["id"],
                  record["action"], record["product"], record["frame_id"], record["score"], record["threshold"],
                  record["remote"], ", ".join(record["files"]))
         return record
@@ -217,8 +290,11 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------- where files go
     def _file_name(self, item: ReviewItem) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(item.result["ts"] or time.time()))
-        return f"fb-{stamp}-{safe_file_name(item.result['frame_id'])[:60]}-{item.id}.png"
+        """Unique and readable, stamped with the time of the feedback (so later feedback sorts later)."""
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.3f}"[1:]
+        suffix = item.original_suffix if item.original else ".png"
+        return f"fb-{stamp}-{safe_file_name(str(item.result['frame_id']))[:60]}-{uuid.uuid4().hex[:6]}{suffix}"
 
     def _good_directory(self, config: ProductConfig, target: str) -> tuple[Path, list[Path]]:
         """Where a false alarm's image goes, and the images copied there first. The console writes only under
@@ -287,11 +363,57 @@ def _changed(before: ProductConfig, after: ProductConfig) -> dict[str, Any]:
     return out
 
 
+def _get(config: ProductConfig, key: str) -> Any:
+    return config.threshold.holdout_dir if key == "threshold.holdout_dir" else getattr(config, key)
+
+
 def _set(config: ProductConfig, key: str, value: Any) -> None:
     if key == "threshold.holdout_dir":
         config.threshold.holdout_dir = value
     else:
         setattr(config, key, value)
+
+
+def _same_feedback_fields(a: ProductConfig, b: ProductConfig) -> bool:
+    return (a.references, a.shots, a.threshold.holdout_dir) == (b.references, b.shots, b.threshold.holdout_dir)
+
+
+def _revert(config: ProductConfig, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Put back what an action changed where the config still says what the action set; ``shots`` goes down by
+    what the action added. Returns the keys left as they are (changed by someone since)."""
+    kept = []
+    for key, old in before.items():
+        if key == "shots":
+            config.shots = max(0, config.shots - (after[key] - old))
+        elif _get(config, key) == after.get(key):
+            _set(config, key, old)
+        else:
+            kept.append(key)
+    return kept
+
+
+def _inside(root: Path, *parts: str) -> Path:
+    """``root / parts``, refused unless it stays inside ``root``."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise FeedbackError(400, f"{'/'.join(parts)!r} leaves the feedback folder")
+    return path
+
+
+def _set_aside(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """Rename each existing file to a hidden name beside it; (hidden, original) pairs for `_restore`."""
+    out = []
+    for path in paths:
+        if path.exists():
+            hidden = path.parent / f".undo-{uuid.uuid4().hex}.tmp"
+            path.replace(hidden)
+            out.append((hidden, path))
+    return out
+
+
+def _restore(pairs: list[tuple[Path, Path]]) -> None:
+    for hidden, path in pairs:
+        hidden.replace(path)
 
 
 def _write(path: Path, data: bytes) -> Path:

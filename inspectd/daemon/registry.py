@@ -149,6 +149,7 @@ class ProductRegistry:
         self._ready_events: dict[str, asyncio.Event] = {}
         self._builds: dict[str, BuildProgress] = {}  # product -> the build running for it
         self._latest: dict[str, BuildProgress] = {}  # product -> the newest build asked for (running or queued)
+        self._wanted: dict[str, ProductConfig] = {}  # product -> the newest config asked for (what reload rebuilds)
         self._version_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.build_workers),
                                             thread_name_prefix="inspectd-build")
@@ -215,6 +216,7 @@ class ProductRegistry:
         entry's is skipped and the serving entry returned, so echoes of our own writes cost no new version.
         """
         self._stop_builds(config.id, "a newer update arrived")
+        self._wanted[config.id] = config
         build = BuildProgress(FitContext(seed=config.seed,
                                          on_progress=lambda f, note: self._progressed(config.id, f, note)))
         self._latest[config.id] = build
@@ -239,6 +241,12 @@ class ProductRegistry:
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
                 log.error("product %s: build rejected: %s", config.id, message)
+                if self._wanted.get(config.id) is config:  # rejected: a reload rebuilds what serves
+                    serving = self._entries.get(config.id)
+                    if serving is not None:
+                        self._wanted[config.id] = serving.config
+                    else:
+                        self._wanted.pop(config.id, None)
                 self._errors[config.id] = message
                 self._status[config.id] = READY if config.id in self._entries else FAILED
                 if self._on_change:
@@ -289,15 +297,28 @@ class ProductRegistry:
             log.info("product %s: build %d%% (%s)", product_id, round(fraction * 100), note)
 
     async def reload(self, product_id: str, force: bool = True) -> ProductEntry:
-        """Rebuild from the serving config (references re-read); KeyError if the product is not serving."""
+        """Rebuild from the newest config asked for (the serving one, or one still building: a reload that
+        stops a build never drops its config change), references re-read; KeyError if not serving."""
         entry = self._entries.get(product_id)
         if entry is None:
             raise KeyError(product_id)
-        return await self.put(entry.config, force=force)
+        return await self.put(self._wanted.get(product_id, entry.config), force=force)
+
+    def wanted(self, product_id: str) -> ProductConfig | None:
+        """The newest config asked for (maybe still building), None for a product never put."""
+        return self._wanted.get(product_id)
+
+    async def settled(self, product_id: str, timeout: float = 600.0) -> ProductEntry | None:
+        """The serving entry once no build of ``product_id`` is running or queued (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while (product_id in self._latest or product_id in self._builds) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._entries.get(product_id)
 
     async def remove(self, product_id: str) -> bool:
         """Stop serving ``product_id`` (stops a build in progress first); False if it was unknown."""
         self._stop_builds(product_id, "the product is being removed")
+        self._wanted.pop(product_id, None)
         lock = self._locks.setdefault(product_id, asyncio.Lock())
         async with lock:
             found = self._entries.pop(product_id, None) is not None

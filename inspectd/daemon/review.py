@@ -14,9 +14,10 @@ import asyncio
 import io
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from inspectd.daemon.config import ConsoleConfig
-from inspectd.streams.codec import encode_mask_png, encode_png
+from inspectd.streams.codec import decode_frame_image, encode_mask_png, encode_png
 from inspectd.streams.overlay import annotate, overlay
-from inspectd.streams.schema import DeadLetter, Result
+from inspectd.streams.schema import DeadLetter, Frame, Result
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ HOUR_S = 3600.0
 CAPTURE_QUEUE = 32
 SUBSCRIBER_QUEUE = 256
 MAX_FEEDBACK_MARKS = 10_000
+UNKNOWN_PRODUCT = "_unknown"  # as the metrics' label for products no registry knows
 
 
 def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -60,24 +62,44 @@ class ReviewItem:
 
     id: str
     result: dict[str, Any]  # the summary the console lists (see `summary`)
-    image_png: bytes  # the frame at review size, lossless (what "false alarm" saves as a reference)
+    image_png: bytes  # the frame at review size, lossless
     overlay_jpeg: bytes  # heat map over the frame, with the score/threshold/verdict legend
     thumb_jpeg: bytes
-    mask_png: bytes | None  # the raw map, 8-bit, 255 = mask_scale (as published)
-    amap: np.ndarray | None  # float map at the detector's map size (for a defect's saved mask)
+    mask_png: bytes | None  # the raw map, 8-bit, 255 = mask_scale (as published), at most review size
+    amap: np.ndarray | None  # float map, at most review size (for a defect's saved mask)
+    original: bytes | None = None  # the frame as it was scored (what feedback saves), while the budget allows
+    original_suffix: str = ".png"
     feedback: dict[str, Any] | None = None  # the latest feedback on this frame (None, or its log record)
 
     def summary(self) -> dict[str, Any]:
         return {**self.result, "id": self.id, "has_mask": self.mask_png is not None, "feedback": self.feedback}
 
 
-def render_item(item_id: str, result: Result, image: np.ndarray) -> ReviewItem:
+ORIGINAL_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def original_of(frame: Frame) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, file suffix, (width, height)) of the frame as it was scored: an encoded image as sent, raw pixels
+    as a PNG of the decoded image."""
+    if frame.raw_shape is None and frame.payload:
+        with Image.open(io.BytesIO(frame.payload)) as img:
+            if img.format in ORIGINAL_SUFFIXES:
+                return frame.payload, ORIGINAL_SUFFIXES[img.format], img.size
+    decoded = decode_frame_image(frame)
+    return encode_png(decoded), ".png", (int(decoded.shape[1]), int(decoded.shape[0]))
+
+
+def render_item(item_id: str, result: Result, image: np.ndarray, frame: Frame | None = None,
+                max_side: int | None = None) -> ReviewItem:
     """Pictures of one result (runs in a worker thread). The colours span the map's own range (the legend gives it),
-    so a low-contrast map still shows where it is highest; the outline marks map >= threshold."""
+    so a low-contrast map still shows where it is highest; the outline marks map >= threshold. With ``frame``,
+    the item keeps the frame as scored (`original_of`)."""
     amap = None if result.mask is None else np.asarray(result.mask, dtype=np.float32)
     if amap is not None:
         if amap.ndim == 3:
             amap = amap.reshape(amap.shape[-2:]) if amap.shape[0] == 1 else amap[..., 0]
+        if max_side is not None:
+            amap = downscale(np.ascontiguousarray(amap), max_side)  # a full-size 4K map is 48 MB
         vmin, vmax = float(amap.min()), float(amap.max()) + 1e-6
         drawn = overlay(image, amap, result.threshold, vmin=vmin, vmax=vmax)
     else:
@@ -86,24 +108,27 @@ def render_item(item_id: str, result: Result, image: np.ndarray) -> ReviewItem:
     annotated = annotate(drawn, score=result.score, threshold=result.threshold, verdict=result.verdict,
                          vmin=vmin, vmax=vmax, label=label)
     mask_png = None if amap is None else encode_mask_png(amap / (result.mask_scale or 1.0))
+    original, suffix, frame_size = (None, ".png", (int(image.shape[1]), int(image.shape[0])))
+    if frame is not None:
+        original, suffix, frame_size = original_of(frame)
     summary = {
         "product": result.product, "line": result.line, "frame_id": result.frame_id,
         "entry_id": result.entry_id or "", "ts": result.captured_at, "score": float(result.score),
         "threshold": float(result.threshold), "verdict": result.verdict, "detector": result.detector,
         "state_version": result.state_version, "demo_weights": bool(result.demo_weights),
-        "size": [int(image.shape[1]), int(image.shape[0])],
+        "size": [int(image.shape[1]), int(image.shape[0])], "frame_size": list(frame_size), "kept_at": time.time(),
     }
     return ReviewItem(item_id, summary, encode_png(image), _jpeg(annotated), _jpeg(downscale(drawn, THUMB_SIDE), 80),
-                      mask_png, amap)
+                      mask_png, amap, original, suffix)
 
 
 @dataclass
 class ProductStats:
-    """Verdict counts of one product: the last N frames and the last hour; dead letters by reason."""
+    """Verdict counts of one product: the last N frames and the last hour (per-minute buckets); dead letters."""
 
     window: int
     recent: deque = field(default_factory=deque)  # True = NG, newest last
-    hour: deque = field(default_factory=deque)  # (time, is_ng)
+    minutes: deque = field(default_factory=deque)  # [minute, frames, ng], oldest first, at most 60
     dead: Counter = field(default_factory=Counter)
     scored: int = 0
 
@@ -112,21 +137,26 @@ class ProductStats:
         self.recent.append(is_ng)
         if len(self.recent) > self.window:
             self.recent.popleft()
-        self.hour.append((now, is_ng))
+        minute = int(now // 60)
+        if not self.minutes or self.minutes[-1][0] != minute:
+            self.minutes.append([minute, 0, 0])
+        self.minutes[-1][1] += 1
+        self.minutes[-1][2] += int(is_ng)
         self._prune(now)
 
     def _prune(self, now: float) -> None:
-        while self.hour and self.hour[0][0] < now - HOUR_S:
-            self.hour.popleft()
+        while self.minutes and self.minutes[0][0] <= int(now // 60) - int(HOUR_S // 60):
+            self.minutes.popleft()
 
     def describe(self, now: float) -> dict[str, Any]:
         self._prune(now)
-        ng_hour = sum(1 for _, ng in self.hour if ng)
+        frames_hour = sum(m[1] for m in self.minutes)
+        ng_hour = sum(m[2] for m in self.minutes)
         return {
             "last_n": len(self.recent), "ng_last_n": sum(self.recent),
             "ng_rate_last_n": sum(self.recent) / len(self.recent) if self.recent else None,
-            "frames_hour": len(self.hour), "ng_hour": ng_hour,
-            "ng_rate_hour": ng_hour / len(self.hour) if self.hour else None,
+            "frames_hour": frames_hour, "ng_hour": ng_hour,
+            "ng_rate_hour": ng_hour / frames_hour if frames_hour else None,
             "scored": self.scored, "dead_letters": dict(self.dead),
         }
 
@@ -143,6 +173,10 @@ class ReviewHub:
         self._limits = {"NG": config.keep_ng, "OK": config.keep_ok}
         self._items: dict[str, ReviewItem] = {}
         self._ids = itertools.count(1)
+        self._boot = secrets.token_hex(3)  # ids differ across restarts: a cached picture never shows another frame
+        self.is_known: Callable[[str], bool] = lambda _product: True  # the daemon sets: known to the registry
+        self._originals: deque[ReviewItem] = deque()  # items holding their original, oldest first
+        self._original_bytes = 0
         self._capture: asyncio.Queue = asyncio.Queue(maxsize=CAPTURE_QUEUE)
         self._subscribers: set[asyncio.Queue] = set()
         self._worker: asyncio.Task | None = None
@@ -156,18 +190,20 @@ class ReviewHub:
         return self.keeping
 
     def observe(self, results: Iterable[Result], dead: Iterable[DeadLetter],
-                images: dict[tuple[str, str | None, str], np.ndarray]) -> None:
-        """Count verdicts and dead letters; queue results worth reviewing for rendering. Never blocks."""
+                frames: dict[tuple[str, str | None, str], tuple[np.ndarray, Frame]]) -> None:
+        """Count verdicts and dead letters; queue results worth reviewing for rendering. Never blocks.
+        ``frames``: (review-size image, frame) by (source, entry id, frame id)."""
         now = time.time()
         for letter in dead:
             self._stats(letter.product).dead[letter.reason] += 1
         for result in results:
             self._stats(result.product).add(result.verdict == "NG", now)
-            image = images.get((result.source, result.entry_id, result.frame_id))
-            if image is None or not self._limits.get(result.verdict, 0):
+            found = frames.get((result.source, result.entry_id, result.frame_id))
+            if found is None or not self._limits.get(result.verdict, 0) or result.line in self.config.skip_lines \
+                    or result.product in self.config.skip_products:
                 continue
             try:
-                self._capture.put_nowait((result, image))
+                self._capture.put_nowait((result, *found))
             except asyncio.QueueFull:
                 self.dropped += 1
                 if self.metrics is not None:
@@ -176,6 +212,8 @@ class ReviewHub:
             self._worker = asyncio.create_task(self._render_loop(), name="console-review")
 
     def _stats(self, product: str) -> ProductStats:
+        if not self.is_known(product):  # producers choose product names: made-up ones share one entry
+            product = UNKNOWN_PRODUCT
         stats = self.stats.get(product)
         if stats is None:
             stats = self.stats[product] = ProductStats(self.config.stats_window)
@@ -183,10 +221,12 @@ class ReviewHub:
 
     async def _render_loop(self) -> None:
         while True:
-            result, image = await self._capture.get()
-            item_id = str(next(self._ids))
+            result, image, frame = await self._capture.get()
+            item_id = f"{self._boot}-{next(self._ids)}"
+            keep_original = frame if self.config.keep_original else None
             try:
-                item = await asyncio.to_thread(render_item, item_id, result, image)
+                item = await asyncio.to_thread(render_item, item_id, result, image, keep_original,
+                                               self.config.max_side)
                 if self.store is not None:
                     item.id = await self.store.add(item)  # the live feed hears of it from the stream (every instance)
                     continue
@@ -201,7 +241,22 @@ class ReviewHub:
         kept.append(item)
         self._items[item.id] = item
         while len(kept) > self._limits[item.result["verdict"]]:
-            self._items.pop(kept.popleft().id, None)
+            gone = kept.popleft()
+            self._items.pop(gone.id, None)
+            if gone.original is not None:
+                self._original_bytes -= len(gone.original)
+                gone.original = None
+        if item.original is not None:  # originals within a byte budget, the oldest give theirs up first
+            self._originals.append(item)
+            self._original_bytes += len(item.original)
+            budget = self.config.original_budget_mb * 1024 * 1024
+            while self._original_bytes > budget and self._originals:
+                oldest = self._originals.popleft()
+                if oldest.original is not None:
+                    self._original_bytes -= len(oldest.original)
+                    oldest.original = None
+            while self._originals and self._originals[0].original is None:
+                self._originals.popleft()
         if self.metrics is not None:
             self.metrics.review_frames.set(len(self._items))
 
@@ -272,6 +327,9 @@ class ReviewHub:
         queue: asyncio.Queue = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
         self._subscribers.add(queue)
         return queue
+
+    def subscribers(self) -> int:
+        return len(self._subscribers)
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)

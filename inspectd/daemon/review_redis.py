@@ -1,9 +1,11 @@
-"""The console's review buffer in Redis (``console.review: redis``): one stream per verdict, capped by MAXLEN, so
-the daemon holds no review images, a restart keeps them, and every instance's console sees every instance's frames.
+"""The console's review buffer in Redis (``console.review: redis``): per verdict, a stream of summaries capped at
+``keep_ng`` / ``keep_ok`` entries and a hash of their pictures, so the daemon holds no review images, a restart keeps
+them, and every instance's console sees every instance's frames.
 
-Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` and ``...:OK``, each
-``XADD ... MAXLEN = keep_ng | keep_ok``. An entry holds the frame's summary (JSON) and its pictures; its entry id is
-the frame's review id. Reads fetch one entry by id (XRANGE id id); the live feed tails both streams (XREAD).
+Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` (stream: one small
+``summary`` field per frame; listing and the live feed read only this) and ``<prefix>:{console}:review:NG:pictures``
+(hash: entry id -> packed pictures), the same for OK. One Lua script adds both and trims the oldest entries of both,
+atomically, so the two never disagree and the bound is exact however many instances write.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -22,30 +25,57 @@ from inspectd.daemon.review import ReviewItem
 log = logging.getLogger(__name__)
 
 VERDICTS = ("NG", "OK")
-FETCH_CACHE = 32  # recently fetched items (a detail view asks for overlay, mask and image in a row)
+FETCH_CACHE = 16  # recently fetched items (a detail view asks for overlay, mask and image in a row)
 TAIL_BLOCK_MS = 1000
+BLOBS = ("image", "overlay", "thumb", "mask", "amap", "original")
+
+ADD_AND_TRIM = """
+local id = redis.call('XADD', KEYS[1], '*', 'summary', ARGV[2])
+redis.call('HSET', KEYS[2], id, ARGV[3])
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
+    redis.call('HDEL', KEYS[2], entry[1])
+    redis.call('XDEL', KEYS[1], entry[1])
+  end
+end
+return id
+"""
 
 
-def review_keys(prefix: str) -> dict[str, str]:
-    return {verdict: f"{prefix}:{{console}}:review:{verdict}" for verdict in VERDICTS}
+def review_keys(prefix: str) -> dict[str, tuple[str, str]]:
+    """verdict -> (summary stream, pictures hash)."""
+    return {v: (f"{prefix}:{{console}}:review:{v}", f"{prefix}:{{console}}:review:{v}:pictures") for v in VERDICTS}
 
 
-def _to_fields(item: ReviewItem) -> dict[str, Any]:
-    fields: dict[str, Any] = {"summary": json.dumps(item.result), "image": item.image_png,
-                              "overlay": item.overlay_jpeg, "thumb": item.thumb_jpeg, "mask": item.mask_png or b""}
-    if item.amap is not None:
-        fields["amap"] = np.ascontiguousarray(item.amap, dtype="<f4").tobytes()
-        fields["amap_shape"] = "x".join(str(n) for n in item.amap.shape)
-    return fields
+def pack(item: ReviewItem) -> bytes:
+    """The item's pictures as one value: a 4-byte header length, a JSON header (sizes, map shape, suffix), bytes."""
+    amap = b"" if item.amap is None else np.ascontiguousarray(item.amap, dtype="<f4").tobytes()
+    blobs = {"image": item.image_png, "overlay": item.overlay_jpeg, "thumb": item.thumb_jpeg,
+             "mask": item.mask_png or b"", "amap": amap, "original": item.original or b""}
+    header = json.dumps({"sizes": [len(blobs[k]) for k in BLOBS], "has_mask": item.mask_png is not None,
+                         "amap_shape": None if item.amap is None else list(item.amap.shape),
+                         "original_suffix": item.original_suffix}).encode()
+    return struct.pack(">I", len(header)) + header + b"".join(blobs[k] for k in BLOBS)
 
 
-def _from_fields(entry_id: str, fields: dict[bytes, bytes]) -> ReviewItem:
-    amap = None
-    if fields.get(b"amap"):
-        shape = tuple(int(n) for n in fields[b"amap_shape"].decode().split("x"))
-        amap = np.frombuffer(fields[b"amap"], dtype="<f4").reshape(shape)
-    return ReviewItem(entry_id, json.loads(fields[b"summary"]), fields[b"image"], fields[b"overlay"],
-                      fields[b"thumb"], fields.get(b"mask") or None, amap)
+def unpack(item_id: str, summary: dict[str, Any], data: bytes) -> ReviewItem:
+    (length,) = struct.unpack(">I", data[:4])
+    header = json.loads(data[4:4 + length])
+    blobs, offset = {}, 4 + length
+    for key, size in zip(BLOBS, header["sizes"], strict=True):
+        blobs[key], offset = data[offset:offset + size], offset + size
+    amap = None if header["amap_shape"] is None else np.frombuffer(blobs["amap"], dtype="<f4").reshape(
+        header["amap_shape"])
+    return ReviewItem(item_id, summary, blobs["image"], blobs["overlay"], blobs["thumb"],
+                      blobs["mask"] if header["has_mask"] else None, amap, blobs["original"] or None,
+                      header["original_suffix"])
+
+
+def _summary(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    summary = json.loads(fields[b"summary"])
+    summary["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return summary
 
 
 class RedisReviewStore:
@@ -55,47 +85,50 @@ class RedisReviewStore:
         self.redis = redis
         self.keys = review_keys(prefix)
         self.limits = limits
+        self._add = redis.register_script(ADD_AND_TRIM)
         self._cache: OrderedDict[str, ReviewItem] = OrderedDict()
 
     async def add(self, item: ReviewItem) -> str:
         verdict = item.result["verdict"]
-        entry_id = await self.redis.xadd(self.keys[verdict], _to_fields(item), maxlen=self.limits[verdict],
-                                         approximate=False)
+        summary = {**item.result, "has_mask": item.mask_png is not None}
+        entry_id = await self._add(keys=list(self.keys[verdict]),
+                                   args=[self.limits[verdict], json.dumps(summary), pack(item)])
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def get(self, item_id: str) -> ReviewItem | None:
         if item_id in self._cache:
             self._cache.move_to_end(item_id)
             return self._cache[item_id]
-        for key in self.keys.values():
+        for stream, pictures in self.keys.values():
+            data = await self.redis.hget(pictures, item_id)
+            if data is None:
+                continue
             try:
-                entries = await self.redis.xrange(key, item_id, item_id)
-            except Exception:  # noqa: BLE001 - a malformed id (not an entry id) finds nothing
+                entries = await self.redis.xrange(stream, item_id, item_id)
+            except Exception:  # noqa: BLE001 - not an entry id
                 return None
-            if entries:
-                item = _from_fields(item_id, entries[0][1])
-                self._cache[item_id] = item
-                while len(self._cache) > FETCH_CACHE:
-                    self._cache.popitem(last=False)
-                return item
+            if not entries:
+                return None
+            item = unpack(item_id, _summary(*entries[0]), data)
+            self._cache[item_id] = item
+            while len(self._cache) > FETCH_CACHE:
+                self._cache.popitem(last=False)
+            return item
         return None
 
     async def summaries(self, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` items' summaries per verdict, NG first, newest first within each."""
+        """The newest ``limit`` summaries per verdict, NG first, newest first within each (no picture is read)."""
         out = []
-        for verdict in VERDICTS:
-            for entry_id, fields in await self.redis.xrevrange(self.keys[verdict], count=limit):
-                summary = json.loads(fields[b"summary"])
-                summary.update(id=entry_id.decode(), has_mask=bool(fields.get(b"mask")))
-                out.append(summary)
+        for stream, _ in self.keys.values():
+            out += [_summary(*entry) for entry in await self.redis.xrevrange(stream, count=limit)]
         return out
 
     async def count(self) -> int:
-        return sum([await self.redis.xlen(key) for key in self.keys.values()])
+        return sum([await self.redis.xlen(stream) for stream, _ in self.keys.values()])
 
     async def tail(self, on_summary: Callable[[dict[str, Any]], None]) -> None:
         """Call ``on_summary`` for every item any instance adds from now on (until cancelled)."""
-        last = {key: "$" for key in self.keys.values()}
+        last = {stream: "$" for stream, _ in self.keys.values()}
         while True:
             try:
                 replies = await self.redis.xread(last, block=TAIL_BLOCK_MS)
@@ -108,8 +141,6 @@ class RedisReviewStore:
             for key, entries in replies or []:
                 key = key.decode() if isinstance(key, bytes) else key
                 for entry_id, fields in entries:
-                    entry = entry_id.decode()
-                    last[key] = entry
-                    summary = json.loads(fields[b"summary"])
-                    summary.update(id=entry, has_mask=bool(fields.get(b"mask")))
+                    summary = _summary(entry_id, fields)
+                    last[key] = summary["id"]
                     on_summary(summary)

@@ -4,7 +4,7 @@
 
 const API = "/console/api";
 const state = { csrf: sessionStorage.getItem("inspectd.csrf"), signedIn: false, frames: new Map(), products: [],
-  feedbackOn: false, open: null };
+  feedbackOn: false, open: null, keep: { NG: 100, OK: 20 } };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -71,8 +71,15 @@ async function signOut() {
 }
 
 // ------------------------------------------------------------------------------------------- products
-function target(product) {
-  return localStorage.getItem(`inspectd.target.${product}`) || "references";
+async function setTarget(product, value) {
+  try {
+    const view = await call("PUT", `/products/${encodeURIComponent(product)}/feedback-target`, { target: value });
+    const i = state.products.findIndex((p) => p.id === product);
+    if (i >= 0) state.products[i] = view;
+  } catch (exc) {
+    alertBar(`could not set where false alarms go: ${exc.message}`);
+  }
+  renderProducts();
 }
 
 function renderProducts() {
@@ -86,10 +93,10 @@ function renderProducts() {
     const stats = p.stats || {};
     const dead = Object.entries(stats.dead_letters || {}).map(([r, n]) => `${r} ${n}`).join(", ") || "none";
     const select = el("select", { class: "target", "aria-label": `false alarms of ${p.id} go to`,
-      onchange: (e) => localStorage.setItem(`inspectd.target.${p.id}`, e.target.value) },
+      disabled: !state.signedIn || !p.feedback_target, onchange: (e) => setTarget(p.id, e.target.value) },
       el("option", { value: "references", text: "references" }),
       el("option", { value: "holdout", text: "calibration holdout" }));
-    select.value = target(p.id);
+    select.value = p.feedback_target || "references";
     const build = p.build ? el("div", {}, el("progress", { max: "1", value: String(p.build.fraction) }),
       el("span", { class: "muted", text: `${Math.round(100 * p.build.fraction)} % ${p.build.note || ""}` })) : null;
     box.append(el("article", { class: "product", id: `product-${p.id}`, "data-product": p.id },
@@ -114,6 +121,7 @@ async function loadOverview() {
   const data = await call("GET", "/overview");
   state.products = data.products;
   state.feedbackOn = data.feedback;
+  state.keep = { NG: data.review.keep_ng, OK: data.review.keep_ok };
   document.getElementById("demo").hidden = !data.demo_weights;
   const review = data.review;
   document.getElementById("review-note").textContent = review.keeping
@@ -146,9 +154,9 @@ function frameCard(f) {
   } else if (state.signedIn && state.feedbackOn) {
     card.append(el("div", { class: "buttons" },
       el("button", { type: "button", class: "btn-false-alarm", text: "False alarm",
-        onclick: () => sendFeedback(f.id, { action: "false_alarm", target: target(f.product) }) }),
+        onclick: (e) => sendFeedback(f.id, { action: "false_alarm" }, e.target) }),
       el("button", { type: "button", class: "btn-defect", text: "Defect",
-        onclick: () => sendFeedback(f.id, { action: "defect", label: "defect" }) })));
+        onclick: (e) => sendFeedback(f.id, { action: "defect", label: "defect" }, e.target) })));
   }
   return card;
 }
@@ -157,7 +165,7 @@ function renderFeed() {
   const line = document.getElementById("filter-line").value;
   const product = document.getElementById("filter-product").value;
   const frames = [...state.frames.values()].filter((f) => (!line || f.line === line) && (!product || f.product === product))
-    .sort((a, b) => Number(b.id) - Number(a.id));
+    .sort((a, b) => (b.kept_at || 0) - (a.kept_at || 0));
   for (const verdict of ["NG", "OK"]) {
     const box = document.getElementById(`feed-${verdict.toLowerCase()}`);
     const chosen = frames.filter((f) => f.verdict === verdict);
@@ -193,9 +201,11 @@ function openDetail(id) {
   document.getElementById("detail").showModal();
 }
 
-async function sendFeedback(id, body) {
+async function sendFeedback(id, body, button) {
   const status = document.getElementById("detail-status");
   status.textContent = "saving and rebuilding…";
+  const buttons = [button, document.getElementById("detail-false-alarm"), document.getElementById("detail-defect")];
+  for (const b of buttons) if (b) b.disabled = true;  // one tap, one action
   try {
     const data = await call("POST", `/frames/${id}/feedback`, body);
     const f = state.frames.get(id);
@@ -209,6 +219,7 @@ async function sendFeedback(id, body) {
   } catch (exc) {
     status.textContent = `failed: ${exc.message}`;
     alertBar(`feedback failed: ${exc.message}`);
+    for (const b of buttons) if (b) b.disabled = false;
   }
 }
 
@@ -245,6 +256,7 @@ function connect() {
   source.addEventListener("frame", (e) => {
     const f = JSON.parse(e.data);
     state.frames.set(f.id, f);
+    trimFrames();
     renderFeed();
     scheduleOverview();
   });
@@ -254,6 +266,16 @@ function connect() {
     renderFeed();
   });
   source.addEventListener("product", () => scheduleOverview());
+}
+
+// the page holds no more frames than the daemon keeps (a phone left open for a shift stays light)
+function trimFrames() {
+  for (const verdict of ["NG", "OK"]) {
+    const limit = verdict === "NG" ? state.keep.NG : state.keep.OK;
+    const chosen = [...state.frames.values()].filter((f) => f.verdict === verdict)
+      .sort((a, b) => (a.kept_at || 0) - (b.kept_at || 0));
+    for (const f of chosen.slice(0, Math.max(0, chosen.length - limit))) state.frames.delete(f.id);
+  }
 }
 
 let overviewTimer = null;
@@ -270,7 +292,7 @@ async function start() {
   document.getElementById("filter-line").addEventListener("change", renderFeed);
   document.getElementById("filter-product").addEventListener("change", renderFeed);
   document.getElementById("detail-false-alarm").addEventListener("click", () =>
-    sendFeedback(state.open, { action: "false_alarm", target: target(state.frames.get(state.open).product) }));
+    sendFeedback(state.open, { action: "false_alarm" }));
   document.getElementById("detail-defect").addEventListener("click", () =>
     sendFeedback(state.open, { action: "defect", label: document.getElementById("detail-label").value }));
   const session = await call("GET", "/session");
