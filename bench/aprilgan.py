@@ -9,6 +9,7 @@ Training data: the real hazelnut_toy images with masks (51 images); scoring: 512
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from bench.common import best_time, fp32_flop_bound, load_model, vit_forward_flops
 from inspectd.detectors.artifacts import save_artifact
+from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.data.datasets import open_dataset
@@ -29,11 +31,14 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_t
 
 
 
-def bench_model(name: str, epochs: int, batch: int, tmp: Path) -> list[dict]:
+def bench_train(backbone: ClipBackbone, name: str, epochs: int, tmp: Path, images: int = 0) -> tuple[list[dict], Path]:
+    """Train the adapters on hazelnut_toy (``images`` evenly spaced samples per category, normal and defective;
+    0 = all 51): rows of s/epoch (epoch 1, then the mean of the cached epochs) and the saved adapter file."""
     from inspectd.detectors.aprilgan.training import AprilGanFitConfig, AprilGanTrainer
 
-    backbone = load_model(name, tmp)
     categories = open_dataset(DATA, "folder")
+    if images:
+        categories = [dataclasses.replace(c, test=c.test[::max(1, len(c.test) // images)][:images]) for c in categories]
     epoch_times: list[float] = []
     last = [time.perf_counter()]
 
@@ -54,7 +59,12 @@ def bench_model(name: str, epochs: int, batch: int, tmp: Path) -> list[dict]:
     if len(epoch_times) > 1:
         rows.append({"model": name, "what": f"train epochs 2-{epochs} (cached features, 20 % mosaics recomputed)",
                      "value": float(np.mean(epoch_times[1:])), "unit": "s/epoch"})
+    return rows, path
 
+
+def bench_model(name: str, epochs: int, batch: int, tmp: Path) -> list[dict]:
+    backbone = load_model(name, tmp)
+    rows, path = bench_train(backbone, name, epochs, tmp)
     detector = create_detector("aprilgan", backbone, {"adapters": str(path)})
     frames = [np.asarray(Image.open(p).convert("RGB").resize((512, 512)))
               for p in sorted((DATA / "hazelnut" / "colour").glob("*.png"))[:batch]]

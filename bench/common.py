@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +20,29 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_times(fns: Mapping[Hashable, Callable[[], object]], rounds: int = 3, min_round_s: float = 0.0,
+               warmup: int = 1) -> dict[Hashable, float]:
+    """Best seconds of each of ``fns``, timed in turn: ``rounds`` rounds, each running every function once (more
+    times, to at least ``min_round_s``, for a cheap one). On a machine other processes share, interleaving spreads
+    each function's samples over the whole measurement, so one busy spell cannot spoil all of one function's."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {key: float("inf") for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            spent = 0.0
+            while True:
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+                best[key] = min(best[key], seconds)
+                spent += seconds
+                if spent >= min_round_s:
+                    break
+    return best
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu") -> float:
@@ -89,7 +112,7 @@ def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cl
     return transformer_flops(tokens, windows, width, layers - 1) + last + head
 
 
-def load_model(name: str, tmp: Path) -> ClipBackbone:
+def load_model(name: str, tmp: Path, device: str = "cpu", precision: str = "auto") -> ClipBackbone:
     """The benchmark's CLIP: "tiny" (a seeded tiny checkpoint written into ``tmp``) or an open_clip arch with
     random (demo) weights: timing only, the scores mean nothing."""
     from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
@@ -97,8 +120,8 @@ def load_model(name: str, tmp: Path) -> ClipBackbone:
     register_tiny_arch()
     if name == "tiny":
         return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
-                                      device="cpu"))
-    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device="cpu", demo=True))
+                                      device=device, precision=precision))
+    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device=device, precision=precision, demo=True))
 
 
 def scoring_rows(backbone: ClipBackbone, items: list, shots: int, what: str) -> list[dict]:

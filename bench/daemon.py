@@ -84,13 +84,29 @@ async def collect(client, key: str, n: int, timeout: float = 600) -> list[float]
     return [int(eid.split(b"-")[0]) / 1000.0 - float(f[b"ts"]) for eid, f in entries]
 
 
-async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int) -> dict:  # noqa: ANN001
+async def start_daemon(arch: str, batch: int, backbone, decode_threads: int = -1):  # noqa: ANN001, ANN201
+    """(daemon, its task, a Redis client, the key prefix): a daemon reading line "b" under a fresh prefix."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     client = aioredis.from_url(REDIS)
     daemon = InspectDaemon(config(arch, batch, prefix, decode_threads), backbone=backbone)
     task = asyncio.create_task(daemon.run())
     while not daemon.started:
         await asyncio.sleep(0.05)
+    return daemon, task, client, prefix
+
+
+async def stop_daemon(daemon: InspectDaemon, task: asyncio.Task, client, prefix: str) -> None:  # noqa: ANN001
+    """Stop the daemon, delete its keys, close the client."""
+    daemon.request_stop()
+    await task
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int) -> dict:  # noqa: ANN001
+    daemon, task, client, prefix = await start_daemon(arch, batch, backbone, decode_threads)
     payloads = frames(n, size)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
     engine_rates, e2e_rates = [], []
@@ -113,12 +129,7 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
         latencies = np.array(await collect(client, results_key, m))
         row[f"p50@{load:.0%}"] = float(np.percentile(latencies, 50) * 1000)
         row[f"p99@{load:.0%}"] = float(np.percentile(latencies, 99) * 1000)
-    daemon.request_stop()
-    await task
-    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    await stop_daemon(daemon, task, client, prefix)
     return row
 
 

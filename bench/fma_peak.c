@@ -1,0 +1,165 @@
+/* Physical FLOP peak of this CPU: chains of independent FMAs on every thread (bench/peak.py builds and runs it).
+ *
+ *   gcc -O2 -march=native -pthread fma_peak.c -o fma_peak && ./fma_peak THREADS [SECONDS]
+ *
+ * Each thread runs CHAINS independent accumulator chains (more than FMA latency x FMA ports, so the FMA units
+ * never wait) for a calibrated number of iterations; the rate is all threads' flops over the slowest thread's
+ * time, best of REPEATS runs; each figure is measured on 1 thread and on THREADS threads. fp32: AVX-512 (16 lanes) when the compiler targets it, else AVX2 + FMA (8 lanes);
+ * 2 flops per lane per FMA. bf16: vdpbf16ps (AVX512_BF16) when targeted: 16 lanes x 2 products = 64 flops per
+ * instruction. Prints one JSON object on stdout.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#define REPEATS 5
+
+#if defined(__AVX512F__)
+#define ISA "avx512"
+#define LANES 16
+#define CHAINS 24
+typedef __m512 vec;
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VADD(a, b) _mm512_add_ps(a, b)
+static float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA "avx2"
+#define LANES 8
+#define CHAINS 12
+typedef __m256 vec;
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VSET1(x) _mm256_set1_ps(x)
+#define VADD(a, b) _mm256_add_ps(a, b)
+static float vsum(vec v) {
+    float out[8];
+    _mm256_storeu_ps(out, v);
+    return out[0] + out[1] + out[2] + out[3] + out[4] + out[5] + out[6] + out[7];
+}
+#else
+#error "needs AVX2 + FMA or AVX-512 (compile with -march=native on such a CPU)"
+#endif
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* CHAINS independent accumulator chains acc[j] = STEP(acc[j]), then their sum (so nothing is optimised away). */
+#define CHAIN_LOOP(acc, STEP)                                              \
+    for (long i = 0; i < iterations; i++) {                                \
+        _Pragma("GCC unroll 32") for (int j = 0; j < CHAINS; j++) acc[j] = STEP(acc[j]); \
+    }
+
+/* a = a * b + c; b < 1 keeps every value finite and normal (no denormal stalls). */
+static float fp32_kernel(long iterations, float seed) {
+    vec acc[CHAINS];
+    const vec b = VSET1(0.999999f), c = VSET1(1e-6f);
+    for (int j = 0; j < CHAINS; j++) acc[j] = VSET1(seed + 0.001f * j);
+#define FP32_STEP(x) VFMA(x, b, c)
+    CHAIN_LOOP(acc, FP32_STEP)
+    vec total = acc[0];
+    for (int j = 1; j < CHAINS; j++) total = VADD(total, acc[j]);
+    return vsum(total);
+}
+
+#if defined(__AVX512BF16__)
+#define HAS_BF16 1
+/* acc += a . b over bf16 pairs (vdpbf16ps); the fp32 accumulators grow by 2e-6 a step. */
+static float bf16_kernel(long iterations, float seed) {
+    __m512 acc[CHAINS];
+    const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
+    for (int j = 0; j < CHAINS; j++) acc[j] = _mm512_set1_ps(seed + 0.001f * j);
+#define BF16_STEP(x) _mm512_dpbf16_ps(x, a, a)
+    CHAIN_LOOP(acc, BF16_STEP)
+    __m512 total = acc[0];
+    for (int j = 1; j < CHAINS; j++) total = _mm512_add_ps(total, acc[j]);
+    return _mm512_reduce_add_ps(total);
+}
+#else
+#define HAS_BF16 0
+#endif
+
+typedef struct {
+    int bf16;
+    long iterations;
+    pthread_barrier_t *barrier;
+    double seconds;
+    float sink;
+} job;
+
+static void *worker(void *arg) {
+    job *w = (job *)arg;
+    pthread_barrier_wait(w->barrier);
+    double start = now();
+#if HAS_BF16
+    w->sink = w->bf16 ? bf16_kernel(w->iterations, 1.0f) : fp32_kernel(w->iterations, 1.0f);
+#else
+    w->sink = fp32_kernel(w->iterations, 1.0f);
+#endif
+    w->seconds = now() - start;
+    return NULL;
+}
+
+/* Seconds of the slowest of ``threads`` threads running ``iterations`` each. */
+static double timed(int bf16, int threads, long iterations, float *sink) {
+    pthread_t *ids = malloc(sizeof(pthread_t) * threads);
+    job *jobs = malloc(sizeof(job) * threads);
+    pthread_barrier_t barrier;
+    pthread_barrier_init(&barrier, NULL, threads);
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (job){bf16, iterations, &barrier, 0.0, 0.0f};
+        pthread_create(&ids[t], NULL, worker, &jobs[t]);
+    }
+    double slowest = 0.0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(ids[t], NULL);
+        if (jobs[t].seconds > slowest) slowest = jobs[t].seconds;
+        *sink += jobs[t].sink;
+    }
+    pthread_barrier_destroy(&barrier);
+    free(ids);
+    free(jobs);
+    return slowest;
+}
+
+/* Best GFLOP/s over REPEATS runs of about ``seconds`` each. */
+static double peak(int bf16, int threads, double seconds, float *sink) {
+    double flops_per_iteration = (bf16 ? 64.0 : 2.0 * LANES) * CHAINS;
+    long iterations = 100000;
+    double t = timed(bf16, threads, iterations, sink);
+    while (t < 0.02) {  /* calibrate: grow until one run is measurable */
+        iterations *= 4;
+        t = timed(bf16, threads, iterations, sink);
+    }
+    iterations = (long)(iterations * seconds / t) + 1;
+    double best = 0.0;
+    for (int r = 0; r < REPEATS; r++) {
+        double rate = flops_per_iteration * iterations * threads / timed(bf16, threads, iterations, sink) / 1e9;
+        if (rate > best) best = rate;
+    }
+    return best;
+}
+
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 1;
+    double seconds = argc > 2 ? atof(argv[2]) : 0.1;
+    if (threads < 1) threads = 1;
+    float sink = 0.0f;
+    double fp32_one = peak(0, 1, seconds, &sink);
+    double fp32_all = peak(0, threads, seconds, &sink);
+    printf("{\"isa\": \"%s\", \"lanes\": %d, \"chains\": %d, \"threads\": %d, \"fp32_gflops_1thread\": %.3f, "
+           "\"fp32_gflops\": %.3f, ", ISA, LANES, CHAINS, threads, fp32_one, fp32_all);
+#if HAS_BF16
+    double bf16_one = peak(1, 1, seconds, &sink);
+    printf("\"bf16_isa\": \"avx512_bf16 vdpbf16ps\", \"bf16_gflops_1thread\": %.3f, \"bf16_gflops\": %.3f, ",
+           bf16_one, peak(1, threads, seconds, &sink));
+#else
+    printf("\"bf16_isa\": null, \"bf16_gflops_1thread\": null, \"bf16_gflops\": null, ");
+#endif
+    printf("\"sink\": %g}\n", (double)sink);
+    return 0;
+}
