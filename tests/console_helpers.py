@@ -25,7 +25,7 @@ def console_config(redis_url: str, prefix: str, tmp: Path, token: str | None = T
         http={"enabled": True, "host": "127.0.0.1", "port": 0, "token": token,
               "token_file": str(tmp / "admin-token")},
         registry={"products_dir": str(tmp / "products"), "watch": False, "references_root": str(tmp)},
-        console={"feedback_dir": str(tmp / "feedback"), **console},
+        console={"feedback_dir": str(tmp / "feedback"), "ng_per_s": 1000.0, "ok_per_s": 1000.0, **console},
         sinks={"redis": True},
     )
     nut = config.products[0]

@@ -412,3 +412,23 @@ async def test_the_live_stream_ends_with_the_session(console, redis_client, key_
         await send(redis_client, key_prefix, DEFECTS[:1])
         rest = await asyncio.wait_for(response.content.read(), 20)  # the server closes it
     assert b"event: frame" not in rest
+
+
+async def test_review_rendering_is_rate_limited_and_counted(redis_url, key_prefix, tmp_path, tiny_backbone,
+                                                            redis_client) -> None:  # noqa: ANN001
+    config = console_config(redis_url, key_prefix, tmp_path, ng_per_s=2.0, ok_per_s=0.0)
+    config.products[1].threshold.value = 1e9  # grid: OK
+    daemon = await start(config, tiny_backbone)
+    try:
+        await send(redis_client, key_prefix, DEFECTS[:4] * 3)  # 12 NG frames in a burst
+        await send(redis_client, key_prefix, GOODS[:3], product="grid", line="l2", tag="g")
+        await wait_until(lambda: sum(s.scored for s in daemon.review.stats.values()) == 12 + 3,
+                         what=f"15 scored {[(k, v.scored, dict(v.dead)) for k, v in daemon.review.stats.items()]}")
+        await asyncio.sleep(0.3)
+        kept = daemon.review.items()
+        assert 2 <= len(kept) <= 4 and {i.result["verdict"] for i in kept} == {"NG"}  # burst 2 (+ refill)
+        skipped = daemon.metrics.review_skipped
+        assert skipped.labels(verdict="NG", reason="rate")._value.get() == 12 - len(kept)
+        assert skipped.labels(verdict="OK", reason="rate")._value.get() == 3
+    finally:
+        await daemon.shutdown()

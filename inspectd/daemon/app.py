@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +64,9 @@ def build_model_pool(config: DaemonConfig) -> dict[str, ClipBackbone]:
     return {m.name: build_backbone(config, m) for m in config.model_pool()}
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class InspectDaemon:
     """Wires sources, batcher, engine, registry and sinks; `run` until `request_stop`."""
 
@@ -107,6 +110,9 @@ class InspectDaemon:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.config
+        # Python's default 5 ms switch interval lets the event loop keep the GIL while the engine thread, between
+        # two torch ops, waits for it; 0.5 ms hands it back sooner (bench/RESULTS.md, daemon at batch limit 1)
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         if not self.backbones:
             self.backbones = await asyncio.to_thread(build_model_pool, cfg)
             self.backbone = next(iter(self.backbones.values()))
@@ -662,8 +668,3 @@ def _by_slot(streams: list[str]) -> dict[int, list[str]]:
     for stream in streams:
         groups.setdefault(key_slot(stream.encode()), []).append(stream)
     return groups
-
-
-def configure_threads(config: DaemonConfig) -> None:
-    if config.model.threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(config.model.threads))

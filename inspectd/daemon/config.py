@@ -175,6 +175,8 @@ class ConsoleConfig:
     keep_original: bool = True  # also keep each frame as it was scored, so feedback saves that (not the review
     #                             size: references and eval images at the scale the detector sees)
     original_budget_mb: int = 256  # memory for those originals; over it, the oldest fall back to review size
+    ng_per_s: float = 10.0  # at most this many NG frames a second are rendered for review (the rest only count)
+    ok_per_s: float = 1.0  # and this many OK frames: rendering costs CPU the engine may need
     skip_lines: list[str] = field(default_factory=list)  # lines whose frames are never kept (stats still count)
     skip_products: list[str] = field(default_factory=list)  # products whose frames are never kept
     stats_window: int = 200  # "NG rate over the last N frames" per product
@@ -188,6 +190,9 @@ class ConsoleConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"console.{key}", "must be >= 0")
         _positive("console.max_side", self.max_side)
+        for key in ("ng_per_s", "ok_per_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"console.{key}", "must be >= 0")
         _positive("console.stats_window", self.stats_window)
 
 

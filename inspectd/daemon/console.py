@@ -289,7 +289,9 @@ async def overview(request: web.Request) -> web.Response:
     return web.json_response({
         "products": [_product_view(daemon, pid) for pid in ids],
         "review": {"keeping": hub.keeping, "keep_ng": hub.config.keep_ng, "keep_ok": hub.config.keep_ok,
-                   "kept": await hub.kept(), "dropped": hub.dropped, "max_side": hub.config.max_side,
+                   "kept": await hub.kept(), "max_side": hub.config.max_side,
+                   "skipped": {f"{v} {r}": n for (v, r), n in hub.skipped.items()},
+                   "ng_per_s": hub.config.ng_per_s, "ok_per_s": hub.config.ok_per_s,
                    "store": hub.config.review},
         "feedback": daemon.feedback is not None and daemon.feedback.root is not None,
         "feedback_dir": str(daemon.feedback.root) if daemon.feedback and daemon.feedback.root else None,

@@ -93,8 +93,10 @@ class Metrics:
                                         registry=r)
         self.review_frames = Gauge("console_review_frames", "Frames held in the console's review buffer.",
                                    namespace=ns, registry=r)
-        self.review_dropped = Counter("console_review_dropped", "Scored frames not kept for review because the "
-                                      "console's render queue was full.", namespace=ns, registry=r)
+        self.review_skipped = Counter("console_review_skipped", "Scored frames worth reviewing that were not "
+                                      "rendered for the console: over console.ng_per_s/ok_per_s (rate) or the "
+                                      "render queue was full (queue_full).", ["verdict", "reason"], namespace=ns,
+                                      registry=r)
         self.up = Gauge("up", "1 while the daemon process runs.", namespace=ns, registry=r)
         self.build_info = Info("build", "inspectd build (value 1).", namespace=ns, registry=r)
         self.start_time = Gauge("start_time_seconds", "Unix time the daemon started.", namespace=ns, registry=r)

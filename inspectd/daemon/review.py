@@ -56,6 +56,27 @@ def _jpeg(array: np.ndarray, quality: int = 85) -> bytes:
     return buffer.getvalue()
 
 
+class RateLimit:
+    """A token bucket: ``allow()`` at most ``rate`` times a second on average, bursts up to ``max(1, rate)``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.at = time.monotonic()
+
+    def allow(self) -> bool:
+        if self.rate <= 0:
+            return False
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 @dataclass
 class ReviewItem:
     """One frame kept for review: its result's fields and the pictures the console shows."""
@@ -183,7 +204,8 @@ class ReviewHub:
         self._tail: asyncio.Task | None = None
         self.store: Any = None  # review_redis.RedisReviewStore with console.review: redis
         self._feedback: dict[str, dict[str, Any]] = {}  # item id -> the latest feedback record (bounded)
-        self.dropped = 0
+        self._rates = {"NG": RateLimit(config.ng_per_s), "OK": RateLimit(config.ok_per_s)}
+        self.skipped: dict[tuple[str, str], int] = {}  # (verdict, rate | queue_full) -> frames not rendered
 
     # ---------------------------------------------------------------- intake (the daemon's publish loop)
     def wants_images(self) -> bool:
@@ -202,14 +224,21 @@ class ReviewHub:
             if found is None or not self._limits.get(result.verdict, 0) or result.line in self.config.skip_lines \
                     or result.product in self.config.skip_products:
                 continue
+            if not self._rates[result.verdict].allow():
+                self._skipped(result.verdict, "rate")
+                continue
             try:
                 self._capture.put_nowait((result, *found))
             except asyncio.QueueFull:
-                self.dropped += 1
-                if self.metrics is not None:
-                    self.metrics.review_dropped.inc()
+                self._skipped(result.verdict, "queue_full")
         if self._worker is None and self.keeping:
             self._worker = asyncio.create_task(self._render_loop(), name="console-review")
+
+    def _skipped(self, verdict: str, reason: str) -> None:
+        """A frame worth reviewing that is not rendered: over its verdict's rate, or the render queue is full."""
+        self.skipped[(verdict, reason)] = self.skipped.get((verdict, reason), 0) + 1
+        if self.metrics is not None:
+            self.metrics.review_skipped.labels(verdict=verdict, reason=reason).inc()
 
     def _stats(self, product: str) -> ProductStats:
         if not self.is_known(product):  # producers choose product names: made-up ones share one entry

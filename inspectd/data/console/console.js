@@ -126,7 +126,8 @@ async function loadOverview() {
   const review = data.review;
   document.getElementById("review-note").textContent = review.keeping
     ? `review buffer: newest ${review.keep_ng} NG and ${review.keep_ok} OK frames at ≤ ${review.max_side} px `
-      + `(${review.kept} held${review.dropped ? `, ${review.dropped} not kept: render queue full` : ""})`
+      + `(${review.kept} held; at most ${review.ng_per_s} NG and ${review.ok_per_s} OK frames a second are kept`
+      + `${Object.keys(review.skipped).length ? `; not kept: ${Object.entries(review.skipped).map(([k, n]) => `${n} ${k}`).join(", ")}` : ""})`
     : "this daemon keeps no frames for review (console.review: off)";
   document.getElementById("feedback-note").textContent = data.feedback
     ? `confirmed defects go to ${data.feedback_dir} (folder eval layout)`
