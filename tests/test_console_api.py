@@ -39,6 +39,21 @@ async def sign_in(http: aiohttp.ClientSession) -> dict[str, str]:
     return {"X-CSRF-Token": body["csrf"]}
 
 
+async def listen_for_frames(http: aiohttp.ClientSession, n: int, into: list[dict]) -> None:
+    """Read the live feed (Server-Sent Events) until ``n`` frame events arrived into ``into``."""
+    async with http.get("/console/api/events") as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        event = None
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event == "frame":
+                into.append(json.loads(line.split(":", 1)[1]))
+                if len(into) == n:
+                    return
+
+
 async def test_reads_and_writes_need_a_session_and_its_csrf_token(console, redis_client, key_prefix,
                                                                   caplog) -> None:  # noqa: ANN001
     daemon, http = console
@@ -150,21 +165,7 @@ async def test_live_events_stream_frames_as_they_are_scored(console, redis_clien
     daemon, http = console
     await sign_in(http)
     seen: list[dict] = []
-
-    async def listen() -> None:
-        async with http.get("/console/api/events") as response:
-            assert response.headers["Content-Type"].startswith("text/event-stream")
-            event = None
-            async for raw in response.content:
-                line = raw.decode().strip()
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                elif line.startswith("data:") and event == "frame":
-                    seen.append(json.loads(line.split(":", 1)[1]))
-                    if len(seen) == 3:
-                        return
-
-    task = asyncio.create_task(listen())
+    task = asyncio.create_task(listen_for_frames(http, 3, seen))
     await asyncio.sleep(0.3)
     ids = await send(redis_client, key_prefix, DEFECTS[:3])
     await asyncio.wait_for(task, 30)
@@ -293,20 +294,7 @@ async def test_review_in_redis_is_capped_shared_by_instances_and_holds_no_image_
         async with aiohttp.ClientSession(f"http://127.0.0.1:{viewer.http_port}", cookie_jar=JAR()) as http:
             csrf = await sign_in(http)
             heard: list[dict] = []
-
-            async def listen() -> None:
-                async with http.get("/console/api/events") as response:
-                    event = None
-                    async for raw in response.content:
-                        line = raw.decode().strip()
-                        if line.startswith("event:"):
-                            event = line.split(":", 1)[1].strip()
-                        elif line.startswith("data:") and event == "frame":
-                            heard.append(json.loads(line.split(":", 1)[1]))
-                            if len(heard) == 5:
-                                return
-
-            task = asyncio.create_task(listen())
+            task = asyncio.create_task(listen_for_frames(http, 5, heard))
             await asyncio.sleep(0.5)
             ids = await send(redis_client, key_prefix, DEFECTS[:4] + GOODS[:1])
             await asyncio.wait_for(task, 30)  # the viewer's page hears the scorer's frames live
