@@ -6,7 +6,8 @@ memory. On CPUs with AVX-512 (and on AMD, where MKL does not pick its fastest pa
 weights reordered once into its blocked layout is 10-20 % faster per GEMM, and it fuses the
 activation and the residual add into the GEMM's epilogue (bench/winclip.py measures both).
 `FusedBlocks` runs the same maths with those kernels, inference only, and
-`FusedBlocks.cls_output` runs the last block for the CLS token alone (what the window pass needs).
+`FusedBlocks.cls_output` runs the last block for the CLS token alone (what the window pass needs), and
+`FusedBlocks.dual_block` runs a block with PromptAD's value-value path beside it (promptad/tower.py).
 
 Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
 self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
@@ -143,6 +144,18 @@ class _Block:
         attended = torch.einsum("shl,slhd->shd", weights, v).reshape(sequences, width)
         return self._mlp_residual(self.out.add_to(attended, cls_rows.contiguous()))
 
+    def dual(self, x: torch.Tensor, x_vv: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """PromptAD's value-value dual path (promptad/tower.py) on 2-D token rows: (this block's output for
+        ``x``, ``x_vv + ls1 * W_out softmax(v vᵀ / √d) v``) with q, k, v all from ``ln_1(x)``, the
+        original path's; the V-V path has no MLP, and both residual adds run in the out-projection's epilogue."""
+        rows, width = x.shape
+        length, head_dim = rows // sequences, width // self.heads
+        qkv = self.qkv(self.ln_1(x)).view(sequences, length, 3, self.heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [S, H, L, d] each, strided views
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, width)
+        value_value = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(rows, width)
+        return self._mlp_residual(self.out.add_to(attended, x)), self.out.add_to(value_value, x_vv)
+
 
 def _scaled(weight: torch.Tensor, bias: torch.Tensor | None,
             layer_scale: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,3 +198,10 @@ class FusedBlocks:
         for block in self.blocks[:-1]:
             rows = block(rows, sequences)
         return self.blocks[-1].cls_output(rows, sequences)
+
+    def dual_block(self, i: int, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``i`` on [S, L, W] with PromptAD's value-value path (`_Block.dual`): (next ``x``, next ``x_vv``)."""
+        sequences, length, width = x.shape
+        rows, rows_vv = self.blocks[i].dual(x.reshape(sequences * length, width),
+                                            x_vv.reshape(sequences * length, width), sequences)
+        return rows.view(sequences, length, width), rows_vv.view(sequences, length, width)

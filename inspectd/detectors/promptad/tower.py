@@ -11,6 +11,12 @@ tower's); ``patch_embeddings`` = V-V patch tokens → ln_post → proj (``patch_
 ``blocks`` = *original-path* residual-stream patch tokens after the requested blocks (the memory layers).
 All blocks are dual (the official code converts all 12); LayerScale, when a model has it, is applied to
 both attention outputs (ViT-B-16-plus-240 has none). Windows are not computed by this tower.
+
+Kernels: on CPU, when the backbone has oneDNN fused blocks (``model.cpu_kernels: auto|onednn``, fused.py) and no
+gradient is wanted, every block runs as `fused.FusedBlocks.dual_block` (prepacked GEMMs, residual adds fused;
+the same maths). The fused kernels have no autograd formula, so a forward that needs gradients (grad mode on and
+the pixels or a tower weight requiring grad), ``cpu_kernels: torch``, a tower fused.py does not support, and
+GPUs take open_clip's blocks (`dual_block`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inspectd.detectors import fused
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features, register_tower
 
 TOWER = "promptad_vv"
@@ -55,6 +62,17 @@ def dual_block(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, block.ls_1(o_vv)
 
 
+def fused_blocks_for(backbone: ClipBackbone, tokens: torch.Tensor) -> fused.FusedBlocks | None:
+    """The backbone's oneDNN blocks when this forward may use them (see the module docstring), else None."""
+    blocks = backbone.fused_blocks
+    if blocks is None:
+        return None
+    if torch.is_grad_enabled() and (tokens.requires_grad or any(
+            p.requires_grad for p in backbone.visual.transformer.parameters())):
+        return None  # the fused kernels are not differentiable
+    return blocks
+
+
 def vv_forward(backbone: ClipBackbone, pixels: torch.Tensor, request: FeatureRequest,
                row_inputs: Mapping[str, torch.Tensor] | None = None) -> Features:
     """The dual-path forward of [N, 3, S, S] (any S: positions are interpolated as the plain tower's)."""
@@ -63,10 +81,14 @@ def vv_forward(backbone: ClipBackbone, pixels: torch.Tensor, request: FeatureReq
     x = backbone._embed_tokens(pixels)
     grid = backbone.input_grid(pixels)
     x_vv = x
+    blocks = fused_blocks_for(backbone, x)
     taps: dict[int, torch.Tensor] = {}
     for i, block in enumerate(backbone.visual.transformer.resblocks):
-        x, increment = dual_block(block, x)
-        x_vv = x_vv + increment
+        if blocks is not None:
+            x, x_vv = blocks.dual_block(i, x, x_vv)
+        else:
+            x, increment = dual_block(block, x)
+            x_vv = x_vv + increment
         if i in request.blocks:
             taps[i] = x[:, 1:].float()
     features = backbone._outputs(x, grid, taps, FeatureRequest(tower=request.tower))  # CLS of the original path
