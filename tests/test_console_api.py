@@ -315,6 +315,13 @@ async def test_review_in_redis_is_capped_shared_by_instances_and_holds_no_image_
             async with http.get("/console/api/frames") as response:
                 marked = (await response.json())["frames"][0]
             assert marked["feedback"]["action"] == "defect"
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{scorer.http_port}", cookie_jar=JAR()) as other:
+            csrf_other = await sign_in(other)  # an operator at the other instance's console sees the mark ...
+            async with other.get("/console/api/frames") as response:
+                assert (await response.json())["frames"][0]["feedback"]["action"] == "defect"
+            async with other.post(f"/console/api/frames/{frames[0]['id']}/feedback", headers=csrf_other,
+                                  json={"action": "defect", "label": "colour"}) as response:
+                assert response.status == 409  # ... and cannot act on that frame a second time
         assert scorer.review._items == {} and viewer.review._items == {}  # no review image in either process
     finally:
         await viewer.shutdown()

@@ -370,18 +370,22 @@ async def give_feedback(request: web.Request) -> web.Response:
     item = await daemon.review.fetch(request.match_info["id"])
     if item is None:
         raise ConsoleError(404, "no such frame in the review buffer (it may have been evicted)")
-    if item.feedback is not None:
-        raise ConsoleError(409, f"this frame already has feedback ({item.feedback.get('action')}); undo it first")
-    body = await _json_body(request)
-    action = body.get("action")
-    remote = request.remote or "?"
-    if action == FALSE_ALARM:
-        record = await daemon.feedback.false_alarm(item, body.get("target"), remote)
-    elif action == DEFECT:
-        record = await daemon.feedback.defect(item, str(body.get("label") or "defect"), remote)
-    else:
-        raise ConsoleError(400, f"action must be {FALSE_ALARM!r} or {DEFECT!r}, got {action!r}")
-    daemon.review.set_feedback(item, record)
+    if not await daemon.review.claim(item):
+        raise ConsoleError(409, "this frame already has feedback (or one is under way); undo it first")
+    try:
+        body = await _json_body(request)
+        action = body.get("action")
+        remote = request.remote or "?"
+        if action == FALSE_ALARM:
+            record = await daemon.feedback.false_alarm(item, body.get("target"), remote)
+        elif action == DEFECT:
+            record = await daemon.feedback.defect(item, str(body.get("label") or "defect"), remote)
+        else:
+            raise ConsoleError(400, f"action must be {FALSE_ALARM!r} or {DEFECT!r}, got {action!r}")
+    except BaseException:
+        await daemon.review.release(item)
+        raise
+    await daemon.review.set_feedback(item, record)
     return web.json_response({"feedback": record, "product": _product_view(daemon, item.result["product"])},
                              status=201)
 
@@ -393,7 +397,7 @@ async def undo_feedback(request: web.Request) -> web.Response:
     record = await daemon.feedback.undo(request.match_info["id"], request.remote or "?")
     item = await daemon.review.fetch(record.get("item") or "")
     if item is not None and item.feedback and item.feedback.get("id") == record["undoes"]:
-        daemon.review.set_feedback(item, None)
+        await daemon.review.set_feedback(item, None)
     return web.json_response({"undo": record, "product": _product_view(daemon, record["product"])})
 
 

@@ -35,7 +35,6 @@ THUMB_SIDE = 200
 HOUR_S = 3600.0
 CAPTURE_QUEUE = 32
 SUBSCRIBER_QUEUE = 256
-MAX_FEEDBACK_MARKS = 10_000
 UNKNOWN_PRODUCT = "_unknown"  # as the metrics' label for products no registry knows
 
 
@@ -203,7 +202,7 @@ class ReviewHub:
         self._worker: asyncio.Task | None = None
         self._tail: asyncio.Task | None = None
         self.store: Any = None  # review_redis.RedisReviewStore with console.review: redis
-        self._feedback: dict[str, dict[str, Any]] = {}  # item id -> the latest feedback record (bounded)
+        self._claimed: set[str] = set()  # items a feedback action is under way on
         self._rates = {"NG": RateLimit(config.ng_per_s), "OK": RateLimit(config.ok_per_s)}
         self.skipped: dict[tuple[str, str], int] = {}  # (verdict, rate | queue_full) -> frames not rendered
 
@@ -296,7 +295,7 @@ class ReviewHub:
         self._tail = asyncio.create_task(store.tail(self._heard), name="console-review-tail")
 
     def _heard(self, summary: dict[str, Any]) -> None:
-        summary["feedback"] = self._feedback.get(summary["id"])
+        summary["feedback"] = None  # a frame just added has none
         self.publish("frame", summary)
 
     # ---------------------------------------------------------------- reads (the console's routes)
@@ -318,9 +317,7 @@ class ReviewHub:
         """An item by id, from memory or the Redis store, with the feedback given on it."""
         item = self._items.get(item_id)
         if item is None and self.store is not None:
-            item = await self.store.get(item_id)
-            if item is not None:
-                item.feedback = self._feedback.get(item_id)
+            item = await self.store.get(item_id)  # with the feedback any instance recorded on it
         return item
 
     async def listing(self, product: str | None = None, line: str | None = None,
@@ -330,22 +327,33 @@ class ReviewHub:
             return [i.summary() for i in self.items(product, line, limit)]
         chosen = [s for s in await self.store.summaries(max(self._limits.values()))
                   if (product is None or s["product"] == product) and (line is None or s["line"] == line)]
-        for summary in chosen:
-            summary["feedback"] = self._feedback.get(summary["id"])
         return chosen[:limit]
 
     async def kept(self) -> int:
         return len(self._items) if self.store is None else await self.store.count()
 
-    def set_feedback(self, item: ReviewItem, record: dict[str, Any] | None) -> None:
-        """Remember (or, with None, forget) the feedback on ``item`` and tell the live pages."""
+    async def claim(self, item: ReviewItem) -> bool:
+        """Reserve ``item`` for one feedback action: False when it has feedback (or one is under way), also on
+        another instance's console with ``review: redis``. `set_feedback` (or `release`) ends the claim."""
+        if item.feedback is not None or item.id in self._claimed:
+            return False
+        if self.store is not None and not await self.store.claim(item.id):
+            return False
+        self._claimed.add(item.id)
+        return True
+
+    async def release(self, item: ReviewItem) -> None:
+        """Give up a claim whose action failed."""
+        self._claimed.discard(item.id)
+        if self.store is not None:
+            await self.store.mark(item.id, None)
+
+    async def set_feedback(self, item: ReviewItem, record: dict[str, Any] | None) -> None:
+        """Record (or, with None, clear) the feedback on ``item`` and tell the live pages."""
+        self._claimed.discard(item.id)
         item.feedback = record
-        if record is None:
-            self._feedback.pop(item.id, None)
-        else:
-            self._feedback[item.id] = record
-            while len(self._feedback) > MAX_FEEDBACK_MARKS:
-                self._feedback.pop(next(iter(self._feedback)))
+        if self.store is not None:
+            await self.store.mark(item.id, record)
         self.publish("feedback", item.summary())
 
     def product_stats(self, product: str) -> dict[str, Any]:

@@ -4,8 +4,10 @@ them, and every instance's console sees every instance's frames.
 
 Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` (stream: one small
 ``summary`` field per frame; listing and the live feed read only this) and ``<prefix>:{console}:review:NG:pictures``
-(hash: entry id -> packed pictures), the same for OK. One Lua script adds both and trims the oldest entries of both,
-atomically, so the two never disagree and the bound is exact however many instances write.
+(hash: entry id -> packed pictures), the same for OK, and ``<prefix>:{console}:review:feedback`` (hash: entry id ->
+the feedback given on it, claimed with HSETNX so two instances' operators never act on one frame twice). One Lua
+script adds an item and trims the oldest ones from all three, atomically, so they never disagree and the bound is
+exact however many instances write.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
     redis.call('HDEL', KEYS[2], entry[1])
+    redis.call('HDEL', KEYS[3], entry[1])
     redis.call('XDEL', KEYS[1], entry[1])
   end
 end
@@ -46,6 +49,11 @@ return id
 def review_keys(prefix: str) -> dict[str, tuple[str, str]]:
     """verdict -> (summary stream, pictures hash)."""
     return {v: (f"{prefix}:{{console}}:review:{v}", f"{prefix}:{{console}}:review:{v}:pictures") for v in VERDICTS}
+
+
+def feedback_key(prefix: str) -> str:
+    """The hash of feedback marks (entry id -> the feedback's record), shared by every instance's console."""
+    return f"{prefix}:{{console}}:review:feedback"
 
 
 def pack(item: ReviewItem) -> bytes:
@@ -84,6 +92,7 @@ class RedisReviewStore:
     def __init__(self, redis: Any, prefix: str, limits: dict[str, int]) -> None:
         self.redis = redis
         self.keys = review_keys(prefix)
+        self.marks = feedback_key(prefix)
         self.limits = limits
         self._add = redis.register_script(ADD_AND_TRIM)
         self._cache: OrderedDict[str, ReviewItem] = OrderedDict()
@@ -91,7 +100,7 @@ class RedisReviewStore:
     async def add(self, item: ReviewItem) -> str:
         verdict = item.result["verdict"]
         summary = {**item.result, "has_mask": item.mask_png is not None}
-        entry_id = await self._add(keys=list(self.keys[verdict]),
+        entry_id = await self._add(keys=[*self.keys[verdict], self.marks],
                                    args=[self.limits[verdict], json.dumps(summary), pack(item)])
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
@@ -110,6 +119,7 @@ class RedisReviewStore:
             if not entries:
                 return None
             item = unpack(item_id, _summary(*entries[0]), data)
+            item.feedback = await self.mark_of(item_id)
             self._cache[item_id] = item
             while len(self._cache) > FETCH_CACHE:
                 self._cache.popitem(last=False)
@@ -121,7 +131,26 @@ class RedisReviewStore:
         out = []
         for stream, _ in self.keys.values():
             out += [_summary(*entry) for entry in await self.redis.xrevrange(stream, count=limit)]
+        marks = await self.redis.hmget(self.marks, [s["id"] for s in out]) if out else []
+        for summary, mark in zip(out, marks, strict=True):
+            summary["feedback"] = json.loads(mark) if mark else None
         return out
+
+    async def mark_of(self, item_id: str) -> dict[str, Any] | None:
+        mark = await self.redis.hget(self.marks, item_id)
+        return json.loads(mark) if mark else None
+
+    async def claim(self, item_id: str) -> bool:
+        """Reserve ``item_id`` for one feedback action (False: some instance's console already has it)."""
+        return bool(await self.redis.hsetnx(self.marks, item_id, json.dumps({"action": "pending"})))
+
+    async def mark(self, item_id: str, record: dict[str, Any] | None) -> None:
+        """Record (or, with None, clear) the feedback on ``item_id`` for every instance."""
+        self._cache.pop(item_id, None)
+        if record is None:
+            await self.redis.hdel(self.marks, item_id)
+        else:
+            await self.redis.hset(self.marks, item_id, json.dumps(record))
 
     async def count(self) -> int:
         return sum([await self.redis.xlen(stream) for stream, _ in self.keys.values()])
