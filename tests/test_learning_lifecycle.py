@@ -201,6 +201,7 @@ async def test_background_fit_reports_progress_in_the_api_and_the_gauge(redis_ur
     body = product("slow", refs, head=str(head_file), epochs=3, steps=6, step_sleep_s=0.06)
     seen: list[tuple[float, str]] = []  # (fraction, note) from GET
     gauge_values: list[float] = []
+    console_fractions: list[float] = []  # the operator console's products view
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=AUTH) as http:
             async with http.put("/products/slow?wait=false", json=body) as response:
@@ -213,9 +214,13 @@ async def test_background_fit_reports_progress_in_the_api_and_the_gauge(redis_ur
                     state = await response.json()
                 async with http.get("/metrics") as response:
                     metric = gauges(await response.text()).get("slow")
+                async with http.get("/console/api/overview") as response:  # the console shows it too
+                    console = {v["id"]: v for v in (await response.json())["products"]}
                 if state["build"] is None:
                     break
                 seen.append((state["build"]["fraction"], state["build"]["note"]))
+                if console.get("slow", {}).get("build"):
+                    console_fractions.append(console["slow"]["build"]["fraction"])
                 if metric is not None:
                     gauge_values.append(metric)
                 assert time.monotonic() < deadline, state
@@ -231,6 +236,7 @@ async def test_background_fit_reports_progress_in_the_api_and_the_gauge(redis_ur
     assert any(re.search(r"epoch 2/3 step \d/6", note) for _, note in seen), seen
     assert gauge_values == sorted(gauge_values) and any(0.0 < g < 1.0 for g in gauge_values), gauge_values
     assert "slow" not in after  # the gauge goes when the build ends
+    assert any(0.0 < f < 1.0 for f in console_fractions), console_fractions
     assert state["status"] == "ready" and state["version"] == 1 and state["error"] is None
     assert entry.state.meta["steps_run"] == 18 and entry.state.meta["resumed_from_epoch"] == 0
 
