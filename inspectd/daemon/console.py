@@ -269,16 +269,16 @@ def _product_view(daemon: InspectDaemon, product_id: str) -> dict[str, Any]:
 
 
 def _calibration(entry: Any) -> str:
-    """How the threshold came about, in words."""
+    """How the threshold came about, in words (from the build's calibration record)."""
     if entry.config.threshold.value is not None:
         return f"fixed at {entry.config.threshold.value} (threshold.value)"
     info = entry.calibration or {}
-    method = info.get("method", "calibrated")
-    parts = [str(method)]
-    for key in ("n", "n_scores", "quantile", "margin"):
-        if key in info:
-            parts.append(f"{key} {info[key]}")
-    return ", ".join(parts)
+    if info.get("method") != "quantile":
+        return f"{info.get('method', 'calibrated')}" + (f": {info['reason']}" if info.get("reason") else "")
+    sources = [f"{info[k]} {k.replace('_', '-')}" for k in ("leave_one_out", "shifted_views", "holdout") if info.get(k)]
+    quantile = "max" if info.get("quantile") == 1.0 else f"quantile {info.get('quantile')}"
+    return (f"{quantile} of {info.get('normals', '?')} normal scores ({', '.join(sources) or 'references'}) "
+            f"{info.get('margin', 0):+g}; normals {info.get('min_normal', 0):.4f}..{info.get('max_normal', 0):.4f}")
 
 
 async def overview(request: web.Request) -> web.Response:
