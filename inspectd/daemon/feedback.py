@@ -71,6 +71,7 @@ class FeedbackStore:
         self.metrics = metrics
         self._locks: dict[str, asyncio.Lock] = {}  # per product: its actions and undos never interleave
         self._file_lock = threading.Lock()
+        self._target_cache: dict[str, str] | None = None
 
     @property
     def log_path(self) -> Path | None:
@@ -104,13 +105,18 @@ class FeedbackStore:
         targets = {**self._targets(), product: target}
         root.mkdir(parents=True, exist_ok=True)
         _write(root / "targets.json", json.dumps(targets, indent=1, sort_keys=True).encode())
+        self._target_cache = targets
 
     def _targets(self) -> dict[str, str]:
-        try:
-            data = json.loads((self.root / "targets.json").read_text()) if self.root else {}
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return {str(k): v for k, v in data.items() if v in TARGETS} if isinstance(data, dict) else {}
+        """The choices, read from the file once (every overview asks; the file changes only through us)."""
+        if self._target_cache is None:
+            try:
+                data = json.loads((self.root / "targets.json").read_text()) if self.root else {}
+            except (OSError, json.JSONDecodeError):
+                data = {}
+            self._target_cache = ({str(k): v for k, v in data.items() if v in TARGETS}
+                                  if isinstance(data, dict) else {})
+        return self._target_cache
 
     # ---------------------------------------------------------------- actions
     async def false_alarm(self, item: ReviewItem, target: str | None, remote: str) -> dict[str, Any]:
