@@ -41,6 +41,8 @@ def exercised() -> Metrics:
                       "kernels": "onednn", "demo_weights": "false"})
     m.camera_dropped("cam0", 2)
     m.camera_state("cam0", True, 1, 250, 0.04)
+    m.console_feedback.labels(product="hazelnut", action="false_alarm").inc()
+    m.review_skipped.labels(verdict="OK", reason="rate").inc()
     return m
 
 
