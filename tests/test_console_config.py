@@ -29,3 +29,19 @@ def test_check_names_a_feedback_dir_that_is_a_file(tmp_path: Path) -> None:
     assert any(p.startswith("console.feedback_dir:") for p in problems), problems
     config.console.feedback_dir = str(tmp_path / "new" / "fb")  # created on first feedback: fine
     assert not any(p.startswith("console.") for p in check_config(config, products=False))
+
+
+def test_originals_stay_within_their_byte_budget_oldest_first() -> None:
+    from inspectd.daemon.config import ConsoleConfig
+    from inspectd.daemon.review import ReviewHub, ReviewItem
+
+    hub = ReviewHub(ConsoleConfig(keep_ng=10, original_budget_mb=1))
+    items = [ReviewItem(str(i), {"verdict": "NG", "product": "p", "line": "l"}, b"", b"", b"", None, None,
+                        original=bytes(400 * 1024)) for i in range(4)]
+    for item in items:
+        hub._keep(item)
+    assert [i.original is not None for i in items] == [False, False, True, True]  # 2 x 400 KiB fit in 1 MiB
+    assert hub._original_bytes == 2 * 400 * 1024
+    for i in range(4, 14):  # eviction from the buffer releases the bytes too
+        hub._keep(ReviewItem(str(i), {"verdict": "NG", "product": "p", "line": "l"}, b"", b"", b"", None, None))
+    assert hub._original_bytes == 0 and len(hub._items) == 10
