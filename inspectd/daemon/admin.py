@@ -6,7 +6,6 @@ Every route needs ``Authorization: Bearer <token>`` when a token is configured (
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
 import logging
@@ -22,8 +21,14 @@ import yaml
 from aiohttp import BodyPartReader, web
 
 from inspectd.daemon.config import ConfigError, ProductConfig, build
-from inspectd.daemon.http_common import DAEMON_KEY, TOKEN_ENV, admin_token, host_allowed, is_loopback
-from inspectd.daemon.registry import IMAGE_SUFFIXES, BuildError, BuildSuperseded, ProductRegistry
+from inspectd.daemon.http_common import DAEMON_KEY, admin_token, bearer_matches, foreign_origin, reads_open
+from inspectd.daemon.registry import (
+    IMAGE_SUFFIXES,
+    PRODUCT_ID_RE,
+    BuildError,
+    BuildSuperseded,
+    ProductRegistry,
+)
 
 if TYPE_CHECKING:
     from inspectd.daemon.app import InspectDaemon
@@ -32,7 +37,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")
 MAX_UPLOAD_FILES = 64
 MAX_UPLOAD_FILE_BYTES = 32 * 1024 * 1024
@@ -91,21 +95,14 @@ def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
     cannot send one, and its cross-site requests carry a foreign Origin); off loopback everything needs it."""
     token = admin_token(daemon)
     writing = request.method in WRITE_METHODS
-    if writing:
-        origin = request.headers.get("Origin")
-        if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
-                                       daemon.config.http.allowed_hosts):
-            log.warning("admin API: %s %s with foreign Origin %r refused", request.method, request.path, origin)
-            raise ApiError(403, f"cross-origin write refused (Origin {origin!r})")
-    configured = daemon.config.http.token or os.environ.get(TOKEN_ENV)
-    if not writing and not configured and is_loopback(daemon.config.http.host):
+    if writing and (origin := foreign_origin(request, daemon)):
+        log.warning("admin API: %s %s with foreign Origin %r refused", request.method, request.path, origin)
+        raise ApiError(403, f"cross-origin write refused (Origin {origin!r})")
+    if not writing and reads_open(daemon):
         return  # reads on loopback stay open unless the operator configured a token
     if token is None:
         raise ApiError(401, "no admin token configured" if not writing else "writes need the admin token")
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-    if not ok:
+    if not bearer_matches(request, token):
         log.warning("admin API: %s %s from %s refused (bad or missing token)", request.method, request.path,
                     request.remote)
         raise ApiError(401, "missing or invalid bearer token")

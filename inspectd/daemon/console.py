@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from inspectd.daemon.feedback import DEFECT, FALSE_ALARM, FeedbackError
-from inspectd.daemon.http_common import DAEMON_KEY, TOKEN_ENV, admin_token, host_allowed, is_loopback
+from inspectd.daemon.http_common import (
+    DAEMON_KEY,
+    TOKEN_ENV,
+    admin_token,
+    bearer_matches,
+    default_token_file,
+    foreign_origin,
+    reads_open,
+)
 
 if TYPE_CHECKING:
     from inspectd.daemon.app import InspectDaemon
@@ -118,9 +126,7 @@ def _guard(handler: Any, access: str) -> Any:
             elif access == "write":
                 check_write(request)
             response = await handler(request)
-        except ConsoleError as exc:
-            response = web.json_response({"error": str(exc)}, status=exc.status)
-        except FeedbackError as exc:
+        except (ConsoleError, FeedbackError) as exc:
             response = web.json_response({"error": str(exc)}, status=exc.status)
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
@@ -141,15 +147,7 @@ def _session(request: web.Request) -> Session | None:
 
 
 def _bearer_ok(request: web.Request) -> bool:
-    token = admin_token(_daemon(request))
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def reads_open(daemon: InspectDaemon) -> bool:
-    """As the admin API: reads on a loopback bind are open unless the operator configured a token."""
-    configured = daemon.config.http.token or os.environ.get(TOKEN_ENV)
-    return not configured and is_loopback(daemon.config.http.host)
+    return bearer_matches(request, admin_token(_daemon(request)))
 
 
 def check_read(request: web.Request) -> None:
@@ -160,9 +158,7 @@ def check_read(request: web.Request) -> None:
 
 def check_write(request: web.Request) -> None:
     daemon = _daemon(request)
-    origin = request.headers.get("Origin")
-    if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
-                                   daemon.config.http.allowed_hosts):
+    if origin := foreign_origin(request, daemon):
         log.warning("console: %s %s with foreign Origin %r refused", request.method, request.path, origin)
         raise ConsoleError(403, f"cross-origin write refused (Origin {origin!r})")
     if _bearer_ok(request):
@@ -218,17 +214,13 @@ async def session_info(request: web.Request) -> web.Response:
 def _token_hint(daemon: InspectDaemon) -> str:
     if daemon.config.http.token or os.environ.get(TOKEN_ENV):
         return "the admin token from the daemon's configuration (http.token or INSPECTD_ADMIN_TOKEN)"
-    from inspectd.daemon.http_common import default_token_file
-
     path = daemon.config.http.token_file or str(default_token_file())
     return f"the admin token: on the daemon's machine, cat {path}"
 
 
 async def sign_in(request: web.Request) -> web.Response:
     daemon = _daemon(request)
-    origin = request.headers.get("Origin")
-    if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
-                                   daemon.config.http.allowed_hosts):
+    if origin := foreign_origin(request, daemon):
         raise ConsoleError(403, f"cross-origin sign-in refused (Origin {origin!r})")
     body = await _json_body(request)
     token, given = admin_token(daemon), str(body.get("token", "")).strip()

@@ -31,13 +31,12 @@ import numpy as np
 from PIL import Image
 
 from inspectd.daemon.config import DaemonConfig, ProductConfig
-from inspectd.daemon.registry import BuildError, BuildSuperseded, ProductRegistry, reference_files
+from inspectd.daemon.registry import PRODUCT_ID_RE, BuildError, BuildSuperseded, ProductRegistry, reference_files
 from inspectd.daemon.review import ReviewItem
 from inspectd.streams.records import safe_file_name
 
 log = logging.getLogger(__name__)
 
-PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as the admin API
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 RESERVED_LABELS = ("good", "masks", "mask", "ground_truth")
 FALSE_ALARM = "false_alarm"

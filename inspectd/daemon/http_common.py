@@ -7,6 +7,7 @@ here, so ``admin`` never imports ``http`` and the two form no import cycle.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import secrets
@@ -74,3 +75,24 @@ def host_allowed(host_header: str, bind_host: str, allowed: tuple[str, ...] | li
     if is_loopback(bind_host):
         return name in LOOPBACK_NAMES
     return not allowed
+
+
+def reads_open(daemon: InspectDaemon) -> bool:
+    """Reads on a loopback bind are open unless the operator configured a token (admin API and console alike)."""
+    configured = daemon.config.http.token or os.environ.get(TOKEN_ENV)
+    return not configured and is_loopback(daemon.config.http.host)
+
+
+def foreign_origin(request: web.Request, daemon: InspectDaemon) -> str | None:
+    """The request's Origin when it names a host not ours (a cross-site request from a web page), else None."""
+    origin = request.headers.get("Origin")
+    if origin and not host_allowed(origin.split("://", 1)[-1], daemon.config.http.host,
+                                   daemon.config.http.allowed_hosts):
+        return origin
+    return None
+
+
+def bearer_matches(request: web.Request, token: str | None) -> bool:
+    """``Authorization: Bearer <token>`` with the right token (constant-time compare); False without a token."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import threading
 import time
@@ -42,12 +43,14 @@ from inspectd.streams.records import MaskPolicy
 log = logging.getLogger(__name__)
 
 
+PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ids the API accepts (and may become paths)
+
 READY = "ready"
 BUILDING = "building"
 FAILED = "failed"
 
-__all__ = ["BUILDING", "FAILED", "IMAGE_SUFFIXES", "READY", "BuildError", "BuildSuperseded", "ProductEntry",
-           "ProductRegistry"]
+__all__ = ["BUILDING", "FAILED", "IMAGE_SUFFIXES", "PRODUCT_ID_RE", "READY", "BuildError", "BuildSuperseded",
+           "ProductEntry", "ProductRegistry"]
 
 
 class BuildSuperseded(BuildError):
