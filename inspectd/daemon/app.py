@@ -122,8 +122,8 @@ class InspectDaemon:
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
         self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
                                     max_tiles=cfg.decode.max_tiles,
-                                    review_side=cfg.console.max_side if self.review.wants_images() else None,
-                                    keep_payload=self.review.wants_images() and cfg.console.keep_original)
+                                    review_side=cfg.console.max_side if self.review.keeping else None,
+                                    keep_payload=self.review.keeping and cfg.console.keep_original)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
                                         on_progress=self.metrics.build_progress)

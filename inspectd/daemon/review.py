@@ -207,9 +207,6 @@ class ReviewHub:
         self.skipped: dict[tuple[str, str], int] = {}  # (verdict, rate | queue_full) -> frames not rendered
 
     # ---------------------------------------------------------------- intake (the daemon's publish loop)
-    def wants_images(self) -> bool:
-        return self.keeping
-
     def observe(self, results: Iterable[Result], dead: Iterable[DeadLetter],
                 frames: dict[tuple[str, str | None, str], tuple[np.ndarray, Frame]]) -> None:
         """Count verdicts and dead letters; queue results worth reviewing for rendering. Never blocks.
