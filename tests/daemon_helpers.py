@@ -51,6 +51,17 @@ def daemon_config(redis_url: str, prefix: str, tmp: Path, **overrides: Any) -> D
     return parse_config(data)
 
 
+
+def one_line_config(redis_url: str, prefix: str, tmp: Path, products: list[dict[str, Any]], token: str
+                    ) -> DaemonConfig:
+    """A daemon on line l1 only, with the admin API on a free port behind ``token``, a state cache under ``tmp``,
+    no file watcher and no control stream: what the detector lifecycle tests start."""
+    return daemon_config(redis_url, prefix, tmp, http={"enabled": True, "port": 0, "token": token},
+                         registry={"watch": False, "state_cache_dir": str(tmp / "cache")},
+                         redis={"url": redis_url, "prefix": prefix, "lines": ["l1"], "block_ms": 50,
+                                "control_stream": None},
+                         batcher={"max_batch_size": 8, "max_delay_ms": 20, "queue_size": 64}, products=products)
+
 async def send_frames(client: Any, prefix: str, n: int, start: int = 0) -> list[str]:
     """n frames alternating products nut/grid over lines l1/l2; returns the frame ids."""
     images = [png_bytes(HAZELNUT / "good" / "05.png"), png_bytes(HAZELNUT / "colour" / "03.png")]

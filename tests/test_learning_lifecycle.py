@@ -28,7 +28,14 @@ from inspectd.daemon.registry import FAILED, BuildSuperseded, ProductEntry, Prod
 from inspectd.detectors.artifacts import LEARNED, ArtifactMismatch, load_artifact, save_artifact
 from inspectd.detectors.base import ProductSpec, available_detectors, detector_class
 from inspectd.streams.message import frame_fields
-from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream, wait_for_results
+from tests.daemon_helpers import (
+    DATA,
+    HAZELNUT,
+    one_line_config,
+    png_bytes,
+    read_stream,
+    wait_for_results,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -91,11 +98,7 @@ def product(product_id: str, refs: Path, **options: Any) -> dict[str, Any]:
 
 
 def config_for(redis_url: str, prefix: str, tmp: Path, products: list[dict[str, Any]]) -> Any:
-    return daemon_config(redis_url, prefix, tmp, http={"enabled": True, "port": 0, "token": TOKEN},
-                         registry={"watch": False, "state_cache_dir": str(tmp / "cache")},
-                         redis={"url": redis_url, "prefix": prefix, "lines": ["l1"], "block_ms": 50,
-                                "control_stream": None},
-                         batcher={"max_batch_size": 8, "max_delay_ms": 20, "queue_size": 64}, products=products)
+    return one_line_config(redis_url, prefix, tmp, products, TOKEN)
 
 
 async def start(config: Any, backbone: Any) -> tuple[InspectDaemon, list[ProductEntry]]:

@@ -32,7 +32,14 @@ from inspectd.detectors.promptad import prompts as PP
 from inspectd.detectors.promptad.losses import alignment_loss, contrastive_loss, margin_loss, promptad_terms
 from inspectd.detectors.promptad.tower import TOWER, memory_blocks, vv_forward
 from inspectd.streams.message import frame_fields
-from tests.daemon_helpers import DATA, HAZELNUT, daemon_config, png_bytes, read_stream, wait_for_results
+from tests.daemon_helpers import (
+    DATA,
+    HAZELNUT,
+    one_line_config,
+    png_bytes,
+    read_stream,
+    wait_for_results,
+)
 
 MVTEC = DATA / "mvtec_ad"
 
@@ -310,11 +317,7 @@ def product(product_id: str, refs_dir: Path, shots: int = 4, **options: Any) -> 
 
 
 def config_for(redis_url: str, prefix: str, tmp: Path, products: list[dict[str, Any]]) -> Any:
-    return daemon_config(redis_url, prefix, tmp, http={"enabled": True, "port": 0, "token": TOKEN},
-                         registry={"watch": False, "state_cache_dir": str(tmp / "cache")},
-                         redis={"url": redis_url, "prefix": prefix, "lines": ["l1"], "block_ms": 50,
-                                "control_stream": None},
-                         batcher={"max_batch_size": 8, "max_delay_ms": 20, "queue_size": 64}, products=products)
+    return one_line_config(redis_url, prefix, tmp, products, TOKEN)
 
 
 @pytest.fixture
