@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from bench.common import best_time, fp32_flop_bound, load_model, vit_forward_flops
@@ -90,7 +89,6 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print("| model | measure | value | ratio to GEMM bound (GFLOP/s) |\n| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

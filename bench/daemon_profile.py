@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.daemon import collect, config, engine_only, frames, produce, start_daemon, stop_daemon
 from inspectd.daemon.app import InspectDaemon, build_backbone
+from inspectd.detectors import cpu_threads
 
 
 def stage_sums(daemon: InspectDaemon) -> dict[str, tuple[float, float]]:
@@ -50,8 +51,7 @@ async def redis_cpu_s(client: Any) -> float:
 async def profile_run(arch: str, batch: int, n: int, size: int, threads: int = 0, profilers: bool = True
                       ) -> dict[str, Any]:
     backbone = build_backbone(config(arch, 1, "x"))
-    if threads:
-        torch.set_num_threads(threads)  # after the backbone, which sets all cores
+    cpu_threads.use_threads(threads)
     daemon, task, client, prefix = await start_daemon(arch, batch, backbone)
     payloads = frames(n, size)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"

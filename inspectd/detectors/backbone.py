@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from inspectd.detectors import fused
+from inspectd.detectors import cpu_threads, fused
 from inspectd.detectors import weights as weights_mod
 from inspectd.detectors.preprocess import InputSpec, Preprocessor
 
@@ -46,7 +46,7 @@ class ModelSpec:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     precision: str = "auto"  # "auto" (fp32 on CPU, fp16 on CUDA) | "fp32" | "fp16" | "bf16"
     quick_gelu: str = "auto"  # "auto" | "true" | "false"  (OpenAI checkpoints were trained with QuickGELU)
-    threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default, one per physical core
     cache_dir: str | None = None
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
     window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
@@ -238,7 +238,7 @@ class ClipBackbone:
         self.device = select_device(spec.device)
         self.dtype = select_dtype(spec.precision, self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(spec.threads or os.cpu_count() or 1)
+            cpu_threads.use_threads(spec.threads)
         model, tokenizer, demo = load_open_clip(spec)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = tokenizer

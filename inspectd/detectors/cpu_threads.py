@@ -1,0 +1,56 @@
+"""torch's CPU intra-op thread count, set without the MKL side effect that slows small attention 3-4x.
+
+`torch.set_num_threads` also turns MKL's dynamic thread adjustment off and pins the calling thread's MKL thread
+count. Kernels that call MKL from inside torch's own parallel loops then run MKL's threading inside every task:
+the CPU flash-attention kernel over WinCLIP's windows ([392 windows, 14 heads, 5 tokens, 64]) takes 8-11 ms
+instead of 2.5 (`python -m bench.threads`). torch leaves MKL alone when the count is never set, so `use_threads`
+sets nothing when the count is already right, and otherwise puts MKL's two settings back after setting it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from functools import lru_cache
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def use_threads(count: int) -> bool:
+    """torch's intra-op threads = ``count`` (0: keep torch's default, one per physical core); True if it changed."""
+    if count <= 0 or count == torch.get_num_threads():
+        return False
+    torch.set_num_threads(count)
+    restore_mkl_defaults()
+    return True
+
+
+def restore_mkl_defaults() -> bool:
+    """MKL's dynamic threading on and no per-thread count for the calling thread (MKL's defaults, and torch's until
+    `torch.set_num_threads` runs); False where this torch has no MKL whose settings can be reached."""
+    mkl = _mkl()
+    if mkl is None:
+        return False
+    mkl.MKL_Set_Dynamic(ctypes.c_int(1))
+    mkl.MKL_Set_Num_Threads_Local(ctypes.c_int(0))  # 0: this thread follows the global count again
+    return True
+
+
+@lru_cache(maxsize=1)
+def _mkl() -> ctypes.CDLL | None:
+    """MKL's service functions: linked into libtorch_cpu in PyPI's wheels, else a shared libmkl_rt in the process."""
+    if not torch.backends.mkl.is_available():
+        return None
+    candidates = [os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None]
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        if hasattr(lib, "MKL_Set_Dynamic") and hasattr(lib, "MKL_Set_Num_Threads_Local"):
+            return lib
+    log.debug("MKL's thread settings are not reachable in this torch build; left as torch set them")
+    return None
