@@ -39,16 +39,22 @@ def load(folder: str, names: range | list[int]) -> list[np.ndarray]:
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Block indices every `FusedBlocks.dual_block` call ran (which path a forward took)."""
-    calls: list[int] = []
-    original = fused.FusedBlocks.dual_block
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int | str]]:
+    """Block indices every `FusedBlocks.dual_block` call ran, and "cls" for a `dual_cls_block` call (which path a
+    forward took)."""
+    calls: list[int | str] = []
+    original, original_cls = fused.FusedBlocks.dual_block, fused.FusedBlocks.dual_cls_block
 
     def spy(self: fused.FusedBlocks, i: int, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(i)
         return original(self, i, x, x_vv)
 
+    def spy_cls(self: fused.FusedBlocks, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append("cls")
+        return original_cls(self, x, x_vv)
+
     monkeypatch.setattr(fused.FusedBlocks, "dual_block", spy)
+    monkeypatch.setattr(fused.FusedBlocks, "dual_cls_block", spy_cls)
     yield calls
 
 
@@ -118,6 +124,38 @@ def test_promptad_on_fused_blocks_equals_the_open_clip_path(tiny_checkpoint: Pat
         for x, y in zip(new, old, strict=True):
             assert x.score == pytest.approx(y.score, abs=1e-4)
             np.testing.assert_allclose(x.map, y.map, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("length", [5, 26])
+def test_fused_dual_cls_block_equals_the_dual_block_on_token_0(variant: str, length: int) -> None:
+    model = random_transformer(4, **VARIANTS[variant])
+    blocks = fused.FusedBlocks(model, rows_hint=64)
+    x, x_vv = torch.randn(7, length, 64), torch.randn(7, length, 64)
+    with torch.inference_mode():
+        expected, increment = dual_block(model.resblocks[-1], x)
+        cls, got_vv = blocks.dual_cls_block(x, x_vv)
+    assert cls.shape == (7, 1, 64)
+    torch.testing.assert_close(cls[:, 0], expected[:, 0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_vv, x_vv + increment, atol=2e-5, rtol=2e-5)
+
+
+def test_last_block_runs_the_original_path_for_cls_only_when_it_is_not_a_memory_tap(
+        tiny_checkpoint: Path, fused_calls: list[int | str]) -> None:
+    """Without a tap on the last block only the original path's CLS token leaves it (`dual_cls_block`): the same
+    image embedding and V-V patch features as open_clip's blocks; with the tap, every block runs whole."""
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))
+    plain = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                   cpu_kernels="torch"))
+    depth = len(fast.visual.transformer.resblocks)
+    pixels = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(3))
+    untapped = FeatureRequest(tower=TOWER, blocks=frozenset({0}), patch_tokens=True, patch_embeddings=True)
+    got = fast.forward(pixels, untapped)
+    assert fused_calls == [*range(depth - 1), "cls"]
+    assert_same_features(got, plain.forward(pixels, untapped), atol=1e-5)
+    fused_calls.clear()
+    fast.forward(pixels, FeatureRequest(tower=TOWER, blocks=frozenset({depth - 1}), patch_embeddings=True))
+    assert fused_calls == list(range(depth))
 
 
 def test_gradients_take_open_clip_blocks(tiny_backbone: Any, fused_calls: list[int]) -> None:

@@ -7,7 +7,8 @@ weights reordered once into its blocked layout is 10-20 % faster per GEMM, and i
 activation and the residual add into the GEMM's epilogue (bench/winclip.py measures both).
 `FusedBlocks` runs the same maths with those kernels, inference only, and
 `FusedBlocks.cls_output` runs the last block for the CLS token alone (what the window pass needs), and
-`FusedBlocks.dual_block` runs a block with PromptAD's value-value path beside it (promptad/tower.py).
+`FusedBlocks.dual_block` runs a block with PromptAD's value-value path beside it (promptad/tower.py), and
+`FusedBlocks.dual_cls_block` the last one of those for the original path's CLS token only.
 
 Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
 self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
@@ -156,6 +157,19 @@ class _Block:
         value_value = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(rows, width)
         return self._mlp_residual(self.out.add_to(attended, x)), self.out.add_to(value_value, x_vv)
 
+    def dual_cls(self, x: torch.Tensor, x_vv: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`dual` when only token 0 of the original path is read after this block: ([S, W] its output for token 0,
+        the V-V path's next rows for every token). The query, out-projection and MLP run for token 0 only."""
+        rows, width = x.shape
+        length, head_dim = rows // sequences, width // self.heads
+        normed = self.ln_1(x)
+        cls_rows = x.view(sequences, length, width)[:, 0].contiguous()
+        q = self.q(normed.view(sequences, length, width)[:, 0].contiguous()).view(sequences, self.heads, 1, head_dim)
+        k, v = self.kv(normed).view(sequences, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).reshape(sequences, width)  # [S, H, 1, d]: heads in order
+        value_value = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(rows, width)
+        return self._mlp_residual(self.out.add_to(attended, cls_rows)), self.out.add_to(value_value, x_vv)
+
 
 def _scaled(weight: torch.Tensor, bias: torch.Tensor | None,
             layer_scale: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,3 +219,11 @@ class FusedBlocks:
         rows, rows_vv = self.blocks[i].dual(x.reshape(sequences * length, width),
                                             x_vv.reshape(sequences * length, width), sequences)
         return rows.view(sequences, length, width), rows_vv.view(sequences, length, width)
+
+    def dual_cls_block(self, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block as `dual_block` for a caller that reads token 0 of the original path only
+        (`_Block.dual_cls`): ([S, 1, W] original-path token 0, next ``x_vv`` [S, L, W])."""
+        sequences, length, width = x.shape
+        cls, rows_vv = self.blocks[-1].dual_cls(x.reshape(sequences * length, width),
+                                                x_vv.reshape(sequences * length, width), sequences)
+        return cls.view(sequences, 1, width), rows_vv.view(sequences, length, width)
