@@ -81,6 +81,30 @@ def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint:
         torch.testing.assert_close(a.windows[k], b.windows[k], atol=1e-5, rtol=1e-5)
 
 
+def test_a_forward_for_the_image_embedding_alone_runs_the_last_block_for_cls_only(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))
+    plain = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                   cpu_kernels="torch"))
+    calls: list[tuple[int, ...]] = []
+    original = fused.FusedBlocks.cls_block
+    monkeypatch.setattr(fused.FusedBlocks, "cls_block",
+                        lambda self, x: calls.append(tuple(x.shape)) or original(self, x))
+    pixels = torch.randn(3, 3, 240, 240, generator=torch.Generator().manual_seed(5))
+    depth = len(fast.visual.transformer.resblocks)
+    got = fast.forward(pixels, FeatureRequest(blocks=frozenset({0})))
+    assert calls == [(3, 226, fast.width)]
+    torch.testing.assert_close(got.image_embeddings, plain.forward(pixels, FeatureRequest()).image_embeddings,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.blocks[0], plain.forward(pixels, FeatureRequest(blocks=frozenset({0}))).blocks[0],
+                               atol=1e-5, rtol=1e-5)
+    for needs_every_token in (FeatureRequest(patch_tokens=True), FeatureRequest(patch_embeddings=True),
+                              FeatureRequest(blocks=frozenset({depth - 1}))):
+        calls.clear()
+        fast.forward(pixels, needs_every_token)
+        assert calls == []
+
+
 def test_required_onednn_on_an_unsupported_tower_is_a_clear_error(tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="cpu_kernels=onednn.*dtype"):
         ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",

@@ -467,7 +467,12 @@ class ClipBackbone:
         grid = self.input_grid(pixels)
         x = tokens
         taps: dict[int, torch.Tensor] = {}
-        for i in range(len(self.visual.transformer.resblocks)):
+        last = len(self.visual.transformer.resblocks) - 1
+        for i in range(last + 1):
+            if i == last and self.fused_blocks is not None and not (
+                    request.patch_tokens or request.patch_embeddings or last in request.blocks):
+                x = self.fused_blocks.cls_block(x)  # only the image embedding is read: token 0 is enough
+                continue
             x = self._block(i, x)
             if i in request.blocks:
                 taps[i] = x[:, 1:].float()

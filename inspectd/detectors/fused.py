@@ -6,7 +6,8 @@ memory. On CPUs with AVX-512 (and on AMD, where MKL does not pick its fastest pa
 weights reordered once into its blocked layout is 10-20 % faster per GEMM, and it fuses the
 activation and the residual add into the GEMM's epilogue (bench/winclip.py measures both).
 `FusedBlocks` runs the same maths with those kernels, inference only, and
-`FusedBlocks.cls_output` runs the last block for the CLS token alone (what the window pass needs), and
+`FusedBlocks.cls_output` / `cls_block` run the last block for the CLS token alone (what the window pass and a
+forward that reads only the image embedding need), and
 `FusedBlocks.dual_block` runs a block with PromptAD's value-value path beside it (promptad/tower.py), and
 `FusedBlocks.dual_cls_block` the last one of those for the original path's CLS token only.
 
@@ -212,6 +213,11 @@ class FusedBlocks:
         for block in self.blocks[:-1]:
             rows = block(rows, sequences)
         return self.blocks[-1].cls_output(rows, sequences)
+
+    def cls_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block on [S, L, W] for token 0 only: [S, 1, W] (for a forward that reads the CLS token alone)."""
+        sequences, length, width = x.shape
+        return self.blocks[-1].cls_output(x.reshape(sequences * length, width), sequences).view(sequences, 1, width)
 
     def dual_block(self, i: int, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``i`` on [S, L, W] with PromptAD's value-value path (`_Block.dual`): (next ``x``, next ``x_vv``)."""
