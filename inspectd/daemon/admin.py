@@ -9,9 +9,7 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -20,6 +18,7 @@ from urllib.parse import unquote
 import yaml
 from aiohttp import BodyPartReader, web
 
+from inspectd import atomic
 from inspectd.daemon.config import ConfigError, ProductConfig, build
 from inspectd.daemon.http_common import DAEMON_KEY, admin_token, bearer_matches, foreign_origin, reads_open
 from inspectd.daemon.registry import (
@@ -404,9 +403,7 @@ def write_references(directory: Path, targets: list[tuple[Path, bytes]], replace
     """Write each file atomically (dot-prefixed temp name, which builds and the watcher ignore)."""
     directory.mkdir(parents=True, exist_ok=True)
     for target, data in targets:
-        tmp = directory / f".upload-{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        atomic.write_bytes(target, data)
     keep = {t.name for t, _ in targets}
     if replace:
         for path in directory.iterdir():

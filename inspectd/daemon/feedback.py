@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from inspectd import atomic
 from inspectd.daemon.config import DaemonConfig, ProductConfig
 from inspectd.daemon.registry import PRODUCT_ID_RE, BuildError, BuildSuperseded, ProductRegistry, reference_files
 from inspectd.daemon.review import ReviewItem
@@ -422,12 +423,7 @@ def _restore(pairs: list[tuple[Path, Path]]) -> None:
 
 
 def _write(path: Path, data: bytes) -> Path:
-    """Atomic write (a dot-prefixed temp name, which builds and the watcher ignore)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".feedback-{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return atomic.write_bytes(path, data)
 
 
 def _remove(paths: list[Path]) -> None:

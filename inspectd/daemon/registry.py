@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from inspectd import atomic
 from inspectd.daemon.config import ProductConfig, RegistryConfig, ThresholdConfig
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
@@ -369,11 +370,7 @@ class ProductRegistry:
             return None
         import yaml
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-        tmp.replace(path)
-        return path
+        return atomic.write_text(path, yaml.safe_dump(asdict(config), sort_keys=False))
 
     def delete_product_file(self, product_id: str) -> Path | None:
         path = self.product_file(product_id)

@@ -9,7 +9,6 @@ against what the caller expects and fails with a message naming both sides. No p
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from inspectd import atomic
 from inspectd.detectors.weights import sha256_of
 
 FORMAT = "inspectd-artifact"
@@ -60,14 +60,9 @@ def save_artifact(artifact: Artifact, path: str | Path) -> str:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in artifact.tensors.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=artifact.header())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     artifact.content_hash = file_hash(path)
     return artifact.content_hash
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from inspectd import atomic
 
 CACHE_FORMAT = 2  # 2: maps stored as float32 exactly as scored (1 stored float16, which moved pixel AP)
 
@@ -94,15 +94,8 @@ class ScoreCache:
                 raise ValueError("anomaly map contains NaN or infinite values")
             arrays["map"] = m.astype(np.float32)
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic.replacing(path) as tmp, tmp.open("wb") as handle:
+            np.savez_compressed(handle, **arrays)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.npz"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from inspectd import atomic
 
 CHECKPOINT_FORMAT = "inspectd-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -267,13 +268,8 @@ def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         "optimizer_groups": json.dumps(groups, default=_json_value),
         "optimizer_scalars": json.dumps(opt_scalars, default=_json_value),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
