@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from bench import gpu
+from bench.breakdown import breakdown
 from bench.common import best_times
 from bench.flops import counted_flops
 from bench.sweeps import photos
@@ -126,16 +127,19 @@ def fit_timed(detector: Detector, references: Sequence[np.ndarray]) -> tuple[Pro
 
 
 def counted_items(detector: Detector, state: ProductState, frames: Sequence[np.ndarray], device: str,
-                  dtype: torch.dtype | None = None) -> tuple[list[ScoreItem], float]:
+                  dtype: torch.dtype | None = None, per_op: dict[str, float] | None = None
+                  ) -> tuple[list[ScoreItem], float]:
     """(prepared items, FLOPs per image): pre-processing done (not timed), the warm-up batch run under the FLOP
-    counter; on a GPU the tiles sit in pinned memory."""
+    counter (its FLOPs per op name into ``per_op`` when given); on a GPU the tiles sit in pinned memory."""
     items = [ScoreItem(detector, state, f) for f in frames]
     prepare(items)
     if gpu.is_cuda(device):
         for item in items:
             item.tiles = item.tiles.pin_memory()
     with gpu.autocast(device, dtype):
-        flops, _ = counted_flops(lambda: run(items))
+        flops, by_op = counted_flops(lambda: run(items))
+    if per_op is not None:
+        per_op.update(by_op)
     return items, flops / len(items)
 
 
@@ -179,6 +183,7 @@ def detector_rows(backbone: ClipBackbone, names: Sequence[str], plan: Plan, tmp:
     fits: list[dict[str, Any]] = []
     prepared: dict[tuple[str, str], tuple[list[ScoreItem], float, float]] = {}  # items, FLOPs/image, fit s
     order: list[dict[str, Any]] = []
+    breakdowns: dict[tuple[str, str], dict[str, Any]] = {}
     for name in names:
         started = time.perf_counter()
         detector, learned = build(name, backbone, plan, tmp)
@@ -193,8 +198,12 @@ def detector_rows(backbone: ClipBackbone, names: Sequence[str], plan: Plan, tmp:
                 fitted, state, fit_s = promptad_fit(backbone, plan, shots, fits)
             else:
                 state, fit_s = fit_timed(detector, references[:shots])
-            items, flops = counted_items(fitted, state, frames, device, dtype)
+            per_op: dict[str, float] = {}
+            items, flops = counted_items(fitted, state, frames, device, dtype, per_op)
             prepared[(name, setting)] = (items, flops, fit_s)
+            if not gpu.is_cuda(device):  # CPU ops run on the calling thread: the profiler's self times are wall time
+                with gpu.autocast(device, dtype):
+                    breakdowns[(name, setting)] = breakdown(lambda items=items: run(items), per_op)
             order.append({"detector": name, "setting": setting})
         log(f"  {name}: built, fitted and counted in {time.perf_counter() - started:.0f} s")
     best = time_settings({key: items for key, (items, _, _) in prepared.items()}, device, plan.rounds, dtype)
@@ -206,6 +215,8 @@ def detector_rows(backbone: ClipBackbone, names: Sequence[str], plan: Plan, tmp:
             continue
         _, flops, fit_s = prepared[key]
         rows.append(rate_row(*key, best[key], plan.batch, flops, fit_s))
+        if key in breakdowns:
+            rows[-1]["time_by_kind"] = breakdowns[key]
         log(f"  {key[0]} {key[1]}: {rows[-1]['images_per_s']:.2f} images/s, {flops / 1e9:.1f} GFLOP/img")
     return rows, fits
 

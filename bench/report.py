@@ -184,12 +184,37 @@ def _detectors(section: dict[str, Any], results: dict[str, Any]) -> str:
     text = (f"Model: {section.get('model', '?')}; {section.get('frames', '')}\n\n"
             + table(["detector", "setting", "product fit s", "images/s", "ms/image", "GFLOP/img", "GFLOP/s",
                      "ratio to GEMM bound", "ratio to physical peak", "note"], rows))
+    text += _time_by_kind(section, results)
     fits = section.get("fits", [])
     if fits:
         text += "\n\nLearned parts and per-product fits (short schedules, stated):\n\n"
         text += table(["detector", "what", "value", "unit"], [[f["detector"], f["what"], f["value"], f["unit"]]
                                                               for f in fits])
     return text
+
+
+def _time_by_kind(section: dict[str, Any], results: dict[str, Any]) -> str:
+    """The per-kind split of each detector's time (bench/breakdown.py): share of the wall time and the kind's
+    GFLOP/s with its ratio to the physical peak."""
+    rows = [r for r in section.get("rows", []) if r.get("time_by_kind")]
+    if not rows:
+        return ""
+    peak = (results.get("meta", {}).get("bounds") or {}).get("peak")
+
+    def cell(part: dict[str, Any]) -> str:
+        rate = part.get("gflops")
+        if rate is None:
+            return fmt(100 * part["share"], 1) + " %"
+        ratio = f", {rate / peak:.2f} of peak" if peak else ""
+        return f"{100 * part['share']:.1f} % at {rate:.0f} GFLOP/s{ratio}"
+
+    body = [[r["detector"], r["setting"], *(cell(r["time_by_kind"][k]) for k in ("gemm", "attention", "conv")),
+             fmt(100 * r["time_by_kind"]["other"]["share"], 1) + " %"] for r in rows]
+    return ("\n\nWhere the time goes (one batch per setting under torch.profiler, after the timed rounds' warm-up: "
+            "share of its wall time, and each kind's counted FLOPs over its own time; \"other\" is what no GEMM, "
+            "attention or convolution kernel took: element-wise ops, copies, Python):\n\n"
+            + table(["detector", "setting", "GEMMs (oneDNN linears, mm, bmm)", "attention (SDPA)", "convolution",
+                     "other"], body))
 
 
 def _daemon(section: dict[str, Any], results: dict[str, Any]) -> str:

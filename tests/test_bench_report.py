@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import gpu, peak, report
+from bench import breakdown, gpu, peak, report
 from bench.common import matmul_gflops
 from bench.detectors import add_ratios
 from bench.flops import counted_flops
@@ -92,13 +92,47 @@ def test_counted_flops_cover_matmuls_onednn_linears_and_cpu_attention() -> None:
         assert total == 2 * 64 * 32 * 16
 
 
+def test_kernel_kinds_from_profiler_and_flop_counter_names() -> None:
+    for name in ("aten::mm", "aten.mm.default", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+                 "mkldnn._linear_pointwise.binary"):
+        assert breakdown.kind_of(name) == "gemm", name
+    for name in ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten.scaled_dot_product_attention"):
+        assert breakdown.kind_of(name) == "attention", name
+    for name in ("aten::mkldnn_convolution", "aten.convolution.default"):
+        assert breakdown.kind_of(name) == "conv", name
+    for name in ("aten::native_layer_norm", "aten::copy_", "aten::mm_like_but_not", "aten::matmul"):
+        assert breakdown.kind_of(name) == "other", name
+
+
+def test_breakdown_splits_a_real_batch_by_kernel_kind_and_rates_each_kind() -> None:
+    a, b = torch.randn(256, 512), torch.randn(512, 512)
+    q = k = v = torch.randn(2, 4, 64, 32)
+    x = torch.randn(4096, 512)
+
+    def call() -> None:
+        torch.mm(a, b)
+        F.scaled_dot_product_attention(q, k, v)
+        x.mul(2.0).add_(1.0).relu_()
+
+    _, per_op = counted_flops(call)
+    split = breakdown.breakdown(call, per_op)
+    assert set(split) == set(breakdown.KINDS)
+    assert sum(part["share"] for part in split.values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(split[kind]["share"] > 0 for kind in ("gemm", "attention", "other"))
+    assert split["conv"]["share"] == 0 and split["conv"]["gflops"] is None
+    assert split["other"]["gflops"] is None  # element-wise work is not counted
+    assert 0 < split["attention"]["gflops"] and 0 < split["gemm"]["gflops"] < 1e5
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 def small_results() -> dict:
     rows = [{"detector": "winclip", "setting": "0-shot", "fit_s": 0.1, "images_per_s": 0.5, "ms_per_image": 2000.0,
              "gflop_per_image": 636.4, "gflops": 318.2},
             {"detector": "promptad", "setting": "0-shot", "skipped": "learns its prompts from k >= 1 references"},
             {"detector": "aprilgan", "setting": "4-shot", "fit_s": 1.0, "images_per_s": 6.0, "ms_per_image": 166.0,
-             "gflop_per_image": 60.0, "gflops": 460.0}]
+             "gflop_per_image": 60.0, "gflops": 460.0,
+             "time_by_kind": {"gemm": {"share": 0.8, "gflops": 450.0}, "attention": {"share": 0.12, "gflops": 150.0},
+                              "conv": {"share": 0.0, "gflops": None}, "other": {"share": 0.08, "gflops": None}}}]
     bf16_rows = [{"detector": "winclip", "setting": "0-shot", "fit_s": 0.1, "images_per_s": 0.9, "ms_per_image": 1111.0,
                   "gflop_per_image": 636.4, "gflops": 572.8, "speedup_vs_fp32": 1.8}]
     results = {
@@ -127,6 +161,7 @@ def small_results() -> dict:
         "broken": {"error": "never rendered: not a known section"},
     }
     bounds = bounds_of(results["peak"], "cpu")
+    results["meta"]["bounds"] = bounds
     add_ratios(rows, bounds)
     add_ratios(bf16_rows, bounds)
     results["targets"] = report.evaluate_targets(results)
@@ -143,6 +178,8 @@ def test_markdown_has_every_section_and_the_gpu_note() -> None:
     assert "not applicable: learns its prompts" in text
     assert "| winclip | 0-shot | 0.10 | 0.50 | 2 000 | 636.4 | 318.2 | 0.66 | 0.64 |" in text
     assert "never rendered" not in text
+    assert "| aprilgan | 4-shot | 80.0 % at 450 GFLOP/s, 0.90 of peak | 12.0 % at 150 GFLOP/s, 0.30 of peak | 0.0 % |" \
+           " 8.0 % |" in text
 
 
 def test_a_failed_section_shows_its_error() -> None:
