@@ -121,7 +121,7 @@ def test_breakdown_splits_a_real_batch_by_kernel_kind_and_rates_each_kind() -> N
     assert all(split[kind]["share"] > 0 for kind in ("gemm", "attention", "other"))
     assert split["conv"]["share"] == 0 and split["conv"]["gflops"] is None
     assert split["other"]["gflops"] is None  # element-wise work is not counted
-    assert 0 < split["attention"]["gflops"] and 0 < split["gemm"]["gflops"] < 1e5
+    assert split["attention"]["gflops"] > 0 and 0 < split["gemm"]["gflops"] < 1e5
 
 
 # ---------------------------------------------------------------------------------------------- rendering
