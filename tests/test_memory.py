@@ -1,0 +1,76 @@
+"""The nearest-neighbour search on a oneDNN-packed memory bank (detectors/memory.py): the same distances as the
+plain product, the bank packed once per tensor (again after an in-place change), its copy dropped with the tensor,
+and the plain autograd path wherever gradients must reach the bank or the queries."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inspectd.detectors import fused, memory
+from inspectd.detectors.memory import association_min_distance
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="torch built without oneDNN")
+
+
+def plain(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    q, m = F.normalize(queries.double(), dim=-1), F.normalize(bank.double(), dim=-1)
+    return (0.5 * (1 - (q.reshape(-1, q.shape[-1]) @ m.T).max(dim=-1).values)).reshape(queries.shape[:-1])
+
+
+@pytest.fixture
+def packs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Shapes of every bank packed (a cache miss)."""
+    calls: list[tuple[int, ...]] = []
+    original = memory._pack
+    monkeypatch.setattr(memory, "_pack", lambda bank: calls.append(tuple(bank.shape)) or original(bank))
+    return calls
+
+
+def test_packed_search_equals_the_plain_product_and_packs_once(packs: list[tuple[int, ...]]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 96, generator=generator) * 3  # not normalised: the packed copy is
+    for _ in range(3):
+        queries = torch.randn(2, 225, 96, generator=generator)
+        got = association_min_distance(queries, bank)
+        torch.testing.assert_close(got.double(), plain(queries, bank), atol=2e-6, rtol=0)
+    assert packs == [(3000, 96)]
+    with torch.inference_mode():  # how the engine scores
+        association_min_distance(torch.randn(5, 96), bank)
+    assert packs == [(3000, 96)]
+
+
+def test_a_bank_changed_in_place_is_packed_again(packs: list[tuple[int, ...]]) -> None:
+    bank = torch.randn(500, 32)
+    queries = torch.randn(40, 32)
+    association_min_distance(queries, bank)
+    bank[:250] = -bank[:250]
+    torch.testing.assert_close(association_min_distance(queries, bank).double(), plain(queries, bank),
+                               atol=2e-6, rtol=0)
+    assert len(packs) == 2
+
+
+def test_the_packed_copy_goes_with_its_bank() -> None:
+    bank = torch.randn(800, 64)
+    association_min_distance(torch.randn(10, 64), bank)
+    assert id(bank) in memory._packed
+    key = id(bank)
+    del bank
+    gc.collect()
+    assert key not in memory._packed
+
+
+def test_gradients_take_the_plain_product(packs: list[tuple[int, ...]]) -> None:
+    bank = torch.randn(100, 16, requires_grad=True)
+    queries = torch.randn(30, 16, requires_grad=True)
+    association_min_distance(queries, bank).sum().backward()
+    assert bank.grad is not None and queries.grad is not None and queries.grad.abs().sum() > 0
+    assert packs == []
+    only_queries = torch.randn(30, 16, requires_grad=True)  # prompts learnt against a fixed memory
+    association_min_distance(only_queries, torch.randn(100, 16)).sum().backward()
+    assert only_queries.grad is not None and packs == []
+    association_min_distance(torch.randn(30, 16, dtype=torch.float64), torch.randn(100, 16, dtype=torch.float64))
+    assert packs == []  # not fp32: the plain product
