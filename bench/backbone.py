@@ -46,7 +46,7 @@ def main() -> None:
 
     rows = []
     full = best_time(lambda: (backbone.forward(pixels, FeatureRequest()), sync()))
-    rows.append(("full forward (CLS)", full, vit_forward_flops(grid, patch, width, layers, embed)))
+    rows.append(("full forward (CLS)", full, vit_forward_flops(grid, patch, width, layers, embed, cls_only_last)))
     for k in (2, 3):
         wt = best_time(lambda k=k: (backbone.forward(pixels, FeatureRequest(windows=frozenset({k}))), sync())) - full
         rows.append((f"window pass {k}x{k} (token dropping)", wt, window_pass_flops(grid, k, width, layers, embed,

@@ -28,6 +28,7 @@ def kind_of(op: str) -> str:
 
 
 def flops_by_kind(per_op: Mapping[str, float]) -> dict[str, float]:
+    """FlopCounterMode's FLOPs per op summed per kind (element-wise work is not counted: "other" stays 0)."""
     out = dict.fromkeys(KINDS, 0.0)
     for op, flops in per_op.items():
         out[kind_of(op)] += flops

@@ -93,10 +93,22 @@ def transformer_flops(tokens: int, sequences: int, width: int, layers: int, mlp_
     return sequences * tokens * layers * (dense + attention)
 
 
-def vit_forward_flops(grid: int, patch: int, width: int, layers: int, embed: int) -> float:
+def vit_forward_flops(grid: int, patch: int, width: int, layers: int, embed: int, cls_only_last: bool = False
+                      ) -> float:
+    """One image's forward; ``cls_only_last``: the last block for the CLS token only (the fused blocks do that when
+    only the image embedding is read), as `window_pass_flops` counts it."""
     tokens = grid * grid + 1
     patch_embed = 2 * grid * grid * (3 * patch * patch) * width
-    return patch_embed + transformer_flops(tokens, 1, width, layers) + 2 * width * embed
+    if not cls_only_last:
+        return patch_embed + transformer_flops(tokens, 1, width, layers) + 2 * width * embed
+    return patch_embed + transformer_flops(tokens, 1, width, layers - 1) + _cls_last_block(tokens, 1, width) \
+        + 2 * width * embed
+
+
+def _cls_last_block(tokens: int, sequences: int, width: int) -> float:
+    """A block run for token 0 of each sequence: keys and values of every token, the query, out-projection and
+    MLP of one, its attention over all."""
+    return sequences * (tokens * 4 * width * width + (2 + 2 + 16) * width * width + 4 * tokens * width)
 
 
 def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cls_only_last: bool = False) -> float:
@@ -108,8 +120,7 @@ def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cl
     head = windows * 2 * width * embed
     if not cls_only_last:
         return transformer_flops(tokens, windows, width, layers) + head
-    last = windows * (tokens * 4 * width * width + (2 + 2 + 16) * width * width + 4 * tokens * width)
-    return transformer_flops(tokens, windows, width, layers - 1) + last + head
+    return transformer_flops(tokens, windows, width, layers - 1) + _cls_last_block(tokens, windows, width) + head
 
 
 def load_model(name: str, tmp: Path, device: str = "cpu", precision: str = "auto") -> ClipBackbone:

@@ -84,8 +84,12 @@ def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str
     grid, width, layers, embed = backbone.grid[0], backbone.width, len(backbone.visual.transformer.resblocks), \
         backbone.embed_dim
     cls_only_last = backbone.fused_blocks is not None
-    flops = vit_forward_flops(grid, backbone.patch_size, width, layers, embed) + sum(
-        window_pass_flops(grid, k, width, layers, embed, cls_only_last) for k in (2, 3))
+    windows_flops = sum(window_pass_flops(grid, k, width, layers, embed, cls_only_last) for k in (2, 3))
+
+    def forward_flops(shots: int) -> float:
+        """Zero-shot reads no patch tokens: with the fused blocks its full pass runs the last block for CLS only."""
+        return vit_forward_flops(grid, backbone.patch_size, width, layers, embed,
+                                 cls_only_last and shots == 0) + windows_flops
     windows = {k: (grid - k + 1) ** 2 for k in (2, 3)}
     patches = grid * grid
 
@@ -98,7 +102,8 @@ def time_settings(args: argparse.Namespace, backbone: ClipBackbone, kernels: str
         before = bounds[-1]
         seconds = best_time(lambda state=state: batch(state), repeats=3)
         bounds.append(after := measure_bound(backbone))
-        rows.append((label, name, args.batch / seconds, flops + association_flops(shots), max(before, after)))
+        rows.append((label, name, args.batch / seconds, forward_flops(shots) + association_flops(shots),
+                     max(before, after)))
     return rows
 
 

@@ -26,12 +26,14 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    """``path`` holds ``data`` whole (see `replacing`); returns ``path``."""
     with replacing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """``path`` holds ``text`` (UTF-8) whole (see `replacing`); returns ``path``."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)

@@ -92,6 +92,29 @@ def test_counted_flops_cover_matmuls_onednn_linears_and_cpu_attention() -> None:
         assert total == 2 * 64 * 32 * 16
 
 
+def test_analytic_forward_flops_equal_the_counted_ones(tiny_backbone: object) -> None:
+    """bench/common.py's formulas (bench/backbone.py and bench/winclip.py rate against them) against what the
+    fused tower executes: the plain forward, the CLS-only forward and the window passes."""
+    from bench.common import vit_forward_flops, window_pass_flops
+    from inspectd.detectors.backbone import FeatureRequest
+
+    backbone = tiny_backbone
+    assert backbone.fused_blocks is not None
+    grid, patch, width = backbone.grid[0], backbone.patch_size, backbone.width
+    layers, embed = len(backbone.visual.transformer.resblocks), backbone.embed_dim
+    pixels = torch.randn(1, 3, backbone.image_size, backbone.image_size)
+
+    def counted(request: FeatureRequest) -> float:
+        return counted_flops(lambda: backbone.forward(pixels, request))[0]
+
+    full = vit_forward_flops(grid, patch, width, layers, embed)
+    assert counted(FeatureRequest(patch_embeddings=True)) == pytest.approx(full + 2 * grid * grid * width * embed)
+    assert counted(FeatureRequest()) == pytest.approx(vit_forward_flops(grid, patch, width, layers, embed, True))
+    assert counted(FeatureRequest(windows=frozenset({2}))) == pytest.approx(
+        vit_forward_flops(grid, patch, width, layers, embed, True) + window_pass_flops(grid, 2, width, layers, embed,
+                                                                                      True))
+
+
 def test_kernel_kinds_from_profiler_and_flop_counter_names() -> None:
     for name in ("aten::mm", "aten.mm.default", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
                  "mkldnn._linear_pointwise.binary"):

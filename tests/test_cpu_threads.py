@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 from inspectd.detectors import cpu_threads
-from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, ModelSpec
 
 pytestmark = pytest.mark.skipif(cpu_threads._mkl() is None, reason="this torch build has no reachable MKL")
 
@@ -29,7 +30,7 @@ def mkl_dynamic() -> int:
 def threads_restored() -> Iterator[int]:
     before = torch.get_num_threads()
     yield before
-    torch.set_num_threads(before)
+    cpu_threads.use_threads(before)
     cpu_threads.restore_mkl_defaults()
 
 
@@ -60,3 +61,22 @@ def test_loading_a_backbone_leaves_mkl_dynamic_on(tiny_checkpoint: Path, threads
     ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu", threads=threads))
     assert torch.get_num_threads() == (threads or threads_restored)
     assert mkl_dynamic() == 1
+
+
+def test_a_forward_on_a_new_thread_after_threads_were_set_runs_with_mkl_dynamic_on(
+        tiny_checkpoint: Path, threads_restored: int) -> None:
+    """torch applies a set thread count again on each new thread's first parallel op, and that turns MKL's dynamic
+    threading off for the whole process: the daemon builds its model on one thread and scores on another."""
+    backbone = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                      threads=1 if threads_restored != 1 else 2))
+    pixels = torch.randn(1, 3, 240, 240)
+    seen: list[int] = []
+
+    def forward_and_read() -> None:
+        backbone.forward(pixels, FeatureRequest())
+        seen.append(mkl_dynamic())
+
+    for _ in range(2):  # two fresh threads, each with its own first parallel op
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(forward_and_read).result()
+    assert seen == [1, 1]

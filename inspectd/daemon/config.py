@@ -32,7 +32,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     quick_gelu: str = "auto"
-    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (one per physical core)
+    threads: int = 0  # torch's CPU threads, process-wide; 0 = leave as is (torch's default: one per core)
     cache_dir: str | None = None
     window_chunk_tokens: int = 0  # 0 = auto: 2048 on CPU (cache-sized), large on GPU
     cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch

@@ -46,7 +46,7 @@ class ModelSpec:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     precision: str = "auto"  # "auto" (fp32 on CPU, fp16 on CUDA) | "fp32" | "fp16" | "bf16"
     quick_gelu: str = "auto"  # "auto" | "true" | "false"  (OpenAI checkpoints were trained with QuickGELU)
-    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default, one per physical core
+    threads: int = 0  # torch's CPU threads (process-wide); 0 = leave as is (torch's default: one per core)
     cache_dir: str | None = None
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
     window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
@@ -448,6 +448,8 @@ class ClipBackbone:
         ``row_inputs`` carries per-row tensors a tower variant needs (e.g. "visual_prompts" [N, J, P, W]).
         """
         self.forwards += 1
+        if self.device.type == "cpu":
+            cpu_threads.settle_thread()
         if request.tower == "plain":
             return self._plain(pixels, request)
         if request.tower == "visual_prompts":

@@ -4,7 +4,8 @@
 count. Kernels that call MKL from inside torch's own parallel loops then run MKL's threading inside every task:
 the CPU flash-attention kernel over WinCLIP's windows ([392 windows, 14 heads, 5 tokens, 64]) takes 8-11 ms
 instead of 2.5 (`python -m bench.threads`). torch leaves MKL alone when the count is never set, so `use_threads`
-sets nothing when the count is already right, and otherwise puts MKL's two settings back after setting it.
+sets nothing when the count is already right, and otherwise puts MKL's two settings back after setting it, and
+`settle_thread` again on each thread that runs a forward (see there).
 """
 
 from __future__ import annotations
@@ -19,13 +20,29 @@ import torch
 log = logging.getLogger(__name__)
 
 
+_count_set = False  # use_threads has called torch.set_num_threads in this process
+
+
 def use_threads(count: int) -> bool:
-    """torch's intra-op threads = ``count`` (0: keep torch's default, one per physical core); True if it changed."""
+    """torch's intra-op threads = ``count`` (0: leave the count as it is: torch's default, one per physical core,
+    unless something set one); True if it changed."""
+    global _count_set
     if count <= 0 or count == torch.get_num_threads():
         return False
     torch.set_num_threads(count)
+    _count_set = True
     restore_mkl_defaults()
     return True
+
+
+def settle_thread() -> None:
+    """Call on the thread about to run a forward. Once a count is set, torch applies it again on every thread's
+    first parallel op (as `torch.set_num_threads`), which turns MKL's dynamic threading off for the whole process;
+    the daemon loads its model on one thread and scores on another. This runs that first op's set-up now and puts
+    MKL back (two cheap calls; nothing at all when no count was ever set)."""
+    if _count_set:
+        torch.get_num_threads()  # this thread's lazy thread set-up, if it has not run yet
+        restore_mkl_defaults()
 
 
 def restore_mkl_defaults() -> bool:
@@ -48,7 +65,7 @@ def _mkl() -> ctypes.CDLL | None:
     for path in candidates:
         try:
             lib = ctypes.CDLL(path)
-        except OSError:
+        except (OSError, TypeError):  # TypeError: Windows has no CDLL(None)
             continue
         if hasattr(lib, "MKL_Set_Dynamic") and hasattr(lib, "MKL_Set_Num_Threads_Local"):
             return lib
