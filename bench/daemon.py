@@ -42,10 +42,11 @@ def frames(n: int, size: int) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def config(arch: str, batch: int, prefix: str, decode_threads: int = -1):  # noqa: ANN201
+def config(arch: str, batch: int, prefix: str, decode_threads: int = -1, precision: str = "auto",  # noqa: ANN201
+           device: str = "auto"):
     return parse_config({
         "decode": {"threads": decode_threads},
-        "demo": True, "model": {"arch": arch, "pretrained": "random"},
+        "demo": True, "model": {"arch": arch, "pretrained": "random", "precision": precision, "device": device},
         "redis": {"url": REDIS, "prefix": prefix, "lines": ["b"], "block_ms": 50, "control_stream": None},
         "batcher": {"max_batch_size": batch, "max_delay_ms": 5, "queue_size": max(64, 4 * batch)},
         "http": {"enabled": False},
@@ -84,11 +85,12 @@ async def collect(client, key: str, n: int, timeout: float = 600) -> list[float]
     return [int(eid.split(b"-")[0]) / 1000.0 - float(f[b"ts"]) for eid, f in entries]
 
 
-async def start_daemon(arch: str, batch: int, backbone, decode_threads: int = -1):  # noqa: ANN001, ANN201
+async def start_daemon(arch: str, batch: int, backbone, decode_threads: int = -1,  # noqa: ANN001, ANN201
+                       precision: str = "auto", device: str = "auto"):
     """(daemon, its task, a Redis client, the key prefix): a daemon reading line "b" under a fresh prefix."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     client = aioredis.from_url(REDIS)
-    daemon = InspectDaemon(config(arch, batch, prefix, decode_threads), backbone=backbone)
+    daemon = InspectDaemon(config(arch, batch, prefix, decode_threads, precision, device), backbone=backbone)
     task = asyncio.create_task(daemon.run())
     while not daemon.started:
         await asyncio.sleep(0.05)
@@ -105,8 +107,9 @@ async def stop_daemon(daemon: InspectDaemon, task: asyncio.Task, client, prefix:
     await client.aclose()
 
 
-async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int) -> dict:  # noqa: ANN001
-    daemon, task, client, prefix = await start_daemon(arch, batch, backbone, decode_threads)
+async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int,  # noqa: ANN001
+                  precision: str = "auto", device: str = "auto") -> dict:
+    daemon, task, client, prefix = await start_daemon(arch, batch, backbone, decode_threads, precision, device)
     payloads = frames(n, size)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
     engine_rates, e2e_rates = [], []

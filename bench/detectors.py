@@ -47,13 +47,16 @@ class Plan:
     accuracy_images: int  # MVTec grid test images of the bf16-vs-fp32 comparison
 
     @classmethod
-    def make(cls, quick: bool) -> Plan:
+    def make(cls, quick: bool, device: str = "cpu") -> Plan:
+        """On a GPU the timed batches are micro-batches (32 frames, 64 without --quick): what the daemon's batcher
+        forms under load, and what keeps the tensor cores busy."""
         if quick:
-            return cls(True, (0, 4), batch=2, rounds=3, randword_pairs=64, aprilgan_epochs=2, aprilgan_images=8,
-                       promptad_steps=5, star_shots=1, star_epochs=1, star_multi_view=False, accuracy_images=2)
-        return cls(False, (0, 1, 4, 16), batch=4, rounds=4, randword_pairs=512, aprilgan_epochs=2,
-                   aprilgan_images=0, promptad_steps=20, star_shots=4, star_epochs=1, star_multi_view=True,
-                   accuracy_images=6)
+            return cls(True, (0, 4), batch=32 if gpu.is_cuda(device) else 2, rounds=3, randword_pairs=64,
+                       aprilgan_epochs=2, aprilgan_images=8, promptad_steps=5, star_shots=1, star_epochs=1,
+                       star_multi_view=False, accuracy_images=2)
+        return cls(False, (0, 1, 4, 16), batch=64 if gpu.is_cuda(device) else 4, rounds=4, randword_pairs=512,
+                   aprilgan_epochs=2, aprilgan_images=0, promptad_steps=20, star_shots=4, star_epochs=1,
+                   star_multi_view=True, accuracy_images=6)
 
 
 def _seconds(fn: Any) -> tuple[Any, float]:

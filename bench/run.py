@@ -130,22 +130,31 @@ def bounds_of(ceilings: dict[str, Any], device: str) -> dict[str, float | None]:
             "bf16_peak": None if gpu.is_cuda(device) else physical.get("bf16_gflops")}
 
 
+def daemon_plan(arch: str, quick: bool, device: str) -> tuple[int, tuple[int, ...]]:
+    """(frames per run, batch limits) of the daemon section for ``arch`` on ``device``."""
+    if arch == "inspectd-tiny":
+        return (120 if quick else 300), ((1, 4) if quick else (1, 4, 16))
+    if gpu.is_cuda(device):  # hundreds of ViT frames a second: enough frames for many micro-batches
+        return (1024 if quick else 4096), ((32,) if quick else (16, 32, 64))
+    # 16 ViT frames = 4 batches of 4 on a CPU: with 2 batches the first read and the last publish are a visible
+    # share of the run (0.94 with 8 frames vs 0.98 with 16, same machine, same hour)
+    return 16, ((4,) if quick else (4, 8))
+
+
 def daemon_section(run: Run) -> dict[str, Any]:
     from bench.daemon import REPEATS, build_backbone, config, measure
 
-    archs = run.args.daemon_arch or (["inspectd-tiny"] if run.args.quick else ["inspectd-tiny", run.args.arch])
+    archs = run.args.daemon_arch or (["inspectd-tiny"] if run.args.quick and not gpu.is_cuda(run.device)
+                                     else ["inspectd-tiny", run.args.arch])
+    precision = gpu.precision_name(gpu.half_dtype(run.device))  # as the detector rows: bf16 on a GPU
     rows = []
 
     async def measure_all() -> None:
         for arch in archs:
-            tiny = arch == "inspectd-tiny"
-            # 16 ViT frames = 4 batches of 4: with 2 batches the first read and the last publish are a visible
-            # share of the run (0.94 with 8 frames vs 0.98 with 16, same machine, same hour)
-            frames = (120 if run.args.quick else 300) if tiny else 16
-            batches = ((1, 4) if run.args.quick else (1, 4, 16)) if tiny else ((4,) if run.args.quick else (4, 8))
-            backbone = build_backbone(config(arch, 1, "x"))
+            frames, batches = daemon_plan(arch, run.args.quick, run.device)
+            backbone = build_backbone(config(arch, 1, "x", precision=precision, device=run.device))
             for batch in batches:
-                row = await measure(arch, batch, frames, 240, backbone, -1)
+                row = await measure(arch, batch, frames, 240, backbone, -1, precision=precision, device=run.device)
                 rows.append({"arch": arch, "frames": frames, **row})
                 run.log(f"  daemon {arch} batch {batch}: engine {row['engine']:.1f}, e2e {row['e2e']:.1f} img/s")
 
@@ -153,13 +162,14 @@ def daemon_section(run: Run) -> dict[str, Any]:
     return {"rows": rows, "how": "bench/daemon.py against the real Redis on 127.0.0.1:6379: engine-only = decode + "
             "tile + score in one thread, no Redis/asyncio; end-to-end = XADD -> daemon -> XADD results -> XACK with "
             f"all frames waiting (saturation); medians of {REPEATS} alternating runs; latency with open-loop "
-            "arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames, WinCLIP."}
+            f"arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames, WinCLIP, "
+            f"on {run.device} in {precision}."}
 
 
 def detectors_section(run: Run, backbone: Any, tmp: Path) -> dict[str, Any]:
     from bench.detectors import DETECTORS, Plan, detector_rows
 
-    plan = Plan.make(run.args.quick)
+    plan = Plan.make(run.args.quick, run.device)
     rows, fits = detector_rows(backbone, run.args.detectors or DETECTORS, plan, tmp, run.log)
     return {"rows": rows, "fits": fits, "model": f"{backbone.spec.arch} (seeded random weights) on "
             f"{backbone.device}, {backbone.dtype}, kernels {backbone.describe().get('kernels')}",
@@ -195,7 +205,8 @@ def bf16_part(run: Run, fp32: Any, tmp: Path) -> dict[str, Any]:
     if fp32 is None or fp32.dtype != torch.float32:  # on a GPU the rows' model is half precision
         fp32 = load_model(run.args.arch, tmp, run.device, precision="fp32")
     bf16 = load_model(run.args.arch, tmp, run.device, precision="bf16")
-    out = bf16_section(fp32, bf16, Plan.make(run.args.quick), run.results.get("detectors", {}).get("rows", []))
+    fp32_rows = run.results.get("detectors", {}).get("rows", [])
+    out = bf16_section(fp32, bf16, Plan.make(run.args.quick, run.device), fp32_rows)
     out["model"] = f"{bf16.spec.arch} (seeded random weights), kernels {bf16.describe().get('kernels')}"
     return out
 

@@ -304,6 +304,37 @@ def test_gpu_rows_rate_against_the_tensor_core_peak_not_the_cpu() -> None:
     assert bounds_of(ceilings, "cpu")["peak"] == 500.0
 
 
+def test_gpu_runs_time_micro_batches_and_the_vit_daemon_at_gpu_rates() -> None:
+    from bench.detectors import Plan
+    from bench.run import daemon_plan
+
+    assert Plan.make(True, "cuda").batch == 32 and Plan.make(False, "cuda:0").batch == 64
+    assert Plan.make(True, "cpu").batch == 2 and Plan.make(False).batch == 4
+    assert daemon_plan("ViT-B-16-plus-240", True, "cuda") == (1024, (32,))
+    assert daemon_plan("ViT-B-16-plus-240", False, "cuda")[1] == (16, 32, 64)
+    assert daemon_plan("ViT-B-16-plus-240", True, "cpu") == (16, (4,))
+    assert daemon_plan("inspectd-tiny", True, "cuda") == daemon_plan("inspectd-tiny", True, "cpu") == (120, (1, 4))
+
+
+def test_gpu_targets_are_judged_on_a_gpu_run_and_say_not_measured_elsewhere() -> None:
+    cpu = report.gpu_targets(small_results())
+    assert [t["met"] for t in cpu] == [None, None] and all("no CUDA device" in t["measured"] for t in cpu)
+    results = {"meta": {"device": "cuda"},
+               "detectors": {"rows": [{"detector": "winclip", "setting": "0-shot", "images_per_s": 800.0,
+                                       "ratio_gemm": 0.54}]},
+               "daemon": {"rows": [{"arch": "inspectd-tiny", "batch": 4, "engine": 900.0, "e2e": 500.0},
+                                   {"arch": "ViT-B-16-plus-240", "batch": 32, "engine": 800.0, "e2e": 760.0,
+                                    "p99@50%": 61.0}]}}
+    winclip, daemon = report.gpu_targets(results)
+    assert winclip["met"] is True and "800 images/s = 0.54" in winclip["measured"]
+    assert daemon["met"] is True and "0.95 at 800 images/s" in daemon["measured"] and "p99 61" in daemon["measured"]
+    results["daemon"]["rows"][1]["e2e"] = 700.0
+    results["detectors"]["rows"][0]["ratio_gemm"] = 0.4
+    assert [t["met"] for t in report.gpu_targets(results)] == [False, False]
+    assert [t["target"][:4] for t in report.evaluate_targets(results)][-2:] == ["GPU:", "GPU:"]
+    assert "GPU: micro-batched WinCLIP" in report.render_markdown(small_results())  # "not measured" rows shown
+
+
 def test_gpu_section_renders_when_measured() -> None:
     text = report.render_markdown({"meta": {}, "gpu": {"measured": True, "name": "Test GPU",
                                                        "tensor_core_bf16_gflops": 700_000.0}})
