@@ -17,7 +17,7 @@ _GEMMS = ("_linear_pointwise", "mm", "addmm", "bmm", "baddbmm")
 def kind_of(op: str) -> str:
     """The kind of an op named as torch.profiler ("aten::mm") or FlopCounterMode ("aten.mm.default") names it."""
     name = op.replace("::", ".").lower()
-    if "scaled_dot_product" in name or "flash_attention" in name:
+    if "scaled_dot_product" in name or "flash_attention" in name or "llgapartition" in name:  # oneDNN Graph
         return "attention"
     if "convolution" in name:
         return "conv"

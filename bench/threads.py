@@ -1,5 +1,6 @@
-"""CPU attention at WinCLIP's window shapes with MKL as `torch.set_num_threads` leaves it vs as
-`inspectd.detectors.cpu_threads.use_threads` leaves it, interleaved in one run (ratios are the thing to read).
+"""CPU attention at the ViT's shapes with MKL as `torch.set_num_threads` leaves it vs as
+`inspectd.detectors.cpu_threads.use_threads` leaves it, interleaved in one run (ratios are the thing to read), and
+the fused blocks' oneDNN Graph attention (`inspectd.detectors.fused.GraphAttention`) beside SDPA where it is used.
 
     python -m bench.threads [--rounds 8]
 """
@@ -13,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import best_times
-from inspectd.detectors import cpu_threads
+from inspectd.detectors import cpu_threads, fused
 
 # (sequences, tokens): ViT-B-16-plus-240 on 2 frames: 2x2 windows (196 each), 3x3 windows (in 2048-token chunks),
-# the full 15x15 + CLS pass; 14 heads of 64.
-SHAPES = ((392, 5), (204, 10), (2, 226))
+# the full 15x15 + CLS pass, 12 of them (randword's multi-crop views); 14 heads of 64.
+SHAPES = ((392, 5), (204, 10), (2, 226), (12, 226))
 HEADS, HEAD_DIM = 14, 64
 
 
@@ -42,6 +43,16 @@ def measure(rounds: int) -> list[dict[str, float | str]]:
             for key, value in best_times({shape: fn for shape, (fn, _) in calls.items()}, 1, 0.05).items():
                 best[(state, key)] = min(best.get((state, key), float("inf")), value)
     cpu_threads.restore_mkl_defaults()
+    graph = fused.GraphAttention()
+    graphed = {}
+    for shape in SHAPES:
+        qkv = torch.randn(shape[0] * shape[1], 3 * HEADS * HEAD_DIM).view(shape[0], shape[1], 3, HEADS, HEAD_DIM)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if graph.wanted(q):
+            graphed[shape] = lambda q=q, k=k, v=v: graph(q, k, v)
+    sdpa_again = {shape: fn for shape, (fn, _) in calls.items() if shape in graphed}
+    both = best_times({**{("graph", s): fn for s, fn in graphed.items()},
+                       **{("sdpa", s): fn for s, fn in sdpa_again.items()}}, rounds, 0.05)
     rows = []
     for shape, (_, flops) in calls.items():
         row: dict[str, float | str] = {"shape": f"[{shape[0]}, {HEADS}, {shape[1]}, {HEAD_DIM}]",
@@ -49,6 +60,10 @@ def measure(rounds: int) -> list[dict[str, float | str]]:
         for state in states:
             row[f"{state}_ms"] = best[(state, shape)] * 1e3
         row["gflops_restored"] = flops / best[("use_threads (MKL restored)", shape)] / 1e9
+        if shape in graphed:
+            row["graph_ms"] = both[("graph", shape)] * 1e3
+            row["graph_vs_sdpa"] = both[("sdpa", shape)] / both[("graph", shape)]
+            row["gflops_graph"] = flops / both[("graph", shape)] / 1e9
         rows.append(row)
     return rows
 
@@ -58,11 +73,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}; MKL settings reachable: {cpu_threads.restore_mkl_defaults()}")
-    print("| q/k/v shape | torch default ms | after torch.set_num_threads ms | after use_threads ms | slowdown undone |"
-          "\n| --- | --- | --- | --- | --- |")
+    print("| q/k/v shape | torch default ms | after torch.set_num_threads ms | after use_threads ms | slowdown undone "
+          "| oneDNN Graph ms (GFLOP/s, vs SDPA) |\n| --- | --- | --- | --- | --- | --- |")
     for row in measure(args.rounds):
         slow, fast = row["torch.set_num_threads_ms"], row["use_threads (MKL restored)_ms"]
-        print(f"| {row['shape']} | {row['default_ms']:.2f} | {slow:.2f} | {fast:.2f} | {slow / fast:.2f}x |")
+        graph = (f"{row['graph_ms']:.2f} ({row['gflops_graph']:.0f}, {row['graph_vs_sdpa']:.2f}x)" if "graph_ms" in row
+                 else "not used (short)")
+        print(f"| {row['shape']} | {row['default_ms']:.2f} | {slow:.2f} | {fast:.2f} | {slow / fast:.2f}x | {graph} |")
     return 0
 
 

@@ -119,7 +119,8 @@ def test_kernel_kinds_from_profiler_and_flop_counter_names() -> None:
     for name in ("aten::mm", "aten.mm.default", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
                  "mkldnn._linear_pointwise.binary"):
         assert breakdown.kind_of(name) == "gemm", name
-    for name in ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten.scaled_dot_product_attention"):
+    for name in ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten.scaled_dot_product_attention",
+                 "LlgaPartition_0"):
         assert breakdown.kind_of(name) == "attention", name
     for name in ("aten::mkldnn_convolution", "aten.convolution.default"):
         assert breakdown.kind_of(name) == "conv", name

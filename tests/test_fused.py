@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, Transformer
 
 from inspectd.detectors import fused
@@ -32,12 +33,13 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("length", [5, 10, 26])
+@pytest.mark.parametrize("length", [5, 10, 26, 80])  # 80: attention on oneDNN Graph (fused.GraphAttention)
 def test_fused_blocks_equal_open_clip(variant: str, length: int) -> None:
     model = random_transformer(1, **VARIANTS[variant])
     assert fused.support(model, torch.float32) is None
     blocks = fused.FusedBlocks(model, rows_hint=64)
     x = torch.randn(7, length, 64)
+    graph_calls = fused.graph_attention.calls
     with torch.inference_mode():
         reference = model(x)
         torch.testing.assert_close(blocks(x), reference, atol=2e-5, rtol=2e-5)
@@ -47,6 +49,46 @@ def test_fused_blocks_equal_open_clip(variant: str, length: int) -> None:
             expected = block(y)
             torch.testing.assert_close(blocks.block(i, y), expected, atol=2e-5, rtol=2e-5)
             y = expected
+    took_graph = fused.graph_attention.calls > graph_calls
+    assert took_graph == (length >= fused.GRAPH_ATTENTION_MIN_TOKENS and fused.graph_attention.broken is None)
+
+
+def test_graph_attention_equals_sdpa_on_strided_views_and_keeps_a_bounded_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    attention = fused.GraphAttention()
+    if attention.broken:
+        pytest.skip(attention.broken)
+    monkeypatch.setattr(fused, "GRAPH_ATTENTION_CACHE", 2)
+    for sequences, length in ((2, 226), (3, 226), (2, 100), (2, 226)):
+        qkv = torch.randn(sequences * length, 3 * 4 * 16).view(sequences, length, 3, 4, 16)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # as the blocks call it: strided [S, H, L, d]
+        with torch.inference_mode():
+            torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attention(v, v, v), F.scaled_dot_product_attention(v, v, v),
+                                       atol=1e-5, rtol=1e-5)
+    assert attention.calls == 8 and attention.broken is None
+    assert len(attention._graphs) == 2  # bounded: the oldest shapes went
+
+
+def test_graph_attention_steps_aside_for_short_sequences_flop_counting_and_failures(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from bench.flops import counted_flops
+
+    attention = fused.GraphAttention()
+    q = k = v = torch.randn(2, 4, 100, 16)
+    short = torch.randn(2, 4, 10, 16)
+    attention(short, short, short)
+    flops, _ = counted_flops(lambda: attention(q, k, v))  # a dispatch mode must see the attention op
+    assert attention.calls == 0 and flops == 4 * 2 * 4 * 100 * 100 * 16
+
+    def broken_trace(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no oneDNN Graph here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert attention.broken and "no oneDNN Graph here" in caplog.text
+    assert not attention.wanted(q)  # SDPA from now on
 
 
 def test_fused_blocks_bf16_close_to_fp32() -> None:
