@@ -109,6 +109,33 @@ def test_zero_and_few_shot_maps_match_a_naive_per_patch_loop(tiny_backbone: Clip
                                                      abs=1e-4)
 
 
+def test_scoring_runs_the_adapters_packed_once_with_the_module_s_output(tiny_backbone: ClipBackbone,
+                                                                        adapters_file: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from inspectd.detectors import fused
+
+    if not fused.available():
+        pytest.skip("torch built without oneDNN")
+    bundle = load_adapters(adapters_file, tiny_backbone)
+    packs: list[int] = []
+    original = fused.pack_linear
+    monkeypatch.setattr(fused, "pack_linear", lambda layer, *a: packs.append(1) or original(layer, *a))
+    tokens = [torch.randn(3, 225, tiny_backbone.width) for _ in bundle.stages]
+    with torch.inference_mode():
+        for _ in range(2):
+            for got, expected in zip(bundle.adapt(tokens), bundle.module(tokens), strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(packs) == len(bundle.stages)  # packed once
+    with torch.no_grad():
+        bundle.module.stages[0].weight.mul_(2.0)  # changed in place: packed again
+    with torch.inference_mode():
+        torch.testing.assert_close(bundle.adapt(tokens)[0], bundle.module(tokens)[0], atol=1e-5, rtol=1e-5)
+    assert len(packs) == 2 * len(bundle.stages)
+    leaf = tokens[0].clone().requires_grad_()  # gradients: the module itself
+    bundle.adapt([leaf, *tokens[1:]])[0].sum().backward()
+    assert leaf.grad is not None and len(packs) == 2 * len(bundle.stages)
+
+
 def test_interpolation_path_at_the_native_size_changes_nothing(tiny_backbone: ClipBackbone) -> None:
     pixels = torch.randn(2, 3, 240, 240)
     native = tiny_backbone._embed_tokens(pixels)

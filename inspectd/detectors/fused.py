@@ -155,6 +155,12 @@ class _Linear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
+def pack_linear(linear: torch.nn.Module, rows_hint: int = 1024) -> _Linear:
+    """An ``nn.Linear``'s weights reordered once for oneDNN (inference only): called on [..., in] rows it gives
+    the layer's output, 2-2.5x MKL's rate on AMD at the ViT's widths."""
+    return _Linear.pack(linear.weight, linear.bias, rows_hint)
+
+
 class _Block:
     """One residual block: x + ls1 * attn(ln1(x)); x + ls2 * mlp(ln2(x)), on 2-D token rows."""
 

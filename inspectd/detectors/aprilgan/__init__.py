@@ -121,7 +121,7 @@ class AprilGan(Detector):
         """M = Σ_stages abnormal probability of the adapted stage tokens, at input resolution: [N, S, S]."""
         size = self.input_spec().size
         text = state.tensors["text_prototypes"]
-        adapted = self.bundle.module([features.blocks[s] for s in self.bundle.stages])
+        adapted = self.bundle.adapt([features.blocks[s] for s in self.bundle.stages])
         total = None
         for tokens in adapted:
             logits = stage_logits(tokens, text, self.options.logit_scale, features.grid)

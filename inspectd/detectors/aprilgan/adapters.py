@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inspectd.detectors import fused
 from inspectd.detectors.artifacts import LEARNED, Artifact, ArtifactMismatch, check_backbone, load_artifact
 
 APRILGAN_VERSION = 1
@@ -77,6 +78,29 @@ class AdapterBundle:
         self.stages = stages
         self.image_size = image_size
         self.artifact = artifact
+        self._packed: tuple[tuple[int, ...], list[Any]] | None = None  # (weight versions, packed layers)
+
+    def adapt(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The adapters on each stage's tokens (`StageAdapters.forward`); scoring on a CPU without gradients runs
+        them as oneDNN linears with the weights packed once (2.4x MKL's rate at 896 -> 640)."""
+        packed = self._packed_layers(tokens)
+        if packed is None:
+            return self.module(tokens)
+        if len(tokens) != len(packed):
+            raise ValueError(f"{len(tokens)} stage token sets for {len(packed)} adapters")
+        return [layer(t.contiguous()) for layer, t in zip(packed, tokens, strict=True)]
+
+    def _packed_layers(self, tokens: Sequence[torch.Tensor]) -> list[Any] | None:
+        layers = list(self.module.stages)
+        weights = [layer.weight for layer in layers]
+        if torch.is_grad_enabled() or not fused.available() or any(
+                w.device.type != "cpu" or w.dtype != torch.float32 for w in weights) or any(
+                t.device.type != "cpu" or t.dtype != torch.float32 for t in tokens):
+            return None
+        versions = tuple(-1 if w.is_inference() else w._version for w in weights)
+        if self._packed is None or self._packed[0] != versions:
+            self._packed = (versions, [fused.pack_linear(layer) for layer in layers])
+        return self._packed[1]
 
     @property
     def content_hash(self) -> str:
