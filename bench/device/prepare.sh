@@ -13,7 +13,7 @@ mkdir -p .whl .redis/lib
 # tqdm, timm, regex, huggingface-hub and anyio; these are the rest of pyproject.toml's dependencies.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "open_clip_torch>=2.24,<4" ftfy wcwidth "redis>=5.0" "watchfiles>=0.21"
+    -d .whl "open_clip_torch>=2.24,<4" ftfy wcwidth "redis>=5.0" "hiredis>=3.0" "watchfiles>=0.21"
 server=$(readlink -f "$(command -v redis-server)")
 cp "$server" .redis/redis-server  # the name matters: Debian's binary acts as the server only under this name
 ldd "$server" | awk '/=> \// {print $3}' | grep -v -E '/(libc|libm|libpthread|libdl|librt)\.so' \
