@@ -34,7 +34,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("length", [5, 10, 26, 80])  # 80: attention on oneDNN Graph (fused.GraphAttention)
-def test_fused_blocks_equal_open_clip(variant: str, length: int) -> None:
+def test_fused_blocks_equal_open_clip(variant: str, length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "graph_attention", fused.GraphAttention())  # its own graphs, not the session's
     model = random_transformer(1, **VARIANTS[variant])
     assert fused.support(model, torch.float32) is None
     blocks = fused.FusedBlocks(model, rows_hint=64)
@@ -53,7 +54,7 @@ def test_fused_blocks_equal_open_clip(variant: str, length: int) -> None:
     assert took_graph == (length >= fused.GRAPH_ATTENTION_MIN_TOKENS and fused.graph_attention.broken is None)
 
 
-def test_graph_attention_equals_sdpa_on_strided_views_and_keeps_a_bounded_cache(
+def test_graph_attention_equals_sdpa_on_strided_views_fuses_and_bounds_its_graphs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     attention = fused.GraphAttention()
     if attention.broken:
@@ -67,11 +68,14 @@ def test_graph_attention_equals_sdpa_on_strided_views_and_keeps_a_bounded_cache(
                                        atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(attention(v, v, v), F.scaled_dot_product_attention(v, v, v),
                                        atol=1e-5, rtol=1e-5)
-    assert attention.calls == 8 and attention.broken is None
-    assert len(attention._graphs) == 2  # bounded: the oldest shapes went
+    assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())  # oneDNN Graph ran it
+    # q/k/v and v/v/v share shapes and strides (one graph); (2, 226) and (3, 226) fill the two places, so
+    # (2, 100) keeps SDPA: 3 shapes with a graph-call pair each
+    assert len(attention._graphs) == 2
+    assert attention.calls == 6 and attention.broken is None
 
 
-def test_graph_attention_steps_aside_for_short_sequences_flop_counting_and_failures(
+def test_graph_attention_steps_aside_for_short_sequences_flop_counting_autocast_and_failures(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from bench.flops import counted_flops
 
@@ -81,14 +85,29 @@ def test_graph_attention_steps_aside_for_short_sequences_flop_counting_and_failu
     attention(short, short, short)
     flops, _ = counted_flops(lambda: attention(q, k, v))  # a dispatch mode must see the attention op
     assert attention.calls == 0 and flops == 4 * 2 * 4 * 100 * 100 * 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a trace would bake bf16 in
+        assert attention(q, k, v).dtype == F.scaled_dot_product_attention(q, k, v).dtype
+    assert attention.calls == 0 and not attention._graphs
+
+    attention(q, k, v)
+    assert attention.calls == 1
+    graph_key = next(iter(attention._graphs))
+
+    def failing_graph(*args: object) -> None:
+        raise RuntimeError("out of memory")
+
+    attention._graphs[graph_key] = failing_graph  # a built graph that raises: SDPA for that call, not for good
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert attention.failures == 1 and attention.broken is None and "out of memory" in caplog.text
 
     def broken_trace(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no oneDNN Graph here")
 
-    monkeypatch.setattr(torch.jit, "trace", broken_trace)
-    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)  # a trace that fails: SDPA from now on
+    other = torch.randn(2, 4, 120, 16)
+    torch.testing.assert_close(attention(other, other, other), F.scaled_dot_product_attention(other, other, other))
     assert attention.broken and "no oneDNN Graph here" in caplog.text
-    assert not attention.wanted(q)  # SDPA from now on
+    assert not attention.wanted(q)
 
 
 def test_fused_blocks_bf16_close_to_fp32() -> None:

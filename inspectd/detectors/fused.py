@@ -21,7 +21,6 @@ import logging
 import math
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 
 QUICK_GELU_ALPHA = 1.702  # open_clip's QuickGELU: x * sigmoid(1.702 x)
 GRAPH_ATTENTION_MIN_TOKENS = 64  # shorter sequences (WinCLIP's 5- and 10-token windows): CPU SDPA is faster
-GRAPH_ATTENTION_CACHE = 32  # traced attention graphs kept (one per q/k/v shape and strides)
+GRAPH_ATTENTION_CACHE = 32  # q/k/v shapes that get a traced graph (kept for the process: see GraphAttention)
 
 
 def available() -> bool:
@@ -84,52 +83,79 @@ def _activation(module: torch.nn.Module) -> str | None:
 class GraphAttention:
     """softmax(q kᵀ / √d) v on CPU through oneDNN Graph's fused attention (TorchScript's oneDNN fusion of the
     traced matmul-scale-softmax-matmul pattern): 2x the rate of torch's CPU SDPA at ViT lengths (226 tokens:
-    300-340 vs 150-165 GFLOP/s, `python -m bench.threads`), the same maths to ~1e-6. One trace per q/k/v shape
-    and strides, kept in a small LRU; fp32 sequences of at least GRAPH_ATTENTION_MIN_TOKENS only. Under a
-    dispatch mode (FLOP counting) and after any failure it is plain SDPA, which such modes see."""
+    300-340 vs 150-165 GFLOP/s, `python -m bench.threads`), the same maths to ~1e-6.
+
+    One trace per q/k/v shape and strides. TorchScript keeps every traced function for the life of the process
+    (~2.5 MB each, with its compiled kernels), so at most GRAPH_ATTENTION_CACHE shapes get a graph and later
+    ones keep SDPA (a daemon sees a handful: batch sizes x a few sequence shapes). fp32 sequences of at least
+    GRAPH_ATTENTION_MIN_TOKENS only; SDPA under CPU autocast, under a dispatch mode (FLOP counting, which must
+    see the op) and for the call whose graph raised. A trace that fails turns it off (logged once).
+    Side effect: the first trace turns on TorchScript's oneDNN fusion for the whole process
+    (`torch.jit.enable_onednn_fusion`); inspectd runs no other TorchScript."""
 
     def __init__(self) -> None:
-        self._graphs: OrderedDict[tuple, Callable[..., torch.Tensor]] = OrderedDict()
+        self._graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
         self._lock = threading.Lock()
         self.broken: str | None = None if hasattr(torch.jit, "enable_onednn_fusion") else "no oneDNN Graph"
         self.calls = 0  # attention calls the fused graph ran (tests count them)
+        self.failures = 0  # calls whose graph raised (each fell back to SDPA)
+        self._full_noted = False
 
     def wanted(self, q: torch.Tensor) -> bool:
         return (self.broken is None and q.dtype == torch.float32 and q.device.type == "cpu"
-                and q.shape[-2] >= GRAPH_ATTENTION_MIN_TOKENS and not is_in_torch_dispatch_mode())
+                and q.shape[-2] >= GRAPH_ATTENTION_MIN_TOKENS and not is_in_torch_dispatch_mode()
+                and not _cpu_autocast())
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not self.wanted(q):
+        graph = self._graph(q, k, v) if self.wanted(q) else None
+        if graph is None:
             return F.scaled_dot_product_attention(q, k, v)
         try:
-            out = self._graph(q, k, v)(q, k, v)
-        except Exception as exc:  # noqa: BLE001 - a torch without working oneDNN Graph keeps SDPA
-            self.broken = f"{type(exc).__name__}: {exc}"
-            log.warning("oneDNN Graph attention failed (%s); CPU SDPA from now on", self.broken)
+            out = graph(q, k, v)
+        except Exception as exc:  # noqa: BLE001 - this call takes SDPA (which raises too if the input is bad)
+            self.failures += 1
+            log.warning("oneDNN Graph attention failed for %s (%s: %s); SDPA for this call",
+                        tuple(q.shape), type(exc).__name__, exc)
             return F.scaled_dot_product_attention(q, k, v)
         self.calls += 1
         return out
 
-    def _graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
-        key = (tuple(q.shape), q.stride(), k.stride(), v.stride(), tuple(k.shape))
-        with self._lock:
-            graph = self._graphs.get(key)
-            if graph is not None:
-                self._graphs.move_to_end(key)
-                return graph
-            torch.jit.enable_onednn_fusion(True)
-            scale = 1.0 / math.sqrt(q.shape[-1])
-
-            def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), v)
-
-            with warnings.catch_warnings():  # TorchScript's deprecation and tracer notes
-                warnings.simplefilter("ignore")
-                graph = torch.jit.trace(attention, (q, k, v), check_trace=False)
-            self._graphs[key] = graph
-            while len(self._graphs) > GRAPH_ATTENTION_CACHE:
-                self._graphs.popitem(last=False)
+    def _graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride())
+        graph = self._graphs.get(key)
+        if graph is not None or len(self._graphs) >= GRAPH_ATTENTION_CACHE:
+            if graph is None and not self._full_noted:
+                self._full_noted = True
+                log.info("oneDNN Graph attention: %d shapes traced, new shapes keep SDPA", len(self._graphs))
             return graph
+        try:  # traced outside the lock: a build thread's new shape must not stall the engine thread's lookups
+            graph = _trace_attention(q, k, v)
+        except Exception as exc:  # noqa: BLE001 - a torch without working oneDNN Graph keeps SDPA
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("oneDNN Graph attention could not be traced (%s); CPU SDPA from now on", self.broken)
+            return None
+        with self._lock:
+            return self._graphs.setdefault(key, graph)
+
+
+def _trace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
+    torch.jit.enable_onednn_fusion(True)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), v)
+
+    with warnings.catch_warnings():  # TorchScript's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(attention, (q, k, v), check_trace=False)
+
+
+def _cpu_autocast() -> bool:
+    """A trace would bake CPU autocast's dtype in: attention under it keeps SDPA."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 graph_attention = GraphAttention()

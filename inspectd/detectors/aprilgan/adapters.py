@@ -78,7 +78,7 @@ class AdapterBundle:
         self.stages = stages
         self.image_size = image_size
         self.artifact = artifact
-        self._packed: tuple[tuple[int, ...], list[Any]] | None = None  # (weight versions, packed layers)
+        self._packed: tuple[tuple, list[Any]] | None = None  # ((id, version) per weight, packed layers)
 
     def adapt(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The adapters on each stage's tokens (`StageAdapters.forward`); scoring on a CPU without gradients runs
@@ -97,7 +97,7 @@ class AdapterBundle:
                 w.device.type != "cpu" or w.dtype != torch.float32 for w in weights) or any(
                 t.device.type != "cpu" or t.dtype != torch.float32 for t in tokens):
             return None
-        versions = tuple(-1 if w.is_inference() else w._version for w in weights)
+        versions = tuple((id(w), -1 if w.is_inference() else w._version) for w in weights)
         if self._packed is None or self._packed[0] != versions:
             self._packed = (versions, [fused.pack_linear(layer) for layer in layers])
         return self._packed[1]
