@@ -69,6 +69,10 @@ def test_graph_attention_equals_sdpa_on_strided_views_fuses_and_bounds_its_graph
             torch.testing.assert_close(attention(v, v, v), F.scaled_dot_product_attention(v, v, v),
                                        atol=1e-5, rtol=1e-5)
     assert "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())  # oneDNN Graph ran it
+    fresh, repeat = torch.randn(1, 4, 150, 16), fused.GraphAttention()
+    with torch.inference_mode():  # a new shape's first result is the fused kernel's too: scoring is repeatable
+        results = [repeat(fresh, fresh, fresh) for _ in range(3)]
+    assert repeat.calls == 3 and all(torch.equal(results[0], r) for r in results[1:])
     # q/k/v and v/v/v share shapes and strides (one graph); (2, 226) and (3, 226) fill the two places, so
     # (2, 100) keeps SDPA: 3 shapes with a graph-call pair each
     assert len(attention._graphs) == 2
