@@ -74,3 +74,29 @@ def test_gradients_take_the_plain_product(packs: list[tuple[int, ...]]) -> None:
     assert only_queries.grad is not None and packs == []
     association_min_distance(torch.randn(30, 16, dtype=torch.float64), torch.randn(100, 16, dtype=torch.float64))
     assert packs == []  # not fp32: the plain product
+
+
+def test_packed_copies_stay_within_their_byte_budget_least_recent_first(packs: list[tuple[int, ...]],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many products' banks must not all be held twice: at most PACKED_BANKS_BYTES of packed copies."""
+    bank_bytes = 400 * 32 * 4
+    monkeypatch.setattr(memory, "PACKED_BANKS_BYTES", 3 * bank_bytes)
+    gc.collect()  # earlier tests' banks go now, not during this test
+    before = memory.packed_bytes()
+    banks = [torch.randn(400, 32) for _ in range(4)]
+    queries = torch.randn(20, 32)
+    for bank in banks[:3]:
+        association_min_distance(queries, bank)
+    association_min_distance(queries, banks[0])  # the most recent now: banks[1] is the oldest
+    association_min_distance(queries, banks[3])  # evicts banks[1]
+    assert memory.packed_bytes() - before <= 3 * bank_bytes
+    assert id(banks[1]) not in memory._packed and all(id(banks[i]) in memory._packed for i in (0, 2, 3))
+    torch.testing.assert_close(association_min_distance(queries, banks[1]).double(), plain(queries, banks[1]),
+                               atol=2e-6, rtol=0)  # packed again on its next search, same distances
+    assert len(packs) == 5
+    huge = torch.randn(1000, 32)  # more than half the budget: the plain product, nothing packed
+    association_min_distance(queries, huge)
+    assert len(packs) == 5 and id(huge) not in memory._packed
+    del banks, huge, bank
+    gc.collect()
+    assert memory.packed_bytes() == before  # every copy's bytes are given back with its bank

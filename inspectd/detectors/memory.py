@@ -5,14 +5,16 @@ and the harmonic averaging that brings window scores onto the patch grid.
 
 On CPU a memory bank is normalised and reordered for oneDNN once, the first time it is searched, and kept
 while its tensor lives (`packed_bank`): the similarity GEMM then runs 2-2.5x faster than MKL's on the same
-shapes (AMD takes MKL's AVX2 path), and the bank is not normalised again on every frame. The copy costs the
-bank's size once more in memory.
+shapes (AMD takes MKL's AVX2 path), and the bank is not normalised again on every frame. The copies together
+stay within PACKED_BANKS_BYTES (least recently searched go first; packing again costs about a third of one
+search of the bank), so a daemon with many products does not hold every bank twice.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -21,9 +23,12 @@ import torch.nn.functional as F
 from inspectd.detectors import fused
 
 QUERY_CHUNK = 8192
+PACKED_BANKS_BYTES = 1 << 30  # packed copies kept at once (ViT-B, k = 16: ~68 MB a product)
 
-_packed: dict[int, tuple[weakref.ref, int | None, torch.Tensor]] = {}  # id(memory) -> (memory, version, bank)
+# id(memory) -> (weakref to memory, its version, packed bank, bytes), least recently searched first
+_packed: OrderedDict[int, tuple[weakref.ref, int | None, torch.Tensor, int]] = OrderedDict()
 _packed_lock = threading.Lock()
+_packed_bytes = 0
 
 
 def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -52,15 +57,40 @@ def packed_bank(memory: torch.Tensor) -> torch.Tensor | None:
     if memory.device.type != "cpu" or memory.dtype != torch.float32 or memory.dim() != 2 \
             or _wants_grad(memory) or not fused.available():
         return None
+    size = memory.numel() * memory.element_size()
+    if size > PACKED_BANKS_BYTES // 2:  # a bank that would crowd out every other keeps the plain product
+        return None
     key, version = id(memory), _version(memory)
     with _packed_lock:
         hit = _packed.get(key)
         if hit is not None and hit[0]() is memory and hit[1] == version:
+            _packed.move_to_end(key)
             return hit[2]
     bank = _pack(memory)
     with _packed_lock:
-        _packed[key] = (weakref.ref(memory, lambda _ref, key=key: _forget(key, _ref)), version, bank)
+        _drop(key)
+        while _packed and _packed_bytes + size > PACKED_BANKS_BYTES:
+            _drop(next(iter(_packed)))
+        _packed[key] = (weakref.ref(memory, lambda _ref, key=key: _forget(key, _ref)), version, bank, size)
+        _count(size)
     return bank
+
+
+def packed_bytes() -> int:
+    """Bytes the packed copies hold now (the banks' fp32 sizes)."""
+    return _packed_bytes
+
+
+def _count(n: int) -> None:
+    global _packed_bytes
+    _packed_bytes += n
+
+
+def _drop(key: int) -> None:
+    """Forget ``key``'s packed copy (under the lock)."""
+    entry = _packed.pop(key, None)
+    if entry is not None:
+        _count(-entry[3])
 
 
 def _pack(memory: torch.Tensor) -> torch.Tensor:
@@ -73,7 +103,7 @@ def _forget(key: int, ref: weakref.ref) -> None:
     with _packed_lock:
         hit = _packed.get(key)
         if hit is not None and hit[0] is ref:
-            del _packed[key]
+            _drop(key)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
