@@ -107,6 +107,10 @@ def test_graph_attention_steps_aside_for_short_sequences_flop_counting_autocast_
     def broken_trace(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no oneDNN Graph here")
 
+    unfused = fused.GraphAttention()  # a build whose TorchScript leaves the pattern unfused: SDPA, not slower ops
+    monkeypatch.setattr(torch.jit, "last_executed_optimized_graph", lambda: "graph(%q) aten::matmul aten::softmax")
+    torch.testing.assert_close(unfused(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert unfused.broken and "did not fuse" in unfused.broken and unfused.calls == 0
     monkeypatch.setattr(torch.jit, "trace", broken_trace)  # a trace that fails: SDPA from now on
     other = torch.randn(2, 4, 120, 16)
     torch.testing.assert_close(attention(other, other, other), F.scaled_dot_product_attention(other, other, other))

@@ -152,6 +152,9 @@ def _trace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Calla
         # so every result of this shape comes from the same kernel (the same frame scores the same twice)
         for _ in range(2):
             graph(q, k, v)
+    if "oneDNNFusionGroup" not in str(torch.jit.last_executed_optimized_graph()):  # (thread-local in TorchScript)
+        raise RuntimeError("TorchScript did not fuse the attention into oneDNN Graph on this build (unfused it would "
+                           "be slower than SDPA)")
     return graph
 
 
