@@ -1,4 +1,4 @@
-"""CPU inference kernels for the image tower's residual blocks: oneDNN prepacked linears.
+"""CPU inference kernels for the image tower's residual blocks: oneDNN prepacked linears and fused attention.
 
 open_clip's `ResidualAttentionBlock` on CPU calls MKL's GEMM with the weights in their training
 layout and runs GELU, residual adds and the attention's head shuffles as separate passes over
@@ -10,6 +10,8 @@ activation and the residual add into the GEMM's epilogue (bench/winclip.py measu
 forward that reads only the image embedding need), and
 `FusedBlocks.dual_block` runs a block with PromptAD's value-value path beside it (promptad/tower.py), and
 `FusedBlocks.dual_cls_block` the last one of those for the original path's CLS token only.
+Attention over ViT-length sequences runs on oneDNN Graph's fused kernel (`GraphAttention`), shorter ones on SDPA;
+`pack_linear` packs any other inference linear (APRIL-GAN's adapters).
 
 Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
 self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
