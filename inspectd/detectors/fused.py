@@ -172,14 +172,15 @@ graph_attention = GraphAttention()
 
 
 @dataclass
-class _Linear:
-    """A linear layer with its weight reordered for oneDNN; `post` is fused into the GEMM."""
+class PackedLinear:
+    """x Wᵀ + b with W reordered once for oneDNN (inference only); `post` is fused into the GEMM. The blocks'
+    layers, `pack_linear` and the few-shot memory banks (detectors/memory.py) use it."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> _Linear:
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int) -> PackedLinear:
         return cls(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint),
                    None if bias is None else bias.detach().contiguous())
 
@@ -191,10 +192,10 @@ class _Linear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
-def pack_linear(linear: torch.nn.Module, rows_hint: int = 1024) -> _Linear:
+def pack_linear(linear: torch.nn.Module, rows_hint: int = 1024) -> PackedLinear:
     """An ``nn.Linear``'s weights reordered once for oneDNN (inference only): called on [..., in] rows it gives
     the layer's output, 2-2.5x MKL's rate on AMD at the ViT's widths."""
-    return _Linear.pack(linear.weight, linear.bias, rows_hint)
+    return PackedLinear.pack(linear.weight, linear.bias, rows_hint)
 
 
 class _Block:
@@ -206,12 +207,12 @@ class _Block:
         self.heads = attn.num_heads
         self.ln_1, self.ln_2 = block.ln_1, block.ln_2
         in_w, in_b = attn.in_proj_weight.detach(), attn.in_proj_bias
-        self.qkv = _Linear.pack(in_w, in_b, rows_hint)
+        self.qkv = PackedLinear.pack(in_w, in_b, rows_hint)
         if split_qkv:  # for cls_output: the query of token 0 only, keys and values of all tokens
-            self.q = _Linear.pack(in_w[:width], None if in_b is None else in_b[:width], rows_hint)
-            self.kv = _Linear.pack(in_w[width:], None if in_b is None else in_b[width:], rows_hint)
+            self.q = PackedLinear.pack(in_w[:width], None if in_b is None else in_b[:width], rows_hint)
+            self.kv = PackedLinear.pack(in_w[width:], None if in_b is None else in_b[width:], rows_hint)
         out_w, out_b = _scaled(attn.out_proj.weight, attn.out_proj.bias, block.ls_1)
-        self.out = _Linear.pack(out_w, out_b, rows_hint)
+        self.out = PackedLinear.pack(out_w, out_b, rows_hint)
         fc_w, fc_b = block.mlp.c_fc.weight.detach(), block.mlp.c_fc.bias
         proj_w, proj_b = _scaled(block.mlp.c_proj.weight, block.mlp.c_proj.bias, block.ls_2)
         kind = _activation(block.mlp.gelu)
@@ -224,8 +225,8 @@ class _Block:
             self.post, self.algorithm = "swish", ""
         else:
             self.post, self.algorithm = "gelu", "tanh" if kind == "gelu_tanh" else "none"
-        self.fc = _Linear.pack(fc_w, fc_b, rows_hint)
-        self.proj = _Linear.pack(proj_w, proj_b, rows_hint)
+        self.fc = PackedLinear.pack(fc_w, fc_b, rows_hint)
+        self.proj = PackedLinear.pack(proj_w, proj_b, rows_hint)
 
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc(self.ln_2(x), self.post, self.algorithm)

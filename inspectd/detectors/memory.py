@@ -26,9 +26,8 @@ QUERY_CHUNK = 8192
 PACKED_BANKS_BYTES = 1 << 30  # packed copies kept at once (ViT-B, k = 16: ~68 MB a product)
 
 # id(memory) -> (weakref to memory, its version, packed bank, bytes), least recently searched first
-_packed: OrderedDict[int, tuple[weakref.ref, int | None, torch.Tensor, int]] = OrderedDict()
+_packed: OrderedDict[int, tuple[weakref.ref, int | None, fused.PackedLinear, int]] = OrderedDict()
 _packed_lock = threading.Lock()
-_packed_bytes = 0
 
 
 def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -44,13 +43,12 @@ def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> tor
     best = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
     for start in range(0, flat.shape[0], QUERY_CHUNK):
         chunk = flat[start:start + QUERY_CHUNK]
-        sims = chunk @ bank.T if packed is None else torch.ops.mkldnn._linear_pointwise(
-            chunk.contiguous(), packed, None, "none", [], "")
+        sims = chunk @ bank.T if packed is None else packed(chunk.contiguous())
         best[start:start + QUERY_CHUNK] = sims.max(dim=-1).values
     return (0.5 * (1.0 - best)).reshape(shape)
 
 
-def packed_bank(memory: torch.Tensor) -> torch.Tensor | None:
+def packed_bank(memory: torch.Tensor) -> fused.PackedLinear | None:
     """``memory`` [M, D] L2-normalised and reordered for oneDNN's GEMM, made once per tensor (and again if it
     is changed in place); None where the plain product serves: not a CPU fp32 bank, a bank gradients must
     reach, or a torch without oneDNN."""
@@ -68,34 +66,20 @@ def packed_bank(memory: torch.Tensor) -> torch.Tensor | None:
             return hit[2]
     bank = _pack(memory)
     with _packed_lock:
-        _drop(key)
-        while _packed and _packed_bytes + size > PACKED_BANKS_BYTES:
-            _drop(next(iter(_packed)))
+        _packed.pop(key, None)
+        while _packed and packed_bytes() + size > PACKED_BANKS_BYTES:
+            _packed.popitem(last=False)
         _packed[key] = (weakref.ref(memory, lambda _ref, key=key: _forget(key, _ref)), version, bank, size)
-        _count(size)
     return bank
 
 
 def packed_bytes() -> int:
     """Bytes the packed copies hold now (the banks' fp32 sizes)."""
-    return _packed_bytes
+    return sum(entry[3] for entry in list(_packed.values()))
 
 
-def _count(n: int) -> None:
-    global _packed_bytes
-    _packed_bytes += n
-
-
-def _drop(key: int) -> None:
-    """Forget ``key``'s packed copy (under the lock)."""
-    entry = _packed.pop(key, None)
-    if entry is not None:
-        _count(-entry[3])
-
-
-def _pack(memory: torch.Tensor) -> torch.Tensor:
-    normalised = F.normalize(memory.detach(), dim=-1).contiguous()
-    return torch.ops.mkldnn._reorder_linear_weight(normalised, min(QUERY_CHUNK, 1024))
+def _pack(memory: torch.Tensor) -> fused.PackedLinear:
+    return fused.PackedLinear.pack(F.normalize(memory.detach(), dim=-1), None, min(QUERY_CHUNK, 1024))
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -103,7 +87,7 @@ def _forget(key: int, ref: weakref.ref) -> None:
     with _packed_lock:
         hit = _packed.get(key)
         if hit is not None and hit[0] is ref:
-            _drop(key)
+            del _packed[key]
 
 
 def _version(tensor: torch.Tensor) -> int | None:
