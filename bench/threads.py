@@ -22,37 +22,34 @@ SHAPES = ((392, 5), (204, 10), (2, 226), (12, 226))
 HEADS, HEAD_DIM = 14, 64
 
 
-def attention(sequences: int, tokens: int) -> tuple[Callable[[], object], float]:
-    """SDPA on strided q/k/v views of one qkv projection, as the fused blocks call it; (call, FLOPs)."""
+def attention(sequences: int, tokens: int) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Strided q/k/v views of one qkv projection, as the fused blocks pass them, and the attention's FLOPs."""
     qkv = torch.randn(sequences * tokens, 3 * HEADS * HEAD_DIM).view(sequences, tokens, 3, HEADS, HEAD_DIM)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return (lambda: F.scaled_dot_product_attention(q, k, v)), 4.0 * sequences * HEADS * tokens * tokens * HEAD_DIM
+    return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0)), 4.0 * sequences * HEADS * tokens * tokens * HEAD_DIM
+
+
+def sdpa(qkv: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    return lambda: F.scaled_dot_product_attention(*qkv)
 
 
 def measure(rounds: int) -> list[dict[str, float | str]]:
     """Rows per shape: ms with torch's default MKL state, after torch.set_num_threads, after use_threads."""
     threads = torch.get_num_threads()
     calls = {shape: attention(*shape) for shape in SHAPES}
-    untouched = best_times({shape: fn for shape, (fn, _) in calls.items()}, rounds, 0.05)
+    untouched = best_times({shape: sdpa(qkv) for shape, (qkv, _) in calls.items()}, rounds, 0.05)
     states = {"torch.set_num_threads": lambda: torch.set_num_threads(threads),
               "use_threads (MKL restored)": cpu_threads.restore_mkl_defaults}
     best: dict[tuple, float] = {}
     for _ in range(rounds):  # interleave the two states; a state applies to every call until the next is set
         for state, enter in states.items():
             enter()
-            for key, value in best_times({shape: fn for shape, (fn, _) in calls.items()}, 1, 0.05).items():
+            for key, value in best_times({shape: sdpa(qkv) for shape, (qkv, _) in calls.items()}, 1, 0.05).items():
                 best[(state, key)] = min(best.get((state, key), float("inf")), value)
     cpu_threads.restore_mkl_defaults()
     graph = fused.GraphAttention()
-    graphed = {}
-    for shape in SHAPES:
-        qkv = torch.randn(shape[0] * shape[1], 3 * HEADS * HEAD_DIM).view(shape[0], shape[1], 3, HEADS, HEAD_DIM)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if graph.wanted(q):
-            graphed[shape] = lambda q=q, k=k, v=v: graph(q, k, v)
-    sdpa_again = {shape: fn for shape, (fn, _) in calls.items() if shape in graphed}
-    both = best_times({**{("graph", s): fn for s, fn in graphed.items()},
-                       **{("sdpa", s): fn for s, fn in sdpa_again.items()}}, rounds, 0.05)
+    graphed = {shape: qkv for shape, (qkv, _) in calls.items() if graph.wanted(qkv[0])}
+    both = best_times({**{("graph", s): (lambda qkv=qkv: graph(*qkv)) for s, qkv in graphed.items()},
+                       **{("sdpa", s): sdpa(qkv) for s, qkv in graphed.items()}}, rounds, 0.05)
     rows = []
     for shape, (_, flops) in calls.items():
         row: dict[str, float | str] = {"shape": f"[{shape[0]}, {HEADS}, {shape[1]}, {HEAD_DIM}]",
