@@ -131,9 +131,14 @@ def test_scoring_runs_the_adapters_packed_once_with_the_module_s_output(tiny_bac
     with torch.inference_mode():
         torch.testing.assert_close(bundle.adapt(tokens)[0], bundle.module(tokens)[0], atol=1e-5, rtol=1e-5)
     assert len(packs) == 2 * len(bundle.stages)
+    with torch.no_grad():
+        bundle.module.stages[0].bias.add_(1.0)  # a bias changed in place: packed again too
+    with torch.inference_mode():
+        torch.testing.assert_close(bundle.adapt(tokens)[0], bundle.module(tokens)[0], atol=1e-5, rtol=1e-5)
+    assert len(packs) == 3 * len(bundle.stages)
     leaf = tokens[0].clone().requires_grad_()  # gradients: the module itself
     bundle.adapt([leaf, *tokens[1:]])[0].sum().backward()
-    assert leaf.grad is not None and len(packs) == 2 * len(bundle.stages)
+    assert leaf.grad is not None and len(packs) == 3 * len(bundle.stages)
 
 
 def test_interpolation_path_at_the_native_size_changes_nothing(tiny_backbone: ClipBackbone) -> None:

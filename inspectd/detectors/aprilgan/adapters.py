@@ -78,7 +78,7 @@ class AdapterBundle:
         self.stages = stages
         self.image_size = image_size
         self.artifact = artifact
-        self._packed: tuple[tuple, list[Any]] | None = None  # ((id, version) per weight, packed layers)
+        self._packed: tuple[tuple, list[fused.PackedLinear]] | None = None  # ((id, version) per parameter, layers)
 
     def adapt(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The adapters on each stage's tokens (`StageAdapters.forward`); scoring on a CPU without gradients runs
@@ -90,14 +90,15 @@ class AdapterBundle:
             raise ValueError(f"{len(tokens)} stage token sets for {len(packed)} adapters")
         return [layer(t.contiguous()) for layer, t in zip(packed, tokens, strict=True)]
 
-    def _packed_layers(self, tokens: Sequence[torch.Tensor]) -> list[Any] | None:
+    def _packed_layers(self, tokens: Sequence[torch.Tensor]) -> list[fused.PackedLinear] | None:
         layers = list(self.module.stages)
         weights = [layer.weight for layer in layers]
         if torch.is_grad_enabled() or not fused.available() or any(
                 w.device.type != "cpu" or w.dtype != torch.float32 for w in weights) or any(
                 t.device.type != "cpu" or t.dtype != torch.float32 for t in tokens):
             return None
-        versions = tuple((id(w), -1 if w.is_inference() else w._version) for w in weights)
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        versions = tuple((id(p), -1 if p.is_inference() else p._version) for p in params)
         if self._packed is None or self._packed[0] != versions:
             self._packed = (versions, [fused.pack_linear(layer) for layer in layers])
         return self._packed[1]
