@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inspectd.daemon import review
 from inspectd.detectors.data.datasets import open_dataset
 from tests.console_helpers import DEFECTS, GOODS, TOKEN, console_config, send, start, wait_until
 
@@ -152,7 +153,7 @@ async def test_review_off_keeps_no_image(redis_url, key_prefix, tmp_path, tiny_b
                                          redis_client) -> None:  # noqa: ANN001
     daemon = await start(console_config(redis_url, key_prefix, tmp_path, review="off"), tiny_backbone)
     try:
-        assert daemon.engine.review_side is None  # not even downscaled copies are made
+        assert not daemon.engine.keep_payload  # the frames' bytes are dropped once scored
         await send(redis_client, key_prefix, DEFECTS[:2])
         await wait_until(lambda: daemon.review.stats.get("nut") and daemon.review.stats["nut"].scored == 2,
                          what="2 scored")
@@ -410,9 +411,19 @@ async def test_the_live_stream_ends_with_the_session(console, redis_client, key_
 
 
 async def test_review_rendering_is_rate_limited_and_counted(redis_url, key_prefix, tmp_path, tiny_backbone,
-                                                            redis_client) -> None:  # noqa: ANN001
+                                                            redis_client, monkeypatch) -> None:  # noqa: ANN001
     config = console_config(redis_url, key_prefix, tmp_path, ng_per_s=2.0, ok_per_s=0.0)
     config.products[1].threshold.value = 1e9  # grid: OK
+    review_images = []  # frames shrunk to the review size: only those rendered, not every frame at decode
+    real_downscale = review.downscale
+
+    def counting_downscale(image, max_side):  # noqa: ANN001, ANN202
+        if max_side == config.console.max_side and image.dtype == np.uint8:
+            review_images.append(image.shape)
+        return real_downscale(image, max_side)
+
+    for module in ("inspectd.daemon.review", "inspectd.daemon.engine"):  # the engine did it before the fix
+        monkeypatch.setattr(f"{module}.downscale", counting_downscale, raising=False)
     daemon = await start(config, tiny_backbone)
     try:
         await send(redis_client, key_prefix, DEFECTS[:4] * 3)  # 12 NG frames in a burst
@@ -425,5 +436,6 @@ async def test_review_rendering_is_rate_limited_and_counted(redis_url, key_prefi
         skipped = daemon.metrics.review_skipped
         assert skipped.labels(verdict="NG", reason="rate")._value.get() == 12 - len(kept)
         assert skipped.labels(verdict="OK", reason="rate")._value.get() == 3
+        assert len(review_images) == len(kept)
     finally:
         await daemon.shutdown()

@@ -59,6 +59,11 @@ def build_backbone(config: DaemonConfig, model: ModelConfig | None = None) -> Cl
                                   cpu_kernels=m.cpu_kernels))
 
 
+def decode_limits(config: DaemonConfig) -> DecodeLimits:
+    """What a frame may be (bytes, pixels) under ``decode``: scoring and the console's re-decode both check it."""
+    return DecodeLimits(max_bytes=config.decode.max_bytes, max_pixels=config.decode.max_pixels)
+
+
 def build_model_pool(config: DaemonConfig) -> dict[str, ClipBackbone]:
     """Every model of the config loaded once, by name; the first is the products' default."""
     return {m.name: build_backbone(config, m) for m in config.model_pool()}
@@ -97,7 +102,8 @@ class InspectDaemon:
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self.http: Any = None
-        self.review = ReviewHub(config.console, self.metrics)  # the console's recent frames, NG rates, live feed
+        # the console's recent frames, NG rates, live feed
+        self.review = ReviewHub(config.console, self.metrics, decode_limits(config))
         self.feedback: FeedbackStore | None = None  # the console's feedback actions (once the registry exists)
         self.publisher: Any = None  # daemon.publisher.Publisher once the sinks are open
         self.watcher: Any = None  # daemon.watcher.RegistryWatcher when registry.watch
@@ -117,13 +123,11 @@ class InspectDaemon:
             self.backbones = await asyncio.to_thread(build_model_pool, cfg)
             self.backbone = next(iter(self.backbones.values()))
         self.metrics.set_model_info(self.backbone.describe())
-        limits = DecodeLimits(max_bytes=cfg.decode.max_bytes, max_pixels=cfg.decode.max_pixels)
+        limits = decode_limits(cfg)
         on_cpu = all(b.device.type == "cpu" for b in self.backbones.values())
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
         self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
-                                    max_tiles=cfg.decode.max_tiles,
-                                    review_side=cfg.console.max_side if self.review.keeping else None,
-                                    keep_payload=self.review.keeping and cfg.console.keep_original)
+                                    max_tiles=cfg.decode.max_tiles, keep_payload=self.review.keeping)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
                                         on_progress=self.metrics.build_progress)
@@ -566,9 +570,9 @@ class InspectDaemon:
             now = time.time()
             for result in results:
                 self.metrics.scored(result, publish_s, now)
-            self.review.observe(results, dead, {(f.frame.source, f.frame.entry_id, f.frame.frame_id):
-                                                (f.prepared.review, f.frame) for f in flights
-                                                if f.prepared is not None and f.prepared.review is not None})
+            self.review.observe(results, dead, {(f.frame.source, f.frame.entry_id, f.frame.frame_id): f.frame
+                                                for f in flights if f.prepared is not None} if self.review.keeping
+                                else {})
             self.frames_done += len(flights)
             for flight in flights:
                 self._flights.pop(id(flight.frame), None)

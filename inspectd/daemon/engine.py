@@ -15,10 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from inspectd.daemon.review import downscale
 from inspectd.detectors.base import Detector
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
 from inspectd.detectors.preprocess import InputSpec, TileLayout
@@ -37,18 +35,17 @@ class PreparedFrame:
     layout: TileLayout | None = None
     input_spec: InputSpec | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    review: np.ndarray | None = None  # the frame at the console's review size (only while a console keeps frames)
 
 
 class ScoringEngine:
     """Owns the worker thread the forwards run on and the decode pool."""
 
     def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
-                 limits: DecodeLimits | None = None, max_tiles: int = 16, review_side: int | None = None,
-                 keep_payload: bool = False) -> None:
+                 limits: DecodeLimits | None = None, max_tiles: int = 16, keep_payload: bool = False) -> None:
         self.devices = sorted(set(devices), key=str)
-        self.review_side = review_side
-        self.keep_payload = keep_payload  # the console keeps frames as scored: their bytes live until reviewed
+        # the console keeps frames for review: their bytes live past scoring, and the few frames it renders are
+        # decoded again then (cheaper than a review-size copy of every frame, most of which are never rendered)
+        self.keep_payload = keep_payload
         self.limits = limits or DecodeLimits()
         self.max_tiles = max_tiles
         name = "+".join(str(d) for d in self.devices)
@@ -64,8 +61,6 @@ class ScoringEngine:
             image = decode_frame_image(frame, self.limits)
             decoded = time.perf_counter()
             prepared = PreparedFrame(frame, (int(image.shape[0]), int(image.shape[1])))
-            if self.review_side:
-                prepared.review = downscale(image, self.review_side)
             if detector is not None:
                 self.check_tiles(detector, prepared.size)
                 prepared.tiles, prepared.layout = detector.preprocessor(image)

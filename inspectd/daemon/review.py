@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from inspectd.daemon.config import ConsoleConfig
-from inspectd.streams.codec import decode_frame_image, encode_mask_png, encode_png
+from inspectd.streams.codec import DecodeLimits, decode_frame_image, encode_mask_png, encode_png
 from inspectd.streams.overlay import annotate, overlay
 from inspectd.streams.schema import DeadLetter, Frame, Result
 
@@ -109,11 +109,15 @@ def original_of(frame: Frame) -> tuple[bytes, str, tuple[int, int]]:
     return encode_png(decoded), ".png", (int(decoded.shape[1]), int(decoded.shape[0]))
 
 
-def render_item(item_id: str, result: Result, image: np.ndarray, frame: Frame | None = None,
-                max_side: int | None = None) -> ReviewItem:
-    """Pictures of one result (runs in a worker thread). The colours span the map's own range (the legend gives it),
-    so a low-contrast map still shows where it is highest; the outline marks map >= threshold. With ``frame``,
-    the item keeps the frame as scored (`original_of`)."""
+def render_item(item_id: str, result: Result, frame: Frame, keep_original: bool = False,
+                max_side: int | None = None, limits: DecodeLimits | None = None) -> ReviewItem:
+    """Pictures of one result (runs in a worker thread): ``frame`` is decoded again and shrunk to ``max_side``
+    here, for the few frames rendered, not at decode for every frame. The colours span the map's own range (the
+    legend gives it), so a low-contrast map still shows where it is highest; the outline marks map >= threshold.
+    With ``keep_original``, the item keeps the frame as scored (`original_of`)."""
+    image = decode_frame_image(frame, limits)
+    if max_side is not None:
+        image = downscale(image, max_side)
     amap = None if result.mask is None else np.asarray(result.mask, dtype=np.float32)
     if amap is not None:
         if amap.ndim == 3:
@@ -129,7 +133,7 @@ def render_item(item_id: str, result: Result, image: np.ndarray, frame: Frame | 
                          vmin=vmin, vmax=vmax, label=label)
     mask_png = None if amap is None else encode_mask_png(amap / (result.mask_scale or 1.0))
     original, suffix, frame_size = (None, ".png", (int(image.shape[1]), int(image.shape[0])))
-    if frame is not None:
+    if keep_original:
         original, suffix, frame_size = original_of(frame)
     summary = {
         "product": result.product, "line": result.line, "frame_id": result.frame_id,
@@ -184,9 +188,10 @@ class ProductStats:
 class ReviewHub:
     """Receives every published batch (`observe`), keeps stats and the review buffer, and tells subscribers."""
 
-    def __init__(self, config: ConsoleConfig, metrics: Any = None) -> None:
+    def __init__(self, config: ConsoleConfig, metrics: Any = None, limits: DecodeLimits | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.limits = limits  # the daemon's decode limits: a frame it scored is decoded again under them to render
         self.keeping = config.enabled and config.review != "off" and (config.keep_ng + config.keep_ok) > 0
         self.stats: dict[str, ProductStats] = {}
         self._kept: dict[str, deque[ReviewItem]] = {"NG": deque(), "OK": deque()}
@@ -208,9 +213,9 @@ class ReviewHub:
 
     # ---------------------------------------------------------------- intake (the daemon's publish loop)
     def observe(self, results: Iterable[Result], dead: Iterable[DeadLetter],
-                frames: dict[tuple[str, str | None, str], tuple[np.ndarray, Frame]]) -> None:
+                frames: dict[tuple[str, str | None, str], Frame]) -> None:
         """Count verdicts and dead letters; queue results worth reviewing for rendering. Never blocks.
-        ``frames``: (review-size image, frame) by (source, entry id, frame id)."""
+        ``frames``: the scored frames (with their bytes or image) by (source, entry id, frame id)."""
         now = time.time()
         for letter in dead:
             self._stats(letter.product).dead[letter.reason] += 1
@@ -224,7 +229,7 @@ class ReviewHub:
                 self._skipped(result.verdict, "rate")
                 continue
             try:
-                self._capture.put_nowait((result, *found))
+                self._capture.put_nowait((result, found))
             except asyncio.QueueFull:
                 self._skipped(result.verdict, "queue_full")
         if self._worker is None and self.keeping:
@@ -246,12 +251,11 @@ class ReviewHub:
 
     async def _render_loop(self) -> None:
         while True:
-            result, image, frame = await self._capture.get()
+            result, frame = await self._capture.get()
             item_id = f"{self._boot}-{next(self._ids)}"
-            keep_original = frame if self.config.keep_original else None
             try:
-                item = await asyncio.to_thread(render_item, item_id, result, image, keep_original,
-                                               self.config.max_side)
+                item = await asyncio.to_thread(render_item, item_id, result, frame, self.config.keep_original,
+                                               self.config.max_side, self.limits)
                 if self.store is not None:
                     item.id = await self.store.add(item)  # the live feed hears of it from the stream (every instance)
                     continue
