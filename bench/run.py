@@ -133,7 +133,7 @@ def bounds_of(ceilings: dict[str, Any], device: str) -> dict[str, float | None]:
 def daemon_plan(arch: str, quick: bool, device: str) -> tuple[int, tuple[int, ...]]:
     """(frames per run, batch limits) of the daemon section for ``arch`` on ``device``."""
     if arch == "inspectd-tiny":
-        return (120 if quick else 300), ((1, 4) if quick else (1, 4, 16))
+        return (128 if quick else 320), (1, 4, 16)  # whole batches at every limit; two limits >= 4 to judge
     if gpu.is_cuda(device):  # hundreds of ViT frames a second: enough frames for many micro-batches
         return (1024 if quick else 4096), ((32,) if quick else (16, 32, 64))
     # 16 ViT frames = 4 batches of 4 on a CPU: with 2 batches the first read and the last publish are a visible
@@ -161,7 +161,8 @@ def daemon_section(run: Run) -> dict[str, Any]:
     asyncio.run(measure_all())
     return {"rows": rows, "how": "bench/daemon.py against the real Redis on 127.0.0.1:6379: engine-only = decode + "
             "tile + score in one thread, no Redis/asyncio; end-to-end = XADD -> daemon -> XADD results -> XACK with "
-            f"all frames waiting (saturation); medians of {REPEATS} alternating runs; latency with open-loop "
+            f"all frames waiting (saturation); rates are medians of {REPEATS} alternating runs, e2e / engine the "
+            "median of the adjacent pairs' ratios; latency with open-loop "
             f"arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames, WinCLIP, "
             f"on {run.device} in {precision}."}
 

@@ -1,0 +1,27 @@
+"""bench/daemon.py's saturated end-to-end rate, read from result entries' own times in a real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.daemon import saturated_rate
+
+pytestmark = pytest.mark.redis
+
+
+async def test_the_rate_counts_the_results_after_the_first_batch_over_redis_own_entry_times(
+        redis_client, key_prefix) -> None:  # noqa: ANN001
+    key = f"{key_prefix}:results"
+    # 3 batches of 4 results, written 100 ms apart (ids are Redis's ms times); the first batch ends the warm-up
+    for batch, ms in enumerate((1_000_000, 1_000_100, 1_000_200)):
+        for i in range(4):
+            await redis_client.xadd(key, {"frame": f"{batch}-{i}"}, id=f"{ms + (i == 3)}-{i}")
+    # 8 results after the first batch, from its results to the last one (1 ms into its batch)
+    assert await saturated_rate(redis_client, key, 12, timeout=5) == pytest.approx(8 / 0.201)
+
+
+async def test_single_frame_batches_are_each_their_own_batch(redis_client, key_prefix) -> None:  # noqa: ANN001
+    key = f"{key_prefix}:results"
+    for i in range(5):
+        await redis_client.xadd(key, {"frame": str(i)}, id=f"{2_000_000 + 10 * i}-0")
+    assert await saturated_rate(redis_client, key, 5, timeout=5) == pytest.approx(4 / 0.04)
