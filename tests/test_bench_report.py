@@ -67,6 +67,10 @@ def test_without_gcc_the_peak_says_so_and_no_ratio_to_it_is_made(monkeypatch: py
 def test_cpu_facts_from_cpuinfo() -> None:
     flags = peak.cpu_flags(CPUINFO)
     assert peak.cpu_model(CPUINFO) == "Intel(R) Xeon(R) Platinum 8481C (family 6, model 143)"
+    amd = "vendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    assert peak.cpu_model(amd.format(25, 17)) == "AMD EPYC (family 25, model 17, Zen 4)"
+    assert peak.cpu_model(amd.format(26, 2)) == "AMD EPYC (family 26, model 2, Zen 5)"
+    assert peak.cpu_model(amd.format(25, 1)) == "AMD EPYC (family 25, model 1, Zen 3)"
     assert peak.kernel_isa(flags) == "avx512"
     assert peak.kernel_isa({"avx2", "fma"}) == "avx2"
     assert peak.kernel_isa({"avx"}) is None
