@@ -36,7 +36,7 @@ class Plan:
     quick: bool
     shots: tuple[int, ...]
     batch: int  # frames per timed batch
-    rounds: int  # timing rounds over every setting (best of)
+    rounds: int  # timing rounds over every setting (best of: this VM's host only ever slows a round down)
     randword_pairs: int  # random-word prompt pairs the FFN is fitted on
     aprilgan_epochs: int
     aprilgan_images: int  # hazelnut_toy images the adapters train on (0 = all 51)
@@ -51,10 +51,10 @@ class Plan:
         """On a GPU the timed batches are micro-batches (32 frames, 64 without --quick): what the daemon's batcher
         forms under load, and what keeps the tensor cores busy."""
         if quick:
-            return cls(True, (0, 4), batch=32 if gpu.is_cuda(device) else 2, rounds=3, randword_pairs=64,
+            return cls(True, (0, 4), batch=32 if gpu.is_cuda(device) else 2, rounds=5, randword_pairs=64,
                        aprilgan_epochs=2, aprilgan_images=8, promptad_steps=5, star_shots=1, star_epochs=1,
                        star_multi_view=False, accuracy_images=2)
-        return cls(False, (0, 1, 4, 16), batch=64 if gpu.is_cuda(device) else 4, rounds=4, randword_pairs=512,
+        return cls(False, (0, 1, 4, 16), batch=64 if gpu.is_cuda(device) else 4, rounds=6, randword_pairs=512,
                    aprilgan_epochs=2, aprilgan_images=0, promptad_steps=20, star_shots=4, star_epochs=1,
                    star_multi_view=True, accuracy_images=6)
 
