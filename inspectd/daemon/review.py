@@ -116,6 +116,7 @@ def render_item(item_id: str, result: Result, frame: Frame, keep_original: bool 
     legend gives it), so a low-contrast map still shows where it is highest; the outline marks map >= threshold.
     With ``keep_original``, the item keeps the frame as scored (`original_of`)."""
     image = decode_frame_image(frame, limits)
+    frame_size = (int(image.shape[1]), int(image.shape[0]))
     if max_side is not None:
         image = downscale(image, max_side)
     amap = None if result.mask is None else np.asarray(result.mask, dtype=np.float32)
@@ -132,7 +133,7 @@ def render_item(item_id: str, result: Result, frame: Frame, keep_original: bool 
     annotated = annotate(drawn, score=result.score, threshold=result.threshold, verdict=result.verdict,
                          vmin=vmin, vmax=vmax, label=label)
     mask_png = None if amap is None else encode_mask_png(amap / (result.mask_scale or 1.0))
-    original, suffix, frame_size = (None, ".png", (int(image.shape[1]), int(image.shape[0])))
+    original, suffix = None, ".png"
     if keep_original:
         original, suffix, frame_size = original_of(frame)
     summary = {
