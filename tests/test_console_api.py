@@ -262,6 +262,28 @@ async def test_confirmed_defect_lands_in_the_folder_eval_layout(console, redis_c
     assert rows[("nut", "image_auroc")]["mean"] is not None and rows[("nut", "pixel_auroc")]["mean"] is not None
 
 
+async def test_a_defect_saved_without_its_original_has_a_mask_the_size_of_its_image(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    config = console_config(redis_url, key_prefix, tmp_path, keep_original=False, max_side=64)
+    daemon = await start(config, tiny_backbone)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", cookie_jar=JAR()) as http:
+            csrf = await sign_in(http)
+            await send(redis_client, key_prefix, DEFECTS[:1])  # 160 px frames, kept at 64 px for review
+            await wait_until(lambda: len(daemon.review.items()) == 1, what="1 kept")
+            (item,) = daemon.review.items()
+            assert item.original is None and item.result["frame_size"] == [160, 160]
+            async with http.post(f"/console/api/frames/{item.id}/feedback", headers=csrf,
+                                 json={"action": "defect", "label": "colour"}) as response:
+                assert response.status == 201, await response.text()
+        (category,) = open_dataset(daemon.feedback.root, "folder")
+        (defect,) = [s for s in category.test if s.label == 1]
+        image, mask = Image.open(defect.image_path), Image.open(defect.mask_path)
+        assert image.size == mask.size == (64, 64)  # the review image is what was saved, and its mask fits it
+    finally:
+        await daemon.shutdown()
+
+
 async def test_false_alarm_never_writes_outside_references_root(redis_url, key_prefix, tmp_path, tiny_backbone,
                                                                 redis_client) -> None:  # noqa: ANN001
     config = console_config(redis_url, key_prefix, tmp_path)

@@ -163,7 +163,10 @@ class FeedbackStore:
             seeded = await asyncio.to_thread(self._seed_goods, folder, product)  # kept by an undo
             written = [await asyncio.to_thread(_write, folder / label / name, item.original or item.image_png)]
             if item.amap is not None:
-                size = tuple(item.result.get("frame_size") or item.result["size"])
+                # the mask fits the image saved: the frame as scored, or (without its original: not kept, or
+                # evicted over the budget) the review image
+                size = tuple(item.result.get("frame_size") or item.result["size"]) if item.original \
+                    else tuple(item.result["size"])
                 mask = await asyncio.to_thread(_defect_mask, item.amap, item.result["threshold"], size)
                 written.append(await asyncio.to_thread(_write, folder / "masks" / label / name, mask))
             record = self._record(DEFECT, item, remote, label=label, files=written,
