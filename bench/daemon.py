@@ -29,7 +29,7 @@ from inspectd.detectors.pipeline import ScoreItem, run
 from inspectd.streams.message import frame_fields
 
 REDIS = "redis://127.0.0.1:6379/0"
-FIRST_BATCH_MS = 2  # a batch's results are added in one pipeline; the next batch comes >= 5 ms later
+FIRST_BATCH_MS = 2  # a batch's results are added in one pipeline, within a ms or two (capped at the batch limit)
 REPEATS = 5  # alternations of engine-only and end-to-end; the ratio is the median of each adjacent pair's
 
 
@@ -80,21 +80,28 @@ async def produce(client, key: str, payloads: list[bytes], rate: float | None) -
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
 
-async def saturated_rate(client, key: str, n: int, timeout: float = 600) -> float:  # noqa: ANN001
+async def saturated_rate(client, key: str, n: int, batch: int, timeout: float = 600) -> float:  # noqa: ANN001
     """Results/s once ``n`` results are in, from Redis's own entry times (ms): the results after the first batch
-    over the time from that batch's results to the last one. Neither how often this polls, nor reading the results
-    back, nor frames scored while the producer was still adding them is inside the window."""
+    (at most ``batch``, the batch limit) over the time from that batch's results to the last one. Neither how often
+    this polls nor reading the results back is inside the window, and of the frames scored while the producer was
+    still adding them only the first batch's would count, and it does not."""
     await _wait_for(client, key, n, timeout)
     written = [int(eid.split(b"-")[0]) for eid, _ in await client.xrange(key)]
-    first_batch = sum(1 for ms in written if ms <= written[0] + FIRST_BATCH_MS)  # one pipeline: within a ms or two
-    return (len(written) - first_batch) / max(1e-3, (written[-1] - written[0]) / 1000.0)
+    first_batch = min(batch, sum(1 for ms in written if ms <= written[0] + FIRST_BATCH_MS))
+    if len(written) <= first_batch or written[-1] == written[0]:
+        raise ValueError(f"{len(written)} results within {written[-1] - written[0]} ms: too few frames for a rate "
+                         f"at batch limit {batch}")
+    return (len(written) - first_batch) / ((written[-1] - written[0]) / 1000.0)
 
 
 async def _wait_for(client, key: str, n: int, timeout: float) -> None:  # noqa: ANN001
-    """Until ``key`` holds ``n`` entries. Polled slowly: the times come from the entries, and this client shares the
-    daemon's event loop and cores (every 20 ms it was a sixth of the loop's CPU at batch 16, py-spy --gil)."""
+    """Until ``key`` holds ``n`` entries (TimeoutError after ``timeout`` s). Polled slowly: the times come from the
+    entries, and this client shares the daemon's event loop and cores (every 20 ms it was a sixth of the loop's CPU
+    at batch 16, py-spy --gil)."""
     deadline = time.monotonic() + timeout
-    while await client.xlen(key) < n and time.monotonic() < deadline:
+    while (have := await client.xlen(key)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{key}: {have} of {n} results after {timeout:.0f} s")
         await asyncio.sleep(0.1)
 
 
@@ -137,7 +144,7 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
         engine_rates.append(engine_only(daemon, payloads, batch))
         await client.delete(results_key)
         await produce(client, frames_key, payloads, None)  # saturation: every frame waiting or being read
-        e2e_rates.append(await saturated_rate(client, results_key, n))
+        e2e_rates.append(await saturated_rate(client, results_key, n, batch))
     engine_rate, e2e_rate = float(np.median(engine_rates)), float(np.median(e2e_rates))
     # each pair ran within seconds of each other: this VM's host slows both alike, which a ratio of medians taken
     # over different minutes does not cancel (pairs measured 0.82-1.12 within one minute)

@@ -17,11 +17,22 @@ async def test_the_rate_counts_the_results_after_the_first_batch_over_redis_own_
         for i in range(4):
             await redis_client.xadd(key, {"frame": f"{batch}-{i}"}, id=f"{ms + (i == 3)}-{i}")
     # 8 results after the first batch, from its results to the last one (1 ms into its batch)
-    assert await saturated_rate(redis_client, key, 12, timeout=5) == pytest.approx(8 / 0.201)
+    assert await saturated_rate(redis_client, key, 12, batch=4, timeout=5) == pytest.approx(8 / 0.201)
 
 
-async def test_single_frame_batches_are_each_their_own_batch(redis_client, key_prefix) -> None:  # noqa: ANN001
+async def test_single_frame_batches_are_each_their_own_batch_even_within_a_millisecond(
+        redis_client, key_prefix) -> None:  # noqa: ANN001
     key = f"{key_prefix}:results"
-    for i in range(5):
-        await redis_client.xadd(key, {"frame": str(i)}, id=f"{2_000_000 + 10 * i}-0")
-    assert await saturated_rate(redis_client, key, 5, timeout=5) == pytest.approx(4 / 0.04)
+    for i in range(5):  # batch limit 1, a result each 1 ms (a fast GPU): only the first is the first batch
+        await redis_client.xadd(key, {"frame": str(i)}, id=f"{2_000_000 + i}-0")
+    assert await saturated_rate(redis_client, key, 5, batch=1, timeout=5) == pytest.approx(4 / 0.004)
+
+
+async def test_too_few_results_or_too_few_batches_give_no_rate(redis_client, key_prefix) -> None:  # noqa: ANN001
+    key = f"{key_prefix}:results"
+    for i in range(3):
+        await redis_client.xadd(key, {"frame": str(i)}, id=f"3000000-{i}")
+    with pytest.raises(TimeoutError, match="3 of 4 results"):
+        await saturated_rate(redis_client, key, 4, batch=4, timeout=0.2)
+    with pytest.raises(ValueError, match="too few frames"):  # all in the first batch
+        await saturated_rate(redis_client, key, 3, batch=4, timeout=1)
