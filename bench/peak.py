@@ -39,20 +39,27 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 
 def amd_core(family: str, model: str) -> str | None:
-    """AMD's core generation from /proc/cpuinfo's family and model (generic VM model names hide it). It matters
-    here: Zen 4 runs AVX-512 on 256-bit units, Zen 5 (server parts) on 512-bit ones: twice the fp32 peak per
-    clock, and the same GEMM kernels reach a smaller share of it."""
+    """AMD's core generation from /proc/cpuinfo's family and model (generic VM model names hide it), by the model
+    ranges Linux uses (arch/x86/kernel/cpu/amd.c); None outside them. It matters here: Zen 4 runs AVX-512 on
+    256-bit units, Zen 5 server parts on 512-bit ones: twice the fp32 peak per clock, and the same GEMM kernels
+    reach a smaller share of it."""
     try:
         fam, mod = int(family), int(model)
     except ValueError:
         return None
-    if fam == 26:
-        return "Zen 5"
-    if fam == 25:
-        return "Zen 4" if 0x10 <= mod <= 0x1F or 0x60 <= mod <= 0x7F or 0xA0 <= mod <= 0xAF else "Zen 3"
-    if fam == 23:
-        return "Zen 2" if mod >= 0x30 else "Zen / Zen+"
+    for name, ranges in _AMD_CORES.get(fam, ()):
+        if any(low <= mod <= high for low, high in ranges):
+            return name
     return None
+
+
+_AMD_CORES: dict[int, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]] = {
+    0x17: (("Zen / Zen+", ((0x00, 0x2F), (0x50, 0x5F))),
+           ("Zen 2", ((0x30, 0x4F), (0x60, 0x7F), (0x90, 0x91), (0xA0, 0xAF)))),
+    0x19: (("Zen 3", ((0x00, 0x0F), (0x20, 0x5F))), ("Zen 4", ((0x10, 0x1F), (0x60, 0xAF)))),
+    0x1A: (("Zen 5", ((0x00, 0x2F), (0x40, 0x4F), (0x60, 0x7F))),
+           ("Zen 6", ((0x50, 0x5F), (0x80, 0xAF), (0xC0, 0xEF)))),
+}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:

@@ -71,6 +71,9 @@ def test_cpu_facts_from_cpuinfo() -> None:
     assert peak.cpu_model(amd.format(25, 17)) == "AMD EPYC (family 25, model 17, Zen 4)"
     assert peak.cpu_model(amd.format(26, 2)) == "AMD EPYC (family 26, model 2, Zen 5)"
     assert peak.cpu_model(amd.format(25, 1)) == "AMD EPYC (family 25, model 1, Zen 3)"
+    assert peak.cpu_model(amd.format(25, 0x90)) == "AMD EPYC (family 25, model 144, Zen 4)"
+    assert peak.cpu_model(amd.format(23, 0x50)) == "AMD EPYC (family 23, model 80, Zen / Zen+)"
+    assert peak.cpu_model(amd.format(25, 0xF0)) == "AMD EPYC (family 25, model 240)"  # unknown: no guess
     assert peak.kernel_isa(flags) == "avx512"
     assert peak.kernel_isa({"avx2", "fma"}) == "avx2"
     assert peak.kernel_isa({"avx"}) is None

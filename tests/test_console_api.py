@@ -452,10 +452,12 @@ async def test_review_rendering_is_rate_limited_and_counted(redis_url, key_prefi
         await send(redis_client, key_prefix, GOODS[:3], product="grid", line="l2", tag="g")
         await wait_until(lambda: sum(s.scored for s in daemon.review.stats.values()) == 12 + 3,
                          what=f"15 scored {[(k, v.scored, dict(v.dead)) for k, v in daemon.review.stats.items()]}")
-        await asyncio.sleep(0.3)
+        skipped = daemon.metrics.review_skipped
+        ng_skipped = skipped.labels(verdict="NG", reason="rate")
+        # every NG frame is either skipped at once or kept once rendered: then no render is still under way
+        await wait_until(lambda: ng_skipped._value.get() + len(daemon.review.items()) == 12, what="12 NG handled")
         kept = daemon.review.items()
         assert 2 <= len(kept) <= 4 and {i.result["verdict"] for i in kept} == {"NG"}  # burst 2 (+ refill)
-        skipped = daemon.metrics.review_skipped
         assert skipped.labels(verdict="NG", reason="rate")._value.get() == 12 - len(kept)
         assert skipped.labels(verdict="OK", reason="rate")._value.get() == 3
         assert len(review_images) == len(kept)

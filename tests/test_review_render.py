@@ -48,3 +48,14 @@ def test_the_original_is_the_frame_as_sent() -> None:
 def test_the_re_decode_honours_the_daemons_limits() -> None:
     with pytest.raises(FrameError):
         render_item("a-3", result(), grid_frame(), max_side=512, limits=DecodeLimits(max_pixels=1000))
+
+
+def test_a_camera_frame_and_a_raw_frame_render_from_their_pixels() -> None:
+    pixels = np.asarray(Image.open(sorted((GRID / "broken").glob("*.png"))[0]).convert("RGB").resize((1024, 768)))
+    camera = Frame("grid", "l1", "f1", 0.0, image=pixels)  # a source that decoded it already (no bytes)
+    raw = Frame("grid", "l1", "f1", 0.0, payload=pixels.tobytes(), raw_shape=pixels.shape, raw_dtype="uint8")
+    for frame in (camera, raw):
+        item = render_item("a-4", result(), frame, keep_original=True, max_side=512)
+        assert item.result["size"] == [512, 384] and item.result["frame_size"] == [1024, 768]
+        assert item.original_suffix == ".png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(item.original))), pixels)  # lossless, full size

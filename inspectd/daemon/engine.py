@@ -43,8 +43,9 @@ class ScoringEngine:
     def __init__(self, devices: Sequence[torch.device], decode_threads: int = 2,
                  limits: DecodeLimits | None = None, max_tiles: int = 16, keep_payload: bool = False) -> None:
         self.devices = sorted(set(devices), key=str)
-        # the console keeps frames for review: their bytes live past scoring, and the few frames it renders are
-        # decoded again then (cheaper than a review-size copy of every frame, most of which are never rendered)
+        # the console keeps frames for review: their bytes live past scoring, and the frames it renders (at most
+        # console.ng_per_s + ok_per_s a second) are decoded again then; cheaper than a review-size copy of every
+        # frame while frames come faster than that, which is when the CPU is short
         self.keep_payload = keep_payload
         self.limits = limits or DecodeLimits()
         self.max_tiles = max_tiles

@@ -98,14 +98,13 @@ class ReviewItem:
 ORIGINAL_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def original_of(frame: Frame) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, file suffix, (width, height)) of the frame as it was scored: an encoded image as sent, raw pixels
-    as a PNG of the decoded image."""
+def original_of(frame: Frame, decoded: np.ndarray) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes, file suffix, (width, height)) of the frame as it was scored: an encoded image as sent; raw pixels or
+    a source's own image as a PNG of ``decoded`` (the frame's pixels, full size)."""
     if frame.raw_shape is None and frame.payload:
         with Image.open(io.BytesIO(frame.payload)) as img:
             if img.format in ORIGINAL_SUFFIXES:
                 return frame.payload, ORIGINAL_SUFFIXES[img.format], img.size
-    decoded = decode_frame_image(frame)
     return encode_png(decoded), ".png", (int(decoded.shape[1]), int(decoded.shape[0]))
 
 
@@ -115,10 +114,9 @@ def render_item(item_id: str, result: Result, frame: Frame, keep_original: bool 
     here, for the few frames rendered, not at decode for every frame. The colours span the map's own range (the
     legend gives it), so a low-contrast map still shows where it is highest; the outline marks map >= threshold.
     With ``keep_original``, the item keeps the frame as scored (`original_of`)."""
-    image = decode_frame_image(frame, limits)
-    frame_size = (int(image.shape[1]), int(image.shape[0]))
-    if max_side is not None:
-        image = downscale(image, max_side)
+    full = decode_frame_image(frame, limits)
+    frame_size = (int(full.shape[1]), int(full.shape[0]))
+    image = full if max_side is None else downscale(full, max_side)
     amap = None if result.mask is None else np.asarray(result.mask, dtype=np.float32)
     if amap is not None:
         if amap.ndim == 3:
@@ -135,7 +133,7 @@ def render_item(item_id: str, result: Result, frame: Frame, keep_original: bool 
     mask_png = None if amap is None else encode_mask_png(amap / (result.mask_scale or 1.0))
     original, suffix = None, ".png"
     if keep_original:
-        original, suffix, frame_size = original_of(frame)
+        original, suffix, frame_size = original_of(frame, full)
     summary = {
         "product": result.product, "line": result.line, "frame_id": result.frame_id,
         "entry_id": result.entry_id or "", "ts": result.captured_at, "score": float(result.score),
