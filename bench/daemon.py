@@ -83,8 +83,8 @@ async def produce(client, key: str, payloads: list[bytes], rate: float | None) -
 async def saturated_rate(client, key: str, n: int, batch: int, timeout: float = 600) -> float:  # noqa: ANN001
     """Results/s once ``n`` results are in, from Redis's own entry times (ms): the results after the first batch
     (at most ``batch``, the batch limit) over the time from that batch's results to the last one. Neither how often
-    this polls nor reading the results back is inside the window, and of the frames scored while the producer was
-    still adding them only the first batch's would count, and it does not."""
+    this polls, nor reading the results back, nor the first batch (scored while the producer was still adding
+    frames, for free in a window that starts when the producer ends) is inside the window."""
     await _wait_for(client, key, n, timeout)
     written = [int(eid.split(b"-")[0]) for eid, _ in await client.xrange(key)]
     first_batch = min(batch, sum(1 for ms in written if ms <= written[0] + FIRST_BATCH_MS))
