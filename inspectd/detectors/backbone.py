@@ -52,6 +52,7 @@ class ModelSpec:
     window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
     cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
     seed: int = 0  # seed of random (demo) weights, so a demo is reproducible
+    resize: str = "exact"  # frames to model inputs: "exact" (open_clip's bicubic) | "fast" (preprocess.RESIZE_MODES)
 
     @property
     def model_id(self) -> str:
@@ -255,7 +256,7 @@ class ClipBackbone:
         self.patch_size = int(visual.patch_size[0])
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.logit_scale = float(self.model.logit_scale.exp().item())
-        self.preprocessor = Preprocessor(self.image_size)
+        self.preprocessor = Preprocessor(self.image_size, resize=spec.resize)
         self._preprocessors: dict[InputSpec, Preprocessor] = {self.preprocessor.spec: self.preprocessor}
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -325,7 +326,7 @@ class ClipBackbone:
         """The (cached) pre-processor for a detector's input spec."""
         found = self._preprocessors.get(spec)
         if found is None:
-            found = self._preprocessors[spec] = Preprocessor(spec.size, mode=spec.mode)
+            found = self._preprocessors[spec] = Preprocessor(spec.size, mode=spec.mode, resize=self.spec.resize)
         return found
 
     @property
