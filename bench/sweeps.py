@@ -8,6 +8,7 @@ the number of models loaded at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import resource
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from bench.common import best_times, load_model
-from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.pipeline import ScoreItem, prepare, run
 from inspectd.detectors.preprocess import Preprocessor
@@ -148,9 +149,7 @@ def frame_size_points(backbone: ClipBackbone, sizes: dict[str, tuple[int, int]],
 
 def _extra_model(base: ClipBackbone, seed: int) -> ClipBackbone:
     """Another model like ``base`` (same arch, other random weights): what a second product line's CLIP costs."""
-    spec = base.spec
-    return ClipBackbone(ModelSpec(arch=spec.arch, pretrained="random", demo=True, device=spec.device,
-                                  precision=spec.precision, seed=seed, cpu_kernels=spec.cpu_kernels))
+    return ClipBackbone(dataclasses.replace(base.spec, pretrained="random", demo=True, seed=seed))
 
 
 def models_points(base: ClipBackbone, counts: Sequence[int], batch: int) -> list[Point]:

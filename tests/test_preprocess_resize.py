@@ -33,9 +33,20 @@ def test_fast_resize_keeps_the_layout_and_stays_within_two_levels_of_exact(width
     assert float(levels.mean()) < 0.5
 
 
-def test_small_frames_are_the_same_under_both() -> None:
-    frame = photo(320, 240)  # a < 2x shrink: no whole-factor reduction happens
-    assert np.array_equal(Preprocessor(240)(frame)[0].numpy(), Preprocessor(240, resize="fast")(frame)[0].numpy())
+@pytest.mark.parametrize("mode", ["tile", "square"])
+def test_frames_shrunk_less_than_4x_are_the_same_under_both(mode: str) -> None:
+    frame = photo(640, 480)  # resized (2x and 2.7x): under 2 x reducing_gap, so no whole-factor step
+    exact, fast = Preprocessor(240, mode=mode)(frame)[0], Preprocessor(240, mode=mode, resize="fast")(frame)[0]
+    assert np.array_equal(exact.numpy(), fast.numpy())
+
+
+def test_a_state_fitted_under_fast_is_not_taken_for_an_exact_one(tiny_backbone, tiny_checkpoint: Path) -> None:  # noqa: ANN001
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu", resize="fast"))
+    exact_print = create_detector("winclip", tiny_backbone).config_fingerprint()
+    assert create_detector("winclip", fast).config_fingerprint() != exact_print
+    assert create_detector("winclip", tiny_backbone).config_fingerprint() == exact_print  # stable
 
 
 def test_a_bad_resize_value_names_its_key() -> None:

@@ -546,4 +546,5 @@ class ClipBackbone:
             "dtype": str(self.dtype).replace("torch.", ""),
             "kernels": "onednn" if self.fused_blocks is not None else "torch",
             "demo_weights": str(self.demo_weights).lower(),
+            "resize": self.spec.resize,
         }

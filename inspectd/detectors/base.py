@@ -191,12 +191,12 @@ class Detector(ABC):
             if value:
                 path = Path(value).expanduser()
                 learned[option] = artifacts.file_hash(path) if path.is_file() else "missing"
-        payload = json.dumps(
-            {"detector": self.name, "version": self.version, "options": dataclasses.asdict(self.options),
-             "backbone": self.backbone.identity, "weights": self.backbone.weights_id,
-             "input": dataclasses.asdict(self.input_spec()), "learned": learned},
-            sort_keys=True, default=str,
-        )
+        depends = {"detector": self.name, "version": self.version, "options": dataclasses.asdict(self.options),
+                   "backbone": self.backbone.identity, "weights": self.backbone.weights_id,
+                   "input": dataclasses.asdict(self.input_spec()), "learned": learned}
+        if self.preprocessor.resize != "exact":  # model.resize: fast fits other tiles (exact keeps its old hashes)
+            depends["resize"] = self.preprocessor.resize
+        payload = json.dumps(depends, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def state_artifact(self, state: ProductState, config: Mapping[str, Any] | None = None,
