@@ -55,3 +55,25 @@ def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_
         1 for _ in (MVTEC / "bottle" / "test").rglob("*.png"))
     hits = [r.getMessage() for r in caplog.records if "score cache:" in r.getMessage()]
     assert hits == [f"score cache: {n_test * 3} hit(s), 0 miss(es)"]  # 0-shot once + 1-shot x 2 seeds
+
+
+def test_eval_resize_fast_scores_anew_and_says_so(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    args = ["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", "--detector", "winclip",
+            "--shots", "0", "--weights", str(tiny_checkpoint), "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--eval-size", "64"]
+    assert main(args) == 0
+    from inspectd.detectors.backbone import ClipBackbone
+
+    forwards: list[int] = []
+    original = ClipBackbone.forward
+
+    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        forwards.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ClipBackbone, "forward", counting)
+    assert main([*args, "--resize", "fast"]) == 0
+    assert forwards  # not served from the exact run's score cache: other inputs, other scores
+    doc = json.loads((tmp_path / "out" / "winclip_0shot.json").read_text())
+    assert doc["model"]["resize"] == "fast"
+

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="open_clip tag, or a checkpoint file/folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--demo", action="store_true", help="allow --weights random (results are meaningless)")
+    p.add_argument("--resize", choices=("exact", "fast"), default="exact",
+                   help="frames to model inputs as the daemon's model.resize (default exact: open_clip's own); "
+                        "fast measures that setting's accuracy cost")
     p.add_argument("--eval-size", type=int, default=256, help="maps and masks compared at this square size")
     p.add_argument("--batch-size", type=int, default=0,
                    help="images per forward; 0 = auto: 1 for a full-size model on CPU (the progress bar moves per "
@@ -63,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     dataset_name = DATASET_NAMES.get(args.dataset, "dataset")
     if dataset_name == "dataset":  # folder / meta layouts: name the table after the dataset's own folder
         dataset_name = Path(args.root).resolve().name
-    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo))
+    backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo,
+                                      resize=args.resize))
     # auto: a real model on CPU gains nothing from batching, so 1 (the bar moves per image, not per 8 x 8 s);
     # a GPU, or a tiny test model whose per-call overhead dominates, batches 8
     batch_size = args.batch_size or (1 if backbone.device.type == "cpu" and backbone.width >= 512 else 8)
