@@ -10,6 +10,21 @@ from inspectd.cli import main
 MVTEC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad"
 
 
+def count_forwards(monkeypatch) -> list[int]:  # noqa: ANN001
+    """A list that grows by one per image-tower forward from now on."""
+    from inspectd.detectors.backbone import ClipBackbone
+
+    forwards: list[int] = []
+    original = ClipBackbone.forward
+
+    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        forwards.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ClipBackbone, "forward", counting)
+    return forwards
+
+
 def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch,
                                                      caplog) -> None:
     args = ["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", "bottle",
@@ -37,16 +52,7 @@ def test_eval_mvtec_grid_bottle_writes_three_outputs(tiny_checkpoint: Path, tmp_
     assert not any("masks missing" in note for note in doc["notes"])  # said once, not twice in other words
     # a second run is served from the score cache: same numbers, no image-tower forward at all
     first = (tmp_path / "out" / "winclip_1shot.csv").read_text()
-    from inspectd.detectors.backbone import ClipBackbone
-
-    forwards: list[int] = []
-    original = ClipBackbone.forward
-
-    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        forwards.append(1)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(ClipBackbone, "forward", counting)
+    forwards = count_forwards(monkeypatch)
     caplog.set_level("INFO", logger="inspectd.detectors.evaluation.runner")
     assert main(args) == 0
     assert (tmp_path / "out" / "winclip_1shot.csv").read_text() == first
@@ -62,16 +68,7 @@ def test_eval_resize_fast_scores_anew_and_says_so(tiny_checkpoint: Path, tmp_pat
             "--shots", "0", "--weights", str(tiny_checkpoint), "--out", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"), "--eval-size", "64"]
     assert main(args) == 0
-    from inspectd.detectors.backbone import ClipBackbone
-
-    forwards: list[int] = []
-    original = ClipBackbone.forward
-
-    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        forwards.append(1)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(ClipBackbone, "forward", counting)
+    forwards = count_forwards(monkeypatch)
     assert main([*args, "--resize", "fast"]) == 0
     assert forwards  # not served from the exact run's score cache: other inputs, other scores
     doc = json.loads((tmp_path / "out" / "winclip_0shot.json").read_text())
