@@ -241,17 +241,23 @@ class _Block:
         attended = attended.transpose(1, 2).reshape(rows, width)
         return self._mlp_residual(self.out.add_to(attended, x))
 
-    def cls_output(self, x: torch.Tensor, sequences: int) -> torch.Tensor:
-        """The block's output for token 0 of each sequence only: [S, W] (keys/values from all tokens)."""
+    def _token0_attention(self, x: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention for token 0 of each sequence over all its tokens: (token 0's rows of ``x`` [S, W], its
+        attention output [S, W], every token's values [S, L, H, d])."""
         rows, width = x.shape
         length, head_dim = rows // sequences, width // self.heads
         normed = self.ln_1(x)
-        cls_rows = x.view(sequences, length, width)[:, 0]
+        cls_rows = x.view(sequences, length, width)[:, 0].contiguous()
         q = self.q(normed.view(sequences, length, width)[:, 0].contiguous()).view(sequences, self.heads, head_dim)
         k, v = self.kv(normed).view(sequences, length, 2, self.heads, head_dim).unbind(2)  # [S, L, H, d]
         weights = torch.einsum("shd,slhd->shl", q, k).mul_(1.0 / math.sqrt(head_dim)).softmax(dim=-1)
         attended = torch.einsum("shl,slhd->shd", weights, v).reshape(sequences, width)
-        return self._mlp_residual(self.out.add_to(attended, cls_rows.contiguous()))
+        return cls_rows, attended, v
+
+    def cls_output(self, x: torch.Tensor, sequences: int) -> torch.Tensor:
+        """The block's output for token 0 of each sequence only: [S, W] (keys/values from all tokens)."""
+        cls_rows, attended, _ = self._token0_attention(x, sequences)
+        return self._mlp_residual(self.out.add_to(attended, cls_rows))
 
     def dual(self, x: torch.Tensor, x_vv: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         """PromptAD's value-value dual path (promptad/tower.py) on 2-D token rows: (this block's output for
@@ -268,14 +274,9 @@ class _Block:
     def dual_cls(self, x: torch.Tensor, x_vv: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`dual` when only token 0 of the original path is read after this block: ([S, W] its output for token 0,
         the V-V path's next rows for every token). The query, out-projection and MLP run for token 0 only."""
-        rows, width = x.shape
-        length, head_dim = rows // sequences, width // self.heads
-        normed = self.ln_1(x)
-        cls_rows = x.view(sequences, length, width)[:, 0].contiguous()
-        q = self.q(normed.view(sequences, length, width)[:, 0].contiguous()).view(sequences, self.heads, 1, head_dim)
-        k, v = self.kv(normed).view(sequences, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, k, v).reshape(sequences, width)  # [S, H, 1, d]: heads in order
-        value_value = graph_attention(v, v, v).transpose(1, 2).reshape(rows, width)
+        cls_rows, attended, v = self._token0_attention(x, sequences)
+        v = v.transpose(1, 2)  # [S, H, L, d] (a view of the kv projection)
+        value_value = graph_attention(v, v, v).transpose(1, 2).reshape(x.shape)
         return self._mlp_residual(self.out.add_to(attended, cls_rows)), self.out.add_to(value_value, x_vv)
 
 
