@@ -192,6 +192,12 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
+def source_version(tensor: torch.Tensor) -> int | None:
+    """What a packed copy of ``tensor`` is stale against: its in-place version counter (None for an inference
+    tensor, which has none and cannot change outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def pack_linear(linear: torch.nn.Module, rows_hint: int = 1024) -> PackedLinear:
     """An ``nn.Linear``'s weights reordered once for oneDNN (inference only): called on [..., in] rows it gives
     the layer's output, 2-2.5x MKL's rate on AMD at the ViT's widths."""

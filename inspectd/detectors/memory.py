@@ -58,7 +58,7 @@ def packed_bank(memory: torch.Tensor) -> fused.PackedLinear | None:
     size = memory.numel() * memory.element_size()
     if size > PACKED_BANKS_BYTES // 2:  # a bank that would crowd out every other keeps the plain product
         return None
-    key, version = id(memory), _version(memory)
+    key, version = id(memory), fused.source_version(memory)
     with _packed_lock:
         hit = _packed.get(key)
         if hit is not None and hit[0]() is memory and hit[1] == version:
@@ -88,11 +88,6 @@ def _forget(key: int, ref: weakref.ref) -> None:
         hit = _packed.get(key)
         if hit is not None and hit[0] is ref:
             del _packed[key]
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The in-place version counter; inference tensors have none (and cannot change outside inference mode)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 def _wants_grad(tensor: torch.Tensor) -> bool:

@@ -98,7 +98,7 @@ class AdapterBundle:
                 t.device.type != "cpu" or t.dtype != torch.float32 for t in tokens):
             return None
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        versions = tuple((id(p), -1 if p.is_inference() else p._version) for p in params)
+        versions = tuple((id(p), fused.source_version(p)) for p in params)
         if self._packed is None or self._packed[0] != versions:
             self._packed = (versions, [fused.pack_linear(layer) for layer in layers])
         return self._packed[1]
