@@ -104,7 +104,7 @@ class FeedbackStore:
         root = self._need_root()
         targets = {**self._targets(), product: target}
         root.mkdir(parents=True, exist_ok=True)
-        _write(root / "targets.json", json.dumps(targets, indent=1, sort_keys=True).encode())
+        atomic.write_bytes(root / "targets.json", json.dumps(targets, indent=1, sort_keys=True).encode())
         self._target_cache = targets
 
     def _targets(self) -> dict[str, str]:
@@ -135,8 +135,8 @@ class FeedbackStore:
             data = item.original or item.image_png
             config = copy.deepcopy(self._wanted(product, entry))
             directory, seeded = await asyncio.to_thread(self._good_directory, config, target)
-            written = [await asyncio.to_thread(_write, directory / name, data)]
-            written.append(await asyncio.to_thread(_write, _inside(root, product, "good", name), data))
+            written = [await asyncio.to_thread(atomic.write_bytes, directory / name, data)]
+            written.append(await asyncio.to_thread(atomic.write_bytes, _inside(root, product, "good", name), data))
             before = self._wanted(product, entry)
             if target == "references":  # the images used so far stay used, and the new one joins them
                 used = {p.name for p in await asyncio.to_thread(reference_files, before.references, before.shots)}
@@ -161,14 +161,15 @@ class FeedbackStore:
             folder = _inside(root, product)
             name = self._file_name(item)
             seeded = await asyncio.to_thread(self._seed_goods, folder, product)  # kept by an undo
-            written = [await asyncio.to_thread(_write, folder / label / name, item.original or item.image_png)]
+            image = item.original or item.image_png
+            written = [await asyncio.to_thread(atomic.write_bytes, folder / label / name, image)]
             if item.amap is not None:
                 # the mask fits the image saved: the frame as scored, or (without its original: not kept, or
                 # evicted over the budget) the review image
                 size = tuple(item.result.get("frame_size") or item.result["size"]) if item.original \
                     else tuple(item.result["size"])
                 mask = await asyncio.to_thread(_defect_mask, item.amap, item.result["threshold"], size)
-                written.append(await asyncio.to_thread(_write, folder / "masks" / label / name, mask))
+                written.append(await asyncio.to_thread(atomic.write_bytes, folder / "masks" / label / name, mask))
             record = self._record(DEFECT, item, remote, label=label, files=written,
                                   seeded=[str(p) for p in seeded])
             return await self._finish(record, item)
@@ -423,10 +424,6 @@ def _set_aside(paths: list[Path]) -> list[tuple[Path, Path]]:
 def _restore(pairs: list[tuple[Path, Path]]) -> None:
     for hidden, path in pairs:
         hidden.replace(path)
-
-
-def _write(path: Path, data: bytes) -> Path:
-    return atomic.write_bytes(path, data)
 
 
 def _remove(paths: list[Path]) -> None:
