@@ -3,14 +3,17 @@ product was not serving yet or a hot swap changed the detector's input: the resu
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from inspectd.daemon.engine import ScoringEngine
+from inspectd.daemon.engine import MAX_AUTO_DECODE_THREADS, ScoringEngine, auto_decode_threads
+from inspectd.detectors import cpu_threads
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.pipeline import ScoreItem, run
 from inspectd.detectors.preprocess import InputSpec
@@ -62,3 +65,38 @@ async def test_prepared_for_the_products_detector_and_redone_after_an_input_chan
         assert out2.map.shape == (240, 240)
     finally:
         engine.close()
+
+
+def test_auto_decode_threads_scale_with_the_cores_beside_a_gpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert auto_decode_threads([cpu], cores=16) == 0  # a CPU engine decodes on its own thread, between forwards
+    assert auto_decode_threads([gpu], cores=16) == 14  # every core but the event loop's and the engine thread's
+    assert auto_decode_threads([cpu, gpu], cores=8) == 6  # any GPU model: the pool feeds it
+    assert auto_decode_threads([gpu], cores=2) == 2
+    assert auto_decode_threads([gpu], cores=96) == MAX_AUTO_DECODE_THREADS
+    assert auto_decode_threads([gpu]) >= 2  # this machine's own cores
+
+
+async def test_decode_pool_workers_run_torch_on_one_thread_and_prepare_the_same_tiles(tiny_backbone) -> None:
+    """The pool's workers each run their torch ops alone (left at torch's count, every worker opened its own
+    OpenMP team: bench/decode_pool.py); the engine thread keeps torch's count, and the tiles are bit-identical to
+    those prepared on the engine thread."""
+    cpu_threads.use_threads(max(2, torch.get_num_threads()))  # (a no-op where torch already has 2 or more)
+    expected = torch.get_num_threads()
+    pooled = ScoringEngine([torch.device("cuda")], decode_threads=2)  # a GPU engine's pool (no GPU is touched)
+    inline = ScoringEngine([tiny_backbone.device], decode_threads=0)
+    detector = create_detector("winclip", tiny_backbone)
+    try:
+        loop = asyncio.get_running_loop()
+        counts = await asyncio.gather(*(loop.run_in_executor(pooled._decode, torch.get_num_threads)
+                                        for _ in range(8)))
+        assert counts == [1] * 8
+        assert await loop.run_in_executor(pooled._engine, torch.get_num_threads) == expected
+        frames = [frame_of(HAZELNUT / "colour" / "01.png", size)[0] for size in ((512, 512), (900, 380))]
+        a = await pooled.prepare(frames, lambda _product: detector)
+        b = await inline.prepare(frames, lambda _product: detector)
+        for x, y in zip(a, b, strict=True):
+            assert x.tiles is not None and torch.equal(x.tiles, y.tiles)
+    finally:
+        pooled.close()
+        inline.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 from inspectd.daemon.batcher import MicroBatcher
 from inspectd.daemon.config import DaemonConfig, ModelConfig
-from inspectd.daemon.engine import PreparedFrame, ScoringEngine, map_size_for
+from inspectd.daemon.engine import PreparedFrame, ScoringEngine, auto_decode_threads, map_size_for
 from inspectd.daemon.feedback import FeedbackStore, feedback_root
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
@@ -124,9 +124,9 @@ class InspectDaemon:
             self.backbone = next(iter(self.backbones.values()))
         self.metrics.set_model_info(self.backbone.describe())
         limits = decode_limits(cfg)
-        on_cpu = all(b.device.type == "cpu" for b in self.backbones.values())
-        decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else (0 if on_cpu else 2)
-        self.engine = ScoringEngine([b.device for b in self.backbones.values()], decode_threads, limits,
+        devices = [b.device for b in self.backbones.values()]
+        decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else auto_decode_threads(devices)
+        self.engine = ScoringEngine(devices, decode_threads, limits,
                                     max_tiles=cfg.decode.max_tiles, keep_payload=self.review.keeping)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,

@@ -133,8 +133,8 @@ class BatcherConfig:
 class DecodeConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
-    threads: int = -1  # -1 = auto: 0 on CPU (decode on the engine thread: torch already uses every core),
-    #                    2 on GPU (decode the next batch while the GPU runs this one)
+    threads: int = -1  # -1 = auto: 0 on CPU (decode on the engine thread: torch already uses every core);
+    #                    with a GPU every core but two, 2 to 16 (decode the next batches while the GPU runs this one)
     max_tiles: int = 16  # model inputs one frame may need after tiling (aspect up to ~13:1; a 10000 x 10 strip
     #                      would need ~500): above = dead letter too_many_tiles
     max_meta_bytes: int = 64 * 1024  # the `meta` field is copied into every result

@@ -5,12 +5,14 @@ count. Kernels that call MKL from inside torch's own parallel loops then run MKL
 the CPU flash-attention kernel over WinCLIP's windows ([392 windows, 14 heads, 5 tokens, 64]) takes 8-11 ms
 instead of 2.5 (`python -m bench.threads`). torch leaves MKL alone when the count is never set, so `use_threads`
 sets nothing when the count is already right, and otherwise puts MKL's two settings back after setting it, and
-`settle_thread` again on each thread that runs a forward (see there).
+`settle_thread` again on each thread that runs a forward (see there). `single_threaded` gives a pool worker
+one thread of its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import logging
 import os
 from functools import lru_cache
@@ -43,6 +45,38 @@ def settle_thread() -> None:
     if _count_set:
         torch.get_num_threads()  # this thread's lazy thread set-up, if it has not run yet
         restore_mkl_defaults()
+
+
+def single_threaded() -> bool:
+    """This thread's torch ops run on this thread alone (OpenMP's thread count is per thread): for pool workers
+    whose ops are small and many run at once (the decode pool's resize and normalise). Left at torch's count, each
+    worker opens its own team of that many OpenMP threads: 2 decode threads on 2 busy cores took 31 ms to
+    pre-process a 512-px frame instead of 3 (`python -m bench.decode_pool`). False where torch's OpenMP runtime
+    cannot be reached (the count stays torch's)."""
+    settle_thread()  # torch's lazy per-thread set-up first (its first parallel op would undo this), MKL put back
+    torch.get_num_threads()
+    omp = _openmp()
+    if omp is None:
+        return False
+    omp.omp_set_num_threads(ctypes.c_int(1))
+    return torch.get_num_threads() == 1
+
+
+@lru_cache(maxsize=1)
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs on (PyPI wheels bundle libgomp; other builds link libiomp5 or libomp)."""
+    if not torch.backends.openmp.is_available():
+        return None
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))
+    for path in [*libs, None]:
+        try:
+            lib = ctypes.CDLL(path)
+        except (OSError, TypeError):
+            continue
+        if hasattr(lib, "omp_set_num_threads"):
+            return lib
+    log.debug("torch's OpenMP runtime is not reachable; pool workers keep torch's thread count")
+    return None
 
 
 def restore_mkl_defaults() -> bool:
