@@ -133,12 +133,10 @@ def counted_items(detector: Detector, state: ProductState, frames: Sequence[np.n
                   dtype: torch.dtype | None = None, per_op: dict[str, float] | None = None
                   ) -> tuple[list[ScoreItem], float]:
     """(prepared items, FLOPs per image): pre-processing done (not timed), the warm-up batch run under the FLOP
-    counter (its FLOPs per op name into ``per_op`` when given); on a GPU the tiles sit in pinned memory."""
+    counter (its FLOPs per op name into ``per_op`` when given); the timed batches include the host-to-device copy
+    of their pixels on a GPU, as the daemon's do (`ClipBackbone.batch_pixels`: pinned, non-blocking)."""
     items = [ScoreItem(detector, state, f) for f in frames]
     prepare(items)
-    if gpu.is_cuda(device):
-        for item in items:
-            item.tiles = item.tiles.pin_memory()
     with gpu.autocast(device, dtype):
         flops, by_op = counted_flops(lambda: run(items))
     if per_op is not None:

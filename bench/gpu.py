@@ -1,5 +1,6 @@
 """The benchmark report's CUDA path: device choice, the half-precision autocast dtype, synchronised timing,
-pinned-memory host-to-device transfers, the tensor-core peak (a large bf16/fp16 matmul) and peak GPU memory.
+host-to-device transfer rates (pinned vs pageable), the tensor-core peak (a large bf16/fp16 matmul) and peak GPU
+memory.
 Without a CUDA device every GPU figure of the report says "not measured (no CUDA device)"."""
 
 from __future__ import annotations
@@ -81,13 +82,6 @@ def timed_best(fn: Callable[[], object], device: str, repeats: int = 3, warmup: 
         sync()
         best = min(best, time.perf_counter() - started)
     return best
-
-
-def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
-    """Host tensor to ``device``: through pinned memory with a non-blocking copy on a GPU, unchanged on the CPU."""
-    if not is_cuda(device):
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def transfer_rates(device: str, megabytes: int = 256, repeats: int = 5) -> dict[str, float]:

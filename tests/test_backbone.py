@@ -242,3 +242,34 @@ def test_trimmed_text_encoding_equals_open_clip(tiny_backbone: ClipBackbone) -> 
         reference = tiny_backbone.model.encode_text(tokens)
         trimmed = tiny_backbone._encode_tokens(tokens)
     torch.testing.assert_close(trimmed, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_pixels_on_the_cpu_is_one_concatenation(tiny_backbone: ClipBackbone) -> None:
+    views = [torch.randn(n, 3, 240, 240) for n in (1, 2, 1)]
+    batch = tiny_backbone.batch_pixels(views)
+    assert batch.device.type == "cpu" and torch.equal(batch, torch.cat(views))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_pixels_on_a_gpu_come_through_pinned_memory(tiny_checkpoint: Path) -> None:
+    backbone = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cuda"))
+    views = [torch.randn(n, 3, 240, 240) for n in (1, 3)]
+    seen = []
+    original = torch.Tensor.to
+
+    def spy(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append((self.is_pinned(), kwargs.get("non_blocking")))
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.to = spy  # type: ignore[method-assign]
+    try:
+        batch = backbone.batch_pixels(views)
+    finally:
+        torch.Tensor.to = original  # type: ignore[method-assign]
+    assert seen == [(True, True)]
+    torch.cuda.synchronize()
+    assert batch.is_cuda and torch.equal(batch.cpu(), torch.cat(views))
+    cpu = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))
+    gpu_out = backbone.forward(batch, FeatureRequest()).image_embeddings.cpu()
+    cpu_out = cpu.forward(torch.cat(views), FeatureRequest()).image_embeddings
+    np.testing.assert_allclose(gpu_out.numpy(), cpu_out.numpy(), atol=1e-3)

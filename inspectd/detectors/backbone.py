@@ -441,6 +441,19 @@ class ClipBackbone:
         pooled = self.visual.ln_post(cls_tokens)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
+    def batch_pixels(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One [N, 3, S, S] batch of the frames' [n_i, 3, S, S] views, ready for `forward`. On a GPU it is
+        assembled straight into pinned host memory and copied without blocking: one host copy (a pageable
+        tensor's copy is staged through pinned memory by the driver anyway) and the engine thread goes on to
+        queue the forward's kernels behind the copy. torch's pinned-memory cache keeps the block until the copy
+        has finished. On the CPU: one torch.cat."""
+        if self.device.type != "cuda":
+            return torch.cat(list(views))
+        first = views[0]
+        host = torch.empty((sum(v.shape[0] for v in views), *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+        torch.cat(list(views), out=host)
+        return host.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, request: FeatureRequest,
                 row_inputs: Mapping[str, torch.Tensor] | None = None) -> Features:

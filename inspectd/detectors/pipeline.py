@@ -112,7 +112,7 @@ def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], request: Fe
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     row_inputs = _row_inputs(items, counts)
     started = time.perf_counter()
-    features = backbone.forward(torch.cat(views), request, row_inputs)
+    features = backbone.forward(backbone.batch_pixels(views), request, row_inputs)
     forwarded = time.perf_counter()
 
     by_state: dict[tuple[int, int], list[int]] = {}
