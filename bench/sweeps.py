@@ -27,7 +27,8 @@ from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.pipeline import ScoreItem, prepare, run
 from inspectd.detectors.preprocess import Preprocessor
-from inspectd.streams.codec import decode_image_bytes
+from inspectd.streams.codec import decode_frame_scaled, decode_image_bytes
+from inspectd.streams.schema import Frame
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
 FRAME_SIZES = {"240 px": (240, 240), "512 px": (512, 512), "1080p": (1920, 1080), "4K": (3840, 2160)}
@@ -134,7 +135,9 @@ def frame_size_points(backbone: ClipBackbone, sizes: dict[str, tuple[int, int]],
         fast = Preprocessor(detector.preprocessor.size, mode=detector.preprocessor.mode, resize="fast")
         fns = {"decode": lambda payload=payload: decode_image_bytes(payload),
                "preprocess": lambda image=image: detector.preprocessor(image),
-               "preprocess_fast": lambda image=image, fast=fast: fast(image),  # model.resize: fast (not in total)
+               # model.resize: fast, decode included (a JPEG decoded smaller; not in the total)
+               "fast_decode_preprocess": lambda payload=payload, fast=fast: fast(*decode_frame_scaled(
+                   Frame("p", "l", "f", 0.0, payload=payload), None, fast.decode_size)),
                "score": lambda item=item: run([item])}
         row = {"frame": name, "width": width, "height": height, "jpeg_bytes": len(payload),
                "tiles": int(tiles.shape[0])}

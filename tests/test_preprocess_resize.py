@@ -3,16 +3,22 @@ the setting reaches the pre-processor every detector of the daemon's model score
 
 from __future__ import annotations
 
+import asyncio
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import ExifTags, Image
 
 from inspectd.daemon.app import build_backbone
 from inspectd.daemon.config import ConfigError, parse_config
-from inspectd.detectors.base import create_detector
+from inspectd.daemon.engine import ScoringEngine
+from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.preprocess import InputSpec, Preprocessor
+from inspectd.streams.codec import decode_frame_scaled
+from inspectd.streams.schema import Frame
 
 HAZELNUT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy" / "hazelnut"
 
@@ -66,3 +72,96 @@ def test_the_setting_reaches_every_pre_processor_of_the_model(tiny_checkpoint: P
         tiles, _ = pre(frame)
         exact, _ = Preprocessor(pre.size, mode=pre.mode)(frame)
         assert pre.resize == "fast" and not np.array_equal(tiles.numpy(), exact.numpy())
+
+
+def jpeg(image: np.ndarray, orientation: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_is_decoded_smaller_only_as_far_as_asked() -> None:
+    data = jpeg(photo(1920, 1080))
+    asked = []
+
+    def keep(height: int, width: int) -> tuple[int, int]:
+        asked.append((height, width))
+        return 480, 854
+
+    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, keep)
+    assert asked == [(1080, 1920)] and size == (1080, 1920)
+    assert image.shape == (540, 960, 3)  # libjpeg's 1/2 scale: the largest step that keeps 480 x 854
+    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0].shape == (1080, 1920, 3)
+    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, lambda h, w: None)[0].shape == (
+        1080, 1920, 3)
+    png = io.BytesIO()
+    Image.fromarray(photo(1920, 1080)).save(png, format="PNG")
+    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=png.getvalue()), None, keep)[0].shape == (
+        1080, 1920, 3)  # only JPEG decoders can shrink on the way
+
+
+def test_a_rotated_jpeg_is_asked_and_shrunk_as_shown() -> None:
+    data = jpeg(photo(1920, 1080), orientation=6)  # stored landscape, shown portrait (rotated 90 degrees)
+    asked = []
+
+    def keep(height: int, width: int) -> tuple[int, int]:
+        asked.append((height, width))
+        return 854, 480
+
+    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, keep)
+    assert asked == [(1920, 1080)] and size == (1920, 1080)
+    assert image.shape == (960, 540, 3)
+
+
+def test_fast_decodes_jpeg_frames_smaller_with_the_frames_own_layout(tiny_checkpoint: Path) -> None:
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.pipeline import ScoreItem, run
+
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu", resize="fast"))
+    detector = create_detector("winclip", fast)
+    state = detector.fit(ProductSpec("p", "hazelnut"), [])
+    frame = photo(1920, 1080)
+    data = jpeg(frame)
+    engine = ScoringEngine([fast.device], decode_threads=0)
+    try:
+        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)], lambda _p: detector))
+    finally:
+        engine.close()
+    full = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0]
+    assert prepared.size == (1080, 1920) and prepared.layout == detector.preprocessor(full)[1]
+    decoded_full = detector.preprocessor(full)[0]
+    assert not torch.equal(prepared.tiles, decoded_full)  # decoded at half scale, not in full
+    levels = (prepared.tiles - decoded_full).abs() * Preprocessor(240).std * 255
+    assert float(levels.max()) <= 3.0 and float(levels.mean()) < 0.5
+    [out] = run([ScoreItem(detector, state, tiles=prepared.tiles, layout=prepared.layout)])
+    assert out.map.shape == (1080, 1920)  # the frame's own size
+
+    # offline evaluation decodes a JPEG file the same way: the same tiles as the daemon's
+    runner_tiles = detector.preprocessor(*_eval_load(data, detector))[0]
+    assert torch.equal(runner_tiles, prepared.tiles)
+
+
+def _eval_load(data: bytes, detector) -> tuple[np.ndarray, tuple[int, int]]:  # noqa: ANN001
+    import tempfile
+
+    from inspectd.detectors.data.datasets import load_image_scaled
+
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
+        file.write(data)
+        file.flush()
+        return load_image_scaled(file.name, detector.preprocessor.decode_size)
+
+
+def test_exact_decodes_every_pixel(tiny_backbone) -> None:  # noqa: ANN001
+    detector = create_detector("winclip", tiny_backbone)
+    data = jpeg(photo(1920, 1080))
+    engine = ScoringEngine([tiny_backbone.device], decode_threads=0)
+    try:
+        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)], lambda _p: detector))
+    finally:
+        engine.close()
+    full = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0]
+    assert torch.equal(prepared.tiles, detector.preprocessor(full)[0])

@@ -36,8 +36,8 @@ class ModelConfig:
     cache_dir: str | None = None
     window_chunk_tokens: int = 0  # 0 = auto: 2048 on CPU (cache-sized), large on GPU
     cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch
-    resize: str = "exact"  # frames to model inputs: exact (open_clip's bicubic, as eval) | fast (large frames:
-    #                        1080p 1.8x, 4K 3.3x faster to pre-process; see preprocess.FAST_REDUCING_GAP)
+    resize: str = "exact"  # frames to model inputs: exact (open_clip's bicubic, as eval) | fast (JPEGs decoded
+    #                        smaller, large frames 1080p 2.3x, 4K 5.1x faster; see preprocess.FAST_REDUCING_GAP)
 
     def __post_init__(self) -> None:
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))

@@ -22,7 +22,7 @@ from inspectd.detectors import cpu_threads
 from inspectd.detectors.base import Detector
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
 from inspectd.detectors.preprocess import InputSpec, TileLayout
-from inspectd.streams.codec import DecodeLimits, decode_frame_image
+from inspectd.streams.codec import DecodeLimits, decode_frame_scaled
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import DeadLetter, Frame, FrameError
 
@@ -75,12 +75,13 @@ class ScoringEngine:
     def _prepare_one(self, frame: Frame, detector: Detector | None) -> PreparedFrame | DeadLetter:
         started = time.perf_counter()
         try:
-            image = decode_frame_image(frame, self.limits)
+            image, size = decode_frame_scaled(frame, self.limits,
+                                              None if detector is None else detector.preprocessor.decode_size)
             decoded = time.perf_counter()
-            prepared = PreparedFrame(frame, (int(image.shape[0]), int(image.shape[1])))
+            prepared = PreparedFrame(frame, size)
             if detector is not None:
-                self.check_tiles(detector, prepared.size)
-                prepared.tiles, prepared.layout = detector.preprocessor(image)
+                self.check_tiles(detector, size)
+                prepared.tiles, prepared.layout = detector.preprocessor(image, original=size)
                 prepared.input_spec = detector.input_spec()
         except FrameError as exc:  # the dead letter keeps the frame's original small fields (ts, meta, ...)
             return DeadLetter.of_frame(frame, exc.reason, exc.stage, exc.detail)
@@ -120,10 +121,14 @@ class ScoringEngine:
         def work() -> tuple[list[ScoreOutput], dict[str, float]]:
             timings: dict[str, float] = {}
             for i, item in enumerate(items):
-                if item.tiles is None or item.input_spec != item.detector.input_spec():
+                spec = item.detector.input_spec()
+                if item.tiles is None or item.input_spec != spec:
                     if frames is None:
                         raise ValueError("an item needs pre-processing but its frame was not given")
-                    item.image, item.tiles = decode_frame_image(frames[i], self.limits), None
+                    preprocessor = item.detector.preprocessor
+                    image, size = decode_frame_scaled(frames[i], self.limits, preprocessor.decode_size)
+                    item.tiles, item.layout = preprocessor(image, original=size)
+                    item.input_spec = spec
             outputs = run(items, timings)
             for device in self.devices:
                 if device.type == "cuda":

@@ -7,10 +7,11 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import Frame, FrameError
@@ -41,21 +42,41 @@ def _fail(reason: str, detail: str = "") -> FrameError:
     return FrameError(stage="decode", reason=reason, detail=detail)
 
 
+# (frame height, width) -> the (h, w) its pixels must keep at least, or None for every pixel
+MinSize = Callable[[int, int], "tuple[int, int] | None"]
+_TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def decode_frame_image(frame: Frame, limits: DecodeLimits | None = None) -> np.ndarray:
     """The frame's pixels as HxWx3 uint8 RGB (``frame.image`` when a source already decoded it)."""
+    return decode_frame_scaled(frame, limits)[0]
+
+
+def decode_frame_scaled(frame: Frame, limits: DecodeLimits | None = None, min_size: MinSize | None = None
+                        ) -> tuple[np.ndarray, tuple[int, int]]:
+    """(pixels HxWx3 uint8 RGB, the frame's own (H, W)). With ``min_size`` a JPEG is decoded at 1/2, 1/4 or 1/8
+    scale where that keeps at least ``min_size(H, W)`` (libjpeg's scaled IDCT: most of the decode's work skipped);
+    every other frame in full."""
     limits = limits or DecodeLimits()
     if frame.image is not None:
-        return to_rgb8(frame.image)
-    if not frame.payload:
+        image = to_rgb8(frame.image)
+    elif not frame.payload:
         raise _fail(R_MISSING, "frame has neither image nor payload")
-    if frame.raw_shape is not None:
-        return decode_raw(frame.payload, frame.raw_shape, frame.raw_dtype or "uint8", limits,
-                          byte_order=frame.raw_byte_order)
-    return decode_image_bytes(frame.payload, limits)
+    elif frame.raw_shape is not None:
+        image = decode_raw(frame.payload, frame.raw_shape, frame.raw_dtype or "uint8", limits,
+                           byte_order=frame.raw_byte_order)
+    else:
+        return _decode_bytes(frame.payload, limits, min_size)
+    return image, (int(image.shape[0]), int(image.shape[1]))
 
 
 def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
     """Decode PNG/JPEG/BMP/TIFF bytes; the header's declared size is checked before pixels are read."""
+    return _decode_bytes(data, limits, None)[0]
+
+
+def _decode_bytes(data: bytes, limits: DecodeLimits | None, min_size: MinSize | None
+                  ) -> tuple[np.ndarray, tuple[int, int]]:
     limits = limits or DecodeLimits()
     if len(data) > limits.max_bytes:
         raise _fail(R_TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
@@ -75,11 +96,16 @@ def decode_image_bytes(data: bytes, limits: DecodeLimits | None = None) -> np.nd
         if width * height > limits.max_pixels:
             raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
         try:
+            transposed = img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
+            size = (width, height) if transposed else (height, width)  # (H, W) as shown
+            keep = min_size(*size) if min_size is not None and img.format == "JPEG" else None
+            if keep is not None:
+                img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
             img.load()
             # a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied so masks line up with
             # what viewers show; a no-op without the tag
             ImageOps.exif_transpose(img, in_place=True)
-            return _pil_to_rgb8(img)
+            return _pil_to_rgb8(img), size
         except Image.DecompressionBombError as exc:
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -310,13 +310,28 @@ def iter_samples(categories: Iterable[Category], split: str = "test") -> Iterato
 
 def load_image(path: str | Path) -> np.ndarray:
     """RGB uint8 H×W×3 (grayscale, palette, 16-bit and alpha images converted)."""
+    return load_image_scaled(path)[0]
+
+
+def load_image_scaled(path: str | Path, min_size: Callable[[int, int], tuple[int, int] | None] | None = None
+                      ) -> tuple[np.ndarray, tuple[int, int]]:
+    """(`load_image`'s pixels, the image's own (H, W)); with ``min_size`` a JPEG is decoded smaller where that keeps
+    at least ``min_size(H, W)``, as the daemon decodes frames (`inspectd.streams.codec.decode_frame_scaled`)."""
     with Image.open(path) as im:
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = arr.max() if arr.max() > 0 else 1.0
-            arr = np.clip(arr / (65535.0 if peak > 255 else 255.0) * 255.0, 0, 255).astype(np.uint8)
-            return np.repeat(arr[..., None], 3, axis=2)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        size = (im.size[1], im.size[0])
+        keep = min_size(*size) if min_size is not None and im.format == "JPEG" else None
+        if keep is not None:
+            im.draft(None, (keep[1], keep[0]))
+        return _rgb8(im), size
+
+
+def _rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = arr.max() if arr.max() > 0 else 1.0
+        arr = np.clip(arr / (65535.0 if peak > 255 else 255.0) * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None,

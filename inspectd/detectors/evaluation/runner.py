@@ -21,9 +21,16 @@ import numpy as np
 from PIL import Image
 
 from inspectd.detectors.backbone import ClipBackbone
-from inspectd.detectors.base import ProductSpec, create_detector
+from inspectd.detectors.base import ProductSpec, ProductState, create_detector
 from inspectd.detectors.building import BuildResult, StateCache, ThresholdPolicy, build_fingerprint, build_product
-from inspectd.detectors.data.datasets import Category, Sample, load_image, load_mask, sample_references
+from inspectd.detectors.data.datasets import (
+    Category,
+    Sample,
+    load_image,
+    load_image_scaled,
+    load_mask,
+    sample_references,
+)
 from inspectd.detectors.evaluation.cache import ScoreCache
 from inspectd.detectors.evaluation.metrics import CategoryEvaluator
 from inspectd.detectors.evaluation.tables import ResultTable, summarize, vand_hmean
@@ -130,14 +137,21 @@ class _Run:
                   f"{', '.join(sorted(set(files))[:10])}" for c, files in self.mask_mismatch.items()]
         return notes
 
-    def _load(self, category: Category, sample: Sample) -> np.ndarray | None:
+    def _load(self, category: Category, sample: Sample) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """(pixels, the image's own size), decoded as the daemon decodes its frames (smaller, for a JPEG under
+        model.resize: fast), or None when unreadable."""
         try:
-            return load_image(sample.image_path)
+            return load_image_scaled(sample.image_path, self.detector.preprocessor.decode_size)
         except Exception as exc:  # noqa: BLE001 - a truncated or damaged file: skipped and named
             log.warning("%s: cannot read %s (%s: %s); skipped", category.name, sample.image_path,
                         type(exc).__name__, exc)
             self.unreadable.setdefault(category.name, []).append(Path(sample.image_path).name)
             return None
+
+    def _item(self, state: ProductState, image: np.ndarray, original: tuple[int, int], map_size: tuple[int, int]
+              ) -> ScoreItem:
+        tiles, layout = self.detector.preprocessor(image, original=original)
+        return ScoreItem(self.detector, state, tiles=tiles, layout=layout, map_size=map_size)
 
     def build(self, category: Category, spec: ProductSpec, refs: Sequence[Sample]) -> BuildResult:
         """The product as the daemon would build it from these references (through the state cache)."""
@@ -180,7 +194,7 @@ class _Run:
                 size = (settings.eval_size, settings.eval_size)
                 images = {i: self._load(category, batch[i]) for i in missing}
                 readable = [i for i in missing if images[i] is not None]
-                fresh = run([ScoreItem(self.detector, built.state, images[i], map_size=size) for i in readable])
+                fresh = run([self._item(built.state, *images[i], size) for i in readable])
                 for i, out in zip(readable, fresh, strict=True):
                     outputs[i] = (out.score, out.map)
                     if self.cache is not None and keys[i]:
