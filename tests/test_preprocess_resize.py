@@ -139,20 +139,66 @@ def test_fast_decodes_jpeg_frames_smaller_with_the_frames_own_layout(tiny_checkp
     [out] = run([ScoreItem(detector, state, tiles=prepared.tiles, layout=prepared.layout)])
     assert out.map.shape == (1080, 1920)  # the frame's own size
 
-    # offline evaluation decodes a JPEG file the same way: the same tiles as the daemon's
-    runner_tiles = detector.preprocessor(*_eval_load(data, detector))[0]
-    assert torch.equal(runner_tiles, prepared.tiles)
+    # a frame prepared for no detector (or another input: a hot swap) is decoded again at score time, the same way
+    engine = ScoringEngine([fast.device], decode_threads=0)
+    try:
+        [again], _ = asyncio.run(engine.score([ScoreItem(detector, state)], [Frame("p", "l", "f", 0.0, payload=data)]))
+    finally:
+        engine.close()
+    assert again.map.shape == (1080, 1920) and again.score == pytest.approx(out.score, abs=1e-6)
 
 
-def _eval_load(data: bytes, detector) -> tuple[np.ndarray, tuple[int, int]]:  # noqa: ANN001
-    import tempfile
+def test_offline_eval_decodes_a_jpeg_as_the_daemon_does(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.data.datasets import Sample
+    from inspectd.detectors.evaluation.runner import EvalSettings, _Run
 
-    from inspectd.detectors.data.datasets import load_image_scaled
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu", resize="fast"))
+    runner = _Run(fast, EvalSettings(), None)
+    data = jpeg(photo(1920, 1080))
+    (tmp_path / "f.jpg").write_bytes(data)
+    loaded = runner._load(None, Sample(tmp_path / "f.jpg", 0, None, "good", "p"))  # type: ignore[arg-type]
+    assert loaded is not None and loaded[0].shape == (540, 960, 3) and loaded[1] == (1080, 1920)
+    item = runner._item(runner.detector.fit(ProductSpec("p", "hazelnut"), []), *loaded, (256, 256))
+    engine = ScoringEngine([fast.device], decode_threads=0)
+    try:
+        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)],
+                                                lambda _p: runner.detector))
+    finally:
+        engine.close()
+    assert torch.equal(item.tiles, prepared.tiles) and item.layout == prepared.layout
+    assert runner.fingerprint != _Run(ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint),
+                                                              device="cpu")), EvalSettings(), None).fingerprint
 
-    with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
-        file.write(data)
-        file.flush()
-        return load_image_scaled(file.name, detector.preprocessor.decode_size)
+
+@pytest.mark.parametrize("form", ["TIFF", "PNG"])
+@pytest.mark.parametrize("resize", ["exact", "fast"])
+def test_rotated_tiff_and_png_frames_keep_the_size_they_are_shown_at(tiny_checkpoint: Path, form: str,
+                                                                      resize: str) -> None:
+    """Pillow's TIFF reader turns an EXIF-rotated image itself and reports its shown size; a PNG's eXIf turn is
+    applied after decoding: either way the frame's size is what was decoded, and its map that size."""
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+    from inspectd.detectors.pipeline import ScoreItem, run
+
+    backbone = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                      resize=resize))
+    detector = create_detector("winclip", backbone)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(photo(500, 300)).save(buffer, format=form, exif=exif)
+    frame = Frame("p", "l", "f", 0.0, payload=buffer.getvalue())
+    image, size = decode_frame_scaled(frame, None, detector.preprocessor.decode_size)
+    assert image.shape == (500, 300, 3) and size == (500, 300)  # shown portrait
+    engine = ScoringEngine([backbone.device], decode_threads=0)
+    try:
+        [prepared] = asyncio.run(engine.prepare([frame], lambda _p: detector))
+    finally:
+        engine.close()
+    assert prepared.size == (500, 300) and prepared.layout.original == (500, 300)
+    [out] = run([ScoreItem(detector, detector.fit(ProductSpec("p", "hazelnut"), []), tiles=prepared.tiles,
+                           layout=prepared.layout)])
+    assert out.map.shape == (500, 300)
 
 
 def test_exact_decodes_every_pixel(tiny_backbone) -> None:  # noqa: ANN001

@@ -196,7 +196,6 @@ class Detector(ABC):
                    "input": dataclasses.asdict(self.input_spec()), "learned": learned}
         if self.preprocessor.resize != "exact":  # model.resize: fast fits other tiles (exact keeps its old hashes)
             depends["resize"] = self.preprocessor.resize
-            depends["decode"] = "jpeg-draft"  # and decodes JPEG frames smaller: eval scores cached before differ
         payload = json.dumps(depends, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -96,16 +96,22 @@ def _decode_bytes(data: bytes, limits: DecodeLimits | None, min_size: MinSize | 
         if width * height > limits.max_pixels:
             raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
         try:
-            transposed = img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
-            size = (width, height) if transposed else (height, width)  # (H, W) as shown
-            keep = min_size(*size) if min_size is not None and img.format == "JPEG" else None
-            if keep is not None:
-                img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
+            shown, keep = None, None
+            if min_size is not None and img.format == "JPEG":  # only libjpeg can decode smaller
+                # Pillow turns a JPEG by its EXIF orientation after decoding (exif_transpose, below), so the size
+                # as shown swaps for orientations 5-8; its TIFF plugin turns on load and reports the shown size
+                transposed = img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
+                shown = (width, height) if transposed else (height, width)
+                keep = min_size(*shown)
+                if keep is not None:
+                    img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
             img.load()
             # a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied so masks line up with
             # what viewers show; a no-op without the tag
             ImageOps.exif_transpose(img, in_place=True)
-            return _pil_to_rgb8(img), size
+            pixels = _pil_to_rgb8(img)
+            size = shown if keep is not None and shown else (int(pixels.shape[0]), int(pixels.shape[1]))
+            return pixels, size
         except Image.DecompressionBombError as exc:
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors

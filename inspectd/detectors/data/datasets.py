@@ -316,7 +316,8 @@ def load_image(path: str | Path) -> np.ndarray:
 def load_image_scaled(path: str | Path, min_size: Callable[[int, int], tuple[int, int] | None] | None = None
                       ) -> tuple[np.ndarray, tuple[int, int]]:
     """(`load_image`'s pixels, the image's own (H, W)); with ``min_size`` a JPEG is decoded smaller where that keeps
-    at least ``min_size(H, W)``, as the daemon decodes frames (`inspectd.streams.codec.decode_frame_scaled`)."""
+    at least ``min_size(H, W)``, by the rule the daemon decodes its frames with (`inspectd.streams.codec.
+    decode_frame_scaled`; the daemon also turns frames by their EXIF orientation, which dataset images lack)."""
     with Image.open(path) as im:
         size = (im.size[1], im.size[0])
         keep = min_size(*size) if min_size is not None and im.format == "JPEG" else None
