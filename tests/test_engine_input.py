@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inspectd.daemon.engine import MAX_AUTO_DECODE_THREADS, ScoringEngine, auto_decode_threads
+from inspectd.daemon.engine import MAX_AUTO_DECODE_THREADS, ScoringEngine, auto_decode_threads, usable_cores
 from inspectd.detectors import cpu_threads
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.pipeline import ScoreItem, run
@@ -74,14 +75,36 @@ def test_auto_decode_threads_scale_with_the_cores_beside_a_gpu() -> None:
     assert auto_decode_threads([cpu, gpu], cores=8) == 6  # any GPU model: the pool feeds it
     assert auto_decode_threads([gpu], cores=2) == 2
     assert auto_decode_threads([gpu], cores=96) == MAX_AUTO_DECODE_THREADS
-    assert auto_decode_threads([gpu]) >= 2  # this machine's own cores
+
+
+def test_usable_cores_are_capped_by_a_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("100000 100000\n")  # a container limited to 1 CPU
+    assert usable_cores(v2) == 1
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 threads may run
+    assert usable_cores(v2) == min(affinity, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")  # no quota: the affinity
+    assert usable_cores(v2) == affinity
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(tmp_path / "v1") == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(tmp_path / "v1") == affinity
+    assert usable_cores(tmp_path / "none") == affinity  # nothing readable: the affinity
 
 
 async def test_decode_pool_workers_run_torch_on_one_thread_and_prepare_the_same_tiles(tiny_backbone) -> None:
     """The pool's workers each run their torch ops alone (left at torch's count, every worker opened its own
     OpenMP team: bench/decode_pool.py); the engine thread keeps torch's count, and the tiles are bit-identical to
     those prepared on the engine thread."""
-    cpu_threads.use_threads(max(2, torch.get_num_threads()))  # (a no-op where torch already has 2 or more)
+    if not cpu_threads._openmp_runtimes():
+        pytest.skip("torch's OpenMP runtime is not reachable here (workers keep torch's count)")
+    before = torch.get_num_threads()
+    cpu_threads.use_threads(max(2, before))  # (a no-op where torch already has 2 or more)
     expected = torch.get_num_threads()
     pooled = ScoringEngine([torch.device("cuda")], decode_threads=2)  # a GPU engine's pool (no GPU is touched)
     inline = ScoringEngine([tiny_backbone.device], decode_threads=0)
@@ -100,3 +123,4 @@ async def test_decode_pool_workers_run_torch_on_one_thread_and_prepare_the_same_
     finally:
         pooled.close()
         inline.close()
+        cpu_threads.use_threads(before)

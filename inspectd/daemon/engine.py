@@ -10,11 +10,14 @@ again from its encoded bytes on the engine thread; nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,19 +29,51 @@ from inspectd.streams.codec import DecodeLimits, decode_frame_scaled
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import DeadLetter, Frame, FrameError
 
+log = logging.getLogger(__name__)
+
 MAX_AUTO_DECODE_THREADS = 16
 
 
 def auto_decode_threads(devices: Sequence[torch.device], cores: int | None = None) -> int:
     """`decode.threads: -1`: 0 when every model runs on the CPU (decode on the engine thread between forwards:
-    torch already uses every core); with a GPU, every core this process may run on but the event loop's and the
-    engine thread's, 2 to 16. A 1080p frame costs ~25 ms of one core to decode and resize to 240 px (the report's
-    frame-size sweep): a fixed pair of threads would hold a GPU that scores hundreds of frames a second to ~80."""
+    torch already uses every core); with a GPU, every core this process may use (`usable_cores`) but the event
+    loop's and the engine thread's, 2 to 16. A 1080p frame costs ~21 ms of one core to decode and resize to 240 px
+    (the report's frame-size sweep): a fixed pair of threads would hold a GPU that scores hundreds of frames a
+    second to ~90."""
     if all(device.type == "cpu" for device in devices):
         return 0
-    cores = cores if cores is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else (os.cpu_count() or 1)
-    return max(2, min(MAX_AUTO_DECODE_THREADS, cores - 2))
+    return max(2, min(MAX_AUTO_DECODE_THREADS, (usable_cores() if cores is None else cores) - 2))
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container limited
+    to 4 CPUs on a 64-core node sees 64 in its affinity)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs of the cgroup's quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None when
+    there is none or it cannot be read."""
+    try:
+        if (cgroup / "cpu.max").is_file():
+            quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = cgroup / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _single_threaded_worker() -> None:
+    """Decode-pool initializer: an exception here would break the pool (every later decode would fail)."""
+    try:
+        if not cpu_threads.single_threaded():
+            log.debug("decode worker keeps torch's thread count (its OpenMP runtime is not reachable)")
+    except Exception:  # noqa: BLE001 - a slower worker, not a dead pool
+        log.exception("decode worker: setting one torch thread failed; it keeps torch's count")
 
 
 @dataclass
@@ -70,7 +105,7 @@ class ScoringEngine:
         # decode_threads = 0: decode on the engine thread, in turn with the forwards (no overlap, no contention:
         # better when torch already uses every core); a pool's workers run their torch ops on one thread each
         self._decode = self._engine if decode_threads == 0 else ThreadPoolExecutor(
-            max_workers=decode_threads, thread_name_prefix="inspectd-decode", initializer=cpu_threads.single_threaded)
+            max_workers=decode_threads, thread_name_prefix="inspectd-decode", initializer=_single_threaded_worker)
 
     def _prepare_one(self, frame: Frame, detector: Detector | None) -> PreparedFrame | DeadLetter:
         started = time.perf_counter()

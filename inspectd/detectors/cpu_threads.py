@@ -55,28 +55,42 @@ def single_threaded() -> bool:
     cannot be reached (the count stays torch's)."""
     settle_thread()  # torch's lazy per-thread set-up first (its first parallel op would undo this), MKL put back
     torch.get_num_threads()
-    omp = _openmp()
-    if omp is None:
-        return False
-    omp.omp_set_num_threads(ctypes.c_int(1))
+    for runtime in _openmp_runtimes():
+        runtime.omp_set_num_threads(ctypes.c_int(1))
     return torch.get_num_threads() == 1
 
 
 @lru_cache(maxsize=1)
-def _openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs on (PyPI wheels bundle libgomp; other builds link libiomp5 or libomp)."""
-    if not torch.backends.openmp.is_available():
-        return None
-    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))
-    for path in [*libs, None]:
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes already loaded in this process (torch's: PyPI wheels bundle libgomp in torch/lib or
+    torch.libs; other builds link libiomp5 or libomp; LD_PRELOAD may have put another one first). Opened with
+    RTLD_NOLOAD, so a runtime torch does not use is never loaded as a second one."""
+    if not torch.backends.openmp.is_available() or not hasattr(os, "RTLD_NOLOAD"):
+        return ()
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    paths = [*_mapped_openmp_libraries(), *sorted(glob.glob(os.path.join(site, "torch", "lib", "lib*omp*.so*"))),
+             *sorted(glob.glob(os.path.join(site, "torch.libs", "lib*omp*.so*")))]
+    found: dict[int, ctypes.CDLL] = {}
+    for path in dict.fromkeys(paths):
         try:
-            lib = ctypes.CDLL(path)
-        except (OSError, TypeError):
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:  # not loaded in this process
             continue
         if hasattr(lib, "omp_set_num_threads"):
-            return lib
-    log.debug("torch's OpenMP runtime is not reachable; pool workers keep torch's thread count")
-    return None
+            found.setdefault(lib._handle, lib)
+    if not found:
+        log.debug("torch's OpenMP runtime is not reachable; pool workers keep torch's thread count")
+    return tuple(found.values())
+
+
+def _mapped_openmp_libraries() -> list[str]:
+    """Paths of the OpenMP libraries mapped into this process (Linux's /proc/self/maps; empty elsewhere)."""
+    try:
+        maps = open("/proc/self/maps").read().splitlines()  # noqa: SIM115 - read at once
+    except OSError:
+        return []
+    paths = (line.split(maxsplit=5)[5] for line in maps if line.count(" ") >= 5 and "/" in line)
+    return [p for p in dict.fromkeys(paths) if "omp" in os.path.basename(p) and ".so" in p]
 
 
 def restore_mkl_defaults() -> bool:

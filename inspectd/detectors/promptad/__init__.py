@@ -256,7 +256,8 @@ class PromptAd(Detector):
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """scipy.ndimage.gaussian_filter(map, sigma) of each [N, H, W] map (mode "reflect": edge-including mirror),
     separable: the mirrored rows/columns gathered, then one 1-D convolution per axis (2.5x an unfold + matvec,
-    whose strided matmul torch runs as one small copy and GEMV per map row: 1.8 vs 4.5 ms for 2 maps of 240 px)."""
+    whose strided matmul torch runs as one small copy and GEMV per map row: 1.5 vs 3.3 ms for 2 maps of 240 px).
+    On a GPU cuDNN runs fp32 convolutions in TF32 by default (as the tower's patch embedding): ~1e-3 relative."""
     if sigma <= 0:
         return maps
     radius = int(truncate * sigma + 0.5)
