@@ -142,6 +142,43 @@ async def test_autoclaim_takes_over_dead_consumer(redis_client: Any, keys: Strea
     assert await alive.pending_count() == 0
 
 
+async def test_a_slow_consumer_does_not_claim_back_the_frames_it_is_still_scoring(redis_client: Any,
+                                                                                   keys: StreamKeys) -> None:
+    """XAUTOCLAIM returns this consumer's own entries once they are idle past claim_idle_ms (a keep-alive starved
+    under load): handing them out again scored them twice (a duplicate result for a frame nobody else held)."""
+    stream = keys.frames("l1")
+    source = _source(redis_client, stream, "slow", claim_idle_ms=100, claim_interval_s=0.0)
+    ids = await _add(redis_client, stream, 3)
+    held = await source.read(10)
+    assert sorted(f.entry_id for f in held) == sorted(ids)
+    await asyncio.sleep(0.15)  # idle past claim_idle_ms, still being scored here
+    assert await source.read(10) == []  # (it returned the same 3 frames again before)
+    assert source.claimed_total == 0
+    await source.ack_many(held[:1])  # done with one; the other two ...
+    for frame in held[1:]:  # ... were published but their XACK "failed": left pending, done here
+        source._held.discard((stream, frame.entry_id))
+    await asyncio.sleep(0.15)
+    again = await source.read(10)  # claimed again (at least once), not lost
+    assert sorted(f.entry_id for f in again) == sorted(f.entry_id for f in held[1:])
+    await source.ack_many(again)
+    assert await source.pending_count() == 0 and not source._held
+
+
+async def test_an_ack_that_fails_still_releases_the_entries_for_a_later_claim(redis_client: Any,
+                                                                               keys: StreamKeys) -> None:
+    stream = keys.frames("l1")
+    source = _source(redis_client, stream, "flaky", claim_idle_ms=100, claim_interval_s=0.0)
+    await _add(redis_client, stream, 2)
+    held = await source.read(10)
+    await redis_client.delete(stream)
+    await redis_client.set(stream, "not a stream")  # the XACKs below fail (WRONGTYPE)
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await held[0].ack()
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await source.ack_many(held[1:])
+    assert not source._held  # no longer in flight here: a claim may redeliver them
+
+
 async def test_restart_rereads_own_pending_first(redis_client: Any, keys: StreamKeys) -> None:
     stream = keys.frames("l1")
     first = _source(redis_client, stream, "c1")

@@ -86,6 +86,9 @@ class RedisStreamSource:
         self._claim_cursor: dict[str, str] = {s: "0-0" for s in self.streams}
         self._last_claim = 0.0
         self._rotation = 0  # which streams a read smaller than len(streams) asks first
+        # (stream, entry id) delivered by this source and not acked yet: XAUTOCLAIM also returns our own entries
+        # idle past claim_idle_ms (a starved keep-alive under load), which must not be handed out a second time
+        self._held: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         """Create the consumer groups (MKSTREAM; an existing group is fine)."""
@@ -109,13 +112,16 @@ class RedisStreamSource:
         if not self._started:
             await self.start()
         try:
-            return await self._read(max_count)
+            items = await self._read(max_count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("consumer group vanished (%s); recreating", exc)
             await self.start()
-            return await self._read(max_count)
+            items = await self._read(max_count)
+        for stream, ids in _entry_ids_by_stream(items).items():
+            self._held.update((stream, entry_id) for entry_id in ids)
+        return items
 
     async def _read(self, max_count: int) -> list[Item]:
         out: list[Item] = []
@@ -157,9 +163,11 @@ class RedisStreamSource:
                 stream, self.group, self.consumer, self.claim_idle_ms,
                 start_id=self._claim_cursor[stream], count=count - len(out))
             self._claim_cursor[stream] = _str(next_id)
+            entries = [e for e in entries if (stream, _str(e[0])) not in self._held]  # ours, still being scored
             items = await self._redelivered(stream, await self._to_items(stream, entries))
             # Redis >= 7 drops pending entries that were trimmed away and names them here
-            items += [self._deleted(stream, _str(d), None) for d in (deleted[0] if deleted else [])]
+            items += [self._deleted(stream, _str(d), None) for d in (deleted[0] if deleted else [])
+                      if (stream, _str(d)) not in self._held]
             if items:
                 log.info("claimed %d idle entries from %s", len(items), stream)
             self.claimed_total += len(items)
@@ -269,7 +277,10 @@ class RedisStreamSource:
         """An async callable that XACKs one entry."""
 
         async def ack() -> None:
-            await self.client.xack(stream, self.group, entry_id)
+            try:
+                await self.client.xack(stream, self.group, entry_id)
+            finally:  # done here either way: an entry whose XACK failed stays pending and is claimed again
+                self._held.discard((stream, entry_id))
 
         return ack
 
@@ -281,7 +292,11 @@ class RedisStreamSource:
         pipe = self.client.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             pipe.xack(stream, self.group, *ids)
-        return int(sum(await pipe.execute()))
+        try:
+            return int(sum(await pipe.execute()))
+        finally:  # done here either way: entries whose XACK failed stay pending and are claimed again
+            for stream, ids in by_stream.items():
+                self._held.difference_update((stream, entry_id) for entry_id in ids)
 
     async def keep_alive(self, items: Iterable[Item]) -> int:
         """Reset the idle time of entries this consumer still works on, so that no other instance
