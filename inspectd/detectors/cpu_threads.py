@@ -50,9 +50,9 @@ def settle_thread() -> None:
 def single_threaded() -> bool:
     """This thread's torch ops run on this thread alone (OpenMP's thread count is per thread): for pool workers
     whose ops are small and many run at once (the decode pool's resize and normalise). Left at torch's count, each
-    worker opens its own team of that many OpenMP threads: 2 decode threads on 2 busy cores took 31 ms to
-    pre-process a 512-px frame instead of 3 (`python -m bench.decode_pool`). False where torch's OpenMP runtime
-    cannot be reached (the count stays torch's)."""
+    worker opens its own team of that many OpenMP threads, and the teams outnumber the cores: 2 workers on 2 cores,
+    one of them busy elsewhere, prepared 512-px frames 1.33x slower that way (`python -m bench.decode_pool`).
+    False where torch's OpenMP runtime cannot be reached (the count stays torch's)."""
     settle_thread()  # torch's lazy per-thread set-up first (its first parallel op would undo this), MKL put back
     torch.get_num_threads()
     for runtime in _openmp_runtimes():
