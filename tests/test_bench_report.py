@@ -368,3 +368,14 @@ def test_best_times_interleaves_and_keeps_each_best() -> None:
     best = best_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b"] * 4  # one warm-up, then three rounds, in turn
     assert set(best) == {"a", "b"} and all(0 <= t < 1 for t in best.values())
+
+
+def test_decode_pool_bench_prepares_every_frame_size_both_ways() -> None:
+    import asyncio
+
+    from bench import decode_pool
+
+    rows = asyncio.run(decode_pool.measure(threads=2, n=2, rounds=1))
+    assert [r["frame"] for r in rows] == ["240 px", "512 px", "1080p", "4K"]
+    for row in rows:
+        assert row["one torch thread per worker"] > 0 and row["torch's thread count per worker"] > 0
