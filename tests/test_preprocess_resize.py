@@ -14,7 +14,7 @@ from PIL import ExifTags, Image
 
 from inspectd.daemon.app import build_backbone
 from inspectd.daemon.config import ConfigError, parse_config
-from inspectd.daemon.engine import ScoringEngine
+from inspectd.daemon.engine import PreparedFrame, ScoringEngine
 from inspectd.detectors.base import ProductSpec, create_detector
 from inspectd.detectors.preprocess import InputSpec, Preprocessor
 from inspectd.streams.codec import decode_frame_scaled
@@ -83,37 +83,43 @@ def jpeg(image: np.ndarray, orientation: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_jpeg_is_decoded_smaller_only_as_far_as_asked() -> None:
-    data = jpeg(photo(1920, 1080))
+def prepared_by_engine(device: torch.device, detector, payload: bytes | None = None,  # noqa: ANN001
+                       frame: Frame | None = None) -> PreparedFrame:
+    """The daemon's engine preparing one frame (decode on its thread) for ``detector``."""
+    engine = ScoringEngine([device], decode_threads=0)
+    try:
+        [prepared] = asyncio.run(engine.prepare([frame or Frame("p", "l", "f", 0.0, payload=payload)],
+                                                lambda _p: detector))
+    finally:
+        engine.close()
+    return prepared
+
+
+@pytest.mark.parametrize(("orientation", "keep", "shown", "decoded"), [
+    (None, (480, 854), (1080, 1920), (540, 960)),  # libjpeg's 1/2 scale: the largest step that keeps 480 x 854
+    (6, (854, 480), (1920, 1080), (960, 540)),  # stored landscape, shown portrait: asked and shrunk as shown
+])
+def test_a_jpeg_is_decoded_smaller_only_as_far_as_asked(orientation: int | None, keep: tuple[int, int],
+                                                        shown: tuple[int, int], decoded: tuple[int, int]) -> None:
+    data = jpeg(photo(1920, 1080), orientation)
     asked = []
 
-    def keep(height: int, width: int) -> tuple[int, int]:
+    def min_size(height: int, width: int) -> tuple[int, int]:
         asked.append((height, width))
-        return 480, 854
+        return keep
 
-    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, keep)
-    assert asked == [(1080, 1920)] and size == (1080, 1920)
-    assert image.shape == (540, 960, 3)  # libjpeg's 1/2 scale: the largest step that keeps 480 x 854
-    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0].shape == (1080, 1920, 3)
+    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, min_size)
+    assert asked == [shown] and size == shown and image.shape == (*decoded, 3)
+    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0].shape == (*shown, 3)
     assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, lambda h, w: None)[0].shape == (
-        1080, 1920, 3)
+        *shown, 3)
+
+
+def test_only_jpeg_decoders_shrink_on_the_way() -> None:
     png = io.BytesIO()
     Image.fromarray(photo(1920, 1080)).save(png, format="PNG")
-    assert decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=png.getvalue()), None, keep)[0].shape == (
-        1080, 1920, 3)  # only JPEG decoders can shrink on the way
-
-
-def test_a_rotated_jpeg_is_asked_and_shrunk_as_shown() -> None:
-    data = jpeg(photo(1920, 1080), orientation=6)  # stored landscape, shown portrait (rotated 90 degrees)
-    asked = []
-
-    def keep(height: int, width: int) -> tuple[int, int]:
-        asked.append((height, width))
-        return 854, 480
-
-    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data), None, keep)
-    assert asked == [(1920, 1080)] and size == (1920, 1080)
-    assert image.shape == (960, 540, 3)
+    image, size = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=png.getvalue()), None, lambda h, w: (480, 854))
+    assert image.shape == (1080, 1920, 3) and size == (1080, 1920)
 
 
 def test_fast_decodes_jpeg_frames_smaller_with_the_frames_own_layout(tiny_checkpoint: Path) -> None:
@@ -125,11 +131,7 @@ def test_fast_decodes_jpeg_frames_smaller_with_the_frames_own_layout(tiny_checkp
     state = detector.fit(ProductSpec("p", "hazelnut"), [])
     frame = photo(1920, 1080)
     data = jpeg(frame)
-    engine = ScoringEngine([fast.device], decode_threads=0)
-    try:
-        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)], lambda _p: detector))
-    finally:
-        engine.close()
+    prepared = prepared_by_engine(fast.device, detector, data)
     full = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0]
     assert prepared.size == (1080, 1920) and prepared.layout == detector.preprocessor(full)[1]
     decoded_full = detector.preprocessor(full)[0]
@@ -160,12 +162,7 @@ def test_offline_eval_decodes_a_jpeg_as_the_daemon_does(tiny_checkpoint: Path, t
     loaded = runner._load(None, Sample(tmp_path / "f.jpg", 0, None, "good", "p"))  # type: ignore[arg-type]
     assert loaded is not None and loaded[0].shape == (540, 960, 3) and loaded[1] == (1080, 1920)
     item = runner._item(runner.detector.fit(ProductSpec("p", "hazelnut"), []), *loaded, (256, 256))
-    engine = ScoringEngine([fast.device], decode_threads=0)
-    try:
-        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)],
-                                                lambda _p: runner.detector))
-    finally:
-        engine.close()
+    prepared = prepared_by_engine(fast.device, runner.detector, data)
     assert torch.equal(item.tiles, prepared.tiles) and item.layout == prepared.layout
     assert runner.fingerprint != _Run(ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint),
                                                               device="cpu")), EvalSettings(), None).fingerprint
@@ -190,11 +187,7 @@ def test_rotated_tiff_and_png_frames_keep_the_size_they_are_shown_at(tiny_checkp
     frame = Frame("p", "l", "f", 0.0, payload=buffer.getvalue())
     image, size = decode_frame_scaled(frame, None, detector.preprocessor.decode_size)
     assert image.shape == (500, 300, 3) and size == (500, 300)  # shown portrait
-    engine = ScoringEngine([backbone.device], decode_threads=0)
-    try:
-        [prepared] = asyncio.run(engine.prepare([frame], lambda _p: detector))
-    finally:
-        engine.close()
+    prepared = prepared_by_engine(backbone.device, detector, frame=frame)
     assert prepared.size == (500, 300) and prepared.layout.original == (500, 300)
     [out] = run([ScoreItem(detector, detector.fit(ProductSpec("p", "hazelnut"), []), tiles=prepared.tiles,
                            layout=prepared.layout)])
@@ -204,10 +197,6 @@ def test_rotated_tiff_and_png_frames_keep_the_size_they_are_shown_at(tiny_checkp
 def test_exact_decodes_every_pixel(tiny_backbone) -> None:  # noqa: ANN001
     detector = create_detector("winclip", tiny_backbone)
     data = jpeg(photo(1920, 1080))
-    engine = ScoringEngine([tiny_backbone.device], decode_threads=0)
-    try:
-        [prepared] = asyncio.run(engine.prepare([Frame("p", "l", "f", 0.0, payload=data)], lambda _p: detector))
-    finally:
-        engine.close()
+    prepared = prepared_by_engine(tiny_backbone.device, detector, data)
     full = decode_frame_scaled(Frame("p", "l", "f", 0.0, payload=data))[0]
     assert torch.equal(prepared.tiles, detector.preprocessor(full)[0])
