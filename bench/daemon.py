@@ -26,11 +26,16 @@ from PIL import Image
 from inspectd.daemon.app import InspectDaemon, build_backbone
 from inspectd.daemon.config import parse_config
 from inspectd.detectors.pipeline import ScoreItem, run
+from inspectd.streams.codec import decode_frame_scaled
 from inspectd.streams.message import frame_fields
+from inspectd.streams.schema import Frame
 
 REDIS = "redis://127.0.0.1:6379/0"
 FIRST_BATCH_MS = 2  # a batch's results are added in one pipeline, within a ms or two (capped at the batch limit)
 REPEATS = 5  # alternations of engine-only and end-to-end; the ratio is the median of each adjacent pair's
+
+
+CAMERA = (1920, 1080)  # the camera-frame rows: 1080p JPEG photos (quality 90)
 
 
 def frames(n: int, size: int) -> list[bytes]:
@@ -43,11 +48,24 @@ def frames(n: int, size: int) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
+def camera_frames(n: int, size: tuple[int, int] = CAMERA) -> list[bytes]:
+    """``n`` JPEG frames of a camera's size (hazelnut_toy photos scaled up, 8 distinct): what a line sends."""
+    from bench.sweeps import photos
+
+    out = []
+    for image in photos("colour", min(n, 8), size):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
 def config(arch: str, batch: int, prefix: str, decode_threads: int = -1, precision: str = "auto",  # noqa: ANN201
-           device: str = "auto"):
+           device: str = "auto", resize: str = "exact"):
     return parse_config({
         "decode": {"threads": decode_threads},
-        "demo": True, "model": {"arch": arch, "pretrained": "random", "precision": precision, "device": device},
+        "demo": True, "model": {"arch": arch, "pretrained": "random", "precision": precision, "device": device,
+                                "resize": resize},
         "redis": {"url": REDIS, "prefix": prefix, "lines": ["b"], "block_ms": 50, "control_stream": None},
         "batcher": {"max_batch_size": batch, "max_delay_ms": 5, "queue_size": max(64, 4 * batch)},
         "http": {"enabled": False},
@@ -59,9 +77,10 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     """Frames/s of the same work without Redis or asyncio: decode + tile + score, batch by batch; timed after the
     first batch, as `saturated_rate` times the end-to-end run."""
     entry = daemon.registry.get("p")
+    pre = entry.detector.preprocessor
     started, timed = time.perf_counter(), len(payloads)
-    for i in range(0, len(payloads), batch):
-        prepared = [daemon.backbone.preprocessor(np.asarray(Image.open(io.BytesIO(p)).convert("RGB")))
+    for i in range(0, len(payloads), batch):  # decoded as the engine decodes (smaller, for a JPEG under fast)
+        prepared = [pre(*decode_frame_scaled(Frame("p", "b", "f", 0.0, payload=p), None, pre.decode_size))
                     for p in payloads[i:i + batch]]
         run([ScoreItem(entry.detector, entry.state, tiles=t, layout=lay, map_size=(1, 1))
                               for t, lay in prepared])
@@ -117,7 +136,8 @@ async def start_daemon(arch: str, batch: int, backbone, decode_threads: int = -1
     """(daemon, its task, a Redis client, the key prefix): a daemon reading line "b" under a fresh prefix."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     client = aioredis.from_url(REDIS)
-    daemon = InspectDaemon(config(arch, batch, prefix, decode_threads, precision, device), backbone=backbone)
+    daemon = InspectDaemon(config(arch, batch, prefix, decode_threads, precision, device, backbone.spec.resize),
+                           backbone=backbone)
     task = asyncio.create_task(daemon.run())
     while not daemon.started:
         await asyncio.sleep(0.05)
@@ -135,9 +155,11 @@ async def stop_daemon(daemon: InspectDaemon, task: asyncio.Task, client, prefix:
 
 
 async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_threads: int,  # noqa: ANN001
-                  precision: str = "auto", device: str = "auto") -> dict:
+                  precision: str = "auto", device: str = "auto", camera: bool = False) -> dict:
+    """engine / e2e / their ratio / latency at one batch limit; ``camera``: 1080p JPEG frames (decoded as
+    the backbone's model.resize says) instead of ``size``-px PNGs."""
     daemon, task, client, prefix = await start_daemon(arch, batch, backbone, decode_threads, precision, device)
-    payloads = frames(n, size)
+    payloads = camera_frames(n) if camera else frames(n, size)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
     engine_rates, e2e_rates = [], []
     for _ in range(REPEATS):  # alternate the two measurements; medians resist this VM's noisy neighbours

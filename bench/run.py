@@ -143,6 +143,22 @@ def daemon_plan(arch: str, quick: bool, device: str) -> tuple[int, tuple[int, ..
     return 16, ((4,) if quick else (4, 8))
 
 
+CAMERA_INPUT = "1080p JPEG, model.resize fast"
+
+
+def daemon_rows(archs: Sequence[str], quick: bool, device: str) -> list[tuple[str, int, int, bool]]:
+    """(arch, frames, batch limit, camera) of every daemon row: each arch at its batch limits, and on a GPU one row
+    of what a line sends at the GPU's rate (1080p JPEGs under model.resize: fast): can decode keep up?"""
+    rows = []
+    for arch in archs:
+        frames, batches = daemon_plan(arch, quick, device)
+        rows += [(arch, frames, batch, False) for batch in batches]
+    if gpu.is_cuda(device):
+        frames, batches = daemon_plan(archs[-1], quick, device)
+        rows.append((archs[-1], frames, batches[-1], True))
+    return rows
+
+
 def daemon_section(run: Run) -> dict[str, Any]:
     from bench.daemon import REPEATS, build_backbone, config, measure
 
@@ -152,21 +168,24 @@ def daemon_section(run: Run) -> dict[str, Any]:
     rows = []
 
     async def measure_all() -> None:
-        for arch in archs:
-            frames, batches = daemon_plan(arch, run.args.quick, run.device)
-            backbone = build_backbone(config(arch, 1, "x", precision=precision, device=run.device))
-            for batch in batches:
-                row = await measure(arch, batch, frames, 240, backbone, -1, precision=precision, device=run.device)
-                rows.append({"arch": arch, "frames": frames, **row})
-                run.log(f"  daemon {arch} batch {batch}: engine {row['engine']:.1f}, e2e {row['e2e']:.1f} img/s")
+        backbones: dict[tuple[str, bool], Any] = {}
+        for arch, frames, batch, camera in daemon_rows(archs, run.args.quick, run.device):
+            if (arch, camera) not in backbones:  # a camera row's model decodes and resizes with model.resize: fast
+                backbones[(arch, camera)] = build_backbone(config(arch, 1, "x", precision=precision, device=run.device,
+                                                                  resize="fast" if camera else "exact"))
+            row = await measure(arch, batch, frames, 240, backbones[(arch, camera)], -1, precision=precision,
+                                device=run.device, camera=camera)
+            rows.append({"arch": arch, "frames": frames, **({"input": CAMERA_INPUT} if camera else {}), **row})
+            run.log(f"  daemon {arch}{' ' + CAMERA_INPUT if camera else ''} batch {batch}: engine "
+                    f"{row['engine']:.1f}, e2e {row['e2e']:.1f} img/s")
 
     asyncio.run(measure_all())
     return {"rows": rows, "how": "bench/daemon.py against the real Redis on 127.0.0.1:6379: engine-only = decode + "
             "tile + score in one thread, no Redis/asyncio; end-to-end = XADD -> daemon -> XADD results -> XACK with "
             f"all frames waiting (saturation); rates are medians of {REPEATS} alternating runs, e2e / engine the "
             "median of the adjacent pairs' ratios; latency with open-loop "
-            f"arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames, WinCLIP, "
-            f"on {run.device} in {precision}."}
+            f"arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames unless the "
+            f"row says (on a GPU one row of {CAMERA_INPUT}), WinCLIP, on {run.device} in {precision}."}
 
 
 def detectors_section(run: Run, backbone: Any, tmp: Path) -> dict[str, Any]:

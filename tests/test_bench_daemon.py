@@ -36,3 +36,17 @@ async def test_too_few_results_or_too_few_batches_give_no_rate(redis_client, key
         await saturated_rate(redis_client, key, 4, batch=4, timeout=0.2)
     with pytest.raises(ValueError, match="too few frames"):  # all in the first batch
         await saturated_rate(redis_client, key, 3, batch=4, timeout=1)
+
+
+async def test_the_camera_row_scores_1080p_jpegs_through_the_daemon_and_the_engine_alike() -> None:
+    """The GPU report's camera row, here on the CPU with the tiny model: 1080p JPEGs under model.resize fast, both
+    sides decoding them as the engine does (smaller)."""
+    from bench.daemon import build_backbone, camera_frames, config, measure
+
+    payloads = camera_frames(3)
+    assert len(payloads) == 3 and all(p[:2] == b"\xff\xd8" for p in payloads)  # JPEG
+    backbone = build_backbone(config("inspectd-tiny", 1, "x", resize="fast"))
+    assert backbone.spec.resize == "fast"
+    row = await measure("inspectd-tiny", 4, 12, 240, backbone, 0, camera=True)
+    assert row["engine"] > 0 and row["e2e"] > 0 and 0.2 < row["ratio"] < 5
+    assert 1 <= row["mean_batch"] <= 4 and row["p99@50%"] >= row["p50@50%"] > 0

@@ -327,6 +327,17 @@ def test_gpu_runs_time_micro_batches_and_the_vit_daemon_at_gpu_rates() -> None:
     assert daemon_plan("inspectd-tiny", True, "cuda") == (1024, (1, 4, 16))
 
 
+def test_a_gpu_run_adds_one_camera_row_at_the_vits_batch_limit() -> None:
+    from bench.run import daemon_rows
+
+    archs = ["inspectd-tiny", "ViT-B-16-plus-240"]
+    assert daemon_rows(archs, True, "cpu") == [("inspectd-tiny", 128, 1, False), ("inspectd-tiny", 128, 4, False),
+                                               ("inspectd-tiny", 128, 16, False), ("ViT-B-16-plus-240", 16, 4, False)]
+    gpu_rows = daemon_rows(archs, True, "cuda")
+    assert gpu_rows[-1] == ("ViT-B-16-plus-240", 1024, 32, True)  # 1080p JPEGs: can decode keep up?
+    assert [r for r in gpu_rows if r[3]] == gpu_rows[-1:]
+
+
 def test_gpu_targets_are_judged_on_a_gpu_run_and_say_not_measured_elsewhere() -> None:
     cpu = report.gpu_targets(small_results())
     assert [t["met"] for t in cpu] == [None, None] and all("no CUDA device" in t["measured"] for t in cpu)
@@ -379,3 +390,12 @@ def test_decode_pool_bench_prepares_every_frame_size_both_ways() -> None:
     assert [r["frame"] for r in rows] == ["240 px", "512 px", "1080p", "4K"]
     for row in rows:
         assert row["one torch thread per worker"] > 0 and row["torch's thread count per worker"] > 0
+
+
+def test_daemon_rows_name_their_frames() -> None:
+    results = small_results()
+    camera = dict(results["daemon"]["rows"][1], arch="ViT-B-16-plus-240", input="1080p JPEG, model.resize fast")
+    results["daemon"]["rows"].append(camera)
+    text = report.render_markdown(results)
+    assert "| inspectd-tiny | 240-px PNG | 4 |" in text
+    assert "| ViT-B-16-plus-240 | 1080p JPEG, model.resize fast | 4 |" in text
