@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import tempfile
 import time
@@ -20,22 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from bench.common import load_model
-from bench.sweeps import FRAME_SIZES, photos
+from bench.daemon import camera_frames
+from bench.sweeps import FRAME_SIZES
 from inspectd.daemon.engine import ScoringEngine
 from inspectd.detectors.base import create_detector
 from inspectd.streams.schema import Frame
-
-
-def jpeg_frames(size: tuple[int, int], n: int) -> list[bytes]:
-    out = []
-    for image in photos("colour", min(n, 8), size):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return [out[i % len(out)] for i in range(n)]
 
 
 async def frames_per_s(engine: ScoringEngine, detector: object, payloads: list[bytes]) -> float:
@@ -58,7 +48,7 @@ async def measure(threads: int, n: int, rounds: int) -> list[dict]:
     rows = []
     try:
         for name, size in FRAME_SIZES.items():
-            payloads = jpeg_frames(size, n)
+            payloads = camera_frames(n, size)
             best = {"one torch thread per worker": 0.0, "torch's thread count per worker": 0.0}
             for _ in range(rounds):
                 best["one torch thread per worker"] = max(best["one torch thread per worker"],
