@@ -5,6 +5,7 @@ and the plain autograd path wherever gradients must reach the bank or the querie
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -99,5 +100,34 @@ def test_packed_copies_stay_within_their_byte_budget_least_recent_first(packs: l
     ids = [id(b) for b in banks]
     del banks, huge, bank
     gc.collect()
+    assert memory.packed_bytes() == sum(entry[3] for entry in memory._packed.values())  # (drops the gone ones)
     assert not set(ids) & set(memory._packed)  # every copy goes with its bank, and its bytes with it
-    assert memory.packed_bytes() == sum(entry[3] for entry in memory._packed.values())
+
+
+def test_a_bank_collected_on_a_thread_that_holds_the_lock_does_not_deadlock() -> None:
+    """A bank's weakref callback runs inside the garbage collector, on whichever thread allocated when it ran,
+    which may be one inside packed_bank's locked section: it took that lock again and the daemon's build and
+    engine threads hung (seen in CI: both build threads stuck in memory.py)."""
+    gc.collect()
+    gc.disable()  # the bank below must go in the collection on the locked thread, not in an automatic one before
+    try:
+        bank = torch.randn(64, 32)
+        cycle: list = [bank]
+        cycle.append(cycle)  # freed only by the cycle collector
+        association_min_distance(torch.randn(4, 32), bank)
+        key = id(bank)
+        assert key in memory._packed
+        del bank, cycle
+        done = threading.Event()
+
+        def collect_holding_the_lock() -> None:
+            with memory._packed_lock:
+                gc.collect()  # the bank's weakref callback runs here
+            done.set()
+
+        threading.Thread(target=collect_holding_the_lock, daemon=True).start()
+        assert done.wait(10), "deadlock: the weakref callback took the lock its own thread holds"
+    finally:
+        gc.enable()
+    memory.packed_bytes()
+    assert key not in memory._packed

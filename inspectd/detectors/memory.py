@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +28,9 @@ PACKED_BANKS_BYTES = 1 << 30  # packed copies kept at once (ViT-B, k = 16: ~68 M
 # id(memory) -> (weakref to memory, its version, packed bank, bytes), least recently searched first
 _packed: OrderedDict[int, tuple[weakref.ref, int | None, fused.PackedLinear, int]] = OrderedDict()
 _packed_lock = threading.Lock()
+# (id, weakref) of banks whose tensor is gone, dropped from _packed at once or, when the lock is held (a weakref
+# callback runs inside the garbage collector on any thread, also one inside a locked section), at the next one
+_gone: deque[tuple[int, weakref.ref]] = deque()
 
 
 def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -60,31 +63,52 @@ def packed_bank(memory: torch.Tensor) -> fused.PackedLinear | None:
         return None
     key, version = id(memory), fused.source_version(memory)
     with _packed_lock:
+        _drop_gone()
         hit = _packed.get(key)
         if hit is not None and hit[0]() is memory and hit[1] == version:
             _packed.move_to_end(key)
             return hit[2]
     bank = _pack(memory)
     with _packed_lock:
+        _drop_gone()
         _packed.pop(key, None)
-        while _packed and packed_bytes() + size > PACKED_BANKS_BYTES:
+        while _packed and _bytes() + size > PACKED_BANKS_BYTES:
             _packed.popitem(last=False)
-        _packed[key] = (weakref.ref(memory, lambda _ref, key=key: _forget(key, _ref)), version, bank, size)
+        _packed[key] = (weakref.ref(memory, lambda ref, key=key: _forget(key, ref)), version, bank, size)
     return bank
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """The bank's tensor is gone (a weakref callback: it may run inside the garbage collector on a thread that
+    holds _packed_lock already): its packed copy goes now if the lock is free, else at the next locked section."""
+    _gone.append((key, ref))
+    if _packed_lock.acquire(blocking=False):
+        try:
+            _drop_gone()
+        finally:
+            _packed_lock.release()
 
 
 def packed_bytes() -> int:
     """Bytes the packed copies hold now (the banks' fp32 sizes)."""
-    return sum(entry[3] for entry in list(_packed.values()))
+    with _packed_lock:
+        _drop_gone()
+        return _bytes()
+
+
+def _bytes() -> int:
+    return sum(entry[3] for entry in _packed.values())
 
 
 def _pack(memory: torch.Tensor) -> fused.PackedLinear:
     return fused.PackedLinear.pack(F.normalize(memory.detach(), dim=-1), None, min(QUERY_CHUNK, 1024))
 
 
-def _forget(key: int, ref: weakref.ref) -> None:
-    """The bank's tensor is gone: drop its packed copy (unless the id already belongs to a newer entry)."""
-    with _packed_lock:
+def _drop_gone() -> None:
+    """Drop the packed copies of banks whose tensor is gone (unless the id already belongs to a newer entry);
+    with _packed_lock held."""
+    while _gone:
+        key, ref = _gone.popleft()
         hit = _packed.get(key)
         if hit is not None and hit[0] is ref:
             del _packed[key]
