@@ -96,26 +96,35 @@ def _decode_bytes(data: bytes, limits: DecodeLimits | None, min_size: MinSize | 
         if width * height > limits.max_pixels:
             raise _fail(R_TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
         try:
-            shown, keep = None, None
-            if min_size is not None and img.format == "JPEG":  # only libjpeg can decode smaller
-                # Pillow turns a JPEG by its EXIF orientation after decoding (exif_transpose, below), so the size
-                # as shown swaps for orientations 5-8; its TIFF plugin turns on load and reports the shown size
-                transposed = img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
-                shown = (width, height) if transposed else (height, width)
-                keep = min_size(*shown)
-                if keep is not None:
-                    img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
+            shown = draft_jpeg(img, min_size)
             img.load()
             # a JPEG/TIFF EXIF orientation (phone or tablet uploads) is applied so masks line up with
             # what viewers show; a no-op without the tag
             ImageOps.exif_transpose(img, in_place=True)
             pixels = _pil_to_rgb8(img)
-            size = shown if keep is not None and shown else (int(pixels.shape[0]), int(pixels.shape[1]))
-            return pixels, size
+            return pixels, shown or (int(pixels.shape[0]), int(pixels.shape[1]))
         except Image.DecompressionBombError as exc:
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors
             raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
+
+
+def draft_jpeg(img: Image.Image, min_size: MinSize | None, exif_turns: bool = True) -> tuple[int, int] | None:
+    """Let an opened, not yet loaded JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT) where that keeps
+    at least ``min_size(H, W)`` of the image as shown; returns its own (H, W) as shown when it will decode smaller,
+    else None (another format, or nothing to shrink). ``exif_turns``: the caller turns the image by its EXIF
+    orientation after loading (Pillow does that for a JPEG only then, so its shown size swaps for orientations
+    5-8; its TIFF plugin turns on load and reports the shown size)."""
+    if min_size is None or img.format != "JPEG":  # only libjpeg can decode smaller
+        return None
+    width, height = img.size
+    transposed = exif_turns and img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
+    shown = (width, height) if transposed else (height, width)
+    keep = min_size(*shown)
+    if keep is None:
+        return None
+    img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
+    return shown
 
 
 def is_raw_shape(shape: tuple[int, ...]) -> bool:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from PIL import Image
+
+from inspectd.streams.codec import MinSize, draft_jpeg
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_DIR_NAMES = ("masks", "mask", "ground_truth")
@@ -313,16 +315,14 @@ def load_image(path: str | Path) -> np.ndarray:
     return load_image_scaled(path)[0]
 
 
-def load_image_scaled(path: str | Path, min_size: Callable[[int, int], tuple[int, int] | None] | None = None
+def load_image_scaled(path: str | Path, min_size: MinSize | None = None
                       ) -> tuple[np.ndarray, tuple[int, int]]:
     """(`load_image`'s pixels, the image's own (H, W)); with ``min_size`` a JPEG is decoded smaller where that keeps
-    at least ``min_size(H, W)``, by the rule the daemon decodes its frames with (`inspectd.streams.codec.
-    decode_frame_scaled`; the daemon also turns frames by their EXIF orientation, which dataset images lack)."""
+    at least ``min_size(H, W)``, by the daemon's rule (`inspectd.streams.codec.draft_jpeg`; the daemon also turns
+    frames by their EXIF orientation, which dataset images lack)."""
     with Image.open(path) as im:
         size = (im.size[1], im.size[0])
-        keep = min_size(*size) if min_size is not None and im.format == "JPEG" else None
-        if keep is not None:
-            im.draft(None, (keep[1], keep[0]))
+        draft_jpeg(im, min_size, exif_turns=False)
         return _rgb8(im), size
 
 
