@@ -26,8 +26,8 @@ from PIL import Image
 
 from inspectd.daemon.app import InspectDaemon, build_backbone
 from inspectd.daemon.config import parse_config
+from inspectd.daemon.engine import PreparedFrame
 from inspectd.detectors.pipeline import ScoreItem, run
-from inspectd.streams.codec import decode_frame_scaled
 from inspectd.streams.message import frame_fields
 from inspectd.streams.schema import Frame
 
@@ -80,11 +80,12 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     decodes on the engine thread too); score alone on a GPU engine, the frames decoded beforehand (its daemon
     decodes in a pool beside the GPU: serial decode here would understate what the GPU does)."""
     entry = daemon.registry.get("p")
-    pre = entry.detector.preprocessor
 
-    def prepare(chunk: list[bytes]) -> list:  # decoded as the engine decodes (smaller, for a JPEG under fast)
-        return [pre(*decode_frame_scaled(Frame("p", "b", "f", 0.0, payload=p), None, pre.decode_size))
-                for p in chunk]
+    def prepare(chunk: list[bytes]) -> list[PreparedFrame]:  # the engine's own decode + pre-processing, inline
+        out = [daemon.engine._prepare_one(Frame("p", "b", "f", 0.0, payload=p), entry.detector) for p in chunk]
+        if bad := [p for p in out if not isinstance(p, PreparedFrame)]:
+            raise ValueError(f"a bench frame did not prepare: {bad[0]}")
+        return out
 
     on_gpu = daemon.backbone.device.type == "cuda"
     chunks = [payloads[i:i + batch] for i in range(0, len(payloads), batch)]
@@ -92,7 +93,8 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     started, timed = time.perf_counter(), len(payloads)
     for i, chunk in enumerate(chunks):
         prepared = ready[i] if ready is not None else prepare(chunk)
-        run([ScoreItem(entry.detector, entry.state, tiles=t, layout=lay, map_size=(1, 1)) for t, lay in prepared])
+        run([ScoreItem(entry.detector, entry.state, tiles=p.tiles, layout=p.layout, map_size=(1, 1))
+             for p in prepared])
         if on_gpu:
             torch.cuda.synchronize(daemon.backbone.device)
         if i == 0 and len(chunks) > 1:
