@@ -7,12 +7,12 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 
+from inspectd.jpeg_draft import MinSize, draft_jpeg
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import Frame, FrameError
 
@@ -40,11 +40,6 @@ class DecodeLimits:
 
 def _fail(reason: str, detail: str = "") -> FrameError:
     return FrameError(stage="decode", reason=reason, detail=detail)
-
-
-# (frame height, width) -> the (h, w) its pixels must keep at least, or None for every pixel
-MinSize = Callable[[int, int], "tuple[int, int] | None"]
-_TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def decode_frame_image(frame: Frame, limits: DecodeLimits | None = None) -> np.ndarray:
@@ -107,24 +102,6 @@ def _decode_bytes(data: bytes, limits: DecodeLimits | None, min_size: MinSize | 
             raise _fail(R_TOO_MANY_PIXELS, str(exc)) from None
         except Exception as exc:  # truncated data, bad chunks, decoder errors
             raise _fail(R_CORRUPT, f"{type(exc).__name__}: {exc}") from None
-
-
-def draft_jpeg(img: Image.Image, min_size: MinSize | None, exif_turns: bool = True) -> tuple[int, int] | None:
-    """Let an opened, not yet loaded JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT) where that keeps
-    at least ``min_size(H, W)`` of the image as shown; returns its own (H, W) as shown when it will decode smaller,
-    else None (another format, or nothing to shrink). ``exif_turns``: the caller turns the image by its EXIF
-    orientation after loading (Pillow does that for a JPEG only then, so its shown size swaps for orientations
-    5-8; its TIFF plugin turns on load and reports the shown size)."""
-    if min_size is None or img.format != "JPEG":  # only libjpeg can decode smaller
-        return None
-    width, height = img.size
-    transposed = exif_turns and img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING
-    shown = (width, height) if transposed else (height, width)
-    keep = min_size(*shown)
-    if keep is None:
-        return None
-    img.draft(None, (keep[0], keep[1]) if transposed else (keep[1], keep[0]))  # (w, h) as stored
-    return shown
 
 
 def is_raw_shape(shape: tuple[int, ...]) -> bool:

@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from inspectd.streams.codec import MinSize, draft_jpeg
+from inspectd.jpeg_draft import MinSize, draft_jpeg
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_DIR_NAMES = ("masks", "mask", "ground_truth")
@@ -318,7 +318,7 @@ def load_image(path: str | Path) -> np.ndarray:
 def load_image_scaled(path: str | Path, min_size: MinSize | None = None
                       ) -> tuple[np.ndarray, tuple[int, int]]:
     """(`load_image`'s pixels, the image's own (H, W)); with ``min_size`` a JPEG is decoded smaller where that keeps
-    at least ``min_size(H, W)``, by the daemon's rule (`inspectd.streams.codec.draft_jpeg`; the daemon also turns
+    at least ``min_size(H, W)``, by the daemon's rule (`inspectd.jpeg_draft.draft_jpeg`; the daemon also turns
     frames by their EXIF orientation, which dataset images lack)."""
     with Image.open(path) as im:
         size = (im.size[1], im.size[0])
