@@ -56,7 +56,7 @@ def build_backbone(config: DaemonConfig, model: ModelConfig | None = None) -> Cl
     return ClipBackbone(ModelSpec(arch=m.arch, pretrained=m.pretrained, device=m.device, precision=m.precision,
                                   quick_gelu=m.quick_gelu, threads=m.threads, cache_dir=m.cache_dir,
                                   demo=config.demo, window_chunk_tokens=m.window_chunk_tokens,
-                                  cpu_kernels=m.cpu_kernels, resize=m.resize))
+                                  cpu_kernels=m.cpu_kernels, resize=m.resize, compile=m.compile))
 
 
 def decode_limits(config: DaemonConfig) -> DecodeLimits:
@@ -147,6 +147,7 @@ class InspectDaemon:
 
         self.publisher = Publisher(self.sinks, self.metrics)
         await self._load_products()
+        await self._compile_models()
         if cfg.registry.watch:
             from inspectd.daemon.watcher import RegistryWatcher
 
@@ -287,6 +288,22 @@ class InspectDaemon:
                 log.error("product %s not loaded: %s", product.id, exc)
         for product_id, error in invalid.items():
             self.registry.record_invalid(product_id, error)
+
+    async def _compile_models(self) -> None:
+        """model.compile: the serving products' batch sizes compiled before the daemon says it is ready (a product
+        built later compiles on its first batches, logged). A compile that fails stops the start with the reason."""
+        if all(b.compiled is None for b in self.backbones.values()):
+            return
+        entries = [e for e in (self.registry.get(i) for i in self.registry.ids()) if e is not None]
+        started = time.perf_counter()
+        try:
+            shapes = await self.engine.warm_up([(e.detector, e.state) for e in entries],
+                                               self.config.batcher.max_batch_size)
+        except Exception as exc:
+            raise RuntimeError(f"model.compile could not compile the image tower ({type(exc).__name__}: {exc}); "
+                               "set model.compile: off") from exc
+        log.info("model.compile: %d tower shapes compiled for batch sizes 1-%d in %.1f s", shapes,
+                 self.config.batcher.max_batch_size, time.perf_counter() - started)
 
     def _on_registry_change(self, entry: ProductEntry | None, product_id: str) -> None:
         self.metrics.product_changed(product_id, entry)

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from inspectd.detectors.compiled import MODES
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the key's path."""
@@ -38,12 +40,21 @@ class ModelConfig:
     cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch
     resize: str = "exact"  # frames to model inputs: exact (open_clip's bicubic, as eval) | fast (JPEGs decoded
     #                        smaller, large frames 1080p 2.3x, 4K 5.1x faster; see preprocess.FAST_REDUCING_GAP)
+    compile: str | bool = "off"  # torch.compile of the image tower: off | default | reduce-overhead (CUDA graphs on
+    #                       a GPU) | max-autotune | max-autotune-no-cudagraphs; compiled at start-up for every batch
+    #                       size. YAML reads a bare `off` as false (and `on` as true): both are taken, as off / default
 
     def __post_init__(self) -> None:
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _choice("model.resize", self.resize, ("exact", "fast"))
         _choice("model.cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"))
         _choice("model.quick_gelu", self.quick_gelu, ("auto", "true", "false"))
+        if isinstance(self.compile, bool):
+            self.compile = "default" if self.compile else "off"
+        _choice("model.compile", self.compile, MODES)
+        if self.compile != "off" and self.cpu_kernels == "onednn":
+            raise ConfigError("model.compile", f"{self.compile!r} replaces the oneDNN fused blocks: it cannot run "
+                                               "with model.cpu_kernels: onednn (use auto)")
 
 
 @dataclass

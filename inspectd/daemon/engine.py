@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from inspectd.detectors import cpu_threads
-from inspectd.detectors.base import Detector
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
+from inspectd.detectors.base import Detector, ProductState
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
 from inspectd.detectors.preprocess import InputSpec, TileLayout
 from inspectd.streams.codec import DecodeLimits, decode_frame_scaled
@@ -173,6 +174,24 @@ class ScoringEngine:
             return outputs, timings
 
         return await loop.run_in_executor(self._engine, work)
+
+    async def warm_up(self, products: Sequence[tuple[Detector, ProductState]], max_rows: int) -> int:
+        """model.compile: compile every batch of 1..``max_rows`` inputs now, on the engine thread, for the products'
+        merged feature requests per (model, input size), so no frame waits for a compile; the shapes compiled.
+        Nothing for models that are not compiled."""
+        groups: dict[tuple[int, int], tuple[ClipBackbone, FeatureRequest, int]] = {}
+        for detector, state in products:
+            backbone, request = detector.backbone, detector.feature_request(state)
+            if backbone.compiled is None or request.tower != "plain":
+                continue
+            size = detector.input_spec().size
+            _, merged, _ = groups.get((id(backbone), size), (backbone, request, size))
+            groups[(id(backbone), size)] = (backbone, merged | request, size)
+        loop = asyncio.get_running_loop()
+        compiled = 0
+        for backbone, request, size in groups.values():
+            compiled += await loop.run_in_executor(self._engine, backbone.warm_up, request, size, max_rows)
+        return compiled
 
     def close(self, wait: bool = True) -> None:
         """Stop the threads; ``wait=False`` leaves a running forward behind (the process exits without it)."""

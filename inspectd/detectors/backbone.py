@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from inspectd.detectors import compiled as compiled_mod
 from inspectd.detectors import cpu_threads, fused
 from inspectd.detectors import weights as weights_mod
 from inspectd.detectors.preprocess import InputSpec, Preprocessor
@@ -53,6 +54,7 @@ class ModelSpec:
     cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
     seed: int = 0  # seed of random (demo) weights, so a demo is reproducible
     resize: str = "exact"  # frames to model inputs: "exact" (open_clip's bicubic) | "fast" (preprocess.RESIZE_MODES)
+    compile: str = "off"  # torch.compile of the image tower's blocks: "off" | a mode of compiled.MODES
 
     @property
     def model_id(self) -> str:
@@ -236,6 +238,11 @@ class ClipBackbone:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        if spec.compile not in compiled_mod.MODES:  # before the weights load: a typo fails at once
+            raise ValueError(f"compile must be one of {', '.join(compiled_mod.MODES)}, not {spec.compile!r}")
+        if spec.compile != "off" and spec.cpu_kernels == "onednn":
+            raise ValueError(f"compile={spec.compile} replaces the oneDNN fused blocks: it cannot run with "
+                             "cpu_kernels=onednn")
         self.device = select_device(spec.device)
         self.dtype = select_dtype(spec.precision, self.device)
         if self.device.type == "cpu":
@@ -262,7 +269,23 @@ class ClipBackbone:
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._weights_id: str | None = None
         self.forwards = 0  # image-tower forwards run (tests and metrics count batching with it)
-        self.fused_blocks = self._build_fused_blocks()
+        self.compiled = self._build_compiled()
+        self.fused_blocks = None if self.compiled is not None else self._build_fused_blocks()
+
+    def _build_compiled(self) -> compiled_mod.CompiledBlocks | None:
+        """torch.compile'd blocks for the inference forwards (compiled.py), or None (model.compile: off)."""
+        if self.spec.compile == "off":
+            return None
+        blocks = compiled_mod.CompiledBlocks(self.visual.transformer, self.spec.compile)
+        x = torch.zeros(1, 1 + self.grid[0] * self.grid[1], self.width, device=self.device, dtype=self.dtype)
+        try:  # one shape now (the batches of one input need it anyway): a machine that cannot compile fails at load
+            with torch.inference_mode():
+                blocks(x)
+        except Exception as exc:  # noqa: BLE001 - Inductor raises many types (no C++ compiler, no Triton, ...)
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            raise ValueError(f"model.compile={self.spec.compile}: torch.compile failed on this machine ({reason}); "
+                             "set model.compile: off") from exc
+        return blocks
 
     def _build_fused_blocks(self) -> fused.FusedBlocks | None:
         """oneDNN blocks for the image tower on CPU (see fused.py), or None for open_clip's forward."""
@@ -283,6 +306,8 @@ class ClipBackbone:
         return self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled.block(i, x)
         if self.fused_blocks is not None:
             return self.fused_blocks.block(i, x)
         return self.visual.transformer.resblocks[i](x)
@@ -291,7 +316,17 @@ class ClipBackbone:
         """The tower's CLS output [S, W] for a batch of window sequences [S, 1 + k*k, W]."""
         if self.fused_blocks is not None:
             return self.fused_blocks.cls_output(sequences)
+        if self.compiled is not None:
+            self.compiled.begin_forward()  # the previous pass's outputs were projected (copied) already
+            return self._owned(self.compiled(sequences)[:, 0])
         return self.visual.transformer(sequences)[:, 0]
+
+    def _owned(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in memory of its own where it may be a view of a CUDA graph's output (replayed buffers are
+        overwritten by the next replay); fp16/bf16 towers copy anyway when features turn fp32."""
+        if self.compiled is not None and self.compiled.cuda_graphs and t.dtype == torch.float32:
+            return t.clone()
+        return t
 
     @property
     def model_id(self) -> str:
@@ -478,6 +513,10 @@ class ClipBackbone:
         return tower(self, pixels, request, row_inputs or {})
 
     def _plain(self, pixels: torch.Tensor, request: FeatureRequest) -> Features:
+        rows = pixels.shape[0]
+        if self.compiled is not None:  # static shapes: rows padded to a bucket, the padding dropped at the end
+            pixels = compiled_mod.pad_rows(pixels, compiled_mod.bucket(rows))
+            self.compiled.begin_forward()
         tokens = self._embed_tokens(pixels)
         n = tokens.shape[0]
         grid = self.input_grid(pixels)
@@ -491,11 +530,21 @@ class ClipBackbone:
                 continue
             x = self._block(i, x)
             if i in request.blocks:
-                taps[i] = x[:, 1:].float()
+                taps[i] = self._owned(x[:, 1:].float())
         features = self._outputs(x, grid, taps, request)
         for k in sorted(request.windows):
             features.windows[k] = self.window_embeddings(tokens, k, grid).reshape(n, -1, self.embed_dim)
-        return features
+        return features if n == rows else features.select(slice(0, rows))
+
+    def warm_up(self, request: FeatureRequest, size: int, max_rows: int) -> int:
+        """Compile the blocks for every batch of 1..``max_rows`` ``size``-px inputs under ``request`` now
+        (model.compile), so no frame waits for a compile; the shapes compiled by this call. Nothing without compile."""
+        if self.compiled is None or request.tower != "plain":
+            return 0
+        before = len(self.compiled.shapes)
+        for rows in compiled_mod.buckets_up_to(max_rows):
+            self.forward(torch.zeros(rows, 3, size, size, device=self.device), request)
+        return len(self.compiled.shapes) - before
 
     def _outputs(self, x: torch.Tensor, grid: tuple[int, int], taps: dict[int, torch.Tensor],
                  request: FeatureRequest) -> Features:
@@ -557,7 +606,8 @@ class ClipBackbone:
             "pretrained": self.spec.pretrained,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "kernels": "onednn" if self.fused_blocks is not None else "torch",
+            "kernels": "onednn" if self.fused_blocks is not None else
+                       f"inductor:{self.spec.compile}" if self.compiled is not None else "torch",
             "demo_weights": str(self.demo_weights).lower(),
             "resize": self.spec.resize,
         }
