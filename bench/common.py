@@ -123,16 +123,18 @@ def window_pass_flops(grid: int, k: int, width: int, layers: int, embed: int, cl
     return transformer_flops(tokens, windows, width, layers - 1) + _cls_last_block(tokens, windows, width) + head
 
 
-def load_model(name: str, tmp: Path, device: str = "cpu", precision: str = "auto") -> ClipBackbone:
+def load_model(name: str, tmp: Path, device: str = "cpu", precision: str = "auto", compile: str = "off"
+               ) -> ClipBackbone:
     """The benchmark's CLIP: "tiny" (a seeded tiny checkpoint written into ``tmp``) or an open_clip arch with
-    random (demo) weights: timing only, the scores mean nothing."""
+    random (demo) weights: timing only, the scores mean nothing. ``compile``: model.compile's mode."""
     from inspectd.detectors.tiny import register_tiny_arch, write_tiny_checkpoint
 
     register_tiny_arch()
     if name == "tiny":
         return ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(write_tiny_checkpoint(tmp / "tiny")),
-                                      device=device, precision=precision))
-    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device=device, precision=precision, demo=True))
+                                      device=device, precision=precision, compile=compile))
+    return ClipBackbone(ModelSpec(arch=name, pretrained="random", device=device, precision=precision, demo=True,
+                                  compile=compile))
 
 
 def scoring_rows(backbone: ClipBackbone, items: list, shots: int, what: str) -> list[dict]:

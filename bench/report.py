@@ -320,6 +320,15 @@ def _bf16(section: dict[str, Any], results: dict[str, Any]) -> str:
     return text
 
 
+def _compile(section: dict[str, Any], results: dict[str, Any]) -> str:
+    rows = [[r["mode"], r["kernels"], r["images_per_s"], r["speedup_vs_off"], r["first_batch_s"],
+             r["max_abs_score_diff"], r["max_abs_map_diff"]] for r in section.get("rows", [])]
+    return (f"`model.compile` against the tower it replaces. Model: {section.get('model', '?')}; "
+            f"{section.get('frames', '')}.\n\n"
+            + table(["model.compile", "kernels", "images/s", "speed-up vs off", "first batch s", "max abs score diff",
+                     "max abs map diff"], rows))
+
+
 def _gpu(section: dict[str, Any], results: dict[str, Any]) -> str:
     if not section.get("measured"):
         return f"GPU: {section.get('note', 'not measured (no CUDA device)')}"
@@ -334,7 +343,8 @@ SECTIONS = [
     ("4. Memory", "memory", _memory),
     ("5. Cost growth sweeps", "sweeps", _sweeps),
     ("6. bf16", "bf16", _bf16),
-    ("7. GPU", "gpu", _gpu),
+    ("7. torch.compile", "compile", _compile),
+    ("8. GPU", "gpu", _gpu),
 ]
 
 

@@ -31,7 +31,7 @@ import torch
 from bench import gpu
 from bench.report import evaluate_targets, write_report
 
-SECTIONS = ("peak", "detectors", "daemon", "sweeps", "bf16", "gpu")
+SECTIONS = ("peak", "detectors", "daemon", "sweeps", "bf16", "compile", "gpu")
 DEFAULT_OUT = Path(__file__).resolve().parent / "report"
 VIT = "ViT-B-16-plus-240"
 
@@ -49,6 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                                      "anople")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--sweep-model", default="tiny", help="model of the cost sweeps: tiny or an open_clip arch")
+    parser.add_argument("--compile-arch", default=None,
+                        help="model of the compile section (default: tiny on a CPU under --quick, else --arch)")
     parser.add_argument("--daemon-arch", nargs="+", default=None,
                         help="models of the daemon section (default: inspectd-tiny; without --quick also the ViT)")
     return parser.parse_args(argv)
@@ -234,6 +236,13 @@ def bf16_part(run: Run, fp32: Any, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def compile_part(run: Run, tmp: Path) -> dict[str, Any]:
+    from bench.compile import compile_section
+
+    arch = run.args.compile_arch or ("tiny" if run.args.quick and not gpu.is_cuda(run.device) else run.args.arch)
+    return compile_section(arch, tmp, run.device, run.args.quick, run.log)
+
+
 def sweeps_section(run: Run, tmp: Path) -> dict[str, Any]:
     from bench.common import load_model
     from bench.sweeps import run_sweeps
@@ -281,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bf16" in wanted:
             run.section("bf16", lambda: bf16_part(run, backbone, tmp))
         backbone = None
+        if "compile" in wanted:
+            run.section("compile", lambda: compile_part(run, tmp))
         if "daemon" in wanted:
             run.section("daemon", lambda: daemon_section(run))
         if "sweeps" in wanted:

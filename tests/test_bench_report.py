@@ -187,6 +187,11 @@ def small_results() -> dict:
         "bf16": {"rows": bf16_rows, "accuracy": [{"setting": "0-shot", "images": 2, "max_abs_score_diff": 1e-3,
                                                   "max_abs_map_diff": 2e-3, "fp32_score_range": [0.3, 0.33],
                                                   "fp32_map_range": [0.28, 0.35]}]},
+        "compile": {"rows": [{"mode": "off", "kernels": "onednn", "images_per_s": 170.0, "speedup_vs_off": 1.0,
+                              "first_batch_s": 0.1, "max_abs_score_diff": 0.0, "max_abs_map_diff": 0.0},
+                             {"mode": "default", "kernels": "inductor:default", "images_per_s": 85.0,
+                              "speedup_vs_off": 0.5, "first_batch_s": 3.9, "max_abs_score_diff": 3e-8,
+                              "max_abs_map_diff": 1.5e-7}], "model": "tiny", "frames": "WinCLIP 0-shot"},
         "gpu": gpu.gpu_section("cpu"),
         "memory": {"peak_rss_mib": 2048.0, "rss_after": {"detectors": 2000.0}, "gpu": gpu.peak_memory("cpu")},
         "broken": {"error": "never rendered: not a known section"},
@@ -202,13 +207,14 @@ def small_results() -> dict:
 def test_markdown_has_every_section_and_the_gpu_note() -> None:
     text = report.render_markdown(small_results())
     for title in ("## 1. Physical peak", "## 2. Detectors", "## 3. Daemon", "## 4. Memory", "## 5. Cost growth",
-                  "## 6. bf16", "## 7. GPU", "## Targets"):
+                  "## 6. bf16", "## 7. torch.compile", "## 8. GPU", "## Targets"):
         assert title in text
     assert "GPU: not measured (no CUDA device)" in text
     assert "not measured: no GPU" in text
     assert "not applicable: learns its prompts" in text
     assert "| winclip | 0-shot | 0.10 | 0.50 | 2 000 | 636.4 | 318.2 | 0.66 | 0.64 |" in text
     assert "never rendered" not in text
+    assert "| default | inductor:default | 85.00 | 0.50 | 3.90 | 3.0e-08 |" in text
     assert "| aprilgan | 4-shot | 80.0 % at 450 GFLOP/s, 0.90 of peak | 12.0 % at 150 GFLOP/s, 0.30 of peak | 0.0 % |" \
            " 8.0 % |" in text
 
@@ -260,7 +266,7 @@ def test_help_runs() -> None:
 def test_arguments() -> None:
     args = parse_args(["--quick", "--out", "x.md", "--sections", "peak", "gpu"])
     assert args.quick and args.out == "x.md" and args.sections == ["peak", "gpu"]
-    assert parse_args([]).sections == ["peak", "detectors", "daemon", "sweeps", "bf16", "gpu"]
+    assert parse_args([]).sections == ["peak", "detectors", "daemon", "sweeps", "bf16", "compile", "gpu"]
 
 
 def test_ceilings_keep_the_higher_of_start_and_end() -> None:
@@ -360,7 +366,7 @@ def test_gpu_targets_are_judged_on_a_gpu_run_and_say_not_measured_elsewhere() ->
 def test_gpu_section_renders_when_measured() -> None:
     text = report.render_markdown({"meta": {}, "gpu": {"measured": True, "name": "Test GPU",
                                                        "tensor_core_bf16_gflops": 700_000.0}})
-    assert "Test GPU" in text and "700 000" in text and "not measured" not in text.split("## 7. GPU")[1]
+    assert "Test GPU" in text and "700 000" in text and "not measured" not in text.split("## 8. GPU")[1]
 
 
 def test_peak_takes_one_thread_times_threads_when_the_all_thread_run_was_crowded() -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one prepared run on the device machine (prepare with bench/device/prepare.sh first):
 # installs the carried wheels, starts the carried redis-server on 127.0.0.1:6379, runs `bench.run --quick` on
-# CUDA (micro-batched detectors, the tiny and the ViT-B daemon at GPU rates, the tensor-core peak) and leaves
-# the report, the log and the GPU's name in $OUT. BENCH_ARGS adds arguments, BENCH_TIMEOUT bounds the run (s),
+# CUDA (micro-batched detectors, the tiny and the ViT-B daemon at GPU rates, the tensor-core peak), then
+# bench.compile, and leaves the report, the logs (compile.log: model.compile's rows) and the GPU's name in $OUT.
+# BENCH_ARGS adds arguments to the report, BENCH_TIMEOUT / BENCH_COMPILE_TIMEOUT bound its two parts (s),
 # BENCH_DEVICE=cpu smoke-tests the script on a machine without a GPU (with that machine's own packages).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -29,7 +30,13 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'open_clip', open_clip.__version__)" | tee "$OUT/versions.txt"
+# the report first (its own timeout: a slow compile below must not cost it), then model.compile's modes on their
+# own (bench.compile: WinCLIP 0-shot at the report's micro-batch, eager vs default vs reduce-overhead = CUDA graphs)
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout "${BENCH_TIMEOUT:-480}" python3 -m bench.run --quick --device "${BENCH_DEVICE:-cuda}" \
+timeout "${BENCH_TIMEOUT:-420}" python3 -m bench.run --quick --device "${BENCH_DEVICE:-cuda}" \
+    --sections peak detectors daemon sweeps bf16 gpu \
     --daemon-arch inspectd-tiny ViT-B-16-plus-240 --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+timeout "${BENCH_COMPILE_TIMEOUT:-150}" python3 -m bench.compile --quick --device "${BENCH_DEVICE:-cuda}" \
+    --arch "${BENCH_COMPILE_ARCH:-ViT-B-16-plus-240}" 2>&1 | tee "$OUT/compile.log"
+exit "$status"
