@@ -25,6 +25,7 @@ def check_config(config: DaemonConfig, products: bool = True) -> list[str]:
     for index, model in enumerate(models):
         where = f"models[{index}]" if config.models else "model"
         problems += _check_model(model.device, model.arch, model.pretrained, config.demo, where)
+        problems += _check_compile(str(model.compile), model.device, where)
     names = [m.name for m in models]
     if (config.sources.redis or config.sinks.redis or config.redis.control_stream) and not config.redis.url.startswith(
             REDIS_SCHEMES):
@@ -70,6 +71,31 @@ def _check_model(device: str, arch: str, pretrained: str, demo: bool, where: str
         weights.resolve(arch, pretrained)
     except weights.WeightsNotFoundError as exc:
         problems.append(f"{where}.pretrained: {str(exc).splitlines()[0]}")
+    return problems
+
+
+def _check_compile(mode: str, device: str, where: str) -> list[str]:
+    """What model.compile needs of this machine: a C++ compiler for Inductor's CPU kernels, Triton for its GPU ones;
+    CUDA graphs need a GPU. Checked without importing torch (a missing compiler fails the load with the same reason)."""
+    import importlib.util
+    import os
+    import shutil
+
+    if mode == "off":
+        return []
+    problems = []
+    cuda = device.startswith("cuda")
+    if device == "cpu" and mode in ("reduce-overhead", "max-autotune"):
+        problems.append(f"{where}.compile: {mode} adds CUDA graphs, which need a GPU; on device cpu use default or "
+                        "max-autotune-no-cudagraphs")
+    on_cpu = device == "cpu" or (device == "auto" and shutil.which("nvidia-smi") is None)
+    compilers = [c for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c]
+    if on_cpu and not any(shutil.which(c) for c in compilers):
+        problems.append(f"{where}.compile: {mode} builds C++ kernels on the CPU and no C++ compiler (g++, c++, "
+                        "clang++ or $CXX) is on PATH; install one or set compile: off")
+    if cuda and importlib.util.find_spec("triton") is None:
+        problems.append(f"{where}.compile: {mode} builds Triton kernels on the GPU and triton is not installed; "
+                        "install it or set compile: off")
     return problems
 
 

@@ -175,10 +175,13 @@ class ScoringEngine:
 
         return await loop.run_in_executor(self._engine, work)
 
-    async def warm_up(self, products: Sequence[tuple[Detector, ProductState]], max_rows: int) -> int:
-        """model.compile: compile every batch of 1..``max_rows`` inputs now, on the engine thread, for the products'
-        merged feature requests per (model, input size), so no frame waits for a compile; the shapes compiled.
+    async def warm_up(self, products: Sequence[tuple[Detector, ProductState]], max_frames: int) -> int:
+        """model.compile: compile the tower now, on the engine thread, for the products' merged feature requests
+        per (model, input size) and every batch a batch of ``max_frames`` frames can make (each frame up to
+        `max_tiles` tiles, each with its test-time crops), so no frame waits for a compile; the shapes run.
         Nothing for models that are not compiled."""
+        crops = max((detector.test_time_crops for detector, _ in products), default=0)
+        max_rows = max_frames * self.max_tiles * (1 + crops)
         groups: dict[tuple[int, int], tuple[ClipBackbone, FeatureRequest, int]] = {}
         for detector, state in products:
             backbone, request = detector.backbone, detector.feature_request(state)

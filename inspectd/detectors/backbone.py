@@ -276,7 +276,7 @@ class ClipBackbone:
         """torch.compile'd blocks for the inference forwards (compiled.py), or None (model.compile: off)."""
         if self.spec.compile == "off":
             return None
-        blocks = compiled_mod.CompiledBlocks(self.visual.transformer, self.spec.compile)
+        blocks = compiled_mod.CompiledBlocks(self.visual.transformer, self.spec.compile, self.device)
         x = torch.zeros(1, 1 + self.grid[0] * self.grid[1], self.width, device=self.device, dtype=self.dtype)
         try:  # one shape now (the batches of one input need it anyway): a machine that cannot compile fails at load
             with torch.inference_mode():
@@ -306,8 +306,8 @@ class ClipBackbone:
         return self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
 
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            return self.compiled.block(i, x)
+        """Block ``i`` on [S, L, W] as every tower runs it (fused on CPU, else open_clip's; never the compiled
+        blocks, which only `forward`'s own plain pass runs)."""
         if self.fused_blocks is not None:
             return self.fused_blocks.block(i, x)
         return self.visual.transformer.resblocks[i](x)
@@ -318,7 +318,7 @@ class ClipBackbone:
             return self.fused_blocks.cls_output(sequences)
         if self.compiled is not None:
             self.compiled.begin_forward()  # the previous pass's outputs were projected (copied) already
-            return self._owned(self.compiled(sequences)[:, 0])
+            return self.compiled(sequences)[:, 0]  # (_project makes the copy that outlives the next replay)
         return self.visual.transformer(sequences)[:, 0]
 
     def _owned(self, t: torch.Tensor) -> torch.Tensor:
@@ -513,10 +513,17 @@ class ClipBackbone:
         return tower(self, pixels, request, row_inputs or {})
 
     def _plain(self, pixels: torch.Tensor, request: FeatureRequest) -> Features:
+        if self.compiled is None:
+            return self._plain_pass(pixels, request)
         rows = pixels.shape[0]
-        if self.compiled is not None:  # static shapes: rows padded to a bucket, the padding dropped at the end
+        if self.compiled.cuda_graphs:  # graphs replay fixed shapes: rows padded to a bucket, dropped at the end
             pixels = compiled_mod.pad_rows(pixels, compiled_mod.bucket(rows))
+        with self.compiled.lock:
             self.compiled.begin_forward()
+            features = self._plain_pass(pixels, request)
+        return features if len(features) == rows else features.select(slice(0, rows))
+
+    def _plain_pass(self, pixels: torch.Tensor, request: FeatureRequest) -> Features:
         tokens = self._embed_tokens(pixels)
         n = tokens.shape[0]
         grid = self.input_grid(pixels)
@@ -528,22 +535,26 @@ class ClipBackbone:
                     request.patch_tokens or request.patch_embeddings or last in request.blocks):
                 x = self.fused_blocks.cls_block(x)  # only the image embedding is read: token 0 is enough
                 continue
-            x = self._block(i, x)
+            x = self.compiled.block(i, x) if self.compiled is not None else self._block(i, x)
             if i in request.blocks:
                 taps[i] = self._owned(x[:, 1:].float())
         features = self._outputs(x, grid, taps, request)
         for k in sorted(request.windows):
             features.windows[k] = self.window_embeddings(tokens, k, grid).reshape(n, -1, self.embed_dim)
-        return features if n == rows else features.select(slice(0, rows))
+        return features
 
     def warm_up(self, request: FeatureRequest, size: int, max_rows: int) -> int:
-        """Compile the blocks for every batch of 1..``max_rows`` ``size``-px inputs under ``request`` now
-        (model.compile), so no frame waits for a compile; the shapes compiled by this call. Nothing without compile."""
+        """Compile the blocks now for batches of 1..``max_rows`` ``size``-px inputs under ``request``
+        (model.compile), so no frame waits for a compile: batches of 1 and 2 (rows are dynamic: one graph serves
+        every larger batch), and under CUDA graphs every bucket, twice (the first run warms up, the second
+        records). The shapes run; nothing without compile."""
         if self.compiled is None or request.tower != "plain":
             return 0
         before = len(self.compiled.shapes)
-        for rows in compiled_mod.buckets_up_to(max_rows):
-            self.forward(torch.zeros(rows, 3, size, size, device=self.device), request)
+        sizes = compiled_mod.buckets_up_to(max_rows) if self.compiled.cuda_graphs else [1, 2][:max(1, max_rows)]
+        for rows in sizes:
+            for _ in range(2 if self.compiled.cuda_graphs else 1):
+                self.forward(torch.zeros(rows, 3, size, size, device=self.device), request)
         return len(self.compiled.shapes) - before
 
     def _outputs(self, x: torch.Tensor, grid: tuple[int, int], taps: dict[int, torch.Tensor],

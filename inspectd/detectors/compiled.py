@@ -1,23 +1,24 @@
-"""torch.compile for the image tower's residual blocks (`model.compile`): the modes, the static batch buckets that
-bound how many shapes get compiled, and the count of shapes compiled so far.
+"""torch.compile for the image tower's residual blocks (`model.compile`): the modes, the batch buckets CUDA graphs
+are recorded for, and the record of what has been compiled.
 
-Each block is compiled with ``dynamic=False``: Inductor's kernels and CUDA graphs ("reduce-overhead",
-"max-autotune") need static shapes. The blocks share one compiled graph per input shape (dynamo inlines the
-modules and passes their weights as inputs), and `ClipBackbone` pads each batch's rows up to a bucket size
-(`bucket`), so a daemon compiles a handful of shapes (buckets x the window sizes) instead of one per batch size.
-Padding rows are zeros; rows never see each other in the tower (no batch statistics, self-attention within a
-sequence), so the real rows' features are those of the unpadded batch up to the kernels' rounding.
+The blocks are compiled with the batch (row) dimension dynamic and the sequence length static: one compile per
+sequence length (the full pass and each WinCLIP window size) serves every batch size, and the blocks share each
+compiled graph (dynamo inlines the modules and passes their weights as inputs). CUDA graphs ("reduce-overhead",
+"max-autotune" on a GPU) replay fixed shapes: there `ClipBackbone` pads a batch's rows up to a bucket (`bucket`),
+so a bounded set of graphs is recorded. Padding rows are zeros; rows never see each other in the tower (no batch
+statistics, attention within a sequence), so the real rows' features are those of the unpadded batch up to rounding.
 
-The compiled blocks run the inference forwards only (`ClipBackbone.forward`: the plain tower and WinCLIP's
-windows); training forwards (prompted towers) and registered towers keep eager blocks. On a CPU a compiled tower
-replaces the oneDNN fused blocks (`fused.py`): it is there to be measured (`python -m bench.run --compile ...`),
-the fused blocks stay the default.
+Only `ClipBackbone`'s own inference forward (the plain tower and WinCLIP's windows) runs the compiled blocks, one
+forward at a time (`lock`: a CUDA-graph step must not be cut by another thread's); prompted and registered towers
+keep eager blocks. On a CPU a compiled tower replaces the oneDNN fused blocks (`fused.py`): slower there
+(bench/RESULTS.md), it is meant for GPUs.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where it is used: the config (which reads MODES) loads without it
@@ -26,23 +27,29 @@ if TYPE_CHECKING:  # torch is imported where it is used: the config (which reads
 log = logging.getLogger(__name__)
 
 MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SMALL_BUCKETS = (1, 2, 4, 8)  # then multiples of 8: at most 2x padding below 8 rows, 1.14x (7/8 + 1) above
-RECOMPILE_LIMIT = 256  # shapes one block may compile (dynamo's default, 8, is below buckets x window sizes)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+RECOMPILE_LIMIT = 64  # graphs per code object (dynamo's default, 8, is below a few models x sequence lengths)
 
 
 def bucket(rows: int) -> int:
-    """The padded row count of a batch of ``rows`` tiles: 1, 2, 4, 8, then the next multiple of 8."""
+    """The padded row count of a batch of ``rows`` inputs under CUDA graphs: 1, 2, 4, 8, then 12, 16, 24, 32, 48,
+    64, ... (every step x1.5 or x1.33: at most half a batch of padding, a log-sized set of graphs)."""
     if rows < 1:
         raise ValueError(f"a batch has at least one row, not {rows}")
-    for size in SMALL_BUCKETS:
-        if rows <= size:
-            return size
-    return -(-rows // 8) * 8
+    size = 1
+    while size < min(rows, 8):
+        size *= 2
+    while size < rows:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
 
 
 def buckets_up_to(rows: int) -> list[int]:
-    """Every bucket a batch of 1..``rows`` rows can be padded to (what a warm-up compiles)."""
-    return sorted({bucket(n) for n in range(1, rows + 1)})
+    """Every bucket a batch of 1..``rows`` rows can be padded to (what a CUDA-graph warm-up records)."""
+    out = [1]
+    while out[-1] < rows:
+        out.append(bucket(out[-1] + 1))
+    return out
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -58,60 +65,62 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 class CompiledBlocks:
     """The transformer's blocks, each wrapped by torch.compile in ``mode``; call on [S, L, W] like the blocks.
 
-    `shapes` records every input shape a block has been called with (each a compile the first time, later a cached
-    graph): tests and the log count compiles with it."""
+    `shapes` records every [rows, length, width] the blocks have run (tests and the log read it); `cuda_graphs`
+    says whether batches must be padded to a bucket."""
 
-    def __init__(self, transformer: torch.nn.Module, mode: str) -> None:
+    def __init__(self, transformer: torch.nn.Module, mode: str, device: torch.device) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"compile mode must be one of {', '.join(MODES[1:])}, not {mode!r}")
         import torch
 
         self.mode = mode
-        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
-        self.blocks = [torch.compile(block, mode=mode, dynamic=False) for block in transformer.resblocks]
+        self.cuda_graphs = mode in CUDA_GRAPH_MODES and device.type == "cuda"
+        self.blocks = [torch.compile(block, mode=mode, dynamic=None) for block in transformer.resblocks]
         self.shapes: set[tuple[int, ...]] = set()
-        self._lock = threading.Lock()
-        self._threads = threading.local()
+        self.lock = threading.RLock()  # one compiled forward at a time (see begin_forward)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def begin_forward(self) -> None:
-        """Call before each tower forward: with CUDA graphs, the previous forward's graph outputs may be reused
-        from here on (every feature of a forward is copied out of them before the next one: `Features.owned`)."""
+        """Call, holding `lock`, before each pass over the blocks: under CUDA graphs the previous pass's graph
+        outputs may be overwritten from here on (the caller has copied out what it keeps). The step counter is
+        process-wide, so a pass of another thread in between would cut this one: hence the lock."""
         import torch
 
         if self.cuda_graphs and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        self._note(x)
-        return self.blocks[i](x)
+        return self._run(self.blocks[i:i + 1], x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._note(x)
-        for block in self.blocks:
+        return self._run(self.blocks, x)
+
+    def _run(self, blocks: list, x: torch.Tensor) -> torch.Tensor:
+        from torch._dynamo.utils import counters
+
+        self._prepare(x)
+        shape, graphs, started = tuple(x.shape), counters["stats"]["unique_graphs"], time.perf_counter()
+        for block in blocks:
             x = block(x)
+        if counters["stats"]["unique_graphs"] > graphs:  # this call compiled: say so (the batch waited for it)
+            log.info("torch.compile (%s): compiled the image tower's blocks for input %s in %.1f s", self.mode,
+                     shape, time.perf_counter() - started)
         return x
 
-    def _note(self, x: torch.Tensor) -> None:
-        if not getattr(self._threads, "limit_raised", False):
-            _raise_recompile_limit()
-            self._threads.limit_raised = True
+    def _prepare(self, x: torch.Tensor) -> None:
+        import torch
+        import torch._dynamo.config as dynamo_config
+
+        # dynamo's config lives in context variables: a value set on another thread (or in a copied context, as
+        # asyncio.to_thread's) is not seen here, so it is checked on every call; raised, never lowered
+        if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
+            dynamo_config.recompile_limit = RECOMPILE_LIMIT
+        if not self.cuda_graphs and x.shape[0] > 1:  # 1 stays static: dynamo specialises it anyway
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         shape = tuple(x.shape)
-        if shape in self.shapes:
-            return
-        with self._lock:
-            if shape not in self.shapes:
-                self.shapes.add(shape)
-                log.info("torch.compile (%s): image tower blocks for input %s (the first batch of this shape waits "
-                         "for the compile; %d shapes so far)", self.mode, shape, len(self.shapes))
-
-
-def _raise_recompile_limit() -> None:
-    """dynamo's recompile limit, for the calling thread (dynamo's config is per thread: the engine thread that
-    scores does not see a value the loading thread set); raised, never lowered."""
-    import torch._dynamo.config as dynamo_config
-
-    if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
-        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+        if shape not in self.shapes:
+            self.shapes.add(shape)
+            log.debug("torch.compile (%s): image tower blocks ran %s (%d shapes so far)", self.mode, shape,
+                      len(self.shapes))
