@@ -30,13 +30,14 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'open_clip', open_clip.__version__)" | tee "$OUT/versions.txt"
-# the report first (its own timeout: a slow compile below must not cost it), then model.compile's modes on their
+# the report first (its own timeout, and in $OUT before a slow compile below can reach the device call's 600 s
+# limit: what is in $OUT then still comes back), then model.compile's modes on their
 # own (bench.compile: WinCLIP 0-shot at the report's micro-batch, eager vs default vs reduce-overhead = CUDA graphs)
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout "${BENCH_TIMEOUT:-420}" python3 -m bench.run --quick --device "${BENCH_DEVICE:-cuda}" \
+timeout "${BENCH_TIMEOUT:-480}" python3 -m bench.run --quick --device "${BENCH_DEVICE:-cuda}" \
     --sections peak detectors daemon sweeps bf16 gpu \
     --daemon-arch inspectd-tiny ViT-B-16-plus-240 --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 status=${PIPESTATUS[0]}
-timeout "${BENCH_COMPILE_TIMEOUT:-150}" python3 -m bench.compile --quick --device "${BENCH_DEVICE:-cuda}" \
+timeout "${BENCH_COMPILE_TIMEOUT:-100}" python3 -m bench.compile --quick --device "${BENCH_DEVICE:-cuda}" \
     --arch "${BENCH_COMPILE_ARCH:-ViT-B-16-plus-240}" 2>&1 | tee "$OUT/compile.log"
 exit "$status"

@@ -10,8 +10,9 @@ statistics, attention within a sequence), so the real rows' features are those o
 
 Only `ClipBackbone`'s own inference forward (the plain tower and WinCLIP's windows) runs the compiled blocks, one
 forward at a time (`lock`: a CUDA-graph step must not be cut by another thread's); prompted and registered towers
-keep eager blocks. On a CPU a compiled tower replaces the oneDNN fused blocks (`fused.py`): slower there
-(bench/RESULTS.md), it is meant for GPUs.
+keep eager blocks. CUDA graphs are recorded per thread (torch's cudagraph trees): a product fit on a build thread
+records its own set beside the engine thread's. On a CPU a compiled tower replaces the oneDNN fused blocks
+(`fused.py`): slower there (bench/RESULTS.md), it is meant for GPUs.
 """
 
 from __future__ import annotations
