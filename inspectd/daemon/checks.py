@@ -12,6 +12,7 @@ from pathlib import Path
 
 from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
 from inspectd.daemon.products import product_files
+from inspectd.detectors.compiled import CUDA_GRAPH_MODES
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -85,7 +86,7 @@ def _check_compile(mode: str, device: str, where: str) -> list[str]:
         return []
     problems = []
     cuda = device.startswith("cuda")
-    if device == "cpu" and mode in ("reduce-overhead", "max-autotune"):
+    if device == "cpu" and mode in CUDA_GRAPH_MODES:
         problems.append(f"{where}.compile: {mode} adds CUDA graphs, which need a GPU; on device cpu use default or "
                         "max-autotune-no-cudagraphs")
     on_cpu = device == "cpu" or (device == "auto" and shutil.which("nvidia-smi") is None)

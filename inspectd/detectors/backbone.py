@@ -551,7 +551,7 @@ class ClipBackbone:
         if self.compiled is None or request.tower != "plain":
             return 0
         before = len(self.compiled.shapes)
-        sizes = compiled_mod.buckets_up_to(max_rows) if self.compiled.cuda_graphs else [1, 2][:max(1, max_rows)]
+        sizes = compiled_mod.buckets_up_to(max_rows) if self.compiled.cuda_graphs else [1, 2] if max_rows > 1 else [1]
         for rows in sizes:
             for _ in range(2 if self.compiled.cuda_graphs else 1):
                 self.forward(torch.zeros(rows, 3, size, size, device=self.device), request)
