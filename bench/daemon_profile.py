@@ -97,7 +97,7 @@ async def profile_run(arch: str, batch: int, n: int, size: int, threads: int = 0
     busy = None
     if profilers:
         stats = pstats.Stats(loop_profile, stream=stream)
-        stats.sort_stats("tottime").print_stats(15)
+        stats.sort_stats("tottime").print_stats(int(os.environ.get("BENCH_PROFILE_ROWS", "15")))
         idle = sum(tt for (_, _, name), (_, _, tt, _, _) in stats.stats.items() if "epoll" in name)
         busy = 1000 * (stats.total_tt - idle) / n
     process_cpu = (used.ru_utime + used.ru_stime) - (usage.ru_utime + usage.ru_stime)

@@ -50,3 +50,18 @@ async def test_the_camera_row_scores_1080p_jpegs_through_the_daemon_and_the_engi
     row = await measure("inspectd-tiny", 4, 12, 240, backbone, 0, camera=True)
     assert row["engine"] > 0 and row["e2e"] > 0 and 0.2 < row["ratio"] < 5
     assert 1 <= row["mean_batch"] <= 4 and row["p99@50%"] >= row["p50@50%"] > 0
+
+
+async def test_the_window_can_open_after_the_producer_so_its_xadds_are_not_inside(
+        redis_client, key_prefix) -> None:  # noqa: ANN001
+    key = f"{key_prefix}:results"
+    # 5 batches of 2, 100 ms apart; the producer finished at 1_000_150: the window opens at the batch at 1_000_200
+    for batch, ms in enumerate(range(1_000_000, 1_000_500, 100)):
+        for i in range(2):
+            await redis_client.xadd(key, {"frame": f"{batch}-{i}"}, id=f"{ms}-{i}")
+    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5, opens_ms=1_000_150) == \
+        pytest.approx(4 / 0.2)
+    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5) == pytest.approx(8 / 0.4)
+    # a producer the daemon kept up with (under a quarter of the results after it): the first batch opens it
+    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5, opens_ms=1_000_350) == \
+        pytest.approx(8 / 0.4)

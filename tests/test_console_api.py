@@ -162,6 +162,27 @@ async def test_review_off_keeps_no_image(redis_url, key_prefix, tmp_path, tiny_b
         await daemon.shutdown()
 
 
+async def test_a_daemon_without_its_http_server_renders_no_review_picture(redis_url, key_prefix, tmp_path,
+                                                                          tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    """Nobody can open its console: no frame is kept or rendered (CPU the engine needs), verdicts still count; with
+    console.review: redis the pictures go to Redis for the other instances' consoles, so it keeps them."""
+    config = console_config(redis_url, key_prefix, tmp_path)
+    config.http.enabled = False
+    daemon = await start(config, tiny_backbone)
+    try:
+        assert not daemon.review.keeping and not daemon.engine.keep_payload
+        await send(redis_client, key_prefix, DEFECTS[:2])
+        await wait_until(lambda: daemon.review.stats.get("nut") and daemon.review.stats["nut"].scored == 2,
+                         what="2 scored")
+        await asyncio.sleep(0.3)  # a render queued would have finished by now
+        assert daemon.review.items() == [] and daemon.review.product_stats("nut")["ng_last_n"] == 2
+    finally:
+        await daemon.shutdown()
+    shared = console_config(redis_url, key_prefix, tmp_path, review="redis")
+    shared.http.enabled = False
+    assert review.ReviewHub(shared.console, served=False).keeping
+
+
 async def test_live_events_stream_frames_as_they_are_scored(console, redis_client, key_prefix) -> None:  # noqa: ANN001
     daemon, http = console
     await sign_in(http)

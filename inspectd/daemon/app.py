@@ -103,7 +103,8 @@ class InspectDaemon:
         self._side_tasks: set[asyncio.Task] = set()
         self.http: Any = None
         # the console's recent frames, NG rates, live feed
-        self.review = ReviewHub(config.console, self.metrics, decode_limits(config))
+        # (a daemon without its http server renders no review pictures nobody can see, unless they go to Redis)
+        self.review = ReviewHub(config.console, self.metrics, decode_limits(config), served=config.http.enabled)
         self.feedback: FeedbackStore | None = None  # the console's feedback actions (once the registry exists)
         self.publisher: Any = None  # daemon.publisher.Publisher once the sinks are open
         self.watcher: Any = None  # daemon.watcher.RegistryWatcher when registry.watch

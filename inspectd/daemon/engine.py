@@ -143,8 +143,11 @@ class ScoringEngine:
         """Decode and pre-process ``frames``; ``detector_for(product)`` says whose input each one needs."""
         loop = asyncio.get_running_loop()
         lookup = detector_for or (lambda _product: None)
-        return list(await asyncio.gather(*(loop.run_in_executor(self._decode, self._prepare_one, f, lookup(f.product))
-                                           for f in frames)))
+        jobs = [(f, lookup(f.product)) for f in frames]
+        if self._decode is self._engine:  # decoded in turn on the engine thread: one hand-over for the whole batch
+            return await loop.run_in_executor(self._engine, lambda: [self._prepare_one(*job) for job in jobs])
+        return list(await asyncio.gather(*(loop.run_in_executor(self._decode, self._prepare_one, *job)
+                                           for job in jobs)))
 
     async def score(self, items: list[ScoreItem], frames: Sequence[Frame] | None = None
                     ) -> tuple[list[ScoreOutput], dict[str, float]]:

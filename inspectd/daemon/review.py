@@ -187,11 +187,15 @@ class ProductStats:
 class ReviewHub:
     """Receives every published batch (`observe`), keeps stats and the review buffer, and tells subscribers."""
 
-    def __init__(self, config: ConsoleConfig, metrics: Any = None, limits: DecodeLimits | None = None) -> None:
+    def __init__(self, config: ConsoleConfig, metrics: Any = None, limits: DecodeLimits | None = None,
+                 served: bool = True) -> None:
+        """``served``: this daemon serves the console (http.enabled). Frames are kept only where someone can see
+        them: its own console, or with ``console.review: redis`` every instance's."""
         self.config = config
         self.metrics = metrics
         self.limits = limits  # the daemon's decode limits: a frame it scored is decoded again under them to render
-        self.keeping = config.enabled and config.review != "off" and (config.keep_ng + config.keep_ok) > 0
+        self.keeping = config.enabled and (served or config.review == "redis") and config.review != "off" \
+            and (config.keep_ng + config.keep_ok) > 0
         self.stats: dict[str, ProductStats] = {}
         self._kept: dict[str, deque[ReviewItem]] = {"NG": deque(), "OK": deque()}
         self._limits = {"NG": config.keep_ng, "OK": config.keep_ok}
