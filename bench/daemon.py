@@ -204,11 +204,13 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
     engine_rate, e2e_rate = float(np.median(engine_rates)), float(np.median(e2e_rates))
     # each pair ran within seconds of each other: this VM's host slows both alike, which a ratio of medians taken
     # over different minutes does not cancel (pairs measured 0.82-1.12 within one minute)
-    ratio = float(np.median(np.array(e2e_rates) / np.array(engine_rates)))
+    pairs = np.array(e2e_rates) / np.array(engine_rates)
+    ratio = float(np.median(pairs))
     batches = daemon.metrics.batch_size
     total = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_sum"))
     count = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
-    row = {"batch": batch, "engine": engine_rate, "e2e": e2e_rate, "ratio": ratio, "mean_batch": total / max(count, 1)}
+    row = {"batch": batch, "engine": engine_rate, "e2e": e2e_rate, "ratio": ratio,
+           "ratio_range": [float(pairs.min()), float(pairs.max())], "mean_batch": total / max(count, 1)}
     for load in (0.5, 0.9):
         await client.delete(results_key)
         m = min(len(payloads), max(20, n // 2))

@@ -248,12 +248,13 @@ def _time_by_kind(section: dict[str, Any], results: dict[str, Any]) -> str:
 
 def _daemon(section: dict[str, Any], results: dict[str, Any]) -> str:
     rows = [[r["arch"], r.get("input", "240-px PNG"), r["batch"], r["engine"], r["e2e"], e2e_ratio(r),
-             r["mean_batch"], r.get("p50@50%"), r.get("p99@50%"), r.get("p50@90%"), r.get("p99@90%")]
+             "–".join(f"{x:.2f}" for x in r["ratio_range"]) if r.get("ratio_range") else "—", r["mean_batch"],
+             r.get("p50@50%"), r.get("p99@50%"), r.get("p50@90%"), r.get("p99@90%")]
             for r in section.get("rows", [])]
     return (f"{section.get('how', '')}\n\n"
             + table(["model", "frames", "batch limit", "engine img/s", "end-to-end img/s",
-                     "e2e / engine (pairs' median)", "mean batch", "p50 ms @ 50 %", "p99 ms @ 50 %", "p50 ms @ 90 %",
-                     "p99 ms @ 90 %"], rows))
+                     "e2e / engine (pairs' median)", "pairs' range", "mean batch", "p50 ms @ 50 %", "p99 ms @ 50 %",
+                     "p50 ms @ 90 %", "p99 ms @ 90 %"], rows))
 
 
 def _memory(section: dict[str, Any], results: dict[str, Any]) -> str:

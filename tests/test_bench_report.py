@@ -405,3 +405,11 @@ def test_daemon_rows_name_their_frames() -> None:
     text = report.render_markdown(results)
     assert "| inspectd-tiny | 240-px PNG | 4 |" in text
     assert "| ViT-B-16-plus-240 | 1080p JPEG, model.resize fast | 4 |" in text
+
+
+def test_daemon_rows_show_the_spread_of_their_pairs() -> None:
+    results = small_results()
+    results["daemon"]["rows"][1]["ratio_range"] = [0.81, 1.04]
+    text = report.render_markdown(results)
+    assert "pairs' range" in text and "| 0.81–1.04 |" in text
+    assert "| — |" in text  # a row of a report written before the range was kept
