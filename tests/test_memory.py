@@ -44,6 +44,22 @@ def test_packed_search_equals_the_plain_product_and_packs_once(packs: list[tuple
     assert packs == [(3000, 96)]
 
 
+def test_a_large_bank_is_searched_in_chunks_whose_similarities_stay_within_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At k = 16-64 the similarities of 8 192 queries did not fit any cache (memory.CPU_SIMILARITIES): each chunk's
+    queries x bank now stay within the bound, the last chunk partial, and every query gets its own minimum."""
+    rows: list[int] = []
+    original = fused.PackedLinear.__call__
+    monkeypatch.setattr(fused.PackedLinear, "__call__",
+                        lambda self, x, *a: rows.append(len(x)) or original(self, x, *a))
+    monkeypatch.setattr(memory, "CPU_SIMILARITIES", 64 * 1000)
+    generator = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(1000, 32, generator=generator), torch.randn(3, 50, 32, generator=generator)
+    got = association_min_distance(queries, bank)
+    torch.testing.assert_close(got.double(), plain(queries, bank), atol=2e-6, rtol=0)
+    assert rows == [64, 64, 22]  # 150 queries, 64 x 1000 similarities a chunk
+
+
 def test_a_bank_changed_in_place_is_packed_again(packs: list[tuple[int, ...]]) -> None:
     bank = torch.randn(500, 32)
     queries = torch.randn(40, 32)

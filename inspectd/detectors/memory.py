@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from inspectd.detectors import fused
 
 QUERY_CHUNK = 8192
+# On a CPU the queries x bank similarities of one chunk stay within this many floats (16 MB: in cache while their
+# max is taken); at 9 440 entries (tiny model, k = 16) 8 192-query chunks wrote 300 MB and read it back: 2.5-3.4x
+# slower there, 1.25x at ViT-B's width and k >= 16 (bench/sweeps.py's memory-bank sweep)
+CPU_SIMILARITIES = 1 << 22
 PACKED_BANKS_BYTES = 1 << 30  # packed copies kept at once (ViT-B, k = 16: ~68 MB a product)
 
 # id(memory) -> (weakref to memory, its version, packed bank, bytes), least recently searched first
@@ -37,17 +41,18 @@ def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> tor
     """min over r in memory of 1/2 (1 - <q, r>) for each query [..., D] against memory [M, D].
 
     Both sides are L2-normalised here. Queries are processed in chunks so the similarity matrix
-    stays bounded (chunk x M).
+    stays bounded (chunk x M; on a CPU within CPU_SIMILARITIES floats).
     """
     shape = queries.shape[:-1]
     flat = F.normalize(queries.reshape(-1, queries.shape[-1]), dim=-1)
     packed = packed_bank(memory) if flat.dtype == torch.float32 and not _wants_grad(flat) else None
     bank = F.normalize(memory, dim=-1) if packed is None else None
     best = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
-    for start in range(0, flat.shape[0], QUERY_CHUNK):
-        chunk = flat[start:start + QUERY_CHUNK]
+    rows = QUERY_CHUNK if flat.device.type != "cpu" else max(16, min(QUERY_CHUNK, CPU_SIMILARITIES // len(memory)))
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start:start + rows]
         sims = chunk @ bank.T if packed is None else packed(chunk.contiguous())
-        best[start:start + QUERY_CHUNK] = sims.max(dim=-1).values
+        best[start:start + rows] = torch.amax(sims, dim=-1)  # (max(dim).values also finds the indices)
     return (0.5 * (1.0 - best)).reshape(shape)
 
 
