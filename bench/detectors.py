@@ -52,7 +52,7 @@ class Plan:
         """On a GPU the timed batches are micro-batches (32 frames, 64 without --quick): what the daemon's batcher
         forms under load, and what keeps the tensor cores busy."""
         if quick:
-            return cls(True, (0, 4), batch=32 if gpu.is_cuda(device) else 2, rounds=4, bf16_rounds=3,
+            return cls(True, (0, 4), batch=32 if gpu.is_cuda(device) else 2, rounds=4, bf16_rounds=5,
                        randword_pairs=64, aprilgan_epochs=2, aprilgan_images=8, promptad_steps=5, star_shots=1,
                        star_epochs=1, star_multi_view=False, accuracy_images=2)
         return cls(False, (0, 1, 4, 16), batch=64 if gpu.is_cuda(device) else 4, rounds=6, bf16_rounds=6,
