@@ -122,24 +122,34 @@ async def produce(client, key: str, payloads: list[bytes], rate: float | None) -
 
 
 async def saturated_rate(client, key: str, n: int, batch: int, timeout: float = 600,  # noqa: ANN001
-                         opens_ms: int | None = None) -> float:
+                         opens_ms: int | None = None, opened: list[str] | None = None) -> float:
     """Results/s once ``n`` results are in, from Redis's own entry times (ms). The window opens at the results of
     one batch (at most ``batch``, the batch limit, written within FIRST_BATCH_MS): the first batch, or with
     ``opens_ms`` (Redis's clock when the producer had added every frame) the first batch written after that, so
     the producer's own XADDs, a client's work that a line's cameras do on other machines, are not inside it (unless
-    fewer than a quarter of the results came after it: the daemon kept up with the producer). The
-    rate is the results after that batch over the time from its results to the last one. Neither how often this
-    polls nor reading the results back is inside the window."""
+    the daemon kept up with the producer: fewer than a quarter of the results, or one batch, came after it). The
+    rate is the results after that batch over the time from its results to the last one; ``opened`` gets where the
+    window opened ("after the producer" or "at the first batch"). Neither how often this polls nor reading the
+    results back is inside the window."""
     await _wait_for(client, key, n, timeout)
     written = [int(eid.split(b"-")[0]) for eid, _ in await client.xrange(key)]
-    window = [ms for ms in written if opens_ms is None or ms >= opens_ms]
-    if len(window) * 4 < len(written):  # the daemon kept up with the producer: the first batch opens the window
-        window = written
-    first_batch = min(batch, sum(1 for ms in window if ms <= window[0] + FIRST_BATCH_MS)) if window else 0
+    window, after_producer = written, False
+    if opens_ms is not None:
+        later = [ms for ms in written if ms >= opens_ms]
+        if len(later) * 4 >= len(written) and len(later) > _first_batch(later, batch):
+            window, after_producer = later, True
+    if opened is not None:
+        opened.append("after the producer" if after_producer else "at the first batch")
+    first_batch = _first_batch(window, batch)
     if len(window) <= first_batch or window[-1] == window[0]:
         raise ValueError(f"{len(window)} results within {window[-1] - window[0] if window else 0} ms of the window: "
                          f"too few frames for a rate at batch limit {batch}")
     return (len(window) - first_batch) / ((window[-1] - window[0]) / 1000.0)
+
+
+def _first_batch(written: list[int], batch: int) -> int:
+    """How many of ``written`` (entry ms, in order) belong to the batch that opens them."""
+    return min(batch, sum(1 for ms in written if ms <= written[0] + FIRST_BATCH_MS)) if written else 0
 
 
 async def redis_ms(client) -> int:  # noqa: ANN001
@@ -197,11 +207,13 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
     payloads = camera_frames(n) if camera else frames(n, size)
     frames_key, results_key = f"{prefix}:{{b}}:frames", f"{prefix}:{{b}}:results"
     engine_rates, e2e_rates = [], []
+    opened: list[str] = []  # where each e2e window opened (saturated_rate)
     for _ in range(REPEATS):  # alternate the two measurements; medians resist this VM's noisy neighbours
         engine_rates.append(engine_only(daemon, payloads, batch))
         await client.delete(results_key)
         await produce(client, frames_key, payloads, None)  # saturation: every frame waiting or being read
-        e2e_rates.append(await saturated_rate(client, results_key, n, batch, opens_ms=await redis_ms(client)))
+        e2e_rates.append(await saturated_rate(client, results_key, n, batch, opens_ms=await redis_ms(client),
+                                              opened=opened))
     engine_rate, e2e_rate = float(np.median(engine_rates)), float(np.median(e2e_rates))
     # each pair ran within seconds of each other: this VM's host slows both alike, which a ratio of medians taken
     # over different minutes does not cancel (pairs measured 0.82-1.12 within one minute)
@@ -211,7 +223,8 @@ async def measure(arch: str, batch: int, n: int, size: int, backbone, decode_thr
     total = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_sum"))
     count = sum(s.value for m in batches.collect() for s in m.samples if s.name.endswith("_count"))
     row = {"batch": batch, "engine": engine_rate, "e2e": e2e_rate, "ratio": ratio,
-           "ratio_range": [float(pairs.min()), float(pairs.max())], "mean_batch": total / max(count, 1)}
+           "ratio_range": [float(pairs.min()), float(pairs.max())], "mean_batch": total / max(count, 1),
+           "windows_after_producer": opened.count("after the producer"), "pairs": len(opened)}
     for load in (0.5, 0.9):
         await client.delete(results_key)
         m = min(len(payloads), max(20, n // 2))

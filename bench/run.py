@@ -186,7 +186,9 @@ def daemon_section(run: Run) -> dict[str, Any]:
             "tile + score in one thread, no Redis/asyncio (on a GPU: score alone, the frames decoded beforehand, as "
             "the daemon's decode pool works beside the GPU); end-to-end = XADD -> daemon -> XADD results -> XACK with "
             "all frames waiting (saturation; timed from the first batch written after the producer added the last "
-            f"frame, so its XADDs are not inside); rates are medians of {REPEATS} alternating runs, e2e / engine the "
+            "frame, so its XADDs are not inside, where a quarter of the results and two batches came after it, else "
+            "from the first batch: the JSON rows' windows_after_producer count them); rates are medians of "
+            f"{REPEATS} alternating runs, e2e / engine the "
             "median of the adjacent pairs' ratios; latency with open-loop "
             f"arrivals at 50 % and 90 % of the measured end-to-end saturation rate; 240-px PNG frames unless the "
             f"row says (on a GPU one row of {CAMERA_INPUT}), WinCLIP, on {run.device} in {precision}."}

@@ -55,13 +55,17 @@ async def test_the_camera_row_scores_1080p_jpegs_through_the_daemon_and_the_engi
 async def test_the_window_can_open_after_the_producer_so_its_xadds_are_not_inside(
         redis_client, key_prefix) -> None:  # noqa: ANN001
     key = f"{key_prefix}:results"
-    # 5 batches of 2, 100 ms apart; the producer finished at 1_000_150: the window opens at the batch at 1_000_200
-    for batch, ms in enumerate(range(1_000_000, 1_000_500, 100)):
+    # 6 batches of 2: slow while the producer was adding frames (until 1_000_350), fast after it
+    for batch, ms in enumerate((1_000_000, 1_000_200, 1_000_400, 1_000_450, 1_000_500, 1_000_550)):
         for i in range(2):
             await redis_client.xadd(key, {"frame": f"{batch}-{i}"}, id=f"{ms}-{i}")
-    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5, opens_ms=1_000_150) == \
-        pytest.approx(4 / 0.2)
-    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5) == pytest.approx(8 / 0.4)
-    # a producer the daemon kept up with (under a quarter of the results after it): the first batch opens it
-    assert await saturated_rate(redis_client, key, 10, batch=2, timeout=5, opens_ms=1_000_350) == \
-        pytest.approx(8 / 0.4)
+    opened: list[str] = []
+    # opens at the batch at 1_000_400: 6 results after it in 150 ms
+    assert await saturated_rate(redis_client, key, 12, batch=2, timeout=5, opens_ms=1_000_350, opened=opened) == \
+        pytest.approx(6 / 0.15)
+    assert await saturated_rate(redis_client, key, 12, batch=2, timeout=5, opened=opened) == pytest.approx(10 / 0.55)
+    # the daemon kept up with the producer: under a quarter of the results, or one batch, after it
+    for opens_ms in (1_000_501, 1_000_551):
+        assert await saturated_rate(redis_client, key, 12, batch=2, timeout=5, opens_ms=opens_ms, opened=opened) \
+            == pytest.approx(10 / 0.55)
+    assert opened == ["after the producer", "at the first batch", "at the first batch", "at the first batch"]

@@ -41,14 +41,15 @@ def association_min_distance(queries: torch.Tensor, memory: torch.Tensor) -> tor
     """min over r in memory of 1/2 (1 - <q, r>) for each query [..., D] against memory [M, D].
 
     Both sides are L2-normalised here. Queries are processed in chunks so the similarity matrix
-    stays bounded (chunk x M; on a CPU within CPU_SIMILARITIES floats).
+    stays bounded (chunk x M; on a CPU within CPU_SIMILARITIES floats, or 16 rows of a larger bank).
     """
     shape = queries.shape[:-1]
     flat = F.normalize(queries.reshape(-1, queries.shape[-1]), dim=-1)
     packed = packed_bank(memory) if flat.dtype == torch.float32 and not _wants_grad(flat) else None
     bank = F.normalize(memory, dim=-1) if packed is None else None
     best = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
-    rows = QUERY_CHUNK if flat.device.type != "cpu" else max(16, min(QUERY_CHUNK, CPU_SIMILARITIES // len(memory)))
+    rows = QUERY_CHUNK if flat.device.type != "cpu" else \
+        max(16, min(QUERY_CHUNK, CPU_SIMILARITIES // max(1, len(memory))))
     for start in range(0, flat.shape[0], rows):
         chunk = flat[start:start + rows]
         sims = chunk @ bank.T if packed is None else packed(chunk.contiguous())
