@@ -59,6 +59,7 @@ async def profile_run(arch: str, batch: int, n: int, size: int, threads: int = 0
     await produce(client, frames_key, payloads[:20], None)
     await collect(client, results_key, 20)
     engine_rate = max(engine_only(daemon, payloads, batch) for _ in range(3))
+    cpu_threads.release_team()  # this thread's OpenMP team: the engine thread's must be the only one from here
     loop = asyncio.get_running_loop()
     engine_thread = daemon.engine._engine  # the daemon's one forward thread
     thread_rate = max([await loop.run_in_executor(engine_thread, engine_only, daemon, payloads, batch)

@@ -25,6 +25,7 @@ from inspectd.daemon.feedback import FeedbackStore, feedback_root
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.registry import BUILDING, ProductEntry, ProductRegistry
 from inspectd.daemon.review import ReviewHub
+from inspectd.detectors import cpu_threads
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 from inspectd.detectors.pipeline import ScoreItem
 from inspectd.streams.codec import DecodeLimits
@@ -121,7 +122,8 @@ class InspectDaemon:
         # two torch ops, waits for it; 0.5 ms hands it back sooner (bench/RESULTS.md, daemon at batch limit 1)
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         if not self.backbones:
-            self.backbones = await asyncio.to_thread(build_model_pool, cfg)
+            # (the loading thread then frees its OpenMP team: the engine thread's must be the only one)
+            self.backbones = await asyncio.to_thread(cpu_threads.released_team(build_model_pool), cfg)
             self.backbone = next(iter(self.backbones.values()))
         self.metrics.set_model_info(self.backbone.describe())
         limits = decode_limits(cfg)

@@ -27,6 +27,7 @@ import numpy as np
 
 from inspectd import atomic
 from inspectd.daemon.config import ProductConfig, RegistryConfig, ThresholdConfig
+from inspectd.detectors import cpu_threads
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
 from inspectd.detectors.building import (
@@ -235,7 +236,8 @@ class ProductRegistry:
             current = None if force else self._entries.get(config.id)
             try:
                 loop = asyncio.get_running_loop()
-                entry = await loop.run_in_executor(self._executor, self._build, config, current, build.ctx)
+                entry = await loop.run_in_executor(self._executor, cpu_threads.released_team(self._build), config,
+                                                   current, build.ctx)  # (its OpenMP team freed after)
             except FitStopped as exc:
                 log.info("product %s: build stopped (superseded); version %s keeps serving", config.id,
                          self._entries[config.id].version if config.id in self._entries else "none")

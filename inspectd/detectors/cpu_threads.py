@@ -12,14 +12,18 @@ one thread of its own.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import logging
 import os
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _count_set = False  # use_threads has called torch.set_num_threads in this process
@@ -58,6 +62,36 @@ def single_threaded() -> bool:
     for runtime in _openmp_runtimes():
         runtime.omp_set_num_threads(ctypes.c_int(1))
     return torch.get_num_threads() == 1
+
+
+def release_team() -> bool:
+    """Free the calling thread's OpenMP worker team (OpenMP 5's ``omp_pause_resource_all``, soft): for a thread that
+    ran torch's parallel ops and now idles (the model-loading and product-build threads), so the engine thread's
+    team is the only one. libgomp counts every team's workers; once they outnumber the cores, every team's workers
+    spin 100 times instead of ~300 000 before sleeping on a futex, and each of torch's parallel ops has to wake
+    them: one idle 2-thread team beside the engine's took the tiny model from ~110 to 50-85 frames/s on 2 cores
+    (0 -> 2-5 ms of kernel time a frame; `python -m bench.openmp`). A later parallel op on this thread makes a new
+    team. False where there is no team to free or no libgomp with the call (other runtimes keep theirs)."""
+    freed = False
+    for runtime in _openmp_runtimes():
+        pause = getattr(runtime, "omp_pause_resource_all", None)
+        if pause is not None and "gomp" in getattr(runtime, "_name", "") and pause(ctypes.c_int(1)) == 0:
+            freed = True
+    return freed
+
+
+def released_team(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` that frees its thread's OpenMP team when it returns or raises (`release_team`): for torch work
+    handed to a thread that outlives it."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_team()
+
+    return run
 
 
 @lru_cache(maxsize=1)
