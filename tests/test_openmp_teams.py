@@ -21,10 +21,11 @@ from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, wait_for_re
 pytestmark = pytest.mark.redis
 
 
-def native_threads() -> int:
-    """Threads of this process that Python did not start: OpenMP's workers (and any other native ones)."""
+def native_threads() -> set[int]:
+    """Threads of this process that Python did not start: OpenMP's workers (and any other native ones). Tests
+    compare sets: threads of earlier tests may still be ending meanwhile, so counts could fall."""
     python = {t.native_id for t in threading.enumerate()}
-    return sum(1 for tid in os.listdir("/proc/self/task") if int(tid) not in python)
+    return {int(tid) for tid in os.listdir("/proc/self/task")} - python
 
 
 def libgomp() -> bool:
@@ -40,13 +41,13 @@ def test_a_released_thread_leaves_no_openmp_worker_behind() -> None:
     def parallel_op() -> None:
         torch.randn(512, 512) @ torch.randn(512, 512)  # a 2-thread op: this thread gets a team
 
-    before = native_threads()
     keep, release = threading.Event(), threading.Event()
     for fn in (parallel_op, cpu_threads.released_team(parallel_op)):
+        before = native_threads()
         worker = threading.Thread(target=lambda fn=fn: (fn(), keep.set(), release.wait()))
         worker.start()
         keep.wait()
-        workers = native_threads() - before
+        workers = len(native_threads() - before)
         release.set()
         worker.join()
         keep.clear(), release.clear()
@@ -73,7 +74,7 @@ async def test_a_serving_daemon_keeps_only_the_engine_threads_openmp_team(
         await redis_client.xadd(f"{key_prefix}:{{l1}}:frames", frame_fields("nut" if i % 2 else "grid", "l1", f"f{i}",
                                                                             image))
     assert len(await wait_for_results(redis_client, key_prefix, 4, timeout=60)) == 4
-    workers = native_threads() - before
+    workers = len(native_threads() - before)
     daemon.request_stop()
     await asyncio.wait_for(task, 30)
     assert workers <= torch.get_num_threads() - 1  # the engine's team only (before: the loader's and builder's too)
