@@ -78,3 +78,13 @@ async def test_a_serving_daemon_keeps_only_the_engine_threads_openmp_team(
     daemon.request_stop()
     await asyncio.wait_for(task, 30)
     assert workers <= torch.get_num_threads() - 1  # the engine's team only (before: the loader's and builder's too)
+
+
+@needs_teams
+def test_the_openmp_benchmark_runs_and_compares_one_team_with_two() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.openmp", "--rounds", "1", "--seconds", "0.3"], check=True,
+                         capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "one team " in out and "an idle second team" in out and "x" in out.splitlines()[-1]

@@ -71,7 +71,7 @@ def release_team() -> bool:
     spin 100 times instead of ~300 000 before sleeping on a futex, and each of torch's parallel ops has to wake
     them: one idle 2-thread team beside the engine's took the tiny model from ~110 to 50-85 frames/s on 2 cores
     (0 -> 2-5 ms of kernel time a frame; `python -m bench.openmp`). A later parallel op on this thread makes a new
-    team. False where there is no team to free or no libgomp with the call (other runtimes keep theirs)."""
+    team. False where torch's runtime is not a libgomp with the call (other runtimes keep theirs)."""
     freed = False
     for runtime in _openmp_runtimes():
         pause = getattr(runtime, "omp_pause_resource_all", None)
