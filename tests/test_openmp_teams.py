@@ -28,11 +28,8 @@ def native_threads() -> set[int]:
     return {int(tid) for tid in os.listdir("/proc/self/task")} - python
 
 
-def libgomp() -> bool:
-    return any("gomp" in getattr(r, "_name", "") for r in cpu_threads._openmp_runtimes())
-
-
-needs_teams = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not libgomp() or torch.get_num_threads() < 2,
+needs_teams = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not cpu_threads.libgomp_runtimes()
+                                 or torch.get_num_threads() < 2,
                                  reason="needs Linux, torch's libgomp and 2+ torch threads")
 
 
@@ -50,7 +47,8 @@ def test_a_released_thread_leaves_no_openmp_worker_behind() -> None:
         workers = len(native_threads() - before)
         release.set()
         worker.join()
-        keep.clear(), release.clear()
+        keep.clear()
+        release.clear()
         if fn is parallel_op:
             assert workers == torch.get_num_threads() - 1  # an idle thread keeps its team's workers
         else:

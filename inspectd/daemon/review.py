@@ -194,7 +194,7 @@ class ReviewHub:
         self.config = config
         self.metrics = metrics
         self.limits = limits  # the daemon's decode limits: a frame it scored is decoded again under them to render
-        self.keeping = config.enabled and (served or config.review == "redis") and config.review != "off" \
+        self.keeping = config.enabled and (config.review == "redis" or served and config.review == "memory") \
             and (config.keep_ng + config.keep_ok) > 0
         self.stats: dict[str, ProductStats] = {}
         self._kept: dict[str, deque[ReviewItem]] = {"NG": deque(), "OK": deque()}

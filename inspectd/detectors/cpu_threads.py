@@ -73,11 +73,16 @@ def release_team() -> bool:
     (0 -> 2-5 ms of kernel time a frame; `python -m bench.openmp`). A later parallel op on this thread makes a new
     team. False where torch's runtime is not a libgomp with the call (other runtimes keep theirs)."""
     freed = False
-    for runtime in _openmp_runtimes():
+    for runtime in libgomp_runtimes():
         pause = getattr(runtime, "omp_pause_resource_all", None)
-        if pause is not None and "gomp" in getattr(runtime, "_name", "") and pause(ctypes.c_int(1)) == 0:
+        if pause is not None and pause(ctypes.c_int(1)) == 0:
             freed = True
     return freed
+
+
+def libgomp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The loaded OpenMP runtimes that are GNU libgomp (PyPI's torch wheels bundle it)."""
+    return tuple(r for r in _openmp_runtimes() if "gomp" in os.path.basename(getattr(r, "_name", "") or ""))
 
 
 def released_team(fn: Callable[..., T]) -> Callable[..., T]:
