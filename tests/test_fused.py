@@ -54,6 +54,29 @@ def test_fused_blocks_equal_open_clip(variant: str, length: int, monkeypatch: py
     assert took_graph == (length >= fused.GRAPH_ATTENTION_MIN_TOKENS and fused.graph_attention.broken is None)
 
 
+def test_a_block_runs_on_groups_of_whole_sequences_within_the_row_bound() -> None:
+    """A batch's token rows go through each block in groups of whole sequences of at most chunk_rows rows (GEMMs
+    with cache-sized outputs), and the stacked groups are the block's output over every row at once."""
+    model = random_transformer(2)
+    blocks = fused.FusedBlocks(model, rows_hint=64)
+    seen: list[tuple[int, int]] = []
+    inner = blocks.blocks[0]
+
+    def recording(rows: torch.Tensor, sequences: int) -> torch.Tensor:
+        seen.append((rows.shape[0], sequences))
+        return inner(rows, sequences)
+
+    blocks.blocks[0] = recording  # type: ignore[assignment]
+    x = torch.randn(9, 26, 64)
+    with torch.inference_mode():
+        grouped = blocks.block(0, x)
+        blocks.chunk_rows = 1 << 20
+        whole = blocks.block(0, x)
+    assert seen[:-1] == [(52, 2), (52, 2), (52, 2), (52, 2), (26, 1)]  # 2 sequences of 26 fit in 64 rows
+    assert seen[-1] == (234, 9)
+    torch.testing.assert_close(grouped, whole, atol=2e-5, rtol=2e-5)
+
+
 def test_graph_attention_equals_sdpa_on_strided_views_fuses_and_bounds_its_graphs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     attention = fused.GraphAttention()
