@@ -39,6 +39,7 @@ REPEATS = 7  # alternations of engine-only and end-to-end; the ratio is the medi
 # (7, not 5: this VM's slow spells last seconds, and one quick run's pairs spread from 0.54 to 1.10)
 
 
+ALLOCATOR = "keep"  # the daemons' `allocator` (--allocator system: glibc's defaults, for a before/after)
 CAMERA = (1920, 1080)  # the camera-frame rows: 1080p JPEG photos (quality 90)
 
 
@@ -72,7 +73,7 @@ def config(arch: str, batch: int, prefix: str, decode_threads: int = -1, precisi
                                 "resize": resize},
         "redis": {"url": REDIS, "prefix": prefix, "lines": ["b"], "block_ms": 50, "control_stream": None},
         "batcher": {"max_batch_size": batch, "max_delay_ms": 5, "queue_size": max(64, 4 * batch)},
-        "http": {"enabled": False},
+        "http": {"enabled": False}, "allocator": ALLOCATOR,
         "products": [{"id": "p", "object_name": "object", "shots": 0, "mask": "none"}],
     })
 
@@ -264,7 +265,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=240)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--decode-threads", type=int, default=-1, help="-1 = the daemon's auto choice")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--allocator", choices=("keep", "system"), default="keep")
+    args = parser.parse_args()
+    global ALLOCATOR
+    ALLOCATOR = args.allocator
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 from bench import gpu
 from bench.report import evaluate_targets, write_report
+from inspectd import allocator
 
 SECTIONS = ("peak", "detectors", "daemon", "sweeps", "bf16", "compile", "gpu")
 DEFAULT_OUT = Path(__file__).resolve().parent / "report"
@@ -269,6 +270,7 @@ def finish(run: Run) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    allocator.apply("keep")  # the daemon's default: every section's tensors come from the heap as they would there
     device = gpu.choose_device(args.device)
     run = Run(args, device)
     run.results["meta"] = meta(args, device, argv)

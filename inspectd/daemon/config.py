@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from inspectd.allocator import CHOICES as ALLOCATORS
 from inspectd.detectors.compiled import MODES
 
 
@@ -266,8 +267,11 @@ class DaemonConfig:
     products: list[ProductConfig] = field(default_factory=list)
     shutdown_timeout_s: float = 20.0
     demo: bool = False  # allow model.pretrained == "random": every result says its scores are meaningless
+    allocator: str = "keep"  # keep: freed tensor memory stays in the heap for the next batch (inspectd/allocator.py)
+    #                          system: glibc's defaults (freed memory goes back to the kernel; resident memory falls)
 
     def __post_init__(self) -> None:
+        _choice("allocator", self.allocator, ALLOCATORS)
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

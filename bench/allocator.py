@@ -1,0 +1,105 @@
+"""The daemon's `allocator: keep` (freed tensor memory stays in the heap) vs glibc's defaults (`system`): the tiny
+model scoring batches on a thread of its own (as the daemon's engine), page faults and kernel time per frame,
+frames/s and peak RSS. glibc's dynamic defaults cannot be put back in a process once changed, so each measurement
+is a fresh child process, the two choices in turn, in one run.
+
+    python -m bench.allocator [--rounds 3] [--batch 16] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from inspectd import allocator
+from inspectd.detectors import cpu_threads
+
+
+def child(choice: str, batch: int, seconds: float) -> dict[str, Any]:
+    """In this process: apply ``choice``, load the tiny model and score batches of ``batch`` 240-px PNG frames with
+    WinCLIP 2-shot as the daemon's CPU engine does (decode, pre-process, score, on a thread of its own) for
+    ``seconds`` after a warm-up; what it cost per frame."""
+    applied = allocator.apply(choice)
+    from bench.common import load_model
+    from bench.daemon import frames as png_frames
+    from bench.sweeps import photos
+    from inspectd.daemon.engine import PreparedFrame, ScoringEngine
+    from inspectd.detectors.base import ProductSpec, create_detector
+    from inspectd.detectors.pipeline import ScoreItem, run
+    from inspectd.streams.schema import Frame
+
+    backbone = load_model("tiny", Path(tempfile.mkdtemp()))
+    detector = create_detector("winclip", backbone)
+    state = detector.fit(ProductSpec("p", "hazelnut"), photos("good", 2))
+    engine = ScoringEngine([backbone.device], decode_threads=0)
+    payloads = png_frames(batch, 240)
+    cpu_threads.release_team()  # the engine thread's team must be the only one (bench/openmp.py)
+
+    def one_batch() -> None:
+        prepared = [engine._prepare_one(Frame("p", "b", "f", 0.0, payload=p), detector) for p in payloads]
+        assert all(isinstance(p, PreparedFrame) for p in prepared), prepared
+        run([ScoreItem(detector, state, tiles=p.tiles, layout=p.layout, map_size=(1, 1)) for p in prepared])
+
+    def timed() -> tuple[int, float, Any, Any]:
+        for _ in range(3):
+            one_batch()
+        before, started, frames = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            one_batch()
+            frames += batch
+        return frames, time.perf_counter() - started, before, resource.getrusage(resource.RUSAGE_SELF)
+
+    try:
+        frames, elapsed, before, after = engine._engine.submit(timed).result()  # the engine's own thread
+    finally:
+        engine.close()
+    return {"choice": choice, "applied": applied, "frames_per_s": frames / elapsed,
+            "faults_per_frame": (after.ru_minflt - before.ru_minflt) / frames,
+            "kernel_ms_per_frame": 1000 * (after.ru_stime - before.ru_stime) / frames,
+            "peak_rss_mib": after.ru_maxrss / 1024}
+
+
+def measure(choice: str, batch: int, seconds: float) -> dict[str, Any]:
+    """`child` in a fresh interpreter (this package's root on its path)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "bench.allocator", "--child", choice, "--batch", str(batch),
+                          "--seconds", str(seconds)], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--child", choices=allocator.CHOICES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.batch, args.seconds)))
+        return
+    rows: dict[str, list[dict[str, Any]]] = {choice: [] for choice in allocator.CHOICES}
+    for i in range(args.rounds):
+        for choice in allocator.CHOICES if i % 2 == 0 else allocator.CHOICES[::-1]:
+            rows[choice].append(measure(choice, args.batch, args.seconds))
+    print(f"tiny WinCLIP 2-shot, batches of {args.batch} 240-px PNG frames decoded and scored on the engine thread, "
+          f"{args.rounds} child processes each, {args.seconds:.0f} s timed; best frames/s, median of the rest")
+    print(f"{'allocator':10s} {'frames/s':>9s} {'faults/frame':>13s} {'kernel ms/frame':>16s} {'peak RSS MiB':>13s}")
+    best = {}
+    for choice, measured in rows.items():
+        best[choice] = max(r["frames_per_s"] for r in measured)
+        faults = sorted(r["faults_per_frame"] for r in measured)[len(measured) // 2]
+        kernel = sorted(r["kernel_ms_per_frame"] for r in measured)[len(measured) // 2]
+        rss = max(r["peak_rss_mib"] for r in measured)
+        print(f"{choice:10s} {best[choice]:9.1f} {faults:13.1f} {kernel:16.2f} {rss:13.0f}")
+    print(f"keep / system frames/s: {best['keep'] / best['system']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
