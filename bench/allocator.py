@@ -70,7 +70,9 @@ def measure(choice: str, batch: int, seconds: float) -> dict[str, Any]:
     """`child` in a fresh interpreter (this package's root on its path)."""
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "bench.allocator", "--child", choice, "--batch", str(batch),
-                          "--seconds", str(seconds)], cwd=root, capture_output=True, text=True, check=True)
+                          "--seconds", str(seconds)], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.allocator --child {choice} exited {out.returncode}:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 import torch
 from PIL import Image
 
+from inspectd import allocator
 from inspectd.daemon.app import InspectDaemon, build_backbone
 from inspectd.daemon.config import parse_config
 from inspectd.daemon.engine import PreparedFrame
@@ -265,7 +266,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=240)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--decode-threads", type=int, default=-1, help="-1 = the daemon's auto choice")
-    parser.add_argument("--allocator", choices=("keep", "system"), default="keep")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep")
     args = parser.parse_args()
     global ALLOCATOR
     ALLOCATOR = args.allocator

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
-MMAP_THRESHOLD = 32 << 20  # the largest glibc takes on 64-bit (HEAP_MAX_SIZE / 2); larger requests stay mapped
+MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold on 64-bit; larger requests stay mapped
 TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20  # the heap grows in steps this large: fewer brk calls while it reaches its working set
 SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
@@ -30,7 +31,7 @@ CHOICES = ("keep", "system")
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # TypeError: Windows has no "this process" library
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
@@ -42,6 +43,10 @@ def keep_freed_memory() -> bool:
     if libc is None:
         log.info("allocator: not glibc; the C library's own malloc settings stay")
         return False
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "malloc" in preloaded:  # jemalloc, tcmalloc, mimalloc: glibc's settings would tune a heap nothing uses
+        log.info("allocator: %s is preloaded; it keeps its own settings", preloaded)
+        return False
     refused = [param for param, value in SETTINGS if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1]
     if refused:
         log.warning("allocator: glibc refused mallopt(%s); freed memory may go back to the kernel", refused)
@@ -49,8 +54,9 @@ def keep_freed_memory() -> bool:
 
 
 def apply(choice: str) -> bool:
-    """The config's ``allocator`` choice: "keep" (`keep_freed_memory`) or "system" (glibc's defaults, nothing
-    set); True when the heap now keeps freed memory."""
+    """The config's ``allocator`` choice: "keep" (`keep_freed_memory`) or "system" (nothing is set: glibc's
+    defaults, in a process where "keep" was not applied before; settings cannot be taken back); True when the heap
+    now keeps freed memory."""
     if choice not in CHOICES:
         raise ValueError(f"allocator must be one of {list(CHOICES)}, got {choice!r}")
     return keep_freed_memory() if choice == "keep" else False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench.allocator import measure
@@ -9,6 +11,8 @@ from inspectd import allocator
 from inspectd.daemon.config import ConfigError, parse_config
 
 
+@pytest.mark.skipif(allocator._glibc() is None or "malloc" in os.environ.get("LD_PRELOAD", ""),
+                    reason="glibc's malloc is not this process's")
 def test_keep_stops_the_page_faults_of_every_batch() -> None:
     """The daemon's CPU engine path (PNG decode, pre-processing, tiny WinCLIP) in fresh processes: with glibc's
     defaults each batch maps and faults in new pages; with `keep` it reuses the heap's."""

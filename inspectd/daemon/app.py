@@ -122,7 +122,7 @@ class InspectDaemon:
         # Python's default 5 ms switch interval lets the event loop keep the GIL while the engine thread, between
         # two torch ops, waits for it; 0.5 ms hands it back sooner (bench/RESULTS.md, daemon at batch limit 1)
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-        allocator.apply(cfg.allocator)  # before the model loads: its weights and every batch's tensors use the heap
+        allocator.apply(cfg.allocator)  # before a model loads here (one passed in was loaded before) and any batch
         if not self.backbones:
             # (the loading thread then frees its OpenMP team: the engine thread's must be the only one)
             self.backbones = await asyncio.to_thread(cpu_threads.released_team(build_model_pool), cfg)

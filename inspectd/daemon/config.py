@@ -37,7 +37,8 @@ class ModelConfig:
     quick_gelu: str = "auto"
     threads: int = 0  # torch's CPU threads, process-wide; 0 = leave as is (torch's default: one per core)
     cache_dir: str | None = None
-    window_chunk_tokens: int = 0  # 0 = auto: 2048 on CPU (cache-sized), large on GPU
+    window_chunk_tokens: int = 0  # token rows a window-pass chunk, and on CPU a fused block's group of whole
+    #                               sequences, holds; 0 = auto: 2048 on CPU (cache-sized), large on GPU
     cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch
     resize: str = "exact"  # frames to model inputs: exact (open_clip's bicubic, as eval) | fast (JPEGs decoded
     #                        smaller, large frames 1080p 2.3x, 4K 5.1x faster; see preprocess.FAST_REDUCING_GAP)

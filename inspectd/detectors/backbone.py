@@ -50,7 +50,7 @@ class ModelSpec:
     threads: int = 0  # torch's CPU threads (process-wide); 0 = leave as is (torch's default: one per core)
     cache_dir: str | None = None
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
-    window_chunk_tokens: int = 0  # tokens per window-pass chunk; 0 = auto (CPU: 2048, cache-sized, ~20% faster)
+    window_chunk_tokens: int = 0  # rows per window-pass chunk and fused-block group; 0 = auto (CPU: 2048: cache-sized)
     cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
     seed: int = 0  # seed of random (demo) weights, so a demo is reproducible
     resize: str = "exact"  # frames to model inputs: "exact" (open_clip's bicubic) | "fast" (preprocess.RESIZE_MODES)
