@@ -2,9 +2,9 @@
 
 glibc serves a request over its mmap threshold (128 KiB, raised as freed mapped chunks come back, at most 32 MiB)
 with a fresh mapping and returns a heap's free top to the kernel once it passes the trim threshold (twice that).
-A forward allocates and frees activations of every size each op, so every batch maps pages anew and takes a page
-fault for each 4 KiB it touches first: ~200 faults and ~1 ms of kernel time per tiny-model frame at batch 16,
-faults the engine's OpenMP workers take while the other waits at a barrier (`python -m bench.allocator`).
+A CPU engine's decode and pre-processing allocate and free buffers of many sizes every frame, so every batch
+maps pages anew and takes a page fault for each 4 KiB it touches first: 186 faults and 0.76 ms of kernel time per
+tiny-model frame at batch 16, against 1 and 0.05 with this module's settings (`python -m bench.allocator`).
 `keep_freed_memory` sets the mmap threshold to glibc's maximum and lets the heap keep up to 1 GiB of free top, so a
 steady stream of batches reuses the same pages. The price: resident memory stays at the peak working set, which
 is what a daemon must be provisioned for anyway (`allocator: system` in the config keeps glibc's defaults).

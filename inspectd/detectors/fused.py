@@ -307,38 +307,24 @@ class FusedBlocks:
         # hidden rows stay cache-sized runs 15-30 % faster than one over a batch's every row (bench/chunks.py)
         self.chunk_rows = rows_hint
 
-    def _in_groups(self, x: torch.Tensor, step: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-        """``step(rows, sequences)`` on [S, L, W] in groups of whole sequences of at most `chunk_rows` rows
-        (one group when they all fit), the groups' outputs stacked back: [S, L', W]."""
-        sequences, length, width = x.shape
+    def _in_groups(self, step: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
+                   ) -> tuple[torch.Tensor, ...]:
+        """``step(*rows, sequences)`` on row sets [S, L, W] of the same sequences, in groups of whole sequences of at
+        most `chunk_rows` rows (one group when they all fit); each of its outputs stacked back to [S, L', W]."""
+        sequences, length, width = xs[0].shape
         per = max(1, self.chunk_rows // length)
-        if per >= sequences:
-            return step(x.reshape(sequences * length, width), sequences).view(sequences, -1, width)
-        parts = [step(x[start:start + per].reshape(-1, width), min(per, sequences - start))
+        parts = [step(*(x[start:start + per].reshape(-1, width) for x in xs), min(per, sequences - start))
                  for start in range(0, sequences, per)]
-        return torch.cat(parts).view(sequences, -1, width)
-
-    def _in_groups2(self, x: torch.Tensor, x_vv: torch.Tensor,
-                    step: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_in_groups` for a step on two row sets of the same sequences that returns two (PromptAD's dual path)."""
-        sequences, length, width = x.shape
-        per = max(1, self.chunk_rows // length)
-        starts = range(0, sequences, per)
-        parts = [step(x[s:s + per].reshape(-1, width), x_vv[s:s + per].reshape(-1, width), min(per, sequences - s))
-                 for s in starts]
-        if len(parts) == 1:
-            first, second = parts[0]
-        else:
-            first, second = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return first.view(sequences, -1, width), second.view(sequences, -1, width)
+        columns = [part if isinstance(part, tuple) else (part,) for part in parts]
+        outputs = columns[0] if len(columns) == 1 else tuple(torch.cat(column) for column in zip(*columns, strict=True))
+        return tuple(output.view(sequences, -1, width) for output in outputs)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` on [S, L, W]."""
-        return self._in_groups(x, self.blocks[i])
+        return self._in_groups(self.blocks[i], x)[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(len(self.blocks)):
@@ -354,13 +340,15 @@ class FusedBlocks:
 
     def cls_block(self, x: torch.Tensor) -> torch.Tensor:
         """The last block on [S, L, W] for token 0 only: [S, 1, W] (for a forward that reads the CLS token alone)."""
-        return self._in_groups(x, self.blocks[-1].cls_output)
+        return self._in_groups(self.blocks[-1].cls_output, x)[0]
 
     def dual_block(self, i: int, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``i`` on [S, L, W] with PromptAD's value-value path (`_Block.dual`): (next ``x``, next ``x_vv``)."""
-        return self._in_groups2(x, x_vv, self.blocks[i].dual)
+        x, x_vv = self._in_groups(self.blocks[i].dual, x, x_vv)
+        return x, x_vv
 
     def dual_cls_block(self, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block as `dual_block` for a caller that reads token 0 of the original path only
         (`_Block.dual_cls`): ([S, 1, W] original-path token 0, next ``x_vv`` [S, L, W])."""
-        return self._in_groups2(x, x_vv, self.blocks[-1].dual_cls)
+        cls, x_vv = self._in_groups(self.blocks[-1].dual_cls, x, x_vv)
+        return cls, x_vv
