@@ -14,7 +14,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,12 @@ def child(choice: str, batch: int, seconds: float) -> dict[str, Any]:
     WinCLIP 2-shot as the daemon's CPU engine does (decode, pre-process, score, on a thread of its own) for
     ``seconds`` after a warm-up; what it cost per frame."""
     applied = allocator.apply(choice)
-    from bench.common import load_model
+    from bench.common import load_model, run_for
     from bench.daemon import frames as png_frames
+    from bench.daemon import prepare_payloads, score_prepared
     from bench.sweeps import photos
-    from inspectd.daemon.engine import PreparedFrame, ScoringEngine
+    from inspectd.daemon.engine import ScoringEngine
     from inspectd.detectors.base import ProductSpec, create_detector
-    from inspectd.detectors.pipeline import ScoreItem, run
-    from inspectd.streams.schema import Frame
 
     backbone = load_model("tiny", Path(tempfile.mkdtemp()))
     detector = create_detector("winclip", backbone)
@@ -43,27 +41,14 @@ def child(choice: str, batch: int, seconds: float) -> dict[str, Any]:
     cpu_threads.release_team()  # the engine thread's team must be the only one (bench/openmp.py)
 
     def one_batch() -> None:
-        prepared = [engine._prepare_one(Frame("p", "b", "f", 0.0, payload=p), detector) for p in payloads]
-        assert all(isinstance(p, PreparedFrame) for p in prepared), prepared
-        run([ScoreItem(detector, state, tiles=p.tiles, layout=p.layout, map_size=(1, 1)) for p in prepared])
+        score_prepared(detector, state, prepare_payloads(engine, detector, payloads))
 
-    def timed() -> tuple[int, float, Any, Any]:
-        for _ in range(3):
-            one_batch()
-        before, started, frames = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
-        while time.perf_counter() - started < seconds:
-            one_batch()
-            frames += batch
-        return frames, time.perf_counter() - started, before, resource.getrusage(resource.RUSAGE_SELF)
-
-    try:
-        frames, elapsed, before, after = engine._engine.submit(timed).result()  # the engine's own thread
+    try:  # on the engine's own thread
+        measured = engine._engine.submit(run_for, one_batch, batch, seconds, 3).result()
     finally:
         engine.close()
-    return {"choice": choice, "applied": applied, "frames_per_s": frames / elapsed,
-            "faults_per_frame": (after.ru_minflt - before.ru_minflt) / frames,
-            "kernel_ms_per_frame": 1000 * (after.ru_stime - before.ru_stime) / frames,
-            "peak_rss_mib": after.ru_maxrss / 1024}
+    return {"choice": choice, "applied": applied, **measured,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure(choice: str, batch: int, seconds: float) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from PIL import Image
 from inspectd import allocator
 from inspectd.daemon.app import InspectDaemon, build_backbone
 from inspectd.daemon.config import parse_config
-from inspectd.daemon.engine import PreparedFrame
+from inspectd.daemon.engine import PreparedFrame, ScoringEngine
 from inspectd.detectors import cpu_threads
+from inspectd.detectors.base import Detector, ProductState
 from inspectd.detectors.pipeline import ScoreItem, run
 from inspectd.streams.message import frame_fields
 from inspectd.streams.schema import Frame
@@ -79,6 +80,19 @@ def config(arch: str, batch: int, prefix: str, decode_threads: int = -1, precisi
     })
 
 
+def prepare_payloads(engine: ScoringEngine, detector: Detector, payloads: list[bytes]) -> list[PreparedFrame]:
+    """The engine's own decode + pre-processing of encoded frames, inline (a frame that fails is an error here)."""
+    out = [engine._prepare_one(Frame("p", "b", "f", 0.0, payload=p), detector) for p in payloads]
+    if bad := [p for p in out if not isinstance(p, PreparedFrame)]:
+        raise ValueError(f"a bench frame did not prepare: {bad[0]}")
+    return out
+
+
+def score_prepared(detector: Detector, state: ProductState, prepared: list[PreparedFrame]) -> None:
+    """One batch through the scoring pipeline, no mask wanted (the bench product's `mask: none`)."""
+    run([ScoreItem(detector, state, tiles=p.tiles, layout=p.layout, map_size=(1, 1)) for p in prepared])
+
+
 def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> float:
     """Frames/s of the same work without Redis or asyncio, batch by batch, timed after the first batch as
     `saturated_rate` times the end-to-end run: decode + tile + score in one thread on a CPU engine (whose daemon
@@ -86,11 +100,8 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     decodes in a pool beside the GPU: serial decode here would understate what the GPU does)."""
     entry = daemon.registry.get("p")
 
-    def prepare(chunk: list[bytes]) -> list[PreparedFrame]:  # the engine's own decode + pre-processing, inline
-        out = [daemon.engine._prepare_one(Frame("p", "b", "f", 0.0, payload=p), entry.detector) for p in chunk]
-        if bad := [p for p in out if not isinstance(p, PreparedFrame)]:
-            raise ValueError(f"a bench frame did not prepare: {bad[0]}")
-        return out
+    def prepare(chunk: list[bytes]) -> list[PreparedFrame]:
+        return prepare_payloads(daemon.engine, entry.detector, chunk)
 
     on_gpu = daemon.backbone.device.type == "cuda"
     chunks = [payloads[i:i + batch] for i in range(0, len(payloads), batch)]
@@ -98,8 +109,7 @@ def engine_only(daemon: InspectDaemon, payloads: list[bytes], batch: int) -> flo
     started, timed = time.perf_counter(), len(payloads)
     for i, chunk in enumerate(chunks):
         prepared = ready[i] if ready is not None else prepare(chunk)
-        run([ScoreItem(entry.detector, entry.state, tiles=p.tiles, layout=p.layout, map_size=(1, 1))
-             for p in prepared])
+        score_prepared(entry.detector, entry.state, prepared)
         if on_gpu:
             torch.cuda.synchronize(daemon.backbone.device)
         if i == 0 and len(chunks) > 1:

@@ -7,15 +7,13 @@ the daemon's model-loading and build threads left before `cpu_threads.release_te
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from bench.common import load_model
+from bench.common import load_model, run_for
 from bench.sweeps import photos
 from inspectd.detectors import cpu_threads
 from inspectd.detectors.base import ProductSpec, create_detector
@@ -28,13 +26,8 @@ def parallel_op() -> None:
 
 def rate(items: list[ScoreItem], seconds: float) -> tuple[float, float]:
     """(frames/s, kernel ms per frame) of scoring ``items`` again and again for ``seconds``."""
-    run(items)
-    started, before, frames = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), 0
-    while time.perf_counter() - started < seconds:
-        run(items)
-        frames += len(items)
-    elapsed, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
-    return frames / elapsed, 1000 * (after.ru_stime - before.ru_stime) / frames
+    got = run_for(lambda: run(items), len(items), seconds)
+    return got["frames_per_s"], got["kernel_ms_per_frame"]
 
 
 def main() -> None:
