@@ -178,7 +178,10 @@ def _peak(section: dict[str, Any], results: dict[str, Any]) -> str:
         bf16_how = peak.get("bf16_note", "")
         if peak.get("bf16_gflops"):
             bf16_how += f"; {_basis(peak, 'bf16')}"
-        rows.append(["physical bf16 dot-product peak", peak.get("bf16_gflops"), bf16_how])
+        if peak.get("dot_bf16_gflops"):
+            bf16_how += f"; vdpbf16ps alone: {peak['dot_bf16_gflops']:.0f} GFLOP/s"
+        isa = f" ({peak['bf16_isa']})" if peak.get("bf16_isa") else ""
+        rows.append([f"physical bf16 peak{isa}", peak.get("bf16_gflops"), bf16_how])
     else:
         rows.append(["physical fp32 FMA peak", None, peak.get("reason", "not measured")])
     if gemm:

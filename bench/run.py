@@ -213,7 +213,8 @@ def bf16_runnable(run: Run) -> str | None:
     if gpu.is_cuda(run.device):
         return None if torch.cuda.is_bf16_supported() else "not run: this GPU has no bf16"
     physical = run.results.get("peak", {}).get("physical", {})
-    if not physical.get("avx512_bf16") and "avx512_bf16" not in _flags():
+    flags = _flags()
+    if not (physical.get("avx512_bf16") or physical.get("amx_bf16")) and not {"avx512_bf16", "amx_bf16"} & flags:
         return "not run: this CPU has no bf16 dot-product instructions (avx512_bf16 / amx_bf16)"
     return None
 
