@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,8 @@ def test_graph_attention_steps_aside_for_short_sequences_flop_counting_autocast_
 
 def test_fused_blocks_bf16_close_to_fp32() -> None:
     model = random_transformer(2)
+    if reason := fused.support(model, torch.bfloat16):
+        pytest.skip(reason)
     x = torch.randn(5, 10, 64)
     with torch.inference_mode():
         reference = model(x)
@@ -153,6 +156,23 @@ def test_fused_blocks_bf16_close_to_fp32() -> None:
 def test_unsupported_blocks_say_why() -> None:
     assert "block 0" in (fused.support(random_transformer(0, scale_fc=True), torch.float32) or "")
     assert "dtype" in (fused.support(random_transformer(0), torch.float16) or "")
+
+
+def test_a_bf16_backbone_scores_on_any_cpu_fused_only_where_onednn_has_bf16(tiny_checkpoint: Path) -> None:
+    """On a CPU without AVX-512 (AMD Zen 3) oneDNN's bf16 weight reorder raised at build; bf16 now takes
+    open_clip's blocks there and says why."""
+    spec = ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu")
+    half = ClipBackbone(dataclasses.replace(spec, precision="bf16"))
+    full = ClipBackbone(spec)
+    has_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert half.describe()["kernels"] == ("onednn" if has_bf16 else "torch")
+    assert (fused.support(half.visual.transformer, torch.bfloat16) is None) == has_bf16
+    pixels = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(0))
+    request = FeatureRequest(blocks=frozenset({1}), patch_tokens=True, windows=frozenset({2}))
+    a, b = half.forward(pixels, request), full.forward(pixels, request)
+    for got, want in ((a.image_embeddings, b.image_embeddings), (a.patch_tokens, b.patch_tokens)):
+        error = (got.float() - want).abs().max()
+        assert 0 < error < 0.1 * want.abs().max()  # bf16's rounding shows: it ran in bf16, and close to fp32
 
 
 def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint: Path) -> None:

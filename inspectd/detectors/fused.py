@@ -47,6 +47,8 @@ def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
         return "this torch build has no oneDNN linear kernels"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype} (oneDNN blocks run fp32 or bf16)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no oneDNN bf16 kernels (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
     for i, block in enumerate(getattr(transformer, "resblocks", [])):
         reason = _block_support(block)
         if reason:
