@@ -76,6 +76,22 @@ def test_a_block_runs_on_groups_of_whole_sequences_within_the_row_bound() -> Non
     assert seen[:-1] == [(52, 2), (52, 2), (52, 2), (52, 2), (26, 1)]  # 2 sequences of 26 fit in 64 rows
     assert seen[-1] == (234, 9)
     torch.testing.assert_close(grouped, whole, atol=2e-5, rtol=2e-5)
+    seen.clear()
+    blocks.chunk_rows = 104  # 4 sequences fit: 5 go as 3 + 2, not 4 + a short remainder of 1
+    with torch.inference_mode():
+        torch.testing.assert_close(blocks.block(0, x[:5]), whole[:5], atol=2e-5, rtol=2e-5)
+    assert seen == [(78, 3), (52, 2)]
+
+
+def test_groups_are_as_even_as_whole_sequences_allow() -> None:
+    """WinCLIP's 3x3 windows of two 240-px tiles: 338 sequences of 10 tokens at 2 048 rows go as 2 x 169, not
+    204 + a 134-sequence remainder (whose 1 340 rows ran bf16's 896-wide linears at half the rate on AMX)."""
+    assert fused.even_groups(338, 10, 2048) == [(0, 169), (169, 338)]
+    assert fused.even_groups(392, 5, 2048) == [(0, 392)]  # 1 960 rows fit one group
+    assert fused.even_groups(450, 5, 2048) == [(0, 225), (225, 450)]
+    assert fused.even_groups(9, 26, 64) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    assert fused.even_groups(3, 300, 64) == [(0, 1), (1, 2), (2, 3)]  # a sequence over the bound goes alone
+    assert fused.even_groups(4, 26, 1 << 20) == [(0, 4)]
 
 
 def test_graph_attention_equals_sdpa_on_strided_views_fuses_and_bounds_its_graphs(

@@ -605,10 +605,8 @@ class ClipBackbone:
         patches = tokens[:, 1:][:, idx]  # [N, U, k*k, W]
         cls = tokens[:, :1, None, :].expand(n, n_windows, 1, width)
         sequences = torch.cat([cls, patches], dim=2).reshape(n * n_windows, 1 + k * k, width)
-        per_chunk = max(1, self._chunk_tokens() // (1 + k * k))
-        outputs = []
-        for start in range(0, sequences.shape[0], per_chunk):
-            outputs.append(self._project(self._window_cls(sequences[start:start + per_chunk])).float())
+        outputs = [self._project(self._window_cls(sequences[start:end])).float()
+                   for start, end in fused.even_groups(sequences.shape[0], 1 + k * k, self._chunk_tokens())]
         return torch.cat(outputs)
 
     def describe(self) -> dict[str, str]:
