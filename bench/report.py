@@ -186,11 +186,12 @@ def _peak(section: dict[str, Any], results: dict[str, Any]) -> str:
         rows.append(["physical fp32 FMA peak", None, peak.get("reason", "not measured")])
     if gemm:
         rows.append([f"torch.mm fp32 {int(gemm.get('square', 2048))}^3", gemm.get("mm_fp32"), "MKL on CPU"])
-        rows.append([f"torch.mm bf16 {int(gemm.get('square', 2048))}^3", gemm.get("mm_bf16"), ""])
+        rows.append([f"torch.mm bf16 {int(gemm.get('square', 2048))}^3", gemm.get("mm_bf16"),
+                     gemm.get("bf16_skipped") or ""])
         rows.append(["GEMM bound fp32 (best kernel and shape)", gemm.get("bound_fp32"),
                      "what bench/common.py's fp32_flop_bound rates against: MKL and prepacked oneDNN, square and the "
                      f"ViT's shapes (width {int(gemm.get('width', 0))})"])
-        rows.append(["GEMM bound bf16", gemm.get("bound_bf16"), ""])
+        rows.append(["GEMM bound bf16", gemm.get("bound_bf16"), gemm.get("bf16_skipped") or ""])
     text = table(["ceiling", "GFLOP/s", "how"], rows)
     if peak.get("measured") and gemm.get("bound_fp32"):
         text += (f"\n\nThe fp32 GEMM bound is {gemm['bound_fp32'] / peak['fp32_gflops']:.2f} of the physical fp32 "

@@ -69,6 +69,29 @@ def test_on_a_cpu_with_amx_tiles_the_bf16_peak_is_the_tile_rate(tmp_path: Path) 
     assert chosen["bf16_gflops"] * torch.get_num_threads() >= gemm, (chosen, gemm)  # a GEMM cannot beat the tiles
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_gemms_are_timed_only_where_the_cpu_has_bf16_kernels(has_bf16: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AMD Zen 3 (AVX2) torch's bf16 matmul is a reference loop: timing it took the --quick report's first
+    seven minutes. There the bf16 ceilings are None with the reason, in the JSON and in the report's rows."""
+    monkeypatch.setattr(peak, "onednn_has_bf16", lambda: has_bf16)
+    timed: list[torch.dtype] = []
+    real_mm, real_bound = peak.matmul_gflops, peak.fp32_flop_bound
+    monkeypatch.setattr(peak, "matmul_gflops", lambda dtype, *a: timed.append(dtype) or real_mm(dtype, *a))
+    monkeypatch.setattr(peak, "fp32_flop_bound", lambda w, d, dtype: timed.append(dtype) or real_bound(w, d, dtype))
+    rates = peak.gemm_rates(width=32, square=64)
+    assert rates["bound_fp32"] > 0
+    if has_bf16:
+        assert rates["bf16_skipped"] is None and rates["bound_bf16"] >= rates["mm_bf16"] > 0
+        assert torch.bfloat16 in timed
+    else:
+        assert torch.bfloat16 not in timed
+        assert rates["mm_bf16"] is None and rates["bound_bf16"] is None
+        assert "no bf16 GEMM kernels" in rates["bf16_skipped"]
+        text = report.render_markdown({"peak": {"physical": {}, "gemm": rates}})
+        assert text.count("no bf16 GEMM kernels") == 2
+
+
 def test_without_gcc_the_peak_says_so_and_no_ratio_to_it_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(peak.shutil, "which", lambda name: None)
     measured = peak.physical_peak(threads=2, cpuinfo=CPUINFO)
