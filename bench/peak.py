@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bench.common import fp32_flop_bound, matmul_gflops
+from inspectd.detectors import fused
 
 KERNEL_SOURCE = Path(__file__).with_name("fma_peak.c")
 CFLAGS = ["-O2", "-march=native", "-pthread"]
@@ -86,16 +87,22 @@ def kernel_isa(flags: set[str]) -> str | None:
     return None
 
 
-def bf16_note(flags: set[str]) -> str:
-    """What the bf16 peak is measured with here, or why it is not."""
+BF16_INSTRUCTIONS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of bf16 dot products
+NO_BF16_INSTRUCTIONS = "this CPU has no bf16 dot-product instructions (avx512_bf16 / amx_bf16)"
+
+
+def bf16_note(flags: set[str], amx_note: str | None = None) -> str:
+    """What the bf16 peak is measured with here, or why it is not; ``amx_note`` is the kernel's word on why its AMX
+    part did not run (gcc too old for AMX, the OS refused tile data)."""
     ways = []
     if "avx512_bf16" in flags:
         ways.append("vdpbf16ps (AVX512_BF16), 64 flops per 512-bit instruction")
     if "amx_bf16" in flags and "amx_tile" in flags:
-        ways.append("AMX TDPBF16PS on four 16x16 fp32 tiles, 16 384 flops per instruction")
+        ways.append(f"not AMX: {amx_note}" if amx_note else
+                    "AMX TDPBF16PS on four 16x16 fp32 tiles, 16 384 flops per instruction")
     if not ways:
-        return "not measured: this CPU has no bf16 dot-product instruction (no avx512_bf16 / amx_bf16)"
-    return "the faster of " + " and ".join(ways) if len(ways) > 1 else ways[0]
+        return f"not measured: {NO_BF16_INSTRUCTIONS}"
+    return "the faster of " + " and ".join(ways) if len(ways) > 1 and not amx_note else "; ".join(ways)
 
 
 def compile_flags(flags: set[str]) -> list[str]:
@@ -153,6 +160,7 @@ def physical_peak(threads: int | None = None, seconds: float = 0.1, cpuinfo: str
         except (subprocess.SubprocessError, OSError, ValueError) as exc:  # a crash, a time-out, bad output
             return {**result, "measured": False, "reason": f"the kernel failed ({exc}): physical peak not measured",
                     "fp32_gflops": None, "bf16_gflops": None}
+    result["bf16_note"] = bf16_note(flags, measured.get("amx_note"))
     return {**result, **measured, **peak_of(measured, threads), "measured": True, "build": how}
 
 
@@ -199,14 +207,15 @@ def gemm_rates(width: int, device: str = "cpu", square: int = 2048) -> dict[str,
 
 
 def bf16_gemm_skipped(device: str) -> str | None:
-    """Why bf16 GEMMs are not timed on ``device`` (a CPU without oneDNN's bf16 kernels), else None."""
-    if device != "cpu" or onednn_has_bf16():
+    """Why bf16 GEMMs are not timed on ``device``, else None: a CPU without oneDNN's bf16 kernels (torch's
+    reference loops instead), or without bf16 dot products (no bf16 section to rate against it: `BF16_INSTRUCTIONS`)."""
+    if device != "cpu":
         return None
-    return "not measured: no bf16 GEMM kernels on this CPU (oneDNN needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
-
-
-def onednn_has_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not fused.onednn_bf16():
+        return f"not measured: {fused.NO_ONEDNN_BF16}"
+    if not BF16_INSTRUCTIONS & cpu_flags():
+        return f"not measured: {NO_BF16_INSTRUCTIONS} (oneDNN would emulate bf16)"
+    return None
 
 
 def main() -> int:

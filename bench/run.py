@@ -212,17 +212,14 @@ def bf16_runnable(run: Run) -> str | None:
     """None when bf16 can be measured here, else why not."""
     if gpu.is_cuda(run.device):
         return None if torch.cuda.is_bf16_supported() else "not run: this GPU has no bf16"
-    physical = run.results.get("peak", {}).get("physical", {})
-    flags = _flags()
-    if not (physical.get("avx512_bf16") or physical.get("amx_bf16")) and not {"avx512_bf16", "amx_bf16"} & flags:
-        return "not run: this CPU has no bf16 dot-product instructions (avx512_bf16 / amx_bf16)"
+    from bench.peak import BF16_INSTRUCTIONS, NO_BF16_INSTRUCTIONS, cpu_flags
+    from inspectd.detectors import fused
+
+    if not fused.onednn_bf16():
+        return f"not run: {fused.NO_ONEDNN_BF16}"
+    if not BF16_INSTRUCTIONS & cpu_flags():
+        return f"not run: {NO_BF16_INSTRUCTIONS}"
     return None
-
-
-def _flags() -> set[str]:
-    from bench.peak import cpu_flags
-
-    return cpu_flags()
 
 
 def bf16_part(run: Run, fp32: Any, tmp: Path) -> dict[str, Any]:

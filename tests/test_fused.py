@@ -92,6 +92,7 @@ def test_groups_are_as_even_as_whole_sequences_allow() -> None:
     assert fused.even_groups(9, 26, 64) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
     assert fused.even_groups(3, 300, 64) == [(0, 1), (1, 2), (2, 3)]  # a sequence over the bound goes alone
     assert fused.even_groups(4, 26, 1 << 20) == [(0, 4)]
+    assert fused.even_groups(0, 26, 64) == []  # no sequences, no (empty) group
 
 
 def test_graph_attention_equals_sdpa_on_strided_views_fuses_and_bounds_its_graphs(
@@ -174,13 +175,17 @@ def test_unsupported_blocks_say_why() -> None:
     assert "dtype" in (fused.support(random_transformer(0), torch.float16) or "")
 
 
-def test_a_bf16_backbone_scores_on_any_cpu_fused_only_where_onednn_has_bf16(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("as_without_onednn_bf16", [False, True])
+def test_a_bf16_backbone_scores_on_any_cpu_fused_only_where_onednn_has_bf16(
+        tiny_checkpoint: Path, as_without_onednn_bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU without AVX-512 (AMD Zen 3) oneDNN's bf16 weight reorder raised at build; bf16 now takes
-    open_clip's blocks there and says why."""
+    open_clip's blocks there and says why (here also forced, so every CPU runs the fallback)."""
+    if as_without_onednn_bf16:
+        monkeypatch.setattr(fused, "onednn_bf16", lambda: False)
     spec = ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu")
     half = ClipBackbone(dataclasses.replace(spec, precision="bf16"))
     full = ClipBackbone(spec)
-    has_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    has_bf16 = fused.onednn_bf16()
     assert half.describe()["kernels"] == ("onednn" if has_bf16 else "torch")
     assert (fused.support(half.visual.transformer, torch.bfloat16) is None) == has_bf16
     pixels = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(0))

@@ -38,8 +38,16 @@ GRAPH_ATTENTION_MIN_TOKENS = 64  # shorter sequences (WinCLIP's 5- and 10-token 
 GRAPH_ATTENTION_CACHE = 32  # q/k/v shapes that get a traced graph (kept for the process: see GraphAttention)
 
 
+NO_ONEDNN_BF16 = "this CPU has no oneDNN bf16 kernels (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+
+
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (without them its bf16 weight reorder raises)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
@@ -48,8 +56,8 @@ def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
         return "this torch build has no oneDNN linear kernels"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype} (oneDNN blocks run fp32 or bf16)"
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "this CPU has no oneDNN bf16 kernels (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+    if dtype == torch.bfloat16 and not onednn_bf16():
+        return NO_ONEDNN_BF16
     for i, block in enumerate(getattr(transformer, "resblocks", [])):
         reason = _block_support(block)
         if reason:
@@ -304,6 +312,8 @@ def even_groups(sequences: int, length: int, max_rows: int) -> list[tuple[int, i
     """(start, end) of the fewest groups of whole sequences of ``length`` rows each holding at most ``max_rows`` rows
     (at least one sequence), as even as whole sequences allow: a short last group is a GEMM shape oneDNN may run far
     slower (bf16 on AMX: a 1 340-row remainder ran the 896-wide linears at half the rate of 2 040 rows)."""
+    if sequences <= 0:
+        return []
     groups = max(1, -(-sequences // max(1, max_rows // length)))
     base, extra = divmod(sequences, groups)
     return list(itertools.pairwise(i * base + min(i, extra) for i in range(groups + 1)))
