@@ -206,16 +206,20 @@ def gemm_rates(width: int, device: str = "cpu", square: int = 2048) -> dict[str,
     return rates
 
 
-def bf16_gemm_skipped(device: str) -> str | None:
-    """Why bf16 GEMMs are not timed on ``device``, else None: a CPU without oneDNN's bf16 kernels (torch's
-    reference loops instead), or without bf16 dot products (no bf16 section to rate against it: `BF16_INSTRUCTIONS`)."""
-    if device != "cpu":
-        return None
+def cpu_bf16_missing() -> str | None:
+    """Why this CPU cannot run bf16 worth measuring, else None: no oneDNN bf16 kernels (torch's reference loops
+    instead), or no bf16 dot products (`BF16_INSTRUCTIONS`: oneDNN emulates bf16, and there is no peak to rate it)."""
     if not fused.onednn_bf16():
-        return f"not measured: {fused.NO_ONEDNN_BF16}"
+        return fused.NO_ONEDNN_BF16
     if not BF16_INSTRUCTIONS & cpu_flags():
-        return f"not measured: {NO_BF16_INSTRUCTIONS} (oneDNN would emulate bf16)"
+        return f"{NO_BF16_INSTRUCTIONS} (oneDNN would emulate bf16)"
     return None
+
+
+def bf16_gemm_skipped(device: str) -> str | None:
+    """Why bf16 GEMMs are not timed on ``device`` (see `cpu_bf16_missing`), else None."""
+    missing = None if device != "cpu" else cpu_bf16_missing()
+    return f"not measured: {missing}" if missing else None
 
 
 def main() -> int:

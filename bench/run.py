@@ -212,14 +212,10 @@ def bf16_runnable(run: Run) -> str | None:
     """None when bf16 can be measured here, else why not."""
     if gpu.is_cuda(run.device):
         return None if torch.cuda.is_bf16_supported() else "not run: this GPU has no bf16"
-    from bench.peak import BF16_INSTRUCTIONS, NO_BF16_INSTRUCTIONS, cpu_flags
-    from inspectd.detectors import fused
+    from bench.peak import cpu_bf16_missing
 
-    if not fused.onednn_bf16():
-        return f"not run: {fused.NO_ONEDNN_BF16}"
-    if not BF16_INSTRUCTIONS & cpu_flags():
-        return f"not run: {NO_BF16_INSTRUCTIONS}"
-    return None
+    missing = cpu_bf16_missing()
+    return f"not run: {missing}" if missing else None
 
 
 def bf16_part(run: Run, fp32: Any, tmp: Path) -> dict[str, Any]:

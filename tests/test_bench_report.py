@@ -71,11 +71,14 @@ def test_on_a_cpu_with_amx_tiles_the_bf16_peak_is_the_tile_rate(tmp_path: Path) 
     assert chosen["bf16_gflops"] * torch.get_num_threads() >= gemm, (chosen, gemm)  # a GEMM cannot beat the tiles
 
 
-@pytest.mark.parametrize(("onednn_bf16", "flags", "skipped"), [
+BF16_CPUS = [  # (oneDNN has bf16 kernels, /proc/cpuinfo flags, why bf16 is not measured)
     (True, {"avx512_bf16"}, None),
     (False, {"avx512_bf16"}, "no oneDNN bf16 kernels"),  # AMD Zen 3: torch's reference loops
     (True, {"avx512f"}, "no bf16 dot-product instructions"),  # Skylake: emulated, and no bf16 section to rate
-])
+]
+
+
+@pytest.mark.parametrize(("onednn_bf16", "flags", "skipped"), BF16_CPUS)
 def test_bf16_gemms_are_timed_only_where_the_cpu_has_bf16_kernels(onednn_bf16: bool, flags: set[str],
                                                                    skipped: str | None,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,9 +113,7 @@ def test_the_bf16_note_says_when_the_amx_part_did_not_run() -> None:
     assert "no bf16 dot-product instructions" in peak.bf16_note({"avx2"})
 
 
-@pytest.mark.parametrize(("onednn_bf16", "flags", "why"), [
-    (True, {"avx512_bf16"}, None), (False, {"avx512_bf16"}, "no oneDNN bf16 kernels"),
-    (True, {"avx512f"}, "no bf16 dot-product instructions")])
+@pytest.mark.parametrize(("onednn_bf16", "flags", "why"), BF16_CPUS)
 def test_the_bf16_section_runs_where_onednn_has_bf16_and_the_cpu_has_dot_products(
         onednn_bf16: bool, flags: set[str], why: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "onednn_bf16", lambda: onednn_bf16)
