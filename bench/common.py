@@ -6,24 +6,29 @@ import resource
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 
 
-def run_for(fn: Callable[[], object], frames_per_call: int, seconds: float, warmup: int = 1) -> dict[str, float]:
+def run_for(fn: Callable[[], object], frames_per_call: int, seconds: float, warmup: int = 1) -> dict[str, Any]:
     """``fn`` again and again for ``seconds`` after ``warmup`` calls: frames/s, and per frame the kernel time (ms)
-    and minor page faults this process took meanwhile."""
+    and minor page faults this process took meanwhile (``call_faults``: each call's)."""
     for _ in range(warmup):
         fn()
     before, started, frames = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+    call_faults, faults = [], before.ru_minflt
     while time.perf_counter() - started < seconds:
         fn()
         frames += frames_per_call
+        now = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        call_faults.append(now - faults)
+        faults = now
     elapsed, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     return {"frames_per_s": frames / elapsed, "kernel_ms_per_frame": 1000 * (after.ru_stime - before.ru_stime) / frames,
-            "faults_per_frame": (after.ru_minflt - before.ru_minflt) / frames}
+            "faults_per_frame": (after.ru_minflt - before.ru_minflt) / frames, "call_faults": call_faults}
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
