@@ -25,13 +25,15 @@ def test_keep_stops_the_page_faults_of_every_batch() -> None:
     defaults, a thread arena's heap goes back to the kernel as soon as its top is free and is mapped and faulted in
     again by the next batch; whether that happens every batch depends on where long-lived blocks happened to land,
     so it shows in most fresh processes, not in all (one in eight kept its heaps for most batches): up to three
-    are tried. With `keep` the heaps stay in every process: two must show it."""
+    are tried. With `keep` the heaps stay in every process: two must show it. (A heap still grows into new pages
+    for a while: on an AVX2 CPU, whose blocks run their GEMMs on MKL, 28 faults a batch of 16 for its first ~750
+    batches, RSS flat after; glibc's defaults: 2 000-9 000 a batch.)"""
     batch, seconds = 16, 1.5
     for _ in range(2):
         keep = measure("keep", batch=batch, seconds=seconds)
         assert keep["applied"]
         assert len(keep["call_faults"]) >= 5, keep
-        assert median_faults_per_frame(keep, batch) < 1, keep
+        assert median_faults_per_frame(keep, batch) < 4, keep
     for _ in range(3):
         system = measure("system", batch=batch, seconds=seconds)
         assert not system["applied"]

@@ -152,6 +152,8 @@ def test_config_errors_name_the_key() -> None:
         parse_config({"products": [{"id": "a", "thresold": {}}]})
     with pytest.raises(ConfigError, match=r"products\[0\]\.id: required"):
         parse_config({"products": [{"object_name": "a"}]})
+    with pytest.raises(ConfigError, match=r"model\.cpu_gemm: .*'mkl'"):
+        parse_config({"model": {"cpu_gemm": "mkl"}})
     with pytest.raises(ConfigError, match="registry.on_building"):
         parse_config({"registry": {"on_building": "drop"}})
     assert parse_config({}).batcher.max_batch_size == 8

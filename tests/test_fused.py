@@ -33,13 +33,17 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("length", [5, 10, 26, 80])  # 80: attention on oneDNN Graph (fused.GraphAttention)
-def test_fused_blocks_equal_open_clip(variant: str, length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_blocks_equal_open_clip(variant: str, length: int, gemm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "graph_attention", fused.GraphAttention())  # its own graphs, not the session's
     model = random_transformer(1, **VARIANTS[variant])
     assert fused.support(model, torch.float32) is None
-    blocks = fused.FusedBlocks(model, rows_hint=64)
+    blocks = fused.FusedBlocks(model, rows_hint=64, gemm=gemm)
+    linear = fused.BlasLinear if gemm == "blas" else fused.PackedLinear
+    assert blocks.gemm == gemm
+    assert all(isinstance(getattr(b, name), linear) for b in blocks.blocks for name in ("qkv", "out", "fc", "proj"))
     x = torch.randn(7, length, 64)
     graph_calls = fused.graph_attention.calls
     with torch.inference_mode():
@@ -53,6 +57,37 @@ def test_fused_blocks_equal_open_clip(variant: str, length: int, monkeypatch: py
             y = expected
     took_graph = fused.graph_attention.calls > graph_calls
     assert took_graph == (length >= fused.GRAPH_ATTENTION_MIN_TOKENS and fused.graph_attention.broken is None)
+
+
+@pytest.mark.parametrize(("capability", "dtype", "expected"), [
+    ("AVX2", torch.float32, "blas"),  # AMD Zen 3: MKL + a GELU pass beat oneDNN's AVX2 GELU epilogue (bench/gemm.py)
+    ("AVX512", torch.float32, "onednn"),  # Zen 4/5, Xeon: MKL takes its AVX2 path on AMD; oneDNN ran 2x on Zen 5
+    ("AVX2", torch.bfloat16, "onednn"),  # bf16 blocks are oneDNN's
+    ("DEFAULT", torch.float32, "onednn"),  # not measured: no change from oneDNN
+])
+def test_auto_gemm_is_a_rule_of_the_cpu(capability: str, dtype: torch.dtype, expected: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert fused.auto_gemm(dtype) == expected
+    assert fused.FusedBlocks(random_transformer(0), rows_hint=64).gemm == fused.auto_gemm(torch.float32)
+    with pytest.raises(ValueError, match="cpu_gemm"):
+        fused.FusedBlocks(random_transformer(0), gemm="mkl")
+
+
+def test_the_blas_gemm_runs_on_the_tower_s_own_weights_and_the_bias_once() -> None:
+    """No second copy of the tower's weights where no scale is folded in (oneDNN's prepacked copy is one), and
+    every post-op BlasLinear takes is one oneDNN's epilogue has."""
+    model = random_transformer(3)
+    blocks = fused.FusedBlocks(model, rows_hint=64, gemm="blas")
+    assert blocks.blocks[0].qkv.weight.data_ptr() == model.resblocks[0].attn.in_proj_weight.data_ptr()
+    layer = fused.BlasLinear.pack(torch.randn(8, 4), torch.randn(8))
+    x = torch.randn(3, 4)
+    plain = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x, "gelu", "tanh"), F.gelu(plain, approximate="tanh"))
+    torch.testing.assert_close(layer(x, "swish"), F.silu(plain))
+    torch.testing.assert_close(layer.add_to(x, torch.ones(3, 8)), plain + 1)
+    with pytest.raises(ValueError, match="post-op"):
+        layer(x, "relu")
 
 
 def test_a_block_runs_on_groups_of_whole_sequences_within_the_row_bound() -> None:
@@ -196,11 +231,15 @@ def test_a_bf16_backbone_scores_on_any_cpu_fused_only_where_onednn_has_bf16(
         assert 0 < error < 0.1 * want.abs().max()  # bf16's rounding shows: it ran in bf16, and close to fp32
 
 
-def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint: Path) -> None:
-    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu"))
+@pytest.mark.parametrize("gemm", ["auto", "onednn", "blas"])
+def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint: Path, gemm: str) -> None:
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
+                                  cpu_gemm=gemm))
     plain = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu",
                                    cpu_kernels="torch"))
     assert fast.describe()["kernels"] == "onednn" and plain.describe()["kernels"] == "torch"
+    assert fast.describe()["gemm"] == (fused.auto_gemm(torch.float32) if gemm == "auto" else gemm)
+    assert plain.describe()["gemm"] == ""
     pixels = torch.randn(2, 3, 240, 240)
     request = FeatureRequest(blocks=frozenset({0, 1}), patch_tokens=True, patch_embeddings=True,
                              windows=frozenset({2, 3}))
@@ -212,6 +251,16 @@ def test_backbone_uses_fused_blocks_on_cpu_and_equals_open_clip(tiny_checkpoint:
         torch.testing.assert_close(a.blocks[i], b.blocks[i], atol=1e-5, rtol=1e-5)
     for k in (2, 3):
         torch.testing.assert_close(a.windows[k], b.windows[k], atol=1e-5, rtol=1e-5)
+
+
+def test_the_config_s_cpu_gemm_reaches_the_blocks(tiny_checkpoint: Path) -> None:
+    from inspectd.daemon.app import build_backbone
+    from inspectd.daemon.config import parse_config
+
+    for gemm in ("blas", "onednn"):
+        config = parse_config({"model": {"arch": "inspectd-tiny", "pretrained": str(tiny_checkpoint), "device": "cpu",
+                                         "cpu_gemm": gemm}})
+        assert build_backbone(config).describe()["gemm"] == gemm
 
 
 def test_a_forward_for_the_image_embedding_alone_runs_the_last_block_for_cls_only(

@@ -38,7 +38,7 @@ def exercised() -> Metrics:
     m.product_reload_failed("hazelnut")
     m.error("publish")
     m.set_model_info({"arch": "ViT-B-16", "pretrained": "laion400m_e32", "device": "cpu", "dtype": "float32",
-                      "kernels": "onednn", "demo_weights": "false"})
+                      "kernels": "onednn", "gemm": "blas", "demo_weights": "false"})
     m.camera_dropped("cam0", 2)
     m.camera_state("cam0", True, 1, 250, 0.04)
     m.console_feedback.labels(product="hazelnut", action="false_alarm").inc()

@@ -86,7 +86,7 @@ def test_gauges_errors_model_and_camera() -> None:
     assert value(m, "inspectd_errors_total", kind="ack") == 1
     assert value(m, "inspectd_camera_frames_dropped_total", source="cam0") == 4
     assert value(m, "inspectd_model_info", arch="ViT-B-16", pretrained="", device="cuda:0", dtype="float16",
-                 kernels="", demo_weights="true") == 1
+                 kernels="", gemm="", demo_weights="true") == 1
     assert value(m, "inspectd_build_info", version=__version__, python=platform.python_version()) == 1
 
 

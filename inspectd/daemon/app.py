@@ -58,7 +58,7 @@ def build_backbone(config: DaemonConfig, model: ModelConfig | None = None) -> Cl
     return ClipBackbone(ModelSpec(arch=m.arch, pretrained=m.pretrained, device=m.device, precision=m.precision,
                                   quick_gelu=m.quick_gelu, threads=m.threads, cache_dir=m.cache_dir,
                                   demo=config.demo, window_chunk_tokens=m.window_chunk_tokens,
-                                  cpu_kernels=m.cpu_kernels, resize=m.resize, compile=m.compile))
+                                  cpu_kernels=m.cpu_kernels, cpu_gemm=m.cpu_gemm, resize=m.resize, compile=m.compile))
 
 
 def decode_limits(config: DaemonConfig) -> DecodeLimits:

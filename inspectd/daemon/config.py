@@ -40,6 +40,7 @@ class ModelConfig:
     window_chunk_tokens: int = 0  # token rows a window-pass chunk, and on CPU a fused block's group of whole
     #                               sequences, holds; 0 = auto: 2048 on CPU (cache-sized), large on GPU
     cpu_kernels: str = "auto"  # auto: oneDNN fused blocks on CPU when the tower allows; onednn; torch
+    cpu_gemm: str = "auto"  # the fused blocks' linears: auto (oneDNN with AVX-512, MKL on AVX2-only CPUs); onednn; blas
     resize: str = "exact"  # frames to model inputs: exact (open_clip's bicubic, as eval) | fast (JPEGs decoded
     #                        smaller, large frames 1080p 2.3x, 4K 5.1x faster; see preprocess.FAST_REDUCING_GAP)
     compile: str | bool = "off"  # torch.compile of the image tower: off | default | reduce-overhead (CUDA graphs on
@@ -50,6 +51,7 @@ class ModelConfig:
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _choice("model.resize", self.resize, ("exact", "fast"))
         _choice("model.cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"))
+        _choice("model.cpu_gemm", self.cpu_gemm, ("auto", "onednn", "blas"))
         _choice("model.quick_gelu", self.quick_gelu, ("auto", "true", "false"))
         if isinstance(self.compile, bool):
             self.compile = "default" if self.compile else "off"

@@ -27,7 +27,7 @@ STAGES = ("queue_wait", "decode", "preprocess", "forward", "score", "publish", "
 SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(1, 21))  # 0.05 .. 1.0 (+Inf catches >1 scores)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-MODEL_INFO_KEYS = ("arch", "pretrained", "device", "dtype", "kernels", "demo_weights")
+MODEL_INFO_KEYS = ("arch", "pretrained", "device", "dtype", "kernels", "gemm", "demo_weights")
 
 
 class _ProductEntryLike(Protocol):

@@ -52,6 +52,7 @@ class ModelSpec:
     demo: bool = False  # allow pretrained="random" (loudly meaningless)
     window_chunk_tokens: int = 0  # rows per window-pass chunk and fused-block group; 0 = auto (CPU: 2048: cache-sized)
     cpu_kernels: str = "auto"  # "auto" (oneDNN fused blocks when the tower allows) | "onednn" (required) | "torch"
+    cpu_gemm: str = "auto"  # the fused blocks' linears: "auto" (fused.auto_gemm: by the CPU) | "onednn" | "blas"
     seed: int = 0  # seed of random (demo) weights, so a demo is reproducible
     resize: str = "exact"  # frames to model inputs: "exact" (open_clip's bicubic) | "fast" (preprocess.RESIZE_MODES)
     compile: str = "off"  # torch.compile of the image tower's blocks: "off" | a mode of compiled.MODES
@@ -300,7 +301,7 @@ class ClipBackbone:
                 raise ValueError(f"cpu_kernels=onednn: {self.spec.arch} cannot run fused: {reason}")
             log.info("image tower runs open_clip's blocks: %s", reason)
             return None
-        return fused.FusedBlocks(self.visual.transformer, rows_hint=self._chunk_tokens())
+        return fused.FusedBlocks(self.visual.transformer, rows_hint=self._chunk_tokens(), gemm=self.spec.cpu_gemm)
 
     def _chunk_tokens(self) -> int:
         return self.spec.window_chunk_tokens or (2048 if self.device.type == "cpu" else 1 << 17)
@@ -617,6 +618,7 @@ class ClipBackbone:
             "dtype": str(self.dtype).replace("torch.", ""),
             "kernels": "onednn" if self.fused_blocks is not None else
                        f"inductor:{self.spec.compile}" if self.compiled is not None else "torch",
+            "gemm": self.fused_blocks.gemm if self.fused_blocks is not None else "",
             "demo_weights": str(self.demo_weights).lower(),
             "resize": self.spec.resize,
         }

@@ -13,6 +13,13 @@ forward that reads only the image embedding need), and
 Attention over ViT-length sequences runs on oneDNN Graph's fused kernel (`GraphAttention`), shorter ones on SDPA;
 `pack_linear` packs any other inference linear (APRIL-GAN's adapters).
 
+The blocks' linears run on one of two GEMM libraries (`GEMMS`, `model.cpu_gemm`): oneDNN prepacked, with GELU and
+the residual add in its epilogue, or the BLAS torch links (MKL; `BlasLinear`), the activation and add as separate
+passes. `auto_gemm` picks oneDNN where the CPU has AVX-512 and BLAS on AVX2-only x86 CPUs, where oneDNN's AVX2
+kernels and above all its GELU epilogue are the slower: on an AMD Zen 3, MLP-up at 452 rows 106 GFLOP/s fused
+against 158 for MKL plus a GELU pass; WinCLIP's window passes 1.13-1.21x and the detectors 1.06-1.37x faster on
+MKL (`python -m bench.gemm`, bench/RESULTS.md).
+
 Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
 self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
 """
@@ -38,6 +45,7 @@ GRAPH_ATTENTION_MIN_TOKENS = 64  # shorter sequences (WinCLIP's 5- and 10-token 
 GRAPH_ATTENTION_CACHE = 32  # q/k/v shapes that get a traced graph (kept for the process: see GraphAttention)
 
 
+GEMMS = ("auto", "onednn", "blas")
 NO_ONEDNN_BF16 = "this CPU has no oneDNN bf16 kernels (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
 
 
@@ -48,6 +56,15 @@ def available() -> bool:
 def onednn_bf16() -> bool:
     """Whether oneDNN has bf16 kernels on this CPU (without them its bf16 weight reorder raises)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def auto_gemm(dtype: torch.dtype) -> str:
+    """The GEMM library `model.cpu_gemm: auto` runs the blocks' linears on: "blas" for fp32 on an x86 CPU whose best
+    vector ISA is AVX2, else "onednn" (AVX-512 CPUs, where MKL takes its AVX2 path on AMD and oneDNN ran 2x faster on
+    Zen 5; bf16, which only oneDNN's blocks run; other architectures, not measured). A rule of the CPU rather than
+    a timing at load, so every process on a machine runs the same kernels and gives the same scores."""
+    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return "blas" if dtype == torch.float32 and avx2_only else "onednn"
 
 
 def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
@@ -203,6 +220,33 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
+@dataclass
+class BlasLinear:
+    """`PackedLinear`'s calls on the BLAS torch links (MKL): x Wᵀ + b by F.linear, `post` and the residual add as
+    in-place passes after it (where oneDNN's own AVX2 kernels are the slower: `auto_gemm`)."""
+
+    weight: torch.Tensor  # [out, in], as nn.Linear keeps it
+    bias: torch.Tensor | None
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int = 0) -> BlasLinear:
+        return cls(weight.detach().contiguous(), None if bias is None else bias.detach().contiguous())
+
+    def __call__(self, x: torch.Tensor, post: str = "none", algorithm: str = "") -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if post == "gelu":
+            return torch.ops.aten.gelu_(y, approximate="tanh" if algorithm == "tanh" else "none")
+        if post == "swish":
+            return F.silu(y, inplace=True)
+        if post != "none":
+            raise ValueError(f"BlasLinear has no post-op {post!r}")
+        return y
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + linear(x)."""
+        return F.linear(x, self.weight, self.bias).add_(residual)
+
+
 def source_version(tensor: torch.Tensor) -> int | None:
     """What a packed copy of ``tensor`` is stale against: its in-place version counter (None for an inference
     tensor, which has none and cannot change outside inference mode)."""
@@ -218,18 +262,20 @@ def pack_linear(linear: torch.nn.Module, rows_hint: int = 1024) -> PackedLinear:
 class _Block:
     """One residual block: x + ls1 * attn(ln1(x)); x + ls2 * mlp(ln2(x)), on 2-D token rows."""
 
-    def __init__(self, block: torch.nn.Module, rows_hint: int, split_qkv: bool = False) -> None:
+    def __init__(self, block: torch.nn.Module, rows_hint: int, split_qkv: bool = False, gemm: str = "onednn"
+                 ) -> None:
+        linear = BlasLinear if gemm == "blas" else PackedLinear
         attn: torch.nn.MultiheadAttention = block.attn
         width = attn.embed_dim
         self.heads = attn.num_heads
         self.ln_1, self.ln_2 = block.ln_1, block.ln_2
         in_w, in_b = attn.in_proj_weight.detach(), attn.in_proj_bias
-        self.qkv = PackedLinear.pack(in_w, in_b, rows_hint)
+        self.qkv = linear.pack(in_w, in_b, rows_hint)
         if split_qkv:  # for cls_output: the query of token 0 only, keys and values of all tokens
-            self.q = PackedLinear.pack(in_w[:width], None if in_b is None else in_b[:width], rows_hint)
-            self.kv = PackedLinear.pack(in_w[width:], None if in_b is None else in_b[width:], rows_hint)
+            self.q = linear.pack(in_w[:width], None if in_b is None else in_b[:width], rows_hint)
+            self.kv = linear.pack(in_w[width:], None if in_b is None else in_b[width:], rows_hint)
         out_w, out_b = _scaled(attn.out_proj.weight, attn.out_proj.bias, block.ls_1)
-        self.out = PackedLinear.pack(out_w, out_b, rows_hint)
+        self.out = linear.pack(out_w, out_b, rows_hint)
         fc_w, fc_b = block.mlp.c_fc.weight.detach(), block.mlp.c_fc.bias
         proj_w, proj_b = _scaled(block.mlp.c_proj.weight, block.mlp.c_proj.bias, block.ls_2)
         kind = _activation(block.mlp.gelu)
@@ -242,8 +288,8 @@ class _Block:
             self.post, self.algorithm = "swish", ""
         else:
             self.post, self.algorithm = "gelu", "tanh" if kind == "gelu_tanh" else "none"
-        self.fc = PackedLinear.pack(fc_w, fc_b, rows_hint)
-        self.proj = PackedLinear.pack(proj_w, proj_b, rows_hint)
+        self.fc = linear.pack(fc_w, fc_b, rows_hint)
+        self.proj = linear.pack(proj_w, proj_b, rows_hint)
 
     def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc(self.ln_2(x), self.post, self.algorithm)
@@ -322,9 +368,14 @@ def even_groups(sequences: int, length: int, max_rows: int) -> list[tuple[int, i
 class FusedBlocks:
     """The tower's residual blocks with prepacked weights; call on [S, L, W] like the transformer."""
 
-    def __init__(self, transformer: torch.nn.Module, rows_hint: int = 2048) -> None:
+    def __init__(self, transformer: torch.nn.Module, rows_hint: int = 2048, gemm: str = "auto") -> None:
+        if gemm not in GEMMS:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(GEMMS)}, not {gemm!r}")
         last = len(transformer.resblocks) - 1
-        self.blocks = [_Block(block, rows_hint, split_qkv=i == last) for i, block in enumerate(transformer.resblocks)]
+        dtype = transformer.resblocks[0].attn.in_proj_weight.dtype
+        self.gemm = auto_gemm(dtype) if gemm == "auto" else gemm  # the library the linears run on
+        self.blocks = [_Block(block, rows_hint, split_qkv=i == last, gemm=self.gemm)
+                       for i, block in enumerate(transformer.resblocks)]
         # a block runs on groups of whole sequences of at most this many token rows: a GEMM whose output and MLP
         # hidden rows stay cache-sized runs 15-30 % faster than one over a batch's every row (bench/chunks.py)
         self.chunk_rows = rows_hint
