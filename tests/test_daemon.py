@@ -154,6 +154,10 @@ def test_config_errors_name_the_key() -> None:
         parse_config({"products": [{"object_name": "a"}]})
     with pytest.raises(ConfigError, match=r"model\.cpu_gemm: .*'mkl'"):
         parse_config({"model": {"cpu_gemm": "mkl"}})
+    with pytest.raises(ConfigError, match=r"model\.cpu_gemm: 'blas' .*cpu_kernels: torch"):
+        parse_config({"model": {"cpu_gemm": "blas", "cpu_kernels": "torch"}})
+    with pytest.raises(ConfigError, match=r"model\.cpu_gemm: 'onednn' .*compile: default"):
+        parse_config({"model": {"cpu_gemm": "onednn", "compile": "default"}})
     with pytest.raises(ConfigError, match="registry.on_building"):
         parse_config({"registry": {"on_building": "drop"}})
     assert parse_config({}).batcher.max_batch_size == 8

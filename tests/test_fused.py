@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,19 +62,31 @@ def test_fused_blocks_equal_open_clip(variant: str, length: int, gemm: str, monk
     assert took_graph == (length >= fused.GRAPH_ATTENTION_MIN_TOKENS and fused.graph_attention.broken is None)
 
 
-@pytest.mark.parametrize(("capability", "dtype", "expected"), [
-    ("AVX2", torch.float32, "blas"),  # AMD Zen 3: MKL + a GELU pass beat oneDNN's AVX2 GELU epilogue (bench/gemm.py)
-    ("AVX512", torch.float32, "onednn"),  # Zen 4/5, Xeon: MKL takes its AVX2 path on AMD; oneDNN ran 2x on Zen 5
-    ("AVX2", torch.bfloat16, "onednn"),  # bf16 blocks are oneDNN's
-    ("DEFAULT", torch.float32, "onednn"),  # not measured: no change from oneDNN
+@pytest.mark.parametrize(("avx2_only", "dtype", "expected"), [
+    (True, torch.float32, "blas"),  # AMD Zen 3: MKL + a GELU pass beat oneDNN's AVX2 GELU epilogue (bench/gemm.py)
+    (False, torch.float32, "onednn"),  # AVX-512 (Zen 4/5, Xeon): MKL takes its AVX2 path on AMD; oneDNN 2x on Zen 5
+    (True, torch.bfloat16, "onednn"),  # bf16 blocks are oneDNN's
 ])
-def test_auto_gemm_is_a_rule_of_the_cpu(capability: str, dtype: torch.dtype, expected: str,
+def test_auto_gemm_is_a_rule_of_the_cpu(avx2_only: bool, dtype: torch.dtype, expected: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(fused, "avx2_only", lambda: avx2_only)
     assert fused.auto_gemm(dtype) == expected
-    assert fused.FusedBlocks(random_transformer(0), rows_hint=64).gemm == fused.auto_gemm(torch.float32)
+    asked: list[torch.dtype] = []
+    monkeypatch.setattr(fused, "auto_gemm", lambda d: asked.append(d) or "blas")
+    assert fused.FusedBlocks(random_transformer(0), rows_hint=64).gemm == "blas"
+    assert asked == [torch.float32]  # the tower's own dtype decides
     with pytest.raises(ValueError, match="cpu_gemm"):
         fused.FusedBlocks(random_transformer(0), gemm="mkl")
+
+
+def test_a_process_that_lowers_torch_s_dispatch_level_picks_the_same_gemm() -> None:
+    """ATEN_CPU_CAPABILITY sets torch's dispatch level per process (avx2 on an AVX-512 CPU, default on an AVX2 one);
+    the GEMM choice reads the CPU itself, so two processes on one machine never run apart."""
+    override = "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "default"
+    code = "import torch; from inspectd.detectors import fused; print(fused.auto_gemm(torch.float32))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": override},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == fused.auto_gemm(torch.float32)
 
 
 def test_the_blas_gemm_runs_on_the_tower_s_own_weights_and_the_bias_once() -> None:

@@ -68,12 +68,13 @@ def assert_same_features(a: Features, b: Features, atol: float) -> None:
         torch.testing.assert_close(a.blocks[i], b.blocks[i], atol=atol, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("length", [5, 26])
-def test_fused_dual_block_equals_the_open_clip_dual_block(variant: str, length: int) -> None:
+def test_fused_dual_block_equals_the_open_clip_dual_block(variant: str, length: int, gemm: str) -> None:
     model = random_transformer(3, **VARIANTS[variant])
     assert fused.support(model, torch.float32) is None
-    blocks = fused.FusedBlocks(model, rows_hint=64)
+    blocks = fused.FusedBlocks(model, rows_hint=64, gemm=gemm)
     x, x_vv = torch.randn(7, length, 64), torch.randn(7, length, 64)  # x_vv apart from x: its own residual
     with torch.inference_mode():
         for i, block in enumerate(model.resblocks):
@@ -128,11 +129,12 @@ def test_promptad_on_fused_blocks_equals_the_open_clip_path(tiny_checkpoint: Pat
             np.testing.assert_allclose(x.map, y.map, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("length", [5, 26])
-def test_fused_dual_cls_block_equals_the_dual_block_on_token_0(variant: str, length: int) -> None:
+def test_fused_dual_cls_block_equals_the_dual_block_on_token_0(variant: str, length: int, gemm: str) -> None:
     model = random_transformer(4, **VARIANTS[variant])
-    blocks = fused.FusedBlocks(model, rows_hint=64)
+    blocks = fused.FusedBlocks(model, rows_hint=64, gemm=gemm)
     x, x_vv = torch.randn(7, length, 64), torch.randn(7, length, 64)
     with torch.inference_mode():
         expected, increment = dual_block(model.resblocks[-1], x)

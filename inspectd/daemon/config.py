@@ -56,6 +56,10 @@ class ModelConfig:
         if isinstance(self.compile, bool):
             self.compile = "default" if self.compile else "off"
         _choice("model.compile", self.compile, MODES)
+        if self.cpu_gemm != "auto" and (self.cpu_kernels == "torch" or self.compile != "off"):
+            runs = "cpu_kernels: torch" if self.cpu_kernels == "torch" else f"compile: {self.compile}"
+            raise ConfigError("model.cpu_gemm", f"{self.cpu_gemm!r} picks the fused blocks' GEMMs, which {runs} "
+                                                "does not run (use auto)")
         if self.compile != "off" and self.cpu_kernels == "onednn":
             raise ConfigError("model.compile", f"{self.compile!r} replaces the oneDNN fused blocks: it cannot run "
                                                "with model.cpu_kernels: onednn (use auto)")

@@ -1,4 +1,4 @@
-"""CPU inference kernels for the image tower's residual blocks: oneDNN prepacked linears and fused attention.
+"""CPU inference kernels for the image tower's residual blocks: oneDNN prepacked (or MKL) linears, fused attention.
 
 open_clip's `ResidualAttentionBlock` on CPU calls MKL's GEMM with the weights in their training
 layout and runs GELU, residual adds and the attention's head shuffles as separate passes over
@@ -63,8 +63,13 @@ def auto_gemm(dtype: torch.dtype) -> str:
     vector ISA is AVX2, else "onednn" (AVX-512 CPUs, where MKL takes its AVX2 path on AMD and oneDNN ran 2x faster on
     Zen 5; bf16, which only oneDNN's blocks run; other architectures, not measured). A rule of the CPU rather than
     a timing at load, so every process on a machine runs the same kernels and gives the same scores."""
-    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"
-    return "blas" if dtype == torch.float32 and avx2_only else "onednn"
+    return "blas" if dtype == torch.float32 and avx2_only() else "onednn"
+
+
+def avx2_only() -> bool:
+    """An x86 CPU with AVX2 and no AVX-512, read from the CPU itself (torch's dispatch level,
+    `get_cpu_capability`, follows the ATEN_CPU_CAPABILITY variable: a process started with it would pick apart)."""
+    return torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported()
 
 
 def support(transformer: torch.nn.Module, dtype: torch.dtype) -> str | None:
@@ -325,7 +330,7 @@ class _Block:
     def dual(self, x: torch.Tensor, x_vv: torch.Tensor, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         """PromptAD's value-value dual path (promptad/tower.py) on 2-D token rows: (this block's output for
         ``x``, ``x_vv + ls1 * W_out softmax(v vᵀ / √d) v``) with q, k, v all from ``ln_1(x)``, the
-        original path's; the V-V path has no MLP, and both residual adds run in the out-projection's epilogue."""
+        original path's; the V-V path has no MLP, and both residual adds are the out-projection's (`add_to`)."""
         rows, width = x.shape
         length, head_dim = rows // sequences, width // self.heads
         qkv = self.qkv(self.ln_1(x)).view(sequences, length, 3, self.heads, head_dim)
@@ -366,7 +371,7 @@ def even_groups(sequences: int, length: int, max_rows: int) -> list[tuple[int, i
 
 
 class FusedBlocks:
-    """The tower's residual blocks with prepacked weights; call on [S, L, W] like the transformer."""
+    """The tower's residual blocks with their linears on `gemm`'s library; call on [S, L, W] like the transformer."""
 
     def __init__(self, transformer: torch.nn.Module, rows_hint: int = 2048, gemm: str = "auto") -> None:
         if gemm not in GEMMS:

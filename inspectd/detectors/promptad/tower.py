@@ -13,8 +13,8 @@ All blocks are dual (the official code converts all 12); LayerScale, when a mode
 both attention outputs (ViT-B-16-plus-240 has none). Windows are not computed by this tower.
 
 Kernels: on CPU, when the backbone has oneDNN fused blocks (``model.cpu_kernels: auto|onednn``, fused.py) and no
-gradient is wanted, every block runs as `fused.FusedBlocks.dual_block` (prepacked GEMMs, residual adds fused;
-the same maths), the last one for the original path's CLS token only unless that block is a memory tap
+gradient is wanted, every block runs as `fused.FusedBlocks.dual_block` (the blocks' oneDNN or MKL GEMMs,
+`model.cpu_gemm`; the same maths), the last one for the original path's CLS token only unless that block is a memory tap
 (`dual_cls_block`: ~5 % fewer FLOPs on ViT-B). The fused kernels have no autograd formula, so a forward that
 needs gradients (grad mode on and the pixels or a tower weight requiring grad), ``cpu_kernels: torch``, a tower
 fused.py does not support, and GPUs take open_clip's blocks (`dual_block`).
