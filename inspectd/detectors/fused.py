@@ -17,8 +17,8 @@ The blocks' linears run on one of two GEMM libraries (`GEMMS`, `model.cpu_gemm`)
 the residual add in its epilogue, or the BLAS torch links (MKL; `BlasLinear`), the activation and add as separate
 passes. `auto_gemm` picks oneDNN where the CPU has AVX-512 and BLAS on AVX2-only x86 CPUs, where oneDNN's AVX2
 kernels and above all its GELU epilogue are the slower: on an AMD Zen 3, MLP-up at 452 rows 106 GFLOP/s fused
-against 158 for MKL plus a GELU pass; WinCLIP's window passes 1.13-1.21x and the detectors 1.06-1.37x faster on
-MKL (`python -m bench.gemm`, bench/RESULTS.md).
+against 158 for MKL plus a GELU pass; WinCLIP's window passes 1.12-1.23x and a full pass 1.05x faster on MKL
+(`python -m bench.gemm`, bench/RESULTS.md).
 
 Only the structure this file knows is taken over (plain or layer-scaled blocks, GELU or QuickGELU,
 self-attention without masks); anything else keeps open_clip's own forward (`support` says why).
