@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,25 +55,22 @@ def main() -> None:
         print(f"\n{'pass':36s} {'onednn ms':>10s} {'blas ms':>8s} {'blas / onednn':>14s}")
         pixels = torch.randn(2, 3, backbone.image_size, backbone.image_size)
         request = FeatureRequest(patch_embeddings=True, blocks=frozenset({len(tower.resblocks) // 2}))
-        passes = {"full pass, 2 frames": (lambda: backbone.forward(pixels, request), None)}
+        passes = {"full pass, 2 frames": lambda: backbone.forward(pixels, request)}
         for k in (2, 3):
             windows = 2 * (backbone.grid[0] - k + 1) * (backbone.grid[1] - k + 1)
             sequences = torch.randn(windows, 1 + k * k, width)
-            passes[f"{k}x{k} windows of 2 frames ({windows})"] = (None, sequences)
+            passes[f"{k}x{k} windows of 2 frames ({windows})"] = \
+                lambda s=sequences: backbone.fused_blocks.cls_output(s)
 
-        def run(gemm: str, forward: object, sequences: torch.Tensor | None) -> None:
+        def on(gemm: str, tower_pass: Callable[[], object]) -> None:
             backbone.fused_blocks = kernels[gemm]
-            if sequences is None:
-                forward()
-            else:
-                backbone.fused_blocks.cls_output(sequences)
+            tower_pass()
 
-        for name, (forward, sequences) in passes.items():
-            best = best_times({gemm: lambda g=gemm, f=forward, s=sequences: run(g, f, s) for gemm in kernels},
+        for name, tower_pass in passes.items():
+            best = best_times({gemm: lambda g=gemm, p=tower_pass: on(g, p) for gemm in kernels},
                               rounds=max(2, args.rounds // 2))
             print(f"{name:36s} {best['onednn'] * 1e3:10.0f} {best['blas'] * 1e3:8.0f} "
                   f"{best['onednn'] / best['blas']:14.2f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

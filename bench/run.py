@@ -200,9 +200,10 @@ def detectors_section(run: Run, backbone: Any, tmp: Path) -> dict[str, Any]:
 
     plan = Plan.make(run.args.quick, run.device)
     rows, fits = detector_rows(backbone, run.args.detectors or DETECTORS, plan, tmp, run.log)
+    described = backbone.describe()
+    gemms = f", GEMMs {described['gemm']}" if described.get("gemm") else ""
     return {"rows": rows, "fits": fits, "model": f"{backbone.spec.arch} (seeded random weights) on "
-            f"{backbone.device}, {backbone.dtype}, kernels {backbone.describe().get('kernels')}"
-            f"{', GEMMs ' + backbone.describe()['gemm'] if backbone.describe().get('gemm') else ''}",
+            f"{backbone.device}, {backbone.dtype}, kernels {described.get('kernels')}{gemms}",
             "frames": f"batches of {plan.batch} 512-px hazelnut_toy frames; best batch of {plan.rounds} rounds that "
             "time every setting in turn (a cheap setting several times a round, >= 1 s); references: hazelnut_toy "
             "good images; GFLOP/img counted by torch's FlopCounterMode (+ oneDNN linears, CPU SDPA) on the warm-up "

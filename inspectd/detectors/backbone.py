@@ -241,8 +241,7 @@ class ClipBackbone:
         self.spec = spec
         if spec.compile not in compiled_mod.MODES:  # before the weights load: a typo fails at once
             raise ValueError(f"compile must be one of {', '.join(compiled_mod.MODES)}, not {spec.compile!r}")
-        if spec.cpu_gemm not in fused.GEMMS:
-            raise ValueError(f"cpu_gemm must be one of {', '.join(fused.GEMMS)}, not {spec.cpu_gemm!r}")
+        fused.check_gemm(spec.cpu_gemm)
         if spec.compile != "off" and spec.cpu_kernels == "onednn":
             raise ValueError(f"compile={spec.compile} replaces the oneDNN fused blocks: it cannot run with "
                              "cpu_kernels=onednn")

@@ -58,6 +58,11 @@ def onednn_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def check_gemm(gemm: str) -> None:
+    if gemm not in GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(GEMMS)}, not {gemm!r}")
+
+
 def auto_gemm(dtype: torch.dtype) -> str:
     """The GEMM library `model.cpu_gemm: auto` runs the blocks' linears on: "blas" for fp32 on an x86 CPU whose best
     vector ISA is AVX2, else "onednn" (AVX-512 CPUs, where MKL takes its AVX2 path on AMD and oneDNN ran 2x faster on
@@ -374,8 +379,7 @@ class FusedBlocks:
     """The tower's residual blocks with their linears on `gemm`'s library; call on [S, L, W] like the transformer."""
 
     def __init__(self, transformer: torch.nn.Module, rows_hint: int = 2048, gemm: str = "auto") -> None:
-        if gemm not in GEMMS:
-            raise ValueError(f"cpu_gemm must be one of {', '.join(GEMMS)}, not {gemm!r}")
+        check_gemm(gemm)
         last = len(transformer.resblocks) - 1
         dtype = transformer.resblocks[0].attn.in_proj_weight.dtype
         self.gemm = auto_gemm(dtype) if gemm == "auto" else gemm  # the library the linears run on
