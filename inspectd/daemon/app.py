@@ -62,8 +62,10 @@ def build_backbone(config: DaemonConfig, model: ModelConfig | None = None) -> Cl
 
 
 def decode_limits(config: DaemonConfig) -> DecodeLimits:
-    """What a frame may be (bytes, pixels) under ``decode``: scoring and the console's re-decode both check it."""
-    return DecodeLimits(max_bytes=config.decode.max_bytes, max_pixels=config.decode.max_pixels)
+    """What a frame may be (bytes, pixels, JPEG scans) under ``decode``: scoring and the console's re-decode both
+    check it."""
+    return DecodeLimits(max_bytes=config.decode.max_bytes, max_pixels=config.decode.max_pixels,
+                        max_jpeg_scans=config.decode.max_jpeg_scans)
 
 
 def build_model_pool(config: DaemonConfig) -> dict[str, ClipBackbone]:

@@ -152,6 +152,8 @@ class BatcherConfig:
 class DecodeConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_jpeg_scans: int = 100  # a JPEG's start-of-scan markers (encoders write ~10): above = dead letter
+    #                            too_many_scans, before decoding (a progressive scan-bomb decodes for a minute)
     threads: int = -1  # -1 = auto: 0 on CPU (decode on the engine thread: torch already uses every core);
     #                    with a GPU every core but two, 2 to 16 (decode the next batches while the GPU runs this one)
     max_tiles: int = 16  # model inputs one frame may need after tiling (aspect up to ~13:1; a 10000 x 10 strip
@@ -160,6 +162,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _positive("decode.max_tiles", self.max_tiles)
+        _positive("decode.max_jpeg_scans", self.max_jpeg_scans)
         _positive("decode.max_meta_bytes", self.max_meta_bytes)
 
 

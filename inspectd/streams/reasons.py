@@ -28,6 +28,7 @@ class Reason(StrEnum):
     MISSING_IMAGE = "missing_image"
     TOO_LARGE = "too_large"
     TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_MANY_SCANS = "too_many_scans"
     TOO_MANY_TILES = "too_many_tiles"
     CORRUPT_IMAGE = "corrupt_image"
     UNSUPPORTED_FORMAT = "unsupported_format"
@@ -62,6 +63,8 @@ REASONS: dict[Reason, tuple[str, str]] = {
     Reason.MISSING_IMAGE: ("decode", "an empty image payload"),
     Reason.TOO_LARGE: ("decode", "more bytes than `decode.max_bytes`"),
     Reason.TOO_MANY_PIXELS: ("decode", "more pixels than `decode.max_pixels` (from the header, before decoding)"),
+    Reason.TOO_MANY_SCANS: ("decode", "a JPEG with more scans than `decode.max_jpeg_scans` (counted before "
+                                      "decoding: a progressive scan-bomb, each scan another pass over every block)"),
     Reason.TOO_MANY_TILES: ("decode", "an aspect ratio that needs more than `decode.max_tiles` model inputs "
                                       "(e.g. a 10000 x 10 strip)"),
     Reason.CORRUPT_IMAGE: ("decode", "bytes the decoder cannot read, or a truncated image"),
