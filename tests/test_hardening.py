@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from inspectd.daemon.app import InspectDaemon
 from inspectd.daemon.publisher import Publisher, source_line
@@ -99,6 +100,102 @@ async def test_a_permanently_refused_result_becomes_unpublishable_and_the_rest_p
     [letter] = await read_stream(redis_client, keys.dead("l1"))
     assert letter["reason"] == "unpublishable" and "invalid line id" in letter["detail"]
     assert source_line("redis:inspect:{l7}:frames") == "l7" and source_line("camera:0") == ""
+
+
+class BlipOnce:
+    """A real sink whose ``fail_on``-th publish fails with a connection reset (a failover, a network blip)."""
+
+    def __init__(self, inner: RedisResultSink, fail_on: int) -> None:
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+
+    async def publish_batch(self, results, dead=()):  # noqa: ANN001, ANN201
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RedisConnectionError("Connection reset by peer")
+        return await self.inner.publish_batch(results, dead)
+
+
+async def test_a_connection_blip_while_isolating_a_refused_item_is_retried_not_fatal(redis_client,
+                                                                                     key_prefix) -> None:
+    """The isolation ran outside publish()'s retry loop: a transient error in it escaped, ended the daemon's
+    publish task, and nothing was published or acked again until a restart."""
+    from inspectd.daemon.metrics import Metrics
+
+    keys = StreamKeys(key_prefix)
+    sink = BlipOnce(RedisResultSink(redis_client, keys), fail_on=2)  # the whole batch, then the first item alone
+    publisher = Publisher([sink], Metrics())
+    batch = [_result(keys, "a", "l1"), _result(keys, "b", "no such {line}"), _result(keys, "c", "l1")]
+    published, dead = await asyncio.wait_for(publisher.publish(batch, []), 10)
+    assert [r.frame_id for r in published] == ["a", "c"]
+    assert [(d.frame_id, d.reason) for d in dead] == [("b", Reason.UNPUBLISHABLE)]
+    assert sorted(r["frame_id"] for r in await read_stream(redis_client, keys.results("l1"))) == ["a", "c"]
+
+
+async def test_an_unencodable_frame_id_still_gets_a_published_dead_letter(redis_client, key_prefix) -> None:
+    """A lone surrogate (a non-UTF-8 file name) made the result unpublishable and its replacement dead letter,
+    carrying the same id, unpublishable too: the frame was acked with only a log line to show for it."""
+    from inspectd.daemon.metrics import Metrics
+
+    keys = StreamKeys(key_prefix)
+    publisher = Publisher([RedisResultSink(redis_client, keys)], Metrics())
+    published, dead = await asyncio.wait_for(publisher.publish([_result(keys, "Pr\udcfcfteil.png", "l1")], []), 10)
+    assert published == [] and [d.reason for d in dead] == [Reason.UNPUBLISHABLE]
+    [letter] = await read_stream(redis_client, keys.dead("l1"))
+    assert letter["frame_id"] == "Pr\\udcfcfteil.png" and "UnicodeEncodeError" in letter["detail"]
+    assert publisher.unpublishable == 1
+
+
+def _result(keys: StreamKeys, frame_id: str, line: str) -> Result:
+    return Result(product="p", line=line, frame_id=frame_id, captured_at=1.0, score=0.1, verdict=VERDICT_OK,
+                  threshold=0.5, detector="winclip", state_version="1", source=f"redis:{keys.frames('l1')}",
+                  entry_id=f"{len(frame_id)}-0")
+
+
+async def test_an_entry_that_breaks_the_parser_is_dead_lettered_and_its_neighbours_scored(
+        redis_client, redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    """Deeply nested `meta` raised RecursionError out of the source's read: the reply was dropped, the read
+    retried for ever and none of the six entries read with it got a result or a dead letter."""
+    daemon = InspectDaemon(one_line_config(redis_url, key_prefix, tmp_path), backbone=tiny_backbone)
+    await daemon.start()
+    keys = StreamKeys(key_prefix)
+    try:
+        good = png_bytes(HAZELNUT / "good" / "03.png")
+        frames = keys.frames("l1")
+        for i in range(2):
+            await redis_client.xadd(frames, frame_fields("grid", "l1", f"ok-{i}", good))
+        await redis_client.xadd(frames, {"product": "grid", "frame_id": "deep", "image": good, "meta": "[" * 20000})
+        await redis_client.xadd(frames, {"product": "grid", "frame_id": "inf", "image": good, "shape": "[1e999,3]"})
+        for i in range(2, 5):
+            await redis_client.xadd(frames, frame_fields("grid", "l1", f"ok-{i}", good))
+        results = await wait_for(redis_client, [keys.results("l1")], 5)
+        dead = await wait_for(redis_client, [keys.dead("l1")], 2)
+        assert sorted(r["frame_id"] for r in results) == [f"ok-{i}" for i in range(5)]
+        assert {d["frame_id"]: d["reason"] for d in dead} == {"deep": "bad_meta", "inf": "bad_shape"}
+        assert (await redis_client.xpending(frames, daemon.config.redis.group))["pending"] == 0
+    finally:
+        await daemon.shutdown()
+
+
+async def test_shutdown_during_a_burst_of_bad_entries_hands_every_read_entry_on(
+        redis_client, redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    """A reader that had returned from its read and was handing a dead letter to the (2-deep) publish queue
+    counted as "not reading" and was cancelled: the rest of its entries never entered the pipeline, shutdown
+    waited out shutdown_timeout_s and exited 3 with them pending, though nothing was slow."""
+    keys = StreamKeys(key_prefix)
+    frames = keys.frames("l1")
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(3000):
+        pipe.xadd(frames, {"frame_id": f"bad{i}", "image": b"x"})  # no product: a parse dead letter each
+    await pipe.execute()
+    daemon = InspectDaemon(one_line_config(redis_url, key_prefix, tmp_path, shutdown_timeout_s=5),
+                           backbone=tiny_backbone)
+    await daemon.start()
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await daemon.shutdown()
+    assert daemon.left_pending == 0 and time.monotonic() - started < 4
+    assert (await redis_client.xpending(frames, daemon.config.redis.group))["pending"] == 0
+    assert 0 < daemon.frames_done == await redis_client.xlen(keys.dead("l1"))
 
 
 def _free_port() -> int:

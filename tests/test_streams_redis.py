@@ -343,3 +343,114 @@ async def test_frame_redelivered_too_often_becomes_a_dead_letter(redis_client: A
             assert isinstance(dead, DeadLetter) and dead.reason == "too_many_deliveries"
             await dead.ack()
     assert (await redis_client.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_an_entry_the_parser_chokes_on_is_a_dead_letter_and_the_rest_of_its_read_is_scored(
+        redis_client: Any, keys: StreamKeys) -> None:
+    """A `shape` of "[1e999,3]" raised OverflowError and a deeply nested `meta` RecursionError out of read():
+    the whole XREADGROUP reply was dropped, its good entries stayed pending un-handed-out and came back only by
+    XAUTOCLAIM, where the same entry failed again, for ever (max_deliveries is checked after parsing)."""
+    stream = keys.frames("l1")
+    src = _source(redis_client, stream, "c1")
+    await src.start()
+    good = await _add(redis_client, stream, 2)
+    await redis_client.xadd(stream, {"product": "p", "frame_id": "inf", "image": b"x", "shape": "[1e999,3]"})
+    await redis_client.xadd(stream, {"product": "p", "frame_id": "deep", "image": PNG, "meta": "[" * 50_000})
+    good += await _add(redis_client, stream, 2, start=2)
+    items = await src.read(10)
+    frames = [i for i in items if isinstance(i, Frame)]
+    dead = {i.frame_id: i for i in items if isinstance(i, DeadLetter)}
+    assert sorted(f.entry_id for f in frames) == sorted(good)
+    assert (dead["inf"].reason, dead["deep"].reason) == ("bad_shape", "bad_meta")
+    assert "nested too deeply" in dead["deep"].detail
+    await src.ack_many(items)
+    assert await src.pending_count() == 0
+
+
+async def test_a_parser_bug_dead_letters_its_entry_only(redis_client: Any, keys: StreamKeys,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the parser raises for one entry, the entries read with it are handed out."""
+    import inspectd.streams.redis_source as redis_source
+
+    real = redis_source.parse_frame_fields
+
+    def parse(fields: Any, **kw: Any) -> Any:
+        if fields.get(b"frame_id") == b"f1":
+            raise KeyError("a bug")
+        return real(fields, **kw)
+
+    monkeypatch.setattr(redis_source, "parse_frame_fields", parse)
+    stream = keys.frames("l1")
+    ids = await _add(redis_client, stream, 3)
+    items = await _source(redis_client, stream, "c1").read(10)
+    assert [(type(i).__name__, i.entry_id) for i in items] == [("Frame", ids[0]), ("DeadLetter", ids[1]),
+                                                                ("Frame", ids[2])]
+    assert items[1].reason == "unreadable" and "KeyError" in items[1].detail and items[1].ack is not None
+
+
+async def test_a_failed_claim_does_not_drop_the_backlog_read_before_it(redis_client: Any, keys: StreamKeys,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """read() = own backlog, then XAUTOCLAIM, then new entries: an error in a later step threw away the
+    entries an earlier one had already taken from Redis (pending here, handed out to nobody)."""
+    stream = keys.frames("l1")
+    ids = await _add(redis_client, stream, 3)
+    assert len(await _source(redis_client, stream, "c1").read(3)) == 3  # crash before acking
+    again = _source(redis_client, stream, "c1", claim_interval_s=0.0)
+    await again.start()
+    again._last_claim = float("-inf")
+
+    async def broken_claim(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(redis_client, "xautoclaim", broken_claim)
+    got = await again.read(10)
+    assert [f.entry_id for f in got] == ids
+    with pytest.raises(ConnectionError):  # the next read raises the error (the daemon backs off)
+        await again.read(10)
+
+
+async def test_a_crashed_peers_frames_come_back_at_the_read_rate(redis_client: Any, keys: StreamKeys) -> None:
+    """XAUTOCLAIM asked for only the read's count and then waited claim_interval_s: a loaded instance reading 8 at
+    a time took a crashed peer's 64 frames back 8 per interval (4 minutes at the defaults) while scoring newer
+    frames first. A scan that has not reached the end goes on at the next read."""
+    stream = keys.frames("l1")
+    crashed = _source(redis_client, stream, "crashed")
+    old = await _add(redis_client, stream, 64)
+    assert len(await crashed.read(64)) == 64
+    alive = _source(redis_client, stream, "alive", claim_idle_ms=100, claim_interval_s=60.0)
+    await alive.start()
+    await asyncio.sleep(0.15)
+    alive._last_claim = float("-inf")  # the first interval has passed
+    taken: list[str] = []
+    newer = 0
+    for n in range(8):  # live traffic keeps arriving, 8 frames a read
+        await _add(redis_client, stream, 8, start=1000 + 8 * n)
+        items = await alive.read(8)
+        taken += [i.entry_id for i in items if i.entry_id in set(old)]
+        newer += len(items) - sum(i.entry_id in set(old) for i in items)
+        await alive.ack_many(items)
+    assert sorted(taken) == sorted(old) and newer == 0  # (before: 8 taken back, 56 newer frames first)
+    assert alive.claimed_total == 64
+
+
+async def test_a_vanished_group_on_one_stream_does_not_hand_out_the_others_in_flight_entries(
+        redis_client: Any, keys: StreamKeys) -> None:
+    """NOGROUP (one line's stream deleted) restarted the whole source: every stream's backlog was re-read from
+    "0", handing out again the entries of the other lines still being scored here."""
+    s1, s2 = keys.frames("l1"), keys.frames("l2")
+    src = RedisStreamSource(redis_client, [s1, s2], group="g", consumer="c", block_ms=20)
+    await src.start()
+    first = await _add(redis_client, s1, 2)
+    for i in range(2):
+        await redis_client.xadd(s2, frame_fields("bottle", "l2", f"x{i}", PNG))
+    held = await src.read(4)
+    assert len(held) == 4
+    await redis_client.delete(s2)
+    await redis_client.xadd(s2, frame_fields("bottle", "l2", "new", PNG))
+    later: list[Any] = []
+    for _ in range(3):
+        later += await src.read(4)
+    assert [f.frame_id for f in later] == ["new"]
+    assert not {f.entry_id for f in later} & set(first)
+    await src.ack_many(held[:2])
+    assert await src.pending_count() == 1  # the new entry of l2, read here and not acked yet

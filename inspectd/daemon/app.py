@@ -428,42 +428,55 @@ class InspectDaemon:
             if self._stop.is_set():
                 self._release(granted)
                 return
+            # In `_reading` from the read until every item is handed on: shutdown waits for such a reader
+            # instead of cancelling it with delivered entries in its hands
             self._reading.add(asyncio.current_task())
             try:
-                items = await source.read(granted)
-            except asyncio.CancelledError:
-                self._release(granted)
-                raise
-            except Exception as exc:  # noqa: BLE001 - a flaky source backs off, the daemon lives
-                self._release(granted)
-                self.metrics.error("source")
-                delay = backoff.next_delay()
-                log.warning("source %s read failed: %s; retrying in %.2fs", type(source).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                continue
+                try:
+                    items = await source.read(granted)
+                except asyncio.CancelledError:
+                    self._release(granted)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a flaky source backs off, the daemon lives
+                    self._release(granted)
+                    self.metrics.error("source")
+                    delay = backoff.next_delay()
+                    log.warning("source %s read failed: %s; retrying in %.2fs", type(source).__name__, exc, delay)
+                    self._reading.discard(asyncio.current_task())
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                self._release(granted - len(items))
+                if items:
+                    await self._dispatch(source, items)
             finally:
                 self._reading.discard(asyncio.current_task())
-            backoff.reset()
-            self._release(granted - len(items))
             if not items:
                 if getattr(source, "exhausted", False):
-                    log.info("source %s has ended", getattr(source, "source", type(source).__name__))
+                    name = getattr(source, "source", type(source).__name__)
+                    error = getattr(source, "last_error", "")  # e.g. a video file that raised mid-way
+                    log.info("source %s has ended%s", name, f" (last error: {error})" if error else "")
                     return
                 await asyncio.sleep(0.01)  # a source that returns at once must not starve the loop
+
+    async def _dispatch(self, source: Any, items: list[Frame | DeadLetter]) -> None:
+        """Frames to the batcher; the read's dead letters to the publisher as one job."""
+        self._in_flight += len(items)
+        dead: list[DeadLetter] = []
+        carriers: list[InFlight] = []
+        for item in items:
+            if isinstance(item, DeadLetter):
+                self.metrics.dead_lettered(item.product, item.line, item.reason)
+                dead.append(item)
+                carriers.append(InFlight(Frame(item.product, item.line, item.frame_id, 0.0,
+                                               entry_id=item.entry_id, ack=item.ack), None))
                 continue
-            self._in_flight += len(items)
-            for item in items:
-                if isinstance(item, Frame):
-                    flight = InFlight(item, source)
-                    self._flights[id(item)] = flight
-                if isinstance(item, DeadLetter):
-                    self.metrics.dead_lettered(item.product, item.line, item.reason)
-                    carrier = Frame(item.product, item.line, item.frame_id, 0.0, entry_id=item.entry_id,
-                                    ack=item.ack)
-                    await self._publish.put(([], [item], [InFlight(carrier, None)]))
-                    continue
-                self.metrics.received(item.product, item.line)
-                await self.batcher.put(flight)
+            flight = InFlight(item, source)
+            self._flights[id(item)] = flight
+            self.metrics.received(item.product, item.line)
+            await self.batcher.put(flight)
+        if dead:
+            await self._publish.put(([], dead, carriers))
 
     def _release(self, n: int) -> None:
         for _ in range(n):

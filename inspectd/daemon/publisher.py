@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (OSError, TimeoutError, asyncio.TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError,
              redis_errors.BusyLoadingError, redis_errors.ReadOnlyError, redis_errors.TryAgainError,
-             redis_errors.ClusterDownError, redis_errors.MasterDownError, redis_errors.OutOfMemoryError)
+             redis_errors.ClusterDownError, redis_errors.MasterDownError, redis_errors.OutOfMemoryError,
+             # a cluster mid-failover: the client's redirects ran out, or no node serves the slot yet
+             redis_errors.ClusterError, redis_errors.SlotNotCoveredError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -43,6 +45,12 @@ def source_line(source: str) -> str:
         return validate_line(line) if line else ""
     except ValueError:
         return ""
+
+
+def encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates, e.g. from a non-UTF-8 file name) escaped as
+    ``\\udcXX``: the replacement dead letter of an unencodable item must itself be publishable."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Publisher:
@@ -61,10 +69,13 @@ class Publisher:
     async def publish(self, results: list[Result], dead: list[DeadLetter]) -> tuple[list[Result], list[DeadLetter]]:
         """Publish everything; returns what was published (results, and dead letters incl. replacements)."""
         backoff = Backoff()
+        isolating = False
         self._busy_since = time.monotonic()
         try:
             while True:
                 try:
+                    if isolating:  # item by item; a transient failure meanwhile retries the isolation
+                        return await self._isolate(results, dead)
                     await self._all(results, dead)
                     return results, dead
                 except Exception as exc:  # noqa: BLE001 - classified right below
@@ -75,9 +86,11 @@ class Publisher:
                                     len(results) + len(dead), type(exc).__name__, exc, delay)
                         await asyncio.sleep(delay)
                         continue
+                    if isolating:  # _isolate turns every permanent refusal into a dead letter itself
+                        raise
                     log.error("publishing a batch failed permanently (%s: %s); isolating the bad item(s)",
                               type(exc).__name__, exc)
-                    return await self._isolate(results, dead)  # publishes item by item as it isolates
+                    isolating = True
         finally:
             self._busy_since = None
 
@@ -87,7 +100,7 @@ class Publisher:
 
     async def _isolate(self, results: list[Result], dead: list[DeadLetter]) -> tuple[list[Result], list[DeadLetter]]:
         """Publish item by item; a permanently refused one is replaced by (published as) a dead letter. A transient
-        failure meanwhile propagates and the caller retries the whole batch (duplicates at most, never a loss)."""
+        failure meanwhile propagates and `publish` retries the isolation (duplicates at most, never a loss)."""
         kept_results: list[Result] = []
         kept_dead: list[DeadLetter] = []
         replacements: list[DeadLetter] = []
@@ -137,9 +150,10 @@ class Publisher:
         self.metrics.dead_lettered(product, safe_line or "unknown", Reason.UNPUBLISHABLE)
         log.error("frame %s/%s (line %r) cannot be published: %s; dead-lettered as unpublishable", product,
                   frame_id, line[:80], problem)
-        return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=product, line=safe_line,
-                          frame_id=frame_id, entry_id=entry_id, source=source, detail=problem[:500],
-                          fields=dict(fields or {}))
+        return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=encodable(product), line=safe_line,
+                          frame_id=encodable(frame_id), entry_id=None if entry_id is None else encodable(entry_id),
+                          source=encodable(source), detail=encodable(problem[:500]),
+                          fields={encodable(k): encodable(v) for k, v in (fields or {}).items()})
 
     def _lost(self, letter: DeadLetter, problem: str) -> None:
         self.metrics.error("unpublishable_dead_letter")

@@ -84,10 +84,13 @@ def small_fields(fields: Mapping[bytes | str, bytes | str], limit: int = SMALL_F
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"H,W"``, ``"H,W,C"``, ``"HxWxC"`` or JSON ``[H, W, C]`` -> a tuple; ValueError when malformed."""
     text = text.strip()
-    parts = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
-    if not isinstance(parts, list):
-        raise ValueError("shape is not a list")
-    shape = tuple(int(p) for p in parts)
+    try:
+        parts = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
+        if not isinstance(parts, list):
+            raise ValueError("shape is not a list")
+        shape = tuple(int(p) for p in parts)
+    except (OverflowError, RecursionError) as exc:  # "[1e999,3]" (int(inf)), "[[[[...": malformed all the same
+        raise ValueError(f"shape is not a list of integers ({type(exc).__name__})") from None
     if not is_raw_shape(shape):
         raise ValueError(f"shape {shape} is not (H,W) or (H,W,1|3|4)")
     return shape
@@ -182,6 +185,8 @@ def parse_frame_fields(
             return dead(Reason.BAD_META, f"meta is not UTF-8: {exc}")
         except ValueError as exc:
             return dead(Reason.BAD_META, f"meta is not JSON: {exc}")
+        except RecursionError:  # deeper nesting than the JSON parser takes (well under max_meta_bytes)
+            return dead(Reason.BAD_META, "meta is nested too deeply to parse")
         if not isinstance(meta, dict):
             return dead(Reason.BAD_META, "meta is not a JSON object")
 

@@ -91,12 +91,15 @@ class RedisStreamSource:
         self._held: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
-        """Create the consumer groups (MKSTREAM; an existing group is fine)."""
-        for stream in self.streams:
-            await self._create_group(stream)
+        """Create the consumer groups (MKSTREAM; an existing group is fine) and re-read own pending entries."""
+        await self._create_groups()
         self._backlog = {s: "0" for s in self.streams}
         self._last_claim = time.monotonic()  # the first claim waits one interval: own backlog first
         self._started = True
+
+    async def _create_groups(self) -> None:
+        for stream in self.streams:
+            await self._create_group(stream)
 
     async def _create_group(self, stream: str) -> None:
         try:
@@ -116,8 +119,10 @@ class RedisStreamSource:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
+            # A recreated group has no pending entries, so nothing is re-read: the other streams' entries
+            # this consumer holds are in flight here, and re-reading their backlog would hand them out twice.
             log.warning("consumer group vanished (%s); recreating", exc)
-            await self.start()
+            await self._create_groups()
             items = await self._read(max_count)
         for stream, ids in _entry_ids_by_stream(items).items():
             self._held.update((stream, entry_id) for entry_id in ids)
@@ -125,12 +130,25 @@ class RedisStreamSource:
 
     async def _read(self, max_count: int) -> list[Item]:
         out: list[Item] = []
-        if len(out) < max_count and self._backlog:
-            out += await self._read_backlog(max_count - len(out))
-        if len(out) < max_count and time.monotonic() - self._last_claim >= self.claim_interval_s:
-            out += await self._autoclaim(max_count - len(out))
-        if len(out) < max_count:
-            out += await self._read_new(max_count - len(out), block=not out)
+        steps = []
+        if self._backlog:
+            steps.append(self._read_backlog)
+        if time.monotonic() - self._last_claim >= self.claim_interval_s:
+            steps.append(self._autoclaim)
+        steps.append(lambda count: self._read_new(count, block=not out))
+        for step in steps:
+            if len(out) >= max_count:
+                break
+            try:
+                out += await step(max_count - len(out))
+            except Exception as exc:
+                if not out:
+                    raise
+                # Entries already taken from Redis are handed out now (they are pending here); the failed
+                # step's error comes again at the next read, which raises it
+                log.warning("reading %s failed after %d entries were read (%s: %s); returning those",
+                            ", ".join(self.streams), len(out), type(exc).__name__, exc)
+                break
         return out
 
     async def _read_backlog(self, count: int) -> list[Item]:
@@ -149,20 +167,26 @@ class RedisStreamSource:
                 del self._backlog[stream]
             else:
                 self._backlog[stream] = _str(entries[-1][0])
+            entries = [e for e in entries if (stream, _str(e[0])) not in self._held]  # in flight here already
             out += await self._redelivered(stream, await self._to_items(stream, entries))
         return out
 
     async def _autoclaim(self, count: int) -> list[Item]:
-        """Take over entries idle longer than ``claim_idle_ms`` in any consumer's pending list."""
+        """Take over entries idle longer than ``claim_idle_ms`` in any consumer's pending list. While a scan
+        has not reached the end of every pending list (a crashed peer's many frames), the next read goes on
+        with it instead of waiting another ``claim_interval_s``: they come back at the read rate."""
         self._last_claim = time.monotonic()
         out: list[Item] = []
+        unfinished = False
         for stream in self.streams:
             if len(out) >= count:
+                unfinished = True
                 break
             next_id, entries, *deleted = await self.client.xautoclaim(
                 stream, self.group, self.consumer, self.claim_idle_ms,
                 start_id=self._claim_cursor[stream], count=count - len(out))
             self._claim_cursor[stream] = _str(next_id)
+            unfinished = unfinished or self._claim_cursor[stream] != "0-0"
             entries = [e for e in entries if (stream, _str(e[0])) not in self._held]  # ours, still being scored
             items = await self._redelivered(stream, await self._to_items(stream, entries))
             # Redis >= 7 drops pending entries that were trimmed away and names them here
@@ -172,6 +196,8 @@ class RedisStreamSource:
                 log.info("claimed %d idle entries from %s", len(items), stream)
             self.claimed_total += len(items)
             out += items
+        if unfinished:
+            self._last_claim = float("-inf")
         return out
 
     async def _redelivered(self, stream: str, items: list[Item]) -> list[Item]:
@@ -221,8 +247,14 @@ class RedisStreamSource:
             if not fields:  # entry trimmed/deleted while pending: nothing left to score, but say so
                 items.append(self._deleted(stream, entry_id, self.ack_handle(stream, entry_id)))
                 continue
-            item = parse_frame_fields(fields, entry_id=entry_id, source=f"redis:{stream}",
-                                      default_line=line_of_key(stream), max_meta_bytes=self.max_meta_bytes)
+            try:
+                item = parse_frame_fields(fields, entry_id=entry_id, source=f"redis:{stream}",
+                                          default_line=line_of_key(stream), max_meta_bytes=self.max_meta_bytes)
+            except Exception as exc:  # noqa: BLE001 - a parser bug dead-letters this entry, not the whole read
+                log.exception("entry %s of %s could not be parsed", entry_id, stream)
+                item = DeadLetter(reason=Reason.UNREADABLE, stage="parse", line=line_of_key(stream),
+                                  frame_id=entry_id, entry_id=entry_id, source=f"redis:{stream}",
+                                  detail=f"the parser failed: {type(exc).__name__}: {str(exc)[:200]}")
             item.ack = self.ack_handle(stream, entry_id)
             items.append(item)
         return items
