@@ -163,6 +163,23 @@ def test_config_errors_name_the_key() -> None:
     assert parse_config({}).batcher.max_batch_size == 8
 
 
+def test_a_product_files_relative_paths_are_relative_to_the_file(tmp_path: Path, monkeypatch) -> None:
+    """`threshold.holdout_dir` was left relative (read against the daemon's working directory) while
+    `references` beside it was resolved against the product file's folder."""
+    import yaml
+
+    from inspectd.daemon.config import load_product_file
+
+    products = tmp_path / "products"
+    products.mkdir()
+    (products / "nut.yaml").write_text(yaml.safe_dump({"id": "nut", "object_name": "hazelnut", "references": "../refs",
+                                                       "threshold": {"holdout_dir": "../holdout"}}))
+    monkeypatch.chdir(products.parent.parent)
+    product = load_product_file(products / "nut.yaml")
+    assert product.references == str(tmp_path / "refs")
+    assert product.threshold.holdout_dir == str(tmp_path / "holdout")
+
+
 def test_example_config_is_valid() -> None:
     from inspectd.daemon.config import load_config
 

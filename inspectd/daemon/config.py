@@ -424,6 +424,10 @@ def load_product_file(path: str | Path) -> ProductConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(path.name, f"not valid YAML: {exc}") from exc
     product = build(ProductConfig, data, path.stem)
+    # relative paths in a product file are relative to the file, as in the main config (not to the daemon's cwd)
     if product.references and not Path(product.references).is_absolute():
         product.references = str((path.parent / product.references).resolve())
+    holdout = product.threshold.holdout_dir
+    if holdout and not Path(holdout).is_absolute():
+        product.threshold.holdout_dir = str((path.parent / holdout).resolve())
     return product
