@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +170,131 @@ async def test_slow_consumer_keeps_newest_and_counts_drops(tmp_path: Path, polic
     assert [f.frame_id.rsplit("-", 1)[1] for f in frames] == [str(i) for i in range(31 - kept, 31)]
     assert src.dropped == 30 - kept == sum(drops)
     assert src.exhausted
+
+
+class FaultyCapture:
+    """A real cv2.VideoCapture on a real file, with the faults a backend shows in the field injected: ``read()``
+    raises cv2.error (as FFmpeg/GStreamer assertions do) once ``raise_after`` frames were read, and ``bad`` maps a
+    read number to a frame handed back with ok=True instead of the next real one (which is kept for later)."""
+
+    def __init__(self, path: str, raise_after: int | None = None, bad: dict[int, np.ndarray] | None = None) -> None:
+        self.cap = cv2.VideoCapture(path)
+        self.raise_after, self.bad, self.reads, self.good = raise_after, bad or {}, 0, 0
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return self.cap.isOpened()
+
+    def release(self) -> None:
+        self.cap.release()
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        self.reads += 1
+        if self.reads in self.bad:
+            return True, self.bad[self.reads]
+        if self.raise_after is not None and self.good >= self.raise_after:
+            raise cv2.error("OpenCV(4.x) cap_ffmpeg_impl.hpp:1591: error: (-215:Assertion failed) in 'retrieveFrame'")
+        ok, bgr = self.cap.read()
+        self.good += ok
+        return ok, bgr
+
+
+@pytest.fixture
+def thread_crashes(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
+    """Exceptions that escaped a thread (the capture thread must not die with a traceback on stderr)."""
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    return seen
+
+
+async def test_a_capture_error_on_a_live_camera_reconnects_and_keeps_delivering(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, thread_crashes: list) -> None:
+    """cv2.error from read() after 3 frames: the camera (reconnect on) reopens and goes on delivering, and is
+    never ``finished`` (the daemon would take it for a file played to its end, with readiness green)."""
+    video = tmp_path / "v.avi"
+    write_video(video, 10)
+    opens: list[FaultyCapture] = []
+
+    def factory(uri: int | str) -> FaultyCapture:
+        assert uri == "rtsp://op:secret@cam/1"
+        opens.append(FaultyCapture(str(video), raise_after=3 if not opens else None))
+        return opens[-1]
+
+    caplog.set_level("WARNING", logger="inspectd.streams.camera")
+    src = CameraSource(cfg("rtsp://op:secret@cam/1", policy="queue", queue_size=100), capture_factory=factory)
+    try:
+        frames = await collect(src, 3 + 10)
+        assert len(frames) == 13 and len(opens) >= 2  # 3 before the error, then the whole stream once reopened
+        assert not src.finished and not src.exhausted
+        assert src._thread is not None and src._thread.is_alive()
+        assert src.reconnects >= 1 and src.capture_errors == 1
+        assert [int(f.frame_id.rsplit("-", 1)[1]) for f in frames] == list(range(1, 14))
+        assert abs(frames[3].image[..., 2].mean() - 0) < 6 and abs(frames[-1].image[..., 2].mean() - 72) < 6
+        more = await collect(src, 5)  # and it keeps going
+        assert len(more) == 5 and not src.finished
+    finally:
+        src.stop()
+    lines = [r.getMessage() for r in caplog.records if "Assertion failed" in r.getMessage()]
+    assert lines and "op:***@cam" in lines[0] and "secret" not in " ".join(lines)
+    assert thread_crashes == []
+
+
+async def test_a_capture_error_on_a_file_without_reconnect_ends_it_with_the_error_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, thread_crashes: list) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 10)
+    caplog.set_level("WARNING", logger="inspectd.streams.camera")
+    src = CameraSource(cfg(video, policy="queue", queue_size=100, reconnect=False),
+                       capture_factory=lambda uri: FaultyCapture(str(uri), raise_after=4))
+    frames = await collect(src, 10, timeout_s=2.0)
+    await wait_for(lambda: src.exhausted)
+    src.stop()
+    assert len(frames) == 4 and src.frames_captured == 4
+    assert "raised" in src.last_error and "Assertion failed" in src.last_error  # not a silent "end of stream"
+    assert src.capture_errors == 1
+    assert any("Assertion failed" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert thread_crashes == []
+
+
+async def test_an_open_that_raises_is_a_failed_open_and_is_retried(tmp_path: Path, thread_crashes: list) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 5)
+    calls: list[int | str] = []
+
+    def factory(uri: int | str) -> FaultyCapture:
+        calls.append(uri)
+        if len(calls) <= 2:
+            raise cv2.error("OpenCV(4.x) cap.cpp:166: error: (-215:Assertion failed) in 'open'")
+        return FaultyCapture(str(video))
+
+    src = CameraSource(cfg("rtsp://cam/1", policy="queue", queue_size=100), capture_factory=factory)
+    try:
+        frames = await collect(src, 5)
+        assert len(frames) == 5 and not src.finished
+        assert src.failed_opens == 2 and src.capture_errors == 2
+    finally:
+        src.stop()
+    assert thread_crashes == []
+
+
+async def test_a_bad_frame_costs_only_itself_and_is_counted_as_a_drop(tmp_path: Path, caplog) -> None:
+    """An empty frame, a 2-channel frame (both caught before the buffer) and one cvtColor cannot convert (caught
+    when taken) among 10 good ones: one read() returns all 10 good frames, the 3 bad ones are counted drops."""
+    video = tmp_path / "v.avi"
+    write_video(video, 10)
+    bad = {3: np.zeros((0, 0, 3), np.uint8), 6: np.zeros((H, W, 2), np.uint8), 9: np.zeros((H, W, 3), np.int64)}
+    drops: list[int] = []
+    caplog.set_level("WARNING", logger="inspectd.streams.camera")
+    src = CameraSource(cfg(video, policy="queue", queue_size=100, reconnect=False), on_drop=drops.append,
+                       capture_factory=lambda uri: FaultyCapture(str(uri), bad=bad))
+    src.start()
+    await wait_for(lambda: src.finished)  # everything is buffered: the bad frame is taken with the good ones
+    frames = await src.read(20, timeout_s=0.1)
+    src.stop()
+    levels = [round(float(f.image[..., 2].mean()) / 8) for f in frames if f.image is not None]
+    assert len(frames) == 10 and levels == list(range(10))  # every good frame, in order
+    assert src.dropped == 3 == sum(drops) and src.bad_frames == 3
+    assert src.exhausted and src.capture_errors == 0
+    assert len([r for r in caplog.records if "bad frame" in r.getMessage()]) == 3
 
 
 def test_config_is_validated() -> None:

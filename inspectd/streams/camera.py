@@ -85,9 +85,35 @@ def _file_identity(path: str) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _rate_limited(n: int) -> bool:
+    """Log the 1st, 2nd, 3rd and then every 20th occurrence of a repeating error."""
+    return n <= 3 or n % 20 == 0
+
+
+def _describe(exc: BaseException) -> str:
+    return mask_credentials(f"{type(exc).__name__}: {exc}".strip())
+
+
+def _frame_problem(bgr: Any) -> str | None:
+    """Why a frame a backend returned with ok=True cannot be used (None: it is fine)."""
+    if not isinstance(bgr, np.ndarray):
+        return f"not an array ({type(bgr).__name__})"
+    if bgr.size == 0:
+        return f"empty frame {bgr.shape}"
+    if bgr.ndim == 2 or (bgr.ndim == 3 and bgr.shape[2] in (1, 3, 4)):
+        return None
+    return f"unsupported frame shape {bgr.shape}"
+
+
 class CameraSource:
     """Frames from one camera; ``dropped``, ``frames_captured``, ``reconnects``, ``connected`` are counters
-    for metrics, and ``on_drop(n)`` (called from the capture thread) reports drops as they happen."""
+    for metrics, and ``on_drop(n)`` (called from the capture thread, or from the consumer for a frame that
+    cannot be converted) reports drops as they happen.
+
+    ``capture_errors`` counts exceptions raised by the capture backend (open, read, grab, retrieve); each one
+    ends that stream like a read failure (reconnect with backoff, or the end of a source without reconnect)
+    and leaves its message in ``last_error``. ``bad_frames`` counts unusable frames (empty, odd shape, not
+    convertible); they are skipped and counted in ``dropped`` too."""
 
     def __init__(
         self,
@@ -112,6 +138,8 @@ class CameraSource:
         self.connected = False
         self.finished = False  # the capture thread ended for good (file done, no loop/reconnect)
         self.last_error = ""
+        self.capture_errors = 0  # exceptions from the capture backend (each ends the stream, like a read failure)
+        self.bad_frames = 0  # unusable frames skipped (also counted in ``dropped``)
         maxlen = 1 if config.policy == POLICY_LATEST else config.queue_size
         self._buffer: deque[tuple[int, float, np.ndarray]] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
@@ -152,10 +180,17 @@ class CameraSource:
     # -- consumer side --------------------------------------------------------------------------------
 
     def take(self, max_count: int) -> list[Frame]:
-        """Up to ``max_count`` buffered frames, oldest first, without waiting."""
+        """Up to ``max_count`` buffered frames, oldest first, without waiting. A frame that cannot be converted
+        costs only itself (a counted drop), never the good frames taken with it."""
         with self._lock:
             raw = [self._buffer.popleft() for _ in range(min(max_count, len(self._buffer)))]
-        return [self._frame(seq, ts, bgr) for seq, ts, bgr in raw]
+        frames = []
+        for seq, ts, bgr in raw:
+            try:
+                frames.append(self._frame(seq, ts, bgr))
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not lose the others
+                self._bad_frame(f"cannot convert frame {seq} {getattr(bgr, 'shape', '?')}: {_describe(exc)}")
+        return frames
 
     async def read(self, max_count: int, timeout_s: float = 1.0) -> list[Frame]:
         """Up to ``max_count`` frames; waits up to ``timeout_s`` for the first one."""
@@ -175,7 +210,7 @@ class CameraSource:
 
     def _frame(self, seq: int, ts: float, bgr: np.ndarray) -> Frame:
         cfg = self.config
-        if bgr.ndim == 2:
+        if bgr.ndim == 2 or bgr.shape[2] == 1:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
         elif bgr.shape[2] == 4:
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
@@ -193,12 +228,43 @@ class CameraSource:
             self._buffer.append((self.frames_captured, time.time(), bgr))  # evicts the oldest when full
             if dropped:
                 self.dropped += 1
-        if dropped and self.on_drop is not None:
+        if dropped:
+            self._report_drop()
+        self._notify()
+
+    def _report_drop(self) -> None:
+        if self.on_drop is not None:
             try:
                 self.on_drop(1)
             except Exception:  # a metrics callback must not kill the capture
                 log.exception("camera %s: on_drop callback failed", self.config.name)
-        self._notify()
+
+    def _bad_frame(self, why: str) -> None:
+        """An unusable frame: skipped, counted as a drop, logged (rate-limited)."""
+        with self._lock:
+            self.bad_frames += 1
+            self.dropped += 1
+            n = self.bad_frames
+        if _rate_limited(n):
+            log.warning("camera %s: dropped a bad frame (%s; %d so far)", self.config.name, why, n)
+        self._report_drop()
+
+    def _capture_error(self, stage: str, exc: Exception) -> None:
+        """The capture backend raised: record it (``last_error``, ``capture_errors``) and log it, rate-limited,
+        with the traceback the first time (instead of a thread that dies with it on stderr)."""
+        self.capture_errors += 1
+        self.last_error = f"{stage} raised {_describe(exc)}"
+        if _rate_limited(self.capture_errors):
+            log.warning("camera %s (%s): %s (error %d)", self.config.name, mask_credentials(self.config.uri),
+                        self.last_error, self.capture_errors, exc_info=self.capture_errors == 1)
+
+    def _release(self, cap: Any) -> None:
+        if cap is None:
+            return
+        try:
+            cap.release()
+        except Exception as exc:  # noqa: BLE001 - a release that fails must not end the capture thread
+            self._capture_error("release", exc)
 
     def _notify(self) -> None:
         loop, wake = self._loop, self._wake
@@ -212,15 +278,20 @@ class CameraSource:
             self.last_error = f"{cfg.uri}: no such file"
             return None
         started = time.monotonic()
-        cap = self._factory(cfg.uri)
-        if cap is None or not cap.isOpened():
-            if cap is not None:
-                cap.release()
+        cap, reason = None, ""
+        try:
+            cap = self._factory(cfg.uri)
+            opened = cap is not None and bool(cap.isOpened())
+        except Exception as exc:  # noqa: BLE001 - a backend that raises on open is a failed open, then a retry
+            opened, reason = False, f" ({_describe(exc)})"
+            self.capture_errors += 1
+        if not opened:
+            self._release(cap)
             self.failed_opens += 1
-            self.last_error = f"{mask_credentials(cfg.uri)}: cannot open"
-            if self.failed_opens <= 3 or self.failed_opens % 20 == 0:  # one line per attempt, then rate-limited
-                log.warning("camera %s (%s): cannot open (attempt %d, %.1f s; open_timeout_s %.1f)", cfg.name,
-                            mask_credentials(cfg.uri), self.failed_opens, time.monotonic() - started,
+            self.last_error = f"{mask_credentials(cfg.uri)}: cannot open{reason}"
+            if _rate_limited(self.failed_opens):  # one line per attempt, then rate-limited
+                log.warning("camera %s (%s): cannot open%s (attempt %d, %.1f s; open_timeout_s %.1f)", cfg.name,
+                            mask_credentials(cfg.uri), reason, self.failed_opens, time.monotonic() - started,
                             cfg.open_timeout_s)
             return None
         return cap
@@ -246,12 +317,14 @@ class CameraSource:
                     self.reconnects += 1
                     log.info("camera %s: reconnected", cfg.name)
                 ever_opened, played = True, None
-                got = self._capture(cap)
+                got, failed = self._capture(cap)
                 if got:
                     backoff.reset()
                 if self._stop.is_set():
                     break
                 if cfg.is_file and cfg.loop and got:
+                    if failed:  # a looping file that raised: replay it, but not in a tight loop
+                        self._stop.wait(backoff.next_delay())
                     continue
                 if not cfg.reconnect:
                     break
@@ -260,36 +333,51 @@ class CameraSource:
                 delay = backoff.next_delay()
                 log.warning("camera %s: stream ended (%s); retrying in %.2fs", cfg.name, self.last_error, delay)
                 self._stop.wait(delay)
+        except Exception as exc:  # a bug here: report it (log, last_error), not a traceback on stderr only
+            self.capture_errors += 1
+            self.last_error = f"capture thread failed: {_describe(exc)}"
+            log.exception("camera %s: capture thread failed", cfg.name)
         finally:
             self.connected = False
             self.finished = True
             self._notify()
 
-    def _capture(self, cap: Any) -> int:
-        """Read frames until the stream ends or stop; returns how many were read."""
+    def _capture(self, cap: Any) -> tuple[int, bool]:
+        """Read frames until the stream ends or stop; returns how many were read, and whether the backend
+        raised (recorded as a capture error; the stream then ends like a read failure)."""
         interval = 1.0 / self.config.max_fps if self.config.max_fps else 0.0
         count = 0
+        failed = False
         self.connected = True
         live = not self.config.is_file
         try:
             next_at = time.monotonic()
             while not self._stop.is_set():
-                if interval and live:
-                    # a live stream keeps coming whatever we do: grab every frame (cheap, no decode) and decode
-                    # only at max_fps, so frames are dropped here instead of piling up in the socket (latency)
-                    if not cap.grab():
-                        self.last_error = "read failed"
-                        break
-                    if time.monotonic() < next_at:
-                        self.throttled += 1
-                        continue
-                    ok, bgr = cap.retrieve()
-                    next_at = max(next_at + interval, time.monotonic())
-                else:
-                    ok, bgr = cap.read()
+                try:
+                    if interval and live:
+                        # a live stream keeps coming whatever we do: grab every frame (cheap, no decode) and
+                        # decode only at max_fps, so frames are dropped here instead of piling up in the socket
+                        if not cap.grab():
+                            self.last_error = "read failed"
+                            break
+                        if time.monotonic() < next_at:
+                            self.throttled += 1
+                            continue
+                        ok, bgr = cap.retrieve()
+                        next_at = max(next_at + interval, time.monotonic())
+                    else:
+                        ok, bgr = cap.read()
+                except Exception as exc:  # noqa: BLE001 - e.g. cv2.error from a backend assertion
+                    self._capture_error("read", exc)
+                    failed = True
+                    break
                 if not ok or bgr is None:
                     self.last_error = "end of stream" if self.config.is_file else "read failed"
                     break
+                problem = _frame_problem(bgr)
+                if problem is not None:  # skipped here, so it never reaches (and breaks) a consumer's read
+                    self._bad_frame(problem)
+                    continue
                 count += 1
                 self.last_frame_at = time.monotonic()
                 self._push(bgr)
@@ -298,5 +386,5 @@ class CameraSource:
                     self._stop.wait(max(0.0, next_at - time.monotonic()))
         finally:
             self.connected = False
-            cap.release()
-        return count
+            self._release(cap)
+        return count, failed
