@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from inspectd.streams.codec import decode_frame_image
-from inspectd.streams.folder import FolderSource
+from inspectd.streams.folder import FolderSource, Item
 from inspectd.streams.jsonl import JsonlSink
 from inspectd.streams.records import MaskPolicy
 from inspectd.streams.schema import DeadLetter, Frame, Result
@@ -107,3 +113,148 @@ async def test_jsonl_sink_writes_records_and_mask_files(tmp_path: Path) -> None:
     assert Image.open(first["mask_path"]).size == (32, 32)
     assert Path(first["mask_path"]).parent == tmp_path / "masks" / "p"
     assert lines[2]["reason"] == "corrupt_image" and len(lines[2]["fields"]["k"]) == 512
+
+
+def _png(value: int = 9) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` by relative path (symlinked folders not followed)."""
+    return {(Path(d) / n).relative_to(folder).as_posix(): (Path(d) / n).read_bytes()
+            for d, _dirs, names in os.walk(folder) for n in names}
+
+
+async def _drain(src: FolderSource, want: set[str], extra_s: float = 0.6, limit_s: float = 6.0) -> dict[str, Item]:
+    """Read and ack until every id in ``want`` came, then go on polling ``extra_s`` for anything else."""
+    got: dict[str, Item] = {}
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for item in await src.read(16, timeout_s=POLL):
+            got[item.frame_id] = item
+            assert item.ack is not None
+            await item.ack()
+        if want <= got.keys():
+            deadline = min(deadline, time.monotonic() + extra_s)
+    return got
+
+
+@pytest.mark.parametrize("notify", [False, True])
+async def test_linked_hidden_and_image_named_folders_alike_with_and_without_notify(
+        tmp_path: Path, notify: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Change events come from inside symlinked (inotify follows them) and hidden folders too: they must be left
+    out as a full walk leaves them out, and nothing outside the root may ever be moved into done/."""
+    caplog.set_level(logging.INFO, logger="inspectd.streams.folder")
+    root, outside, other = tmp_path / "watched", tmp_path / "outside", tmp_path / "other_line"
+    (root / "nut").mkdir(parents=True)
+    outside.mkdir()
+    other.mkdir()
+    (outside / "secret.png").write_bytes(_png(1))
+    (root / "early").symlink_to(other, target_is_directory=True)  # linked before the start
+    src = FolderSource(root, poll_interval_s=POLL, settle_s=0.05, notify=notify, rescan_s=3600)
+    try:
+        assert await src.read(8, timeout_s=POLL) == []  # the first (full) walk; starts the watcher
+        await asyncio.sleep(0.3)
+        (other / "a.png").write_bytes(_png(2))  # another process writes into its own folder (early's target)
+        (root / "linked").symlink_to(outside, target_is_directory=True)  # linked after the start
+        (root / "nut" / "link.png").symlink_to(outside / "secret.png")  # a linked file: read through the link
+        (root / "nut" / "loop.png").symlink_to("loop.png")  # a link loop: a broken link
+        (root / ".cache" / "nut").mkdir(parents=True)
+        (root / ".cache" / "nut" / "h.png").write_bytes(_png(3))
+        (root / "nut" / "x.png").mkdir()  # a folder with an image name
+        (root / "nut" / "x.png" / "inner.png").write_bytes(_png(4))
+        await asyncio.sleep(0.2)
+        (other / "b.png").write_bytes(_png(5))
+        (outside / "c.png").write_bytes(_png(6))
+        got = await _drain(src, {"nut/link.png", "nut/x.png/inner.png"})
+        if notify:  # the change events did the work (no fallback to full walks)
+            assert src.notify and src.full_walks == 1
+    finally:
+        src.close()
+    assert sorted(got) == ["nut/link.png", "nut/x.png/inner.png"]
+    assert all(isinstance(item, Frame) for item in got.values())
+    assert got["nut/link.png"].payload == _png(1)
+    assert _files(outside) == {"secret.png": _png(1), "c.png": _png(6)}  # nothing outside the root moved
+    assert _files(other) == {"a.png": _png(2), "b.png": _png(5)}
+    assert (root / "done" / "nut" / "link.png").is_symlink()  # the link moved, not its target
+    assert (root / "done" / "nut" / "x.png" / "inner.png").read_bytes() == _png(4)
+    assert not (root / "failed").exists()
+    assert (root / ".cache" / "nut" / "h.png").exists() and (root / "nut" / "loop.png").is_symlink()
+    linked = [r.getMessage() for r in caplog.records if "symlinked folder and is not followed" in r.getMessage()]
+    assert sorted(m.split(": ")[1].split(" is ")[0] for m in linked) == [str(root / "early"), str(root / "linked")]
+
+
+async def test_folder_swapped_for_a_link_after_the_read_is_not_moved_out(tmp_path: Path) -> None:
+    root, outside = tmp_path / "watched", tmp_path / "outside"
+    (root / "nut").mkdir(parents=True)
+    (root / "nut" / "a.png").write_bytes(_png(1))
+    src = FolderSource(root, poll_interval_s=POLL, settle_s=0.05, notify=False)
+    [frame] = await src.read(4, timeout_s=2)
+    (root / "nut").rename(tmp_path / "away")
+    outside.mkdir()
+    (outside / "a.png").write_bytes(_png(2))
+    (root / "nut").symlink_to(outside, target_is_directory=True)
+    assert frame.ack is not None
+    await frame.ack()
+    assert _files(outside) == {"a.png": _png(2)}
+    assert not (root / "done").exists()
+
+
+async def test_waiting_file_whose_folder_becomes_a_link_is_dropped(tmp_path: Path) -> None:
+    root, outside = tmp_path / "watched", tmp_path / "outside"
+    (root / "nut").mkdir(parents=True)
+    outside.mkdir()
+    src = FolderSource(root, poll_interval_s=POLL, settle_s=0.3, notify=True, rescan_s=3600)
+    try:
+        assert src.scan() == []  # full walk, watcher started
+        await asyncio.sleep(0.3)
+        (root / "nut" / "a.png").write_bytes(_png(1))
+        await asyncio.sleep(0.2)
+        assert src.scan() == []  # seen, waiting to settle
+        (root / "nut").rename(tmp_path / "away")
+        (outside / "a.png").write_bytes(_png(2))
+        (root / "nut").symlink_to(outside, target_is_directory=True)
+        got = await _drain(src, set(), extra_s=1.0)
+        assert src.notify and src.full_walks == 1
+    finally:
+        src.close()
+    assert got == {}
+    assert _files(outside) == {"a.png": _png(2)}
+
+
+@pytest.mark.parametrize("after", ["move", "record"])
+async def test_non_utf8_file_name_is_published_and_kept_under_its_real_name(tmp_path: Path, after: str) -> None:
+    """A Latin-1 name (``Pr\xfcfteil.png`` from an old PC or a share) gives ids every sink can encode; the
+    file itself is moved (or recorded) under its real name."""
+    root = tmp_path / "watched"
+    (root / "nut").mkdir(parents=True)
+    raw = os.path.join(os.fsencode(root / "nut"), b"Pr\xfcfteil.png")
+    with open(raw, "wb") as fh:
+        fh.write(_png())
+    src = FolderSource(root, after=after, poll_interval_s=POLL, settle_s=0.05, notify=False)
+    [frame] = await src.read(4, timeout_s=2)
+    assert isinstance(frame, Frame) and frame.payload == _png()
+    assert frame.frame_id == frame.entry_id == "nut/Pr\\xfcfteil.png"
+    for text in (frame.frame_id, frame.entry_id, frame.source, frame.meta["path"]):
+        text.encode("utf-8")  # what the Redis client does (strict)
+    sink = JsonlSink(tmp_path / "out" / "results.jsonl", mask_dir=tmp_path / "masks")
+    result = Result(product=frame.product, line=frame.line, frame_id=frame.frame_id, captured_at=frame.captured_at,
+                    score=0.9, verdict="NG", threshold=0.5, detector="d", state_version="v", entry_id=frame.entry_id,
+                    source=frame.source, meta=frame.meta, mask=np.zeros((8, 8), np.float32))
+    assert await sink.publish_batch([result]) == 1
+    sink.close()
+    [record] = [json.loads(t) for t in (tmp_path / "out" / "results.jsonl").read_text("utf-8").splitlines()]
+    assert record["frame_id"] == "nut/Pr\\xfcfteil.png"
+    assert record["meta"]["path"] == str(root / "nut" / "Pr\\xfcfteil.png")
+    assert Path(record["mask_path"]).is_file()
+    assert frame.ack is not None
+    await frame.ack()
+    if after == "move":
+        assert os.listdir(os.fsencode(root / "done" / "nut")) == [b"Pr\xfcfteil.png"]
+        assert not os.path.exists(raw)
+    else:
+        assert os.path.exists(raw)
+        again = FolderSource(root, after=after, poll_interval_s=POLL, settle_s=0.05, notify=False)
+        assert await again.read(4, timeout_s=0.2) == []  # the ledger holds the real name

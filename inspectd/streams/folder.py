@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from stat import S_ISREG
 
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import AckHandle, DeadLetter, Frame
@@ -24,6 +25,16 @@ LEDGER_NAME = ".inspectd-processed.jsonl"
 
 Item = Frame | DeadLetter
 Stat = tuple[int, int]  # (size, mtime_ns)
+
+
+def safe_text(text: str) -> str:
+    """``text`` (a file name or path) as valid Unicode for ids and records: bytes of a name that are not UTF-8
+    (a Latin-1 ``Pr\\xfcfteil.png`` from an old PC or a share; Python keeps them as surrogate escapes, which no
+    sink can encode) are written ``\\xfc``. File operations keep the real ``Path``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates (ill-formed UTF-16 names on Windows)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_temp_name(name: str) -> bool:
@@ -69,7 +80,7 @@ class FolderSource:
         self.suffixes = tuple(s.lower() for s in suffixes)
         self.poll_interval_s = poll_interval_s
         self.max_bytes = max_bytes
-        self.source = f"folder:{self.root}"
+        self.source = safe_text(f"folder:{self.root}")
         self.settle_s = settle_s  # a file is taken once its size and mtime have not changed for this long
         self._last_seen: dict[Path, tuple[Stat, float]] = {}  # path -> (stat, when it was first seen so)
         self._inflight: set[Path] = set()
@@ -128,32 +139,56 @@ class FolderSource:
         self._watcher.start()
 
     def _changed(self) -> dict[Path, Stat | None]:
-        """Paths that changed since the last poll (from the notifications), with their stat (None: gone)."""
+        """Paths that changed since the last poll (from the notifications), with their stat (None: gone). The
+        notifications also come from inside hidden and symlinked folders (inotify follows links): such paths are
+        left out by the same rule a full walk applies (``_walked``)."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-        skip = self._skip_dirs()
         changed: dict[Path, Stat | None] = {}
         for path in dirty:
-            if any(path == d or d in path.parents for d in skip):
-                continue
-            if not path.name.lower().endswith(self.suffixes) and path.is_dir():
+            if path == self.root:
                 changed.update(self._walk(path))
+                continue
+            if not self._in_walked_folder(path):
+                continue
+            if path.is_dir():  # a folder whatever its name (``x.png/``); a symlinked one is not followed
+                if self._walked(path):
+                    changed.update(self._walk(path))
                 continue
             changed[path] = self._stat_candidate(path)
         return changed
 
+    def _walked(self, folder: Path) -> bool:
+        """Whether a folder below the root is looked into: not hidden, not symlinked (said once), not done/ or
+        failed/. Full walks and change notifications both ask this, so both see the same files. Callers check the
+        folders above first, so ``folder`` has no symlink in it and needs no resolving."""
+        if folder.name.startswith("."):
+            return False
+        if folder.is_symlink():
+            self._note_once(f"link:{folder}", "folder %s: %s is a symlinked folder and is not followed (drop files "
+                            "into real folders)", self.root, folder)
+            return False
+        return folder not in self._skip_dirs()
+
+    def _in_walked_folder(self, path: Path) -> bool:
+        """Whether every folder between the root and ``path`` is walked (``_walked``)."""
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            return False
+        folder = self.root
+        for part in parts[:-1]:
+            folder = folder / part
+            if not self._walked(folder):
+                return False
+        return True
+
     def _walk(self, folder: Path) -> dict[Path, Stat]:
         """Every candidate file below ``folder`` (hidden, done/failed and symlinked folders left out)."""
         found: dict[Path, Stat] = {}
-        skip = self._skip_dirs()
         for dirpath, dirnames, filenames in os.walk(folder):
             here = Path(dirpath)
-            for d in dirnames:
-                if (here / d).is_symlink():
-                    self._note_once(f"link:{here / d}", "folder %s: %s is a symlinked folder and is not followed "
-                                                        "(drop files into real folders)", self.root, here / d)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip
-                                 and not (here / d).is_symlink())
+            dirnames[:] = sorted(d for d in dirnames if self._walked(here / d))
             for name in sorted(filenames):
                 stat = self._stat_candidate(here / name)
                 if stat is not None:
@@ -161,14 +196,17 @@ class FolderSource:
         return found
 
     def _stat_candidate(self, path: Path) -> Stat | None:
-        """(size, mtime) of a file worth scoring, or None (not an image name, a temp name, gone)."""
+        """(size, mtime) of a file worth scoring, or None (not an image name, a temp name, gone, not a regular
+        file). A symlinked file is read through its link (and on ack the link, not its target, is moved)."""
         if is_temp_name(path.name) or not path.name.lower().endswith(self.suffixes):
             return None
         try:
             st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # gone, or a broken link / link loop
             if path.is_symlink():
                 self._note_once(f"broken:{path}", "folder %s: %s is a broken link; skipped", self.root, path)
+            return None
+        if not S_ISREG(st.st_mode):  # a folder named x.png, a fifo (reading it would block), a device
             return None
         if st.st_size == 0:
             self._note_once(f"empty:{path}:{st.st_mtime_ns}", "folder %s: %s is empty (0 bytes); it is taken once it "
@@ -193,8 +231,8 @@ class FolderSource:
             consider: dict[Path, Stat | None] = dict(current)
         else:
             consider = self._changed()
-            for path in self._pending - consider.keys():
-                consider[path] = self._stat_candidate(path)
+            for path in self._pending - consider.keys():  # None (gone) if a folder above became a link meanwhile
+                consider[path] = self._stat_candidate(path) if self._in_walked_folder(path) else None
         ready = []
         with self._lock:
             for path, stat in consider.items():
@@ -244,8 +282,9 @@ class FolderSource:
         parts = rel.split("/")
         product = self.product or (parts[0] if len(parts) > 1 else "")
         stat = self._last_seen.get(path, ((0, 0), 0.0))[0]
-        common = {"product": product, "line": self.line, "frame_id": rel, "entry_id": rel, "source": self.source}
-        frame = Frame(captured_at=stat[1] / 1e9, meta={"path": str(path)}, **common)
+        text = safe_text(rel)  # ids and meta are text every sink can encode; file operations keep ``path``
+        common = {"product": product, "line": self.line, "frame_id": text, "entry_id": text, "source": self.source}
+        frame = Frame(captured_at=stat[1] / 1e9, meta={"path": safe_text(str(path))}, **common)
 
         def dead(reason: Reason, stage: str, detail: str) -> DeadLetter:  # with the file's fields (path in meta)
             frame.ack = self._ack(path, stat, dead=True)
@@ -258,7 +297,7 @@ class FolderSource:
         try:
             frame.payload = path.read_bytes()
         except OSError as exc:
-            return dead(Reason.UNREADABLE, "parse", str(exc))
+            return dead(Reason.UNREADABLE, "parse", safe_text(str(exc)))
         frame.ack = self._ack(path, stat, dead=False)
         return frame
 
@@ -280,6 +319,10 @@ class FolderSource:
             self._processed.add((rel, size, mtime_ns))
         try:
             if self.after == AFTER_MOVE:
+                if not self._in_walked_folder(path):  # a folder above was swapped for a symlink since the scan:
+                    log.warning("folder %s: a folder above %s is a symlink now; the file is not moved (it lies "
+                                "outside the watched folder)", self.root, path)
+                    return
                 target = (self.failed_dir if dead else self.done_dir) / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.exists():
