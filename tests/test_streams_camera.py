@@ -231,6 +231,18 @@ async def test_a_capture_error_on_a_live_camera_reconnects_and_keeps_delivering(
         assert abs(frames[3].image[..., 2].mean() - 0) < 6 and abs(frames[-1].image[..., 2].mean() - 72) < 6
         more = await collect(src, 5)  # and it keeps going
         assert len(more) == 5 and not src.finished
+        # the daemon's camera metrics show it (what an operator's alert reads)
+        from prometheus_client import generate_latest
+
+        from inspectd.daemon.app import InspectDaemon
+        from inspectd.daemon.config import parse_config
+
+        daemon = InspectDaemon(parse_config({"model": {"device": "cpu"}, "sources": {"redis": False},
+                                             "sinks": {"redis": False}, "redis": {"control_stream": None}}))
+        daemon.sources = [src]
+        daemon.cameras_live()
+        text = generate_latest(daemon.metrics.registry).decode()
+        assert 'inspectd_camera_capture_errors{camera="cam"} 1.0' in text
     finally:
         src.stop()
     lines = [r.getMessage() for r in caplog.records if "Assertion failed" in r.getMessage()]

@@ -684,7 +684,8 @@ class InspectDaemon:
                 continue  # a video file played to its end is done, not down
             name = source.config.name
             since = now - (source.last_frame_at or self._started_at)
-            self.metrics.camera_state(name, source.connected, source.reconnects, source.frames_captured, since)
+            self.metrics.camera_state(name, source.connected, source.reconnects, source.frames_captured, since,
+                                      getattr(source, "capture_errors", 0))
             live[name] = since <= self.config.sources.camera_stale_s
         return live
 

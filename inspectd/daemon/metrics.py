@@ -82,6 +82,10 @@ class Metrics:
                                        ["camera"], namespace=ns, registry=r)
         self.camera_frames_captured = Gauge("camera_frames_captured", "Frames captured since the daemon started.",
                                             ["camera"], namespace=ns, registry=r)
+        self.camera_capture_errors = Gauge("camera_capture_errors",
+                                           "Exceptions the camera's capture backend raised (open, read, release) since "
+                                           "the daemon started; each ends that stream (reconnect or end).",
+                                           ["camera"], namespace=ns, registry=r)
         self.camera_seconds_since_frame = Gauge("camera_seconds_since_frame",
                                                 "Seconds since the camera's newest frame (since start when none).",
                                                 ["camera"], namespace=ns, registry=r)
@@ -198,8 +202,10 @@ class Metrics:
     def camera_dropped(self, source: str, n: int = 1) -> None:
         self.camera_frames_dropped.labels(source).inc(n)
 
-    def camera_state(self, camera: str, connected: bool, reconnects: int, frames: int, since_frame_s: float) -> None:
+    def camera_state(self, camera: str, connected: bool, reconnects: int, frames: int, since_frame_s: float,
+                     capture_errors: int = 0) -> None:
         self.camera_connected.labels(camera).set(1 if connected else 0)
+        self.camera_capture_errors.labels(camera).set(capture_errors)
         self.camera_reconnects.labels(camera).set(reconnects)
         self.camera_frames_captured.labels(camera).set(frames)
         self.camera_seconds_since_frame.labels(camera).set(round(since_frame_s, 3))

@@ -95,7 +95,7 @@ class ReviewItem:
         return {**self.result, "id": self.id, "has_mask": self.mask_png is not None, "feedback": self.feedback}
 
 
-ORIGINAL_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
+ORIGINAL_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}  # MPO: a JPEG
 
 
 def original_of(frame: Frame, decoded: np.ndarray) -> tuple[bytes, str, tuple[int, int]]:
