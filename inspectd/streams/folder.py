@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 AFTER_MOVE = "move"
 AFTER_RECORD = "record"
 LEDGER_NAME = ".inspectd-processed.jsonl"
+WATCH_RESTART_MAX_S = 30.0  # the longest wait before the change notification is restarted after a failure
 
 Item = Frame | DeadLetter
 Stat = tuple[int, int]  # (size, mtime_ns)
@@ -99,6 +100,9 @@ class FolderSource:
         self._last_full = float("-inf")  # the first poll walks the folder (monotonic time may be < rescan_s)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._watching = False  # the notification thread is watching (False while it restarts after a failure)
+        self._walk_after_restart = False
+        self.watch_failures = 0
 
     # -- scanning ---------------------------------------------------------------------------------
 
@@ -126,15 +130,27 @@ class FolderSource:
         import watchfiles
 
         def watch() -> None:
-            try:
-                for changes in watchfiles.watch(self.root, watch_filter=None, debounce=50, step=20,
-                                                stop_event=self._watch_stop, raise_interrupt=False):
-                    with self._lock:
-                        self._dirty.update(Path(p) for _change, p in changes)
-            except Exception as exc:  # noqa: BLE001 - no notification: fall back to full walks
-                log.warning("folder %s: change notification failed (%s); polling every file instead", self.root, exc)
-                self.notify = False
+            failures = 0
+            while not self._watch_stop.is_set():
+                try:
+                    self._watching = True
+                    for changes in watchfiles.watch(self.root, watch_filter=None, debounce=50, step=20,
+                                                    stop_event=self._watch_stop, raise_interrupt=False):
+                        failures = 0
+                        with self._lock:
+                            self._dirty.update(Path(p) for _change, p in changes)
+                    return
+                except Exception as exc:  # noqa: BLE001 - e.g. a file name that is not UTF-8 (watchfiles cannot
+                    #                       decode it): full walks until the notification runs again
+                    self._watching = False
+                    failures += 1
+                    delay = min(WATCH_RESTART_MAX_S, 0.25 * 2 ** failures)
+                    log.warning("folder %s: change notification failed (%s); every poll walks the folder until it "
+                                "restarts in %.1fs", self.root, exc, delay)
+                    self.watch_failures += 1
+                    self._watch_stop.wait(delay)
 
+        self._watching = True
         self._watcher = threading.Thread(target=watch, name=f"folder-watch-{self.root.name}", daemon=True)
         self._watcher.start()
 
@@ -221,7 +237,10 @@ class FolderSource:
         now = time.monotonic()
         if self.notify and self._watcher is None:
             self._start_watcher()
-        full = not self.notify or self._watcher is None or now - self._last_full >= self.rescan_s
+        # a walk also while the notification is down: the changes it missed meanwhile are found by walking
+        full = (not self.notify or self._watcher is None or not self._watching or self._walk_after_restart
+                or now - self._last_full >= self.rescan_s)
+        self._walk_after_restart = not self._watching
         if full:
             self.full_walks += 1
             self._last_full = now
