@@ -74,3 +74,30 @@ def test_eval_resize_fast_scores_anew_and_says_so(tiny_checkpoint: Path, tmp_pat
     doc = json.loads((tmp_path / "out" / "winclip_0shot.json").read_text())
     assert doc["model"]["resize"] == "fast"
 
+
+
+def test_a_rerun_at_another_eval_size_or_with_other_references_scores_anew(tiny_checkpoint: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:  # noqa: ANN001
+    """The score cache had no map size in its key: a re-run at another --eval-size loaded the old maps, and every
+    category with masks failed ("anomaly map (64, 64) and mask (96, 96) must be the same H x W"). Nor did it know
+    the references: another train/good pool reused the old few-shot scores."""
+    import shutil
+
+    root = tmp_path / "mvtec"
+    shutil.copytree(MVTEC / "grid", root / "grid")
+    args = ["eval", "--dataset", "mvtec", "--root", str(root), "--categories", "grid", "--detector", "winclip",
+            "--shots", "1", "--weights", str(tiny_checkpoint), "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--eval-size", "64"]) == 0
+    forwards = count_forwards(monkeypatch)
+    assert main([*args, "--eval-size", "96"]) == 0
+    doc = json.loads((tmp_path / "out" / "winclip_1shot.json").read_text())
+    rows = {(r["category"], r["metric"]): r for r in doc["results"]}
+    assert rows[("grid", "pixel_pro")]["mean"] is not None and forwards
+    forwards.clear()
+    assert main([*args, "--eval-size", "96"]) == 0
+    assert forwards == []  # the same run again is served from the cache
+    for good in (root / "grid" / "train" / "good").iterdir():  # the same names, other pictures
+        good.write_bytes((MVTEC / "bottle" / "test" / "good" / "000.png").read_bytes())
+    assert main([*args, "--eval-size", "96"]) == 0
+    assert forwards  # scored anew against the new references

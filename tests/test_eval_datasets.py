@@ -189,3 +189,21 @@ def test_sample_references_is_deterministic_nested_and_order_independent(tmp_pat
     assert sample_references(pool, 0, seed=3) == []
     with pytest.raises(ValueError):
         sample_references(pool, 21, seed=0)
+
+
+@needs_data
+def test_masks_with_an_alpha_channel_mark_only_their_defects(tmp_path: Path) -> None:
+    """The brightest channel included alpha: an opaque RGBA or LA mask (black background, alpha 255), as annotation
+    tools export them, marked every pixel defective (a perfect map then scored pixel AUROC 0.51)."""
+    [sample] = [s for s in read_mvtec(MVTEC, categories=["grid"])[0].test if s.mask_path is not None][:1]
+    truth = load_mask(sample.mask_path)
+    grey = np.where(truth, 255, 0).astype(np.uint8)
+    opaque = np.full_like(grey, 255)
+    variants = {"rgba": Image.fromarray(np.dstack([grey, grey, grey, opaque]), "RGBA"),
+                "la": Image.fromarray(np.dstack([grey, opaque]), "LA"),
+                "p": Image.fromarray(grey).convert("P")}
+    variants["p"].info["transparency"] = 0
+    for name, image in variants.items():
+        image.save(tmp_path / f"{name}.png")
+        assert np.array_equal(load_mask(tmp_path / f"{name}.png"), truth), name
+    assert 0 < truth.sum() < truth.size

@@ -41,6 +41,16 @@ def test_summarize_mean_row_and_std_over_seeds() -> None:
     assert single.rows["grid"]["image_auroc"].std is None
 
 
+def test_the_mean_row_takes_the_same_categories_in_every_seed() -> None:
+    """A category that failed in one seed (a cell skipped with a note) made that seed's mean over fewer categories:
+    the printed mean (81.0 here) was the mean of no set of rows above it, and no note said so."""
+    seeds = [{"a": {"image_auroc": 0.90}, "b": {"image_auroc": 0.50}}, {"a": {"image_auroc": 0.92}}]
+    t = summarize(seeds)
+    assert t.rows["mean"]["image_auroc"].mean == pytest.approx(0.91)  # over a, the category every seed has
+    assert t.rows["b"]["image_auroc"].mean == pytest.approx(0.50) and t.rows["b"]["image_auroc"].n_seeds == 1
+    assert any("over 1 of 2" in n and "b only in some seeds" in n for n in t.notes)
+
+
 def test_markdown_json_csv_and_compare(tmp_path: Path) -> None:
     t = summarize(SEEDS, title="demo")
     md = to_markdown(t)

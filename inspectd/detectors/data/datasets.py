@@ -345,6 +345,10 @@ def load_mask(path: str | Path | None, shape: tuple[int, int] | None = None,
             raise ValueError("load_mask(None) needs the image shape")
         return np.zeros(shape, dtype=bool)
     with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # alpha is opacity, not defect: an opaque mask is all 255
+            im = im.convert("RGB" if im.mode != "LA" else "L")
+        elif im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGB")
         arr = np.asarray(im)
     values = arr.max(axis=2) if arr.ndim == 3 else arr
     # label-valued masks (VisA stores 1, 2, 3 ...; some sets 0/1) never reach the 8-bit threshold: above 0 there

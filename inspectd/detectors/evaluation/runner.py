@@ -11,6 +11,7 @@ interrupted run) does not recompute CLIP.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from inspectd.detectors.data.datasets import (
     load_mask,
     sample_references,
 )
-from inspectd.detectors.evaluation.cache import ScoreCache
+from inspectd.detectors.evaluation.cache import ScoreCache, image_fingerprint
 from inspectd.detectors.evaluation.metrics import CategoryEvaluator
 from inspectd.detectors.evaluation.tables import ResultTable, summarize, vand_hmean
 from inspectd.detectors.pipeline import ScoreItem, run
@@ -178,6 +179,7 @@ class _Run:
             raise ValueError(f"{category.name}: {shots}-shot needs {shots} normal training images, "
                              f"has {len(category.train)}")
         refs = sample_references(category.train, shots, seed)
+        refs_id = hashlib.sha256("\n".join(image_fingerprint(r.image_path) for r in refs).encode()).hexdigest()[:16]
         spec = ProductSpec(category.name, object_name(category.name, settings),
                            tuple(settings.defect_words.get(category.name, ())))
         evaluator = CategoryEvaluator(category.name, has_masks=category.has_masks and self.detector.produces_masks)
@@ -187,7 +189,7 @@ class _Run:
         verdicts: list[tuple[float, int]] = []
         for start in range(0, len(tests), settings.batch_size):
             batch = tests[start:start + settings.batch_size]
-            keys = [self._key(s, shots, seed) for s in batch]
+            keys = [self._key(s, shots, seed, refs_id) for s in batch]
             outputs = [self.cache.get(k) if self.cache is not None and k else None for k in keys]
             missing = [i for i, out in enumerate(outputs) if out is None]
             if missing:
@@ -234,12 +236,14 @@ class _Run:
                             tuple(shape), size)
             self.mask_mismatch.setdefault(category.name, []).append(name)
 
-    def _key(self, sample: Sample, shots: int, seed: int) -> Any:
+    def _key(self, sample: Sample, shots: int, seed: int, refs: str) -> Any:
+        """A cached score depends on the detector's config, the map size and the reference images' files too."""
         if self.cache is None:
             return None
         return self.cache.key(model_id=self.backbone.model_id, dataset=self.settings.dataset_name,
                               image_path=sample.image_path, detector=self.settings.detector,
-                              config_hash=self.fingerprint, shots=shots, seed=seed)
+                              config_hash=f"{self.fingerprint}|map{self.settings.eval_size}|refs:{refs}",
+                              shots=shots, seed=seed)
 
 
 def verdict_metrics(scored: Sequence[tuple[float, int]], threshold: float) -> dict[str, float]:

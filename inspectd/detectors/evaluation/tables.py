@@ -96,15 +96,21 @@ def summarize(per_seed: Sequence[PerCategory], title: str = "", metrics: Sequenc
         known = (*ALL_METRICS, *VERDICT_METRICS, VAND_METRIC)
         metrics = [m for m in known if m in present] + sorted(present - set(known))
     out_notes = list(notes)
-    per_seed_rows: list[dict[str, dict[str, float]]] = []
-    for run in per_seed:
-        rows = {c: {m: float(run.get(c, {}).get(m, math.nan)) for m in metrics} for c in categories}
-        rows[MEAN_ROW] = {m: _nanmean([rows[c][m] for c in categories]) for m in metrics}
-        per_seed_rows.append(rows)
+    per_seed_rows = [{c: {m: float(run.get(c, {}).get(m, math.nan)) for m in metrics} for c in categories}
+                     for run in per_seed]
+    for rows in per_seed_rows:
+        rows[MEAN_ROW] = {}
     for m in metrics:
-        counted = sum(1 for c in categories if not math.isnan(per_seed_rows[0][c][m]))
-        if 0 < counted < len(categories):
-            out_notes.append(f"mean {m} over {counted} of {len(categories)} categories (others undefined)")
+        # every seed's mean over the same categories: one missing in some seeds (a cell that failed) is left out
+        # of all of them, or the mean row would mix category sets and not be the mean of the rows above it
+        defined = [c for c in categories if all(not math.isnan(rows[c][m]) for rows in per_seed_rows)]
+        partial = [c for c in categories if c not in defined
+                   and any(not math.isnan(rows[c][m]) for rows in per_seed_rows)]
+        for rows in per_seed_rows:
+            rows[MEAN_ROW][m] = _nanmean([rows[c][m] for c in defined])
+        if 0 < len(defined) < len(categories):
+            note = f"mean {m} over {len(defined)} of {len(categories)} categories (others undefined"
+            out_notes.append(note + (f"; {', '.join(partial)} only in some seeds)" if partial else ")"))
     table: dict[str, dict[str, Stat]] = {}
     for c in [*categories, MEAN_ROW]:
         table[c] = {}
