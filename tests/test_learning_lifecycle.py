@@ -11,6 +11,7 @@ with messages naming both sides.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from pathlib import Path
@@ -24,7 +25,15 @@ import tests.toy_trained as toy
 from inspectd.cli import main as cli_main
 from inspectd.daemon.app import InspectDaemon
 from inspectd.daemon.config import ProductConfig, RegistryConfig, build
-from inspectd.daemon.registry import FAILED, BuildSuperseded, ProductEntry, ProductRegistry, load_images
+from inspectd.daemon.registry import (
+    FAILED,
+    READY,
+    BuildError,
+    BuildSuperseded,
+    ProductEntry,
+    ProductRegistry,
+    load_images,
+)
 from inspectd.detectors.artifacts import LEARNED, ArtifactMismatch, load_artifact, save_artifact
 from inspectd.detectors.base import ProductSpec, available_detectors, detector_class
 from inspectd.streams.message import frame_fields
@@ -435,6 +444,67 @@ async def test_remove_stops_a_running_training_build(tmp_path, refs, tiny_backbo
         registry.close()
     assert took < 1.0, f"remove waited {took:.2f} s for a build it should have stopped"
     assert isinstance(outcome[0], BuildSuperseded) and registry.builds == 0, (outcome, registry.builds)
+
+
+# Registry bugs found in review (each test failed before the fix): the file watcher's echo of the daemon's own writes
+# (a force=False put or reload) stopped the newer build it echoed, and a product whose first build failed was
+# forgotten (never rebuilt).
+async def test_echoes_of_our_own_writes_stop_no_build(tmp_path, refs, tiny_backbone) -> None:
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    v1 = build(ProductConfig, product("echo", refs, epochs=1, steps=1), "")
+    v2 = build(ProductConfig, product("echo", refs, **SLOW), "")
+    try:
+        first = await registry.put(v1)
+        second = asyncio.create_task(registry.put(v2))
+        await training(registry, "echo")
+        # the watcher reading v1's product file (saved once v1 served) while v2 trains: a stale echo, answered at once
+        started = time.monotonic()
+        assert await registry.put(copy.deepcopy(v1), force=False) is first
+        assert time.monotonic() - started < 0.5
+        assert registry.wanted("echo") == v2 and registry.progress("echo") is not None  # v2 still trains
+        # the echo of v2 itself, and a folder reload that reads the same files: both wait for v2's build
+        echo = asyncio.create_task(registry.put(copy.deepcopy(v2), force=False))
+        reload = asyncio.create_task(registry.reload("echo", force=False))
+        entry = await second
+        assert await echo is entry and await reload is entry
+    finally:
+        registry.close()
+    assert entry.version == 2 and entry.config == v2 and registry.builds == 2
+
+
+async def test_a_folder_reload_with_changed_files_restarts_the_build(tmp_path, refs, tiny_backbone) -> None:
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    config = build(ProductConfig, product("fold", refs, **SLOW), "")
+    try:
+        first = asyncio.create_task(registry.put(config))
+        await training(registry, "fold")
+        (refs / REF_NAMES[0]).write_bytes(png_bytes(HAZELNUT / "good" / "05.png"))  # replaced while it trains
+        second = asyncio.create_task(registry.reload("fold", force=False))  # a real change: the old read is stale
+        with pytest.raises(BuildSuperseded):
+            await first
+        entry = await second
+    finally:
+        registry.close()
+    assert entry.version == 1 and registry.builds == 1
+    assert entry.references == REF_NAMES
+
+
+async def test_a_product_whose_first_build_failed_is_kept_and_retried(tmp_path, tiny_backbone) -> None:
+    later = tmp_path / "later"
+    later.mkdir()  # the operator has not copied the images yet
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    config = build(ProductConfig, product("late", later, epochs=1, steps=1), "")
+    try:
+        with pytest.raises(BuildError, match="holds no images"):
+            await registry.put(config)
+        assert registry.status("late") == FAILED and registry.get("late") is None
+        assert registry.wanted("late") == config and config in registry.known_configs()  # its folder is watched
+        for name in REF_NAMES:
+            (later / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
+        entry = await registry.reload("late", force=False)  # what the watcher does when the images arrive
+    finally:
+        registry.close()
+    assert entry.version == 1 and registry.status("late") == READY and registry.error("late") is None
 
 
 # ------------------------------------------------------------------------------------------------ f. mismatches

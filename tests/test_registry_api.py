@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import tests.toy_trained as toy
 from inspectd.daemon.app import InspectDaemon
 from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, random_png
 
@@ -225,3 +228,170 @@ async def test_upload_adds_or_replaces_and_rebuilds(api) -> None:  # noqa: ANN00
     async with session.post("/products/nope/references", data=form(files[0]), headers=AUTH) as response:
         assert response.status == 404
     await asyncio.sleep(0)
+
+
+async def test_a_camera_jpeg_with_a_preview_picture_is_accepted_as_a_reference(api) -> None:  # noqa: ANN001
+    """Pillow names a JPEG carrying an MPF preview (many cameras write one) "MPO": uploads refused it."""
+    daemon, session = api
+    buffer = io.BytesIO()
+    picture = Image.open(HAZELNUT / "good" / "05.png").convert("RGB")
+    picture.save(buffer, format="MPO", save_all=True, append_images=[picture.resize((64, 64))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    files = form(("00.jpg", buffer.getvalue()), ("01.png", png_bytes(HAZELNUT / "good" / "01.png")))
+    async with session.post("/products/nut/references?replace=true", data=files, headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 201, answer
+    assert answer["references"] == ["00.jpg", "01.png"] and answer["version"] == 2
+
+
+# Upload bugs found in review (each test failed before the fix).
+def truncated_jpeg() -> bytes:
+    """A JPEG cut half way into its scan (a copy interrupted): Pillow's verify() accepts it, decoding fails."""
+    buffer = io.BytesIO()
+    Image.open(HAZELNUT / "good" / "05.png").convert("RGB").resize((96, 96)).save(buffer, format="JPEG")
+    whole = buffer.getvalue()
+    return whole[: len(whole) // 2]
+
+
+def folder(path: Path) -> dict[str, bytes]:
+    """Every file in ``path``, hidden ones included (no temp or set-aside file may stay behind)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())} if path.is_dir() else {}
+
+
+def multipart_put(config_text: str, *files: tuple[str, bytes]) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    data.add_field("config", config_text, content_type="application/yaml")
+    for name, content in files:
+        data.add_field("file", content, filename=name, content_type="application/octet-stream")
+    return data
+
+
+async def test_a_corrupt_jpeg_upload_is_400_and_writes_nothing(api, tmp_path) -> None:  # noqa: ANN001
+    daemon, session = api
+    refs = Path(daemon.registry.get("nut").config.references)
+    before = folder(refs)
+    async with session.post("/products/nut/references?replace=true", data=form(("new.jpg", truncated_jpeg())),
+                            headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 400, answer
+    assert "new.jpg" in answer["error"] and "not a readable image" in answer["error"], answer
+    assert folder(refs) == before and daemon.registry.get("nut").version == 1  # the good references are all there
+    # the multipart PUT checks the same way
+    good = png_bytes(HAZELNUT / "good" / "10.png")
+    async with session.put("/products/fresh", data=multipart_put("object_name: hazelnut\nshots: 2\n",
+                                                                 ("a.png", good), ("b.jpg", truncated_jpeg())),
+                           headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 400 and "b.jpg" in answer["error"], answer
+    assert folder(tmp_path / "fresh") == {} and daemon.registry.status("fresh") is None
+
+
+async def test_a_rejected_upload_puts_the_old_references_back(api, tmp_path) -> None:  # noqa: ANN001
+    """The build rejects the new set (here: its holdout folder went away meanwhile): the uploaded files go, the
+    replaced ones come back, so the product still builds from them (reload, restart)."""
+    daemon, session = api
+    refs, holdout = tmp_path / "h-refs", tmp_path / "h-holdout"
+    for directory, names in ((refs, ("00", "01")), (holdout, ("02", "03"))):
+        directory.mkdir()
+        for name in names:
+            (directory / f"{name}.png").write_bytes(png_bytes(HAZELNUT / "good" / f"{name}.png"))
+    body = {"object_name": "hazelnut", "references": str(refs), "shots": 2, "threshold": {"holdout_dir": str(holdout)}}
+    async with session.put("/products/h", json=body, headers=AUTH) as response:
+        assert response.status == 201, await response.text()
+    before = folder(refs)
+    shutil.rmtree(holdout)
+    new = [("10.png", png_bytes(HAZELNUT / "good" / "10.png")), ("00.png", png_bytes(HAZELNUT / "good" / "11.png"))]
+    for replace in ("true", "false"):  # the set replaced; one file overwritten, one added
+        async with session.post(f"/products/h/references?replace={replace}", data=form(*new),
+                                headers=AUTH) as response:
+            answer = await response.json()
+        assert response.status == 422 and "does not exist" in answer["error"], answer
+        assert folder(refs) == before, (replace, sorted(folder(refs)))
+    assert daemon.registry.get("h").version == 1
+    holdout.mkdir()
+    shutil.copy(HAZELNUT / "good" / "02.png", holdout / "02.png")
+    async with session.post("/products/h/reload", headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 200 and answer["version"] == 2 and answer["references"] == ["00.png", "01.png"], answer
+
+
+async def test_a_rejected_multipart_put_puts_the_old_references_back(api, tmp_path) -> None:  # noqa: ANN001
+    daemon, session = api
+    good = [png_bytes(HAZELNUT / "good" / f"{i:02d}.png") for i in range(4)]
+    async with session.put("/products/m", data=multipart_put("object_name: hazelnut\nshots: 2\n", ("00.png", good[0]),
+                                                             ("01.png", good[1])), headers=AUTH) as response:
+        assert response.status == 201, await response.text()
+    before = folder(tmp_path / "m")
+    assert sorted(before) == ["00.png", "01.png"]
+    async with session.put("/products/m", data=multipart_put("object_name: hazelnut\nshots: 2\ndetector: nosuch\n",
+                                                             ("00.png", good[2]), ("05.png", good[3])),
+                           headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 422 and "nosuch" in answer["error"], answer
+    assert folder(tmp_path / "m") == before
+    async with session.post("/products/m/reload", headers=AUTH) as response:  # what a restart would build
+        assert response.status == 200 and (await response.json())["references"] == ["00.png", "01.png"]
+
+
+async def test_a_failed_product_can_be_reloaded_and_given_references(api, tmp_path) -> None:  # noqa: ANN001
+    daemon, session = api
+    empty = tmp_path / "bolt-refs"
+    empty.mkdir()
+    body = {"object_name": "bolt", "references": str(empty), "shots": 2}
+    async with session.put("/products/bolt", json=body, headers=AUTH) as response:
+        assert response.status == 422 and "holds no images" in (await response.json())["error"]
+    async with session.post("/products/bolt/reload", headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 422 and "holds no images" in answer["error"], answer  # retried, not "not serving"
+    files = [(f"{i:02d}.png", png_bytes(HAZELNUT / "good" / f"{i:02d}.png")) for i in range(2)]
+    async with session.post("/products/bolt/references", data=form(*files), headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 201, answer
+    assert answer["status"] == "ready" and answer["version"] == 1 and answer["references"] == ["00.png", "01.png"]
+
+
+async def test_an_upload_is_not_stopped_by_the_watcher_seeing_its_files(redis_url, key_prefix, tmp_path,
+                                                                          tiny_backbone) -> None:
+    """registry.watch on (the default): the watcher's reload of the folder the upload just wrote used to stop the
+    upload's own rebuild, answering 409 'superseded'."""
+    config = api_config(redis_url, key_prefix, tmp_path,
+                        registry={"products_dir": str(tmp_path / "products"), "watch": True, "debounce_s": 0.3,
+                                  "references_root": str(tmp_path)})
+    daemon = await start_daemon(config, tiny_backbone)
+    refs = tmp_path / "s-refs"
+    refs.mkdir()
+    for name in ("00.png", "01.png"):
+        (refs / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
+    reloads: list[tuple[float, bool]] = []  # (when, force) of every reload: the admin's and the watcher's
+    reload = daemon.registry.reload
+
+    async def recording_reload(product_id: str, force: bool = True) -> Any:
+        reloads.append((time.monotonic(), force))
+        return await reload(product_id, force=force)
+
+    daemon.registry.reload = recording_reload
+    body = {"object_name": "hazelnut", "references": str(refs), "shots": 8, "detector": toy.NAME, "mask": "none",
+            "options": {"epochs": 4, "steps": 10, "step_sleep_s": 0.05}}  # a 2 s training build
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}", headers=AUTH) as session:
+            async with session.put("/products/s", json=body) as response:
+                assert response.status == 201, await response.text()
+            deadline = time.monotonic() + 15
+            while not reloads:  # the watcher is on the folder once a change there reloads s
+                (refs / "notes.txt").write_text(str(time.monotonic()))
+                await asyncio.sleep(0.3)
+                assert time.monotonic() < deadline, "the watcher never watched the reference folder"
+            await daemon.registry.settled("s", 10)
+            sent = time.monotonic()
+            async with session.post("/products/s/references",
+                                    data=form(("07.png", png_bytes(HAZELNUT / "good" / "07.png")))) as response:
+                answer = await response.json()
+            done = time.monotonic()
+        assert response.status == 201, answer
+        assert answer["version"] == 2 and answer["references"] == ["00.png", "01.png", "07.png"], answer
+        # the admin's reload and the watcher's echo of the files it wrote, both while the upload built
+        assert len([at for at, force in reloads if sent < at < done and not force]) >= 2, (sent, done, reloads)
+        await asyncio.sleep(1.0)
+        assert daemon.registry.get("s").version == 2
+    finally:
+        await daemon.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,10 @@ import aiohttp
 import pytest
 
 from inspectd.daemon.app import InspectDaemon
-from inspectd.daemon.registry import ProductEntry
+from inspectd.daemon.config import ProductConfig, build
+from inspectd.daemon.registry import BUILDING, ProductEntry
+from inspectd.detectors.base import register_detector
+from inspectd.detectors.winclip import WinClip, WinClipOptions
 from inspectd.streams.message import frame_fields
 from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes, read_stream
 
@@ -210,3 +214,86 @@ async def test_bad_updates_are_422_and_the_old_version_keeps_serving(redis_clien
     assert [v for _, _, v in swaps] == [1, 2]
     text = daemon.metrics.exposition().decode()
     assert 'inspectd_product_reloads_total{outcome="error",product="nut"} 5.0' in text
+
+
+@dataclass(frozen=True)
+class SlowFitOptions(WinClipOptions):
+    fit_s: float = 0.0
+    fail: bool = False
+
+
+@register_detector
+class SlowFit(WinClip):
+    """WinCLIP whose fit takes ``fit_s`` seconds, stoppable like a training fit, and then fails with ``fail``."""
+
+    name = "test-swap-slow-fit"
+    Options = SlowFitOptions
+
+    def fit(self, spec, references, ctx=None):  # noqa: ANN001, ANN201
+        end = time.monotonic() + self.options.fit_s
+        while time.monotonic() < end:
+            if ctx is not None:
+                ctx.check_stop()
+            time.sleep(0.02)
+        if self.options.fail:
+            raise RuntimeError("fit failed (simulated: CUDA out of memory while training)")
+        return super().fit(spec, references, ctx)
+
+
+@pytest.mark.parametrize("ending", ["fails", "removed"])
+async def test_frames_parked_for_a_first_build_go_as_soon_as_it_cannot_come(ending, redis_client, redis_url,
+                                                                             key_prefix, tmp_path,
+                                                                             tiny_backbone) -> None:
+    """on_building: wait. Frames parked for a new product's first build are dead-lettered as soon as that build
+    fails or the product is removed, not after wait_timeout_s; meanwhile they hold backpressure permits, so a
+    serving product's frame queued behind them is not held up either."""
+    wait_timeout = 10.0
+    config = daemon_config(redis_url, key_prefix, tmp_path,
+                           registry={"watch": False, "on_building": "wait", "wait_timeout_s": wait_timeout},
+                           redis={"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 50,
+                                  "control_stream": None},
+                           batcher={"max_batch_size": 4, "max_delay_ms": 10, "queue_size": 4})
+    config.products = [p for p in config.products if p.id == "nut"]
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    frames_key = f"{key_prefix}:{{l1}}:frames"
+    image = png_bytes(HAZELNUT / "good" / "05.png")
+    new = build(ProductConfig, {"id": "newp", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
+                                "shots": 2, "detector": SlowFit.name,
+                                "options": {"fit_s": 3.0 if ending == "fails" else 60.0,
+                                            "fail": ending == "fails"}}, "")
+    try:
+        building = daemon.background(daemon.registry.put(new))
+        deadline = time.monotonic() + 10
+        while daemon.registry.status("newp") != BUILDING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        for i in range(4):  # as many as there are permits: all parked
+            await redis_client.xadd(frames_key, frame_fields("newp", "l1", f"new{i}", image))
+        await asyncio.sleep(0.8)
+        await redis_client.xadd(frames_key, frame_fields("nut", "l1", "nut0", image))  # behind them
+        assert daemon.registry.status("newp") == BUILDING  # the frames were parked while it built
+        if ending == "removed":
+            await asyncio.sleep(0.5)
+            assert await daemon.registry.remove("newp")
+        await asyncio.gather(building, return_exceptions=True)
+        ended = time.time()
+        deadline = time.monotonic() + wait_timeout + 5
+        while True:
+            dead = await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")
+            results = await read_stream(redis_client, f"{key_prefix}:{{l1}}:results")
+            if (len(dead) >= 4 and results) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await daemon.shutdown()
+
+    def at(record: dict) -> float:  # when Redis took the entry in
+        return int(record["_id"].split("-")[0]) / 1000
+
+    reason = "product_failed" if ending == "fails" else "unknown_product"
+    assert sorted((r["frame_id"], r["reason"]) for r in dead) == [(f"new{i}", reason) for i in range(4)], dead
+    assert [r["frame_id"] for r in results] == ["nut0"]
+    # released with the failure/removal, not after wait_timeout_s (10 s): within a fifth of it
+    late = [round(at(r) - ended, 2) for r in [*dead, *results] if at(r) - ended > 0.2 * wait_timeout]
+    assert not late, f"{ending}: released {late} s after the first build ended (wait_timeout_s {wait_timeout})"

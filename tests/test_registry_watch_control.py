@@ -8,11 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
+import tests.toy_trained as toy
 from inspectd.cli import main as cli_main
 from inspectd.daemon.app import InspectDaemon
+from inspectd.daemon.registry import FAILED, READY
 from inspectd.daemon.watcher import ignored
 from tests.daemon_helpers import HAZELNUT, daemon_config, png_bytes
 
@@ -133,3 +136,103 @@ async def test_control_stream_reaches_every_instance(redis_client, redis_url, ke
     finally:
         for daemon in daemons:
             await daemon.shutdown()
+
+
+TOKEN = "watch-token"
+
+
+async def test_the_echo_of_our_own_product_file_never_stops_a_newer_put(redis_url, key_prefix, tmp_path,
+                                                                         tiny_backbone) -> None:
+    """PUT v1, then PUT v2 (a build that takes a while): the watcher sees v1's product file (written by PUT 1)
+    while v2 builds. It used to stop v2 (409 'stopped by a newer update') and leave v1 serving and saved."""
+    products = tmp_path / "products"
+    products.mkdir()
+    refs = tmp_path / "refs"
+    config = local_config(redis_url, key_prefix, tmp_path, products=[],
+                          http={"enabled": True, "port": 0, "token": TOKEN},
+                          registry={"products_dir": str(products), "watch": True, "debounce_s": 0.2,
+                                    "references_root": str(tmp_path)})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    echoes: list[tuple[float, dict]] = []  # (when, options) of every force=False put (the watcher's)
+    put = daemon.registry.put
+
+    async def recording_put(product_config: Any, force: bool = True) -> Any:
+        if not force:
+            echoes.append((time.monotonic(), dict(product_config.options)))
+        return await put(product_config, force=force)
+
+    daemon.registry.put = recording_put
+    common = {"object_name": "hazelnut", "references": str(refs), "shots": 2, "detector": toy.NAME, "mask": "none"}
+    v1 = {**common, "options": {"epochs": 1, "steps": 1}, "threshold": {"value": 0.11}}
+    v2 = {**common, "options": {"epochs": 4, "steps": 20, "step_sleep_s": 0.05}, "threshold": {"value": 0.22}}  # 4 s
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{daemon.http_port}",
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+
+            async def put_v2() -> tuple[int, dict]:
+                async with http.put("/products/p", json=v2) as response:
+                    return response.status, await response.json()
+
+            async with http.put("/products/p", json=v1) as response:
+                assert response.status == 201, await response.text()
+            written = (products / "p.yaml").read_text()  # PUT 1's own write
+            v2_put = asyncio.create_task(put_v2())
+            deadline = time.monotonic() + 15
+            while (daemon.registry.progress("p") or {}).get("fraction", 0.0) < 0.05:
+                assert time.monotonic() < deadline and not v2_put.done()
+                await asyncio.sleep(0.02)
+            # the watcher sees PUT 1's file while v2 trains (written again until it did: the watcher needs a moment
+            # to start, and this test must see an echo arrive during v2's build to prove anything)
+            while not any(options == v1["options"] for _, options in echoes):
+                assert not v2_put.done(), "v2 finished before the watcher echoed PUT 1's file"
+                (products / "p.yaml").write_text(written)
+                await asyncio.sleep(0.3)
+            status, answer = await v2_put
+        assert status == 200, answer
+        assert answer["version"] == 2 and answer["threshold"] == 0.22 and answer["config"]["options"] == v2["options"]
+        await asyncio.sleep(1.0)  # the echo of PUT 2's own file: no new version
+        await daemon.registry.settled("p", 10)
+        entry = daemon.registry.get("p")
+        assert entry.version == 2 and entry.threshold == 0.22 and daemon.registry.builds == 2
+        saved = yaml.safe_load((products / "p.yaml").read_text())
+        assert saved["options"] == v2["options"] and saved["threshold"]["value"] == 0.22
+    finally:
+        await daemon.shutdown()
+
+
+async def test_a_product_whose_first_build_failed_builds_once_its_folder_has_images(redis_url, key_prefix, tmp_path,
+                                                                                   tiny_backbone) -> None:
+    """README: every product's reference directory is watched, a failed product's too (its folder was empty at
+    start); the images arriving build it. A folder that does not exist yet is built from once it appears."""
+    empty = tmp_path / "bolt-refs"
+    empty.mkdir()
+    missing = tmp_path / "screw-refs"
+    config = local_config(redis_url, key_prefix, tmp_path, registry={"watch": True, "debounce_s": 0.2},
+                          products=[{"id": "bolt", "object_name": "bolt", "references": str(empty), "shots": 2},
+                                    {"id": "screw", "object_name": "screw", "references": str(missing), "shots": 2}])
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    registry = daemon.registry
+    try:
+        assert registry.status("bolt") == FAILED and "holds no images" in registry.error("bolt")
+        assert registry.status("screw") == FAILED and "does not exist" in registry.error("screw")
+        assert empty in daemon.watcher.watched()
+        deadline = time.monotonic() + 15
+        while daemon.watcher.errors == 0:  # the watcher is on the folder once a change there retries bolt
+            (empty / "notes.txt").write_text(str(time.monotonic()))
+            await asyncio.sleep(0.3)
+            assert registry.status("bolt") == FAILED and time.monotonic() < deadline
+        for name in ("00.png", "01.png"):
+            (empty / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
+        await until(lambda: registry.status("bolt") == READY, 15, "bolt built from the images that arrived")
+        assert registry.get("bolt").version == 1 and registry.get("bolt").references == ("00.png", "01.png")
+        staging = tmp_path / "staging"  # the folder appears whole (moved into place, images already inside)
+        staging.mkdir()
+        for name in ("02.png", "03.png"):
+            (staging / name).write_bytes(png_bytes(HAZELNUT / "good" / name))
+        staging.rename(missing)
+        await until(lambda: registry.status("screw") == READY, 15, "screw built from the folder that appeared")
+        assert daemon.ready()
+    finally:
+        await daemon.shutdown()

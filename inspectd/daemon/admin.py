@@ -10,7 +10,9 @@ import io
 import json
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -27,6 +29,7 @@ from inspectd.daemon.registry import (
     BuildError,
     BuildSuperseded,
     ProductRegistry,
+    decode_reference,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +43,8 @@ FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")
 MAX_UPLOAD_FILES = 64
 MAX_UPLOAD_FILE_BYTES = 32 * 1024 * 1024
 # Pillow format -> file suffixes it may be stored under
-IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "TIFF": (".tif", ".tiff")}
+IMAGE_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"),  # MPO: a JPEG with a preview
+                 "BMP": (".bmp",), "TIFF": (".tif", ".tiff")}
 JSON_TYPES = ("application/json",)
 MAX_CONFIG_BYTES = 256 * 1024
 
@@ -149,18 +153,19 @@ async def put_product(request: web.Request) -> web.Response:
     runs in the background (progress in GET /products/{id}); a newer PUT stops a build still running."""
     registry = _registry(request)
     product_id = _product_id(request)
+    staged: StagedReferences | None = None
     if request.content_type.startswith("multipart/"):
-        config = await _create_with_references(request, product_id, registry)
+        config, staged = await _create_with_references(request, product_id, registry)
     else:
         config = parse_product(await request.read(), request.content_type, product_id, registry)
         check_references_root(config, registry)
     created = registry.get(product_id) is None
     if request.query.get("wait", "true").lower() in ("0", "false", "no"):
         daemon: InspectDaemon = request.app[DAEMON_KEY]
-        daemon.background(_build_and_save(registry, config), name=f"build:{product_id}")
+        daemon.background(_build_and_save(registry, config, staged), name=f"build:{product_id}")
         await asyncio.sleep(0)  # let the build register itself, so the reply shows it
         return web.json_response(describe(registry, product_id), status=202)
-    entry = await _build_or_422(registry.put(config), product_id)
+    entry = await _build_staged(registry.put(config), product_id, staged)
     path = await asyncio.to_thread(registry.save_product_file, config)
     body = describe(registry, entry.id)
     body["file"] = str(path) if path else None
@@ -168,9 +173,10 @@ async def put_product(request: web.Request) -> web.Response:
 
 
 async def reload_product(request: web.Request) -> web.Response:
+    """Rebuild the product (a failed one too: its last config is retried, e.g. once its folder holds images)."""
     registry = _registry(request)
     product_id = request.match_info["id"]
-    if registry.get(product_id) is None:
+    if registry.get(product_id) is None and registry.wanted(product_id) is None:
         raise ApiError(404, f"product {product_id!r} is not serving")
     await _build_or_422(registry.reload(product_id), product_id)
     return web.json_response(describe(registry, product_id))
@@ -189,29 +195,33 @@ async def delete_product(request: web.Request) -> web.Response:
 async def upload_references(request: web.Request) -> web.Response:
     """Multipart image files into the product's reference directory, then rebuild.
 
-    ``?replace=true`` removes the directory's other images first. Every file is checked (name, size,
-    decodable image whose format matches its suffix) before anything is written.
+    ``?replace=true`` removes the directory's other images. Every file is checked (name, size, an image the
+    build's decoder reads whole, of the format its suffix says) before anything is written. The write is undone
+    when the build rejects the new set: the uploaded files go and the replaced ones come back.
+    A product whose build failed (e.g. its folder was empty) takes uploads into its configured folder too.
     """
     daemon: InspectDaemon = request.app[DAEMON_KEY]
     registry = _registry(request)
     product_id = request.match_info["id"]
     entry = registry.get(product_id)
-    if entry is None:
+    config = entry.config if entry is not None else registry.wanted(product_id)
+    if config is None:
         raise ApiError(404, f"product {product_id!r} is not serving")
-    if not entry.config.references:
+    if not config.references:
         raise ApiError(409, f"product {product_id!r} has no reference directory; PUT a config with `references`")
-    directory = Path(entry.config.references).resolve()
+    directory = Path(config.references).resolve()
     replace = request.query.get("replace", "false").lower() in ("1", "true", "yes")
     per_file = min(MAX_UPLOAD_FILE_BYTES, daemon.config.decode.max_bytes)
     files = await read_uploads(request, per_file, daemon.config.http.max_body_bytes)
     for name, data in files:
         await asyncio.to_thread(check_image, name, data, daemon.config.decode.max_pixels)
     targets = [(safe_target(directory, name), data) for name, data in files]
-    written = await asyncio.to_thread(write_references, directory, targets, replace)
+    staged = await asyncio.to_thread(write_references, directory, targets, replace)
+    written = staged.names
     log.info("product %s: %d reference image(s) uploaded%s", product_id, len(written),
              " (replacing the set)" if replace else "")
     # force=False: an upload that changes none of the references the product uses builds no new version
-    entry = await _build_or_422(registry.reload(product_id, force=False), product_id, uploaded=written)
+    entry = await _build_staged(registry.reload(product_id, force=False), product_id, staged, uploaded=written)
     body = describe(registry, product_id)
     body["uploaded"] = written
     body["ignored"] = [name for name in written if name not in entry.references]
@@ -223,9 +233,10 @@ async def upload_references(request: web.Request) -> web.Response:
 
 
 async def _create_with_references(request: web.Request, product_id: str, registry: ProductRegistry
-                                  ) -> ProductConfig:
+                                  ) -> tuple[ProductConfig, StagedReferences]:
     """A multipart PUT: a ``config`` field (YAML or JSON) and the reference images in one request. The images
-    become the product's reference set in ``registry.references_root/<id>/`` (replacing what was there)."""
+    become the product's reference set in ``registry.references_root/<id>/`` (replacing what was there, which is
+    put back if the build rejects the new set: see `_build_staged`)."""
     daemon: InspectDaemon = request.app[DAEMON_KEY]
     root = registry.config.references_root
     if root is None:
@@ -244,10 +255,10 @@ async def _create_with_references(request: web.Request, product_id: str, registr
         await asyncio.to_thread(check_image, name, data, daemon.config.decode.max_pixels)
     directory.mkdir(parents=True, exist_ok=True)
     targets = [(safe_target(directory, name), data) for name, data in files]
-    written = await asyncio.to_thread(write_references, directory, targets, True)
-    log.info("product %s: created with %d reference image(s) in %s", product_id, len(written), directory)
+    staged = await asyncio.to_thread(write_references, directory, targets, True)
+    log.info("product %s: created with %d reference image(s) in %s", product_id, len(staged.names), directory)
     config.references = str(directory)
-    return config
+    return config, staged
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -271,13 +282,47 @@ def check_references_root(config: ProductConfig, registry: ProductRegistry) -> N
                            path=key)
 
 
-async def _build_and_save(registry: ProductRegistry, config: ProductConfig) -> None:
-    """A background PUT: build, then persist the product file; failures are logged and shown in GET."""
+async def _build_and_save(registry: ProductRegistry, config: ProductConfig,
+                          staged: StagedReferences | None = None) -> None:
+    """A background PUT: build, then persist the product file; failures are logged and shown in GET (and the
+    reference files of a multipart PUT are put back when the build rejects them)."""
     try:
         await registry.put(config)
+    except BuildSuperseded:
+        if staged is not None:
+            await asyncio.to_thread(staged.commit)  # the newer update builds from the folder as it is now
+        return
     except BuildError:
+        if staged is not None:
+            await asyncio.to_thread(staged.rollback)
         return  # logged by the registry; status/error are in GET /products/{id}
+    except BaseException:
+        if staged is not None:
+            staged.rollback()  # (cancelled: no await)
+        raise
+    if staged is not None:
+        await asyncio.to_thread(staged.commit)
     await asyncio.to_thread(registry.save_product_file, config)
+
+
+async def _build_staged(build_coro: Awaitable[Any], product_id: str, staged: StagedReferences | None,
+                        **extra: Any) -> Any:
+    """`_build_or_422` for a build that reads ``staged`` reference files: kept when it serves (or a newer update,
+    409, builds from the folder as it now is), undone when it is rejected, so a bad set never outlives the
+    request (and never breaks the product at the next restart)."""
+    try:
+        result = await _build_or_422(build_coro, product_id, **extra)
+    except ApiError as exc:
+        if staged is not None:
+            await asyncio.to_thread(staged.commit if exc.status == 409 else staged.rollback)
+        raise
+    except BaseException:
+        if staged is not None:
+            staged.rollback()  # (cancelled: no await)
+        raise
+    if staged is not None:
+        await asyncio.to_thread(staged.commit)
+    return result
 
 
 async def _build_or_422(build_coro: Awaitable[Any], product_id: str, **extra: Any) -> Any:
@@ -372,7 +417,8 @@ def check_file_name(name: str) -> None:
 
 
 def check_image(name: str, data: bytes, max_pixels: int) -> None:
-    """The bytes are an image (magic bytes and structure via Pillow) of the format the suffix says."""
+    """The bytes are an image of the format the suffix says (header and structure via Pillow) that the build's
+    own decoder reads whole (Pillow's verify() barely looks at a JPEG: a truncated one passes it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -389,6 +435,10 @@ def check_image(name: str, data: bytes, max_pixels: int) -> None:
         raise ApiError(400, f"{name}: image format {fmt} not accepted ({', '.join(IMAGE_FORMATS)})")
     if Path(name).suffix.lower() not in IMAGE_FORMATS[fmt]:
         raise ApiError(400, f"{name}: content is {fmt}, which does not match the file name")
+    try:
+        decode_reference(data)
+    except Exception as exc:  # noqa: BLE001 - FrameError (corrupt, truncated, too many pixels) and decoder errors
+        raise ApiError(400, f"{name}: not a readable image ({exc})") from exc
 
 
 def safe_target(directory: Path, name: str) -> Path:
@@ -399,14 +449,51 @@ def safe_target(directory: Path, name: str) -> Path:
     return target
 
 
-def write_references(directory: Path, targets: list[tuple[Path, bytes]], replace: bool) -> list[str]:
-    """Write each file atomically (dot-prefixed temp name, which builds and the watcher ignore)."""
+@dataclass
+class StagedReferences:
+    """Reference files written by one request, with the files they replaced set aside under hidden names (which
+    builds and the watcher ignore) until the build decides: `commit` drops the old ones, `rollback` restores."""
+
+    directory: Path
+    written: list[Path] = field(default_factory=list)
+    aside: list[tuple[Path, Path]] = field(default_factory=list)  # (hidden name, original name)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.written)
+
+    def commit(self) -> None:
+        for hidden, _ in self.aside:
+            hidden.unlink(missing_ok=True)
+        self.aside = []
+
+    def rollback(self) -> None:
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        for hidden, original in self.aside:
+            hidden.replace(original)
+        self.written, self.aside = [], []
+        log.info("reference upload into %s undone: the previous files are back", self.directory)
+
+
+def write_references(directory: Path, targets: list[tuple[Path, bytes]], replace: bool) -> StagedReferences:
+    """Write each file atomically (dot-prefixed temp name, which builds and the watcher ignore), setting aside
+    first every file it overwrites and, with ``replace``, the directory's other images."""
     directory.mkdir(parents=True, exist_ok=True)
-    for target, data in targets:
-        atomic.write_bytes(target, data)
+    staged = StagedReferences(directory)
     keep = {t.name for t, _ in targets}
-    if replace:
-        for path in directory.iterdir():
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.name not in keep:
-                path.unlink()
-    return sorted(keep)
+    try:
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.name in keep or replace:
+                hidden = directory / f".replaced-{uuid.uuid4().hex}.tmp"
+                path.replace(hidden)
+                staged.aside.append((hidden, path))
+        for target, data in targets:
+            atomic.write_bytes(target, data)
+            staged.written.append(target)
+    except BaseException:
+        staged.rollback()
+        raise
+    return staged

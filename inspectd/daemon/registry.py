@@ -7,11 +7,17 @@ entry; the new entry replaces the old one in one assignment, so a batch sees eit
 new version, never a mix. Each build has a `FitContext`: its progress is visible (`progress`), and a
 newer update of the same product stops the superseded build. A failed or stopped build leaves the
 old entry serving and never touches a good cached result.
+
+A ``force=False`` update (the file watcher, which also sees the daemon's own writes) stops nothing until it is
+known to be a real change: one equal to the build in progress waits for that build, one equal to the serving
+config while a newer one builds is a stale echo, and a folder reload whose files read the same as the running
+build's is no change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import shutil
@@ -28,6 +34,7 @@ import numpy as np
 from inspectd import atomic
 from inspectd.daemon.config import ProductConfig, RegistryConfig, ThresholdConfig
 from inspectd.detectors import cpu_threads
+from inspectd.detectors.artifacts import file_hash
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import Detector, ProductSpec, ProductState, create_detector
 from inspectd.detectors.building import (
@@ -94,12 +101,17 @@ class ProductEntry:
 
 @dataclass
 class BuildProgress:
-    """A build in progress: what it is at and how to stop it."""
+    """A build in progress (or queued): what it builds, what it is at, how to stop it, and how it ended."""
 
     ctx: FitContext
+    config: ProductConfig | None = None
     started_at: float = field(default_factory=time.time)
     fraction: float = 0.0
     note: str = "queued"
+    inputs: str | None = None  # fingerprint of the reference/holdout files it read (None until read)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    entry: ProductEntry | None = None  # set when it ended with an entry (new or unchanged)
+    error: BaseException | None = None  # set when it ended with an exception
 
     def describe(self) -> dict[str, Any]:
         return {"fraction": round(self.fraction, 4), "note": self.note, "started_at": self.started_at,
@@ -118,11 +130,36 @@ def reference_files(directory: str | None, shots: int) -> list[Path]:
     return files[:shots]
 
 
+def decode_reference(data: bytes) -> np.ndarray:
+    """Decode one reference (or holdout) image exactly as a build does (the admin API checks uploads with it)."""
+    return decode_image_bytes(data)
+
+
+def inputs_fingerprint(files: list[Path], holdout: list[Path]) -> str:
+    """Hash of the names and contents of the files a build reads: equal means a rebuild would read the same."""
+    digest = hashlib.sha256()
+    for kind, paths in (("references", files), ("holdout", holdout)):
+        digest.update(kind.encode())
+        for path in paths:
+            digest.update(path.name.encode() + b"\0" + file_hash(path).encode())
+    return digest.hexdigest()[:20]
+
+
+def config_inputs(config: ProductConfig) -> str | None:
+    """`inputs_fingerprint` of the files ``config`` would build from now; None when they cannot be listed."""
+    try:
+        files = reference_files(config.references, config.shots)
+        holdout = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
+        return inputs_fingerprint(files, holdout)
+    except (BuildError, OSError):
+        return None
+
+
 def load_images(files: list[Path]) -> list[np.ndarray]:
     images = []
     for path in files:
         try:
-            images.append(decode_image_bytes(path.read_bytes()))
+            images.append(decode_reference(path.read_bytes()))
         except Exception as exc:  # noqa: BLE001 - FrameError and OS errors alike
             raise BuildError(f"reference image {path.name} cannot be read: {exc}") from exc
     return images
@@ -154,7 +191,9 @@ class ProductRegistry:
         self._ready_events: dict[str, asyncio.Event] = {}
         self._builds: dict[str, BuildProgress] = {}  # product -> the build running for it
         self._latest: dict[str, BuildProgress] = {}  # product -> the newest build asked for (running or queued)
-        self._wanted: dict[str, ProductConfig] = {}  # product -> the newest config asked for (what reload rebuilds)
+        # product -> the newest config asked for (what reload rebuilds): the serving one once a build ends, except
+        # for a product that never served, whose failed config stays (its folders are watched, reload retries it)
+        self._wanted: dict[str, ProductConfig] = {}
         self._version_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.build_workers),
                                             thread_name_prefix="inspectd-build")
@@ -203,9 +242,13 @@ class ProductRegistry:
         return all(s == READY for s in self._status.values()) if self._status else True
 
     async def wait_ready(self, product_id: str, timeout: float) -> ProductEntry | None:
+        """The entry once ``product_id`` serves; None at once when its first build failed, was stopped or the
+        product was removed (nothing to wait for), or after ``timeout``."""
         event = self._ready_events.setdefault(product_id, asyncio.Event())
         if product_id in self._entries:
             return self._entries[product_id]
+        if self._status.get(product_id) != BUILDING:
+            return None
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
@@ -217,14 +260,67 @@ class ProductRegistry:
         """Build ``config`` and swap it in; raises BuildError (old entry keeps serving).
 
         A build of the same product still running is stopped first (BuildSuperseded for its caller).
-        With ``force=False`` (file watcher) a build whose config and reference fingerprint equal the serving
-        entry's is skipped and the serving entry returned, so echoes of our own writes cost no new version.
+        With ``force=False`` (file watcher, uploads) nothing is stopped until the request is known to change
+        something (see `_unchanged`), and a build whose config and reference fingerprint equal the serving entry's
+        is skipped and the serving entry returned, so echoes of our own writes cost no new version.
         """
+        if not force:
+            unchanged = await self._unchanged(config)
+            if unchanged is not None:
+                return unchanged
         self._stop_builds(config.id, "a newer update arrived")
         self._wanted[config.id] = config
         build = BuildProgress(FitContext(seed=config.seed,
-                                         on_progress=lambda f, note: self._progressed(config.id, f, note)))
+                                         on_progress=lambda f, note: self._progressed(config.id, f, note)),
+                              config=config)
         self._latest[config.id] = build
+        try:
+            build.entry = await self._put(config, build, force)
+            return build.entry
+        except BaseException as exc:
+            build.error = exc
+            raise
+        finally:
+            build.finished.set()  # wakes the echoes waiting for this build
+
+    async def _unchanged(self, config: ProductConfig) -> ProductEntry | None:
+        """For a ``force=False`` request: the entry to answer with when it changes nothing, else None (build it).
+
+        - equal to the build in progress (or queued), whose files read the same now: wait for that build;
+        - equal to the serving config while another config builds: a stale echo (e.g. the watcher seeing the
+          product file of the previous PUT), answered with the serving entry; the wanted state is left alone.
+        """
+        product_id = config.id
+        for _ in range(100):  # re-checked after each wait: another update may have come meanwhile
+            pending = self._latest.get(product_id)
+            serving = self._entries.get(product_id)
+            wanted = self._wanted.get(product_id)
+            if pending is not None and pending.config == config and not pending.ctx.should_stop():
+                while (pending.inputs is None and not pending.finished.is_set()
+                       and self._builds.get(product_id) is pending):
+                    await asyncio.sleep(0.02)  # running, about to read its files: compare with what it read
+                if pending.inputs is not None:  # (None: still queued, so it reads the folder as it is now)
+                    now = await asyncio.to_thread(config_inputs, config)
+                    if self._latest.get(product_id) is not pending:
+                        continue  # it ended (or a newer one came) meanwhile: look again
+                    if now != pending.inputs:
+                        return None  # the folder changed since that build read it: a real change
+                await pending.finished.wait()
+                if isinstance(pending.error, BuildError):
+                    raise type(pending.error)(str(pending.error))
+                if pending.entry is not None:
+                    log.info("product %s: same as the build in progress; version %d serves it", product_id,
+                             pending.entry.version)
+                    return pending.entry
+                continue  # it ended otherwise (cancelled): look again
+            if serving is not None and config == serving.config and wanted is not None and wanted != config:
+                log.info("product %s: update equal to the serving version %d while a newer config builds "
+                         "(a stale echo); ignored", product_id, serving.version)
+                return serving
+            return None
+        return None
+
+    async def _put(self, config: ProductConfig, build: BuildProgress, force: bool) -> ProductEntry:
         lock = self._locks.setdefault(config.id, asyncio.Lock())
         async with lock:
             if build.ctx.should_stop():  # an even newer update stopped us while we waited
@@ -237,24 +333,29 @@ class ProductRegistry:
             try:
                 loop = asyncio.get_running_loop()
                 entry = await loop.run_in_executor(self._executor, cpu_threads.released_team(self._build), config,
-                                                   current, build.ctx)  # (its OpenMP team freed after)
+                                                   current, build)  # (its OpenMP team freed after)
             except FitStopped as exc:
                 log.info("product %s: build stopped (superseded); version %s keeps serving", config.id,
                          self._entries[config.id].version if config.id in self._entries else "none")
                 if config.id not in self._entries and self._latest.get(config.id) is build:
                     self._status[config.id] = FAILED  # stopped with nothing newer coming (a removal)
+                    self._release_waiters(config.id)
                 raise BuildSuperseded(f"product {config.id!r}: build stopped by a newer update") from exc
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
                 log.error("product %s: build rejected: %s", config.id, message)
-                if self._wanted.get(config.id) is config:  # rejected: a reload rebuilds what serves
-                    serving = self._entries.get(config.id)
-                    if serving is not None:
-                        self._wanted[config.id] = serving.config
-                    else:
-                        self._wanted.pop(config.id, None)
+                serving = self._entries.get(config.id)
+                if self._wanted.get(config.id) is config and serving is not None:
+                    self._wanted[config.id] = serving.config  # rejected: a reload rebuilds what serves
+                # (with nothing serving the rejected config stays wanted: a reload or a change in its folders
+                # retries it)
                 self._errors[config.id] = message
-                self._status[config.id] = READY if config.id in self._entries else FAILED
+                newer = self._latest.get(config.id) not in (None, build)
+                if serving is not None:
+                    self._status[config.id] = READY
+                elif not newer:  # nothing serves and nothing newer comes: parked frames are dead-lettered now
+                    self._status[config.id] = FAILED
+                    self._release_waiters(config.id)
                 if self._on_change:
                     self._on_change(None, config.id)
                 raise BuildError(message) from exc
@@ -274,6 +375,12 @@ class ProductRegistry:
             if self._on_change:
                 self._on_change(entry, config.id)
             return entry
+
+    def _release_waiters(self, product_id: str) -> None:
+        """Wake the frames parked for ``product_id``'s first build (it will not come); a later build waits anew."""
+        event = self._ready_events.pop(product_id, None)
+        if event is not None:
+            event.set()
 
     def _stop_builds(self, product_id: str, why: str) -> None:
         """Stop the running build and any queued one of ``product_id`` (they are superseded)."""
@@ -303,15 +410,18 @@ class ProductRegistry:
             log.info("product %s: build %d%% (%s)", product_id, round(fraction * 100), note)
 
     async def reload(self, product_id: str, force: bool = True) -> ProductEntry:
-        """Rebuild from the newest config asked for (the serving one, or one still building: a reload that
-        stops a build never drops its config change), references re-read; KeyError if not serving."""
+        """Rebuild from the newest config asked for (the serving one, one still building: a reload that stops a
+        build never drops its config change, or the failed one of a product that never served), references
+        re-read; KeyError for a product neither serving nor asked for."""
         entry = self._entries.get(product_id)
-        if entry is None:
+        config = self._wanted.get(product_id) or (entry.config if entry else None)
+        if config is None:
             raise KeyError(product_id)
-        return await self.put(self._wanted.get(product_id, entry.config), force=force)
+        return await self.put(config, force=force)
 
     def wanted(self, product_id: str) -> ProductConfig | None:
-        """The newest config asked for (maybe still building), None for a product never put."""
+        """The newest config asked for (maybe still building, or failed with nothing serving), None for a
+        product never put (or removed)."""
         return self._wanted.get(product_id)
 
     async def settled(self, product_id: str, timeout: float = 600.0) -> ProductEntry | None:
@@ -330,9 +440,7 @@ class ProductRegistry:
             found = self._entries.pop(product_id, None) is not None
             known = self._status.pop(product_id, None) is not None or found
             self._errors.pop(product_id, None)
-            event = self._ready_events.pop(product_id, None)
-            if event:
-                event.clear()
+            self._release_waiters(product_id)  # parked frames go now (dead-lettered unknown_product)
         if not known:
             return False
         log.info("product %s: removed", product_id)
@@ -344,6 +452,13 @@ class ProductRegistry:
 
     def configs(self) -> list[ProductConfig]:
         return [entry.config for entry in self._entries.values()]
+
+    def known_configs(self) -> list[ProductConfig]:
+        """Every config whose folders matter: the serving ones, and the newest asked for (building, or failed
+        with nothing serving: images arriving in its empty reference folder must build it)."""
+        out = self.configs()
+        out += [c for c in self._wanted.values() if c not in out]
+        return out
 
     # ---------------------------------------------------------------- product files (persistence)
     def product_file(self, product_id: str) -> Path | None:
@@ -385,8 +500,9 @@ class ProductRegistry:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- building
-    def _build(self, config: ProductConfig, current: ProductEntry | None, ctx: FitContext) -> ProductEntry:
+    def _build(self, config: ProductConfig, current: ProductEntry | None, build: BuildProgress) -> ProductEntry:
         started = time.perf_counter()
+        ctx = build.ctx
         try:
             model, backbone = self.backbone_for(config.model)
             detector = create_detector(config.detector, backbone, config.options)
@@ -396,6 +512,7 @@ class ProductRegistry:
             raise BuildError(str(exc)) from exc
         files = reference_files(config.references, config.shots)
         holdout_files = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
+        build.inputs = inputs_fingerprint(files, holdout_files)  # what an echo compares its folder with
         spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
         fingerprint = build_fingerprint(detector, spec, policy, files, holdout_files, extra={"seed": config.seed})
         if current is not None and current.fingerprint == fingerprint and current.config == config:

@@ -17,7 +17,7 @@ from watchfiles import Change, awatch
 
 from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
 from inspectd.daemon.products import PRODUCT_SUFFIXES, product_files
-from inspectd.daemon.registry import BuildError, ProductRegistry
+from inspectd.daemon.registry import FAILED, BuildError, ProductRegistry
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class RegistryWatcher:
         self.products_dir = Path(config.registry.products_dir).resolve() if config.registry.products_dir else None
         self._file_ids: dict[Path, str] = {}  # product file -> the product id it defined
         self._task: asyncio.Task | None = None
+        self._side: set[asyncio.Task] = set()  # rebuilds of failed products whose folder appeared
         self._stop = asyncio.Event()
         self.rebuilds = 0  # actions taken, for tests
         self.errors = 0
@@ -93,11 +94,16 @@ class RegistryWatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for task in list(self._side):
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
 
     # ------------------------------------------------------------------ what to watch
     def reference_dirs(self) -> dict[Path, set[str]]:
+        """Folder -> the products built from it: every serving product's, and those of the newest config asked
+        for (one still building, or one whose build failed with nothing serving, e.g. its folder was empty)."""
         dirs: dict[Path, set[str]] = {}
-        for config in self.registry.configs():
+        for config in self.registry.known_configs():
             for directory in (config.references, config.threshold.holdout_dir):
                 if directory:
                     dirs.setdefault(Path(directory).resolve(), set()).add(config.id)
@@ -111,8 +117,12 @@ class RegistryWatcher:
 
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
+        previous: frozenset[Path] | None = None
         while not self._stop.is_set():
             paths = self.watched()
+            if previous is not None:
+                self._appeared(paths - previous)
+            previous = paths
             if not paths:
                 await asyncio.sleep(RESYNC_S)
                 continue
@@ -132,6 +142,21 @@ class RegistryWatcher:
                 await asyncio.sleep(RESYNC_S)
             finally:
                 resync.cancel()
+
+    def _appeared(self, directories: frozenset[Path]) -> None:
+        """A failed product's folder that did not exist (its build failed on that) and now does: build it from
+        what is already inside (files copied in before awatch watched the folder raise no event)."""
+        by_dir = self.reference_dirs()
+        for directory in sorted(directories):
+            for product_id in sorted(by_dir.get(directory, ())):
+                if self.registry.get(product_id) is None and self.registry.status(product_id) == FAILED:
+                    task = asyncio.create_task(self._rebuild(directory, product_id, "appeared"))
+                    self._side.add(task)
+                    task.add_done_callback(self._side.discard)
+
+    async def _rebuild(self, directory: Path, product_id: str, what: str) -> None:
+        await wait_settled(directory)
+        await self._act(f"reference directory {directory} {what}", self.registry.reload(product_id, force=False))
 
     async def _resync(self, paths: frozenset[Path], restart: asyncio.Event) -> None:
         """Restart awatch when a product's reference directory appears, moves or goes away."""
@@ -158,9 +183,7 @@ class RegistryWatcher:
         by_dir = self.reference_dirs()
         for directory in sorted(dirs):
             for product_id in sorted(by_dir.get(directory, ())):
-                await wait_settled(directory)
-                await self._act(f"reference directory {directory} changed", self.registry.reload(product_id,
-                                                                                                   force=False))
+                await self._rebuild(directory, product_id, "changed")
 
     async def _product_file_changed(self, path: Path, deleted: bool) -> None:
         previous = self._file_ids.get(path)
