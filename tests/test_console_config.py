@@ -45,3 +45,34 @@ def test_originals_stay_within_their_byte_budget_oldest_first() -> None:
     for i in range(4, 14):  # eviction from the buffer releases the bytes too
         hub._keep(ReviewItem(str(i), {"verdict": "NG", "product": "p", "line": "l"}, b"", b"", b"", None, None))
     assert hub._original_bytes == 0 and len(hub._items) == 10
+
+
+def test_frames_evicted_from_the_review_buffer_are_freed() -> None:
+    """`_keep` dropped an evicted frame's original but left the frame in the originals' queue, which was only
+    trimmed from its front: one NG frame at the front (NG is rare on a line) kept every later OK frame's pictures
+    and float mask alive (575 MB after 300 frames of 512 px), outside the byte budget."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from inspectd.daemon.config import ConsoleConfig
+    from inspectd.daemon.review import ReviewHub, ReviewItem
+
+    hub = ReviewHub(ConsoleConfig(keep_ng=100, keep_ok=20))
+
+    def item(i: int, verdict: str) -> ReviewItem:
+        return ReviewItem(str(i), {"verdict": verdict, "product": "p", "line": "l"}, b"png", b"jpg", b"jpg",
+                          np.zeros((64, 64), np.float32), None, original=bytes(1024))
+
+    hub._keep(item(0, "NG"))
+    refs = []
+    for i in range(1, 301):
+        ok = item(i, "OK")
+        refs.append(weakref.ref(ok))
+        hub._keep(ok)
+        del ok
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive == 20 and len(hub._items) == 21  # the 20 OK frames kept, nothing else
+    assert hub._original_bytes == 21 * 1024

@@ -16,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +203,7 @@ class ReviewHub:
         self._ids = itertools.count(1)
         self._boot = secrets.token_hex(3)  # ids differ across restarts: a cached picture never shows another frame
         self.is_known: Callable[[str], bool] = lambda _product: True  # the daemon sets: known to the registry
-        self._originals: deque[ReviewItem] = deque()  # items holding their original, oldest first
+        self._originals: OrderedDict[str, ReviewItem] = OrderedDict()  # id -> item holding its original, oldest first
         self._original_bytes = 0
         self._capture: asyncio.Queue = asyncio.Queue(maxsize=CAPTURE_QUEUE)
         self._subscribers: set[asyncio.Queue] = set()
@@ -275,20 +275,21 @@ class ReviewHub:
         while len(kept) > self._limits[item.result["verdict"]]:
             gone = kept.popleft()
             self._items.pop(gone.id, None)
+            # out of the originals' queue too: a queue holding evicted items (behind a rare NG at its front)
+            # kept every OK frame's pictures and mask alive, hundreds of MB an hour outside the byte budget
+            self._originals.pop(gone.id, None)
             if gone.original is not None:
                 self._original_bytes -= len(gone.original)
                 gone.original = None
         if item.original is not None:  # originals within a byte budget, the oldest give theirs up first
-            self._originals.append(item)
+            self._originals[item.id] = item
             self._original_bytes += len(item.original)
             budget = self.config.original_budget_mb * 1024 * 1024
             while self._original_bytes > budget and self._originals:
-                oldest = self._originals.popleft()
+                _, oldest = self._originals.popitem(last=False)
                 if oldest.original is not None:
                     self._original_bytes -= len(oldest.original)
                     oldest.original = None
-            while self._originals and self._originals[0].original is None:
-                self._originals.popleft()
         if self.metrics is not None:
             self.metrics.review_frames.set(len(self._items))
 
