@@ -22,6 +22,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from inspectd.daemon.feedback import DEFECT, FALSE_ALARM, FeedbackError
 from inspectd.daemon.http_common import (
@@ -128,6 +129,14 @@ def _guard(handler: Any, access: str) -> Any:
             response = await handler(request)
         except (ConsoleError, FeedbackError) as exc:
             response = web.json_response({"error": str(exc)}, status=exc.status)
+        except (RedisError, OSError) as exc:  # console.review: redis with its server down
+            response = web.json_response({"error": f"the review store is unavailable ({type(exc).__name__}: {exc})"},
+                                         status=503)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: a JSON answer with the security headers, not aiohttp's page
+            log.exception("console: %s failed", handler.__name__)
+            response = web.json_response({"error": f"internal error ({type(exc).__name__})"}, status=500)
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
             response.headers.setdefault("Cache-Control", "no-store")
@@ -277,11 +286,15 @@ async def overview(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     ids = sorted(set(daemon.registry.ids() if daemon.registry else []) | set(daemon.review.stats))
     hub = daemon.review
-    listing = await hub.listing(limit=10**6)
+    store_error = None
+    try:
+        listing, kept = await hub.listing(limit=10**6), await hub.kept()
+    except (RedisError, OSError) as exc:  # the products' panel needs no review store: it still answers
+        listing, kept, store_error = [], None, f"{type(exc).__name__}: {exc}"
     return web.json_response({
         "products": [_product_view(daemon, pid) for pid in ids],
         "review": {"keeping": hub.keeping, "keep_ng": hub.config.keep_ng, "keep_ok": hub.config.keep_ok,
-                   "kept": await hub.kept(), "max_side": hub.config.max_side,
+                   "kept": kept, "max_side": hub.config.max_side, "store_error": store_error,
                    "skipped": {f"{v} {r}": n for (v, r), n in hub.skipped.items()},
                    "ng_per_s": hub.config.ng_per_s, "ok_per_s": hub.config.ok_per_s,
                    "store": hub.config.review},

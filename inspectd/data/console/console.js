@@ -312,7 +312,10 @@ async function waitForSignIn() {
 }
 
 async function boot() {
-  await Promise.all([loadOverview(), loadFrames(), loadFeedback()]);
+  // each panel on its own: one that cannot load (e.g. the review store's Redis is down) leaves the others working
+  const loads = await Promise.allSettled([loadOverview(), loadFrames(), loadFeedback()]);
+  const failed = loads.filter((r) => r.status === "rejected").map((r) => r.reason.message);
+  if (failed.length) alertBar(`some panels could not load: ${failed.join("; ")}`);
   connect();
   setInterval(() => loadOverview().catch(() => {}), 5000);
 }
