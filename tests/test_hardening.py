@@ -418,6 +418,33 @@ async def test_writes_need_the_generated_token_and_a_non_simple_body(open_api) -
     assert load_or_create_token(path) == token  # stable across restarts
 
 
+async def test_token_guesses_sent_in_parallel_are_throttled(open_api) -> None:  # noqa: ANN001
+    """The console's sign-in slept 0.5 s per wrong token, which does not slow guesses sent in parallel (300 in
+    1.96 s), and the admin API's bearer check had no limit at all (300 in 0.10 s)."""
+    daemon, session, _ = open_api
+    token = Path(daemon.config.http.token_file).read_text().strip()
+    wrong = {"Authorization": "Bearer not-the-token"}
+
+    async def guess(i: int) -> int:
+        if i % 2:
+            async with session.post("/products/nut/reload", headers=wrong) as response:
+                return response.status
+        async with session.post("/console/api/session", json={"token": f"guess-{i}"}) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(guess(i) for i in range(300)))
+    allowed = getattr(daemon, "guess_limiter", None) and daemon.guess_limiter.per_client  # 30 at once
+    assert statuses.count(401) <= (allowed or 0) + 2 and statuses.count(429) >= 300 - (allowed or 0) - 2, statuses
+    async with session.post("/products/nut/reload", headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 429  # the right token too, from this client, until its bucket refills
+    limiter = daemon.guess_limiter
+    limiter._clients.clear()  # (as if the client's bucket had refilled)
+    async with session.post("/products/nut/reload", headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 200
+    async with session.get("/products") as response:
+        assert response.status == 200  # reads on loopback without a token are not guesses
+
+
 def test_a_public_bind_without_token_is_refused_by_check_before_any_model_loads(tmp_path, monkeypatch) -> None:
     import sys
 

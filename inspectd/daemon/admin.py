@@ -22,7 +22,14 @@ from aiohttp import BodyPartReader, web
 
 from inspectd import atomic
 from inspectd.daemon.config import ConfigError, ProductConfig, build
-from inspectd.daemon.http_common import DAEMON_KEY, admin_token, bearer_matches, foreign_origin, reads_open
+from inspectd.daemon.http_common import (
+    DAEMON_KEY,
+    admin_token,
+    bearer_matches,
+    foreign_origin,
+    guess_limiter,
+    reads_open,
+)
 from inspectd.daemon.registry import (
     IMAGE_SUFFIXES,
     PRODUCT_ID_RE,
@@ -105,7 +112,13 @@ def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
         return  # reads on loopback stay open unless the operator configured a token
     if token is None:
         raise ApiError(401, "no admin token configured" if not writing else "writes need the admin token")
+    guessing = "Authorization" in request.headers
+    limiter = guess_limiter(daemon)
+    if guessing and (wait := limiter.retry_after(request.remote)):
+        raise ApiError(429, f"too many wrong tokens; retry in {wait:.0f} s")
     if not bearer_matches(request, token):
+        if guessing:
+            limiter.failed(request.remote)
         log.warning("admin API: %s %s from %s refused (bad or missing token)", request.method, request.path,
                     request.remote)
         raise ApiError(401, "missing or invalid bearer token")

@@ -32,6 +32,7 @@ from inspectd.daemon.http_common import (
     bearer_matches,
     default_token_file,
     foreign_origin,
+    guess_limiter,
     reads_open,
 )
 
@@ -156,7 +157,17 @@ def _session(request: web.Request) -> Session | None:
 
 
 def _bearer_ok(request: web.Request) -> bool:
-    return bearer_matches(request, admin_token(_daemon(request)))
+    """The request carries the right bearer token; a wrong one counts as a guess (`GuessLimiter`)."""
+    if "Authorization" not in request.headers:
+        return False
+    daemon = _daemon(request)
+    limiter = guess_limiter(daemon)
+    if wait := limiter.retry_after(request.remote):
+        raise ConsoleError(429, f"too many wrong tokens; retry in {wait:.0f} s")
+    if bearer_matches(request, admin_token(daemon)):
+        return True
+    limiter.failed(request.remote)
+    return False
 
 
 def check_read(request: web.Request) -> None:
@@ -233,7 +244,11 @@ async def sign_in(request: web.Request) -> web.Response:
         raise ConsoleError(403, f"cross-origin sign-in refused (Origin {origin!r})")
     body = await _json_body(request)
     token, given = admin_token(daemon), str(body.get("token", "")).strip()
+    limiter = guess_limiter(daemon)
+    if wait := limiter.retry_after(request.remote):  # (guesses sent in parallel are not slowed by the sleep)
+        raise ConsoleError(429, f"too many wrong tokens; retry in {wait:.0f} s")
     if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        limiter.failed(request.remote)
         log.warning("console: sign-in from %s refused (wrong token)", request.remote)
         await asyncio.sleep(0.5)  # a guess costs time
         raise ConsoleError(401, "wrong token")

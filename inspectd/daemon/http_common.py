@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,3 +97,58 @@ def bearer_matches(request: web.Request, token: str | None) -> bool:
     """``Authorization: Bearer <token>`` with the right token (constant-time compare); False without a token."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class GuessLimiter:
+    """Failed token checks (admin API bearer, console sign-in and bearer) per client address and overall, as token
+    buckets: a client may fail ``per_client`` times at once, then once per ``client_refill_s``; all clients together
+    ``overall`` times, then ``overall_per_s`` a second. A per-request delay alone does not slow guesses sent in
+    parallel; this does (a weak configured ``http.token`` reachable off loopback)."""
+
+    def __init__(self, per_client: int = 30, client_refill_s: float = 1.0, overall: int = 100,
+                 overall_per_s: float = 5.0, clients: int = 4096) -> None:
+        self.per_client, self.client_rate = per_client, 1.0 / client_refill_s
+        self.overall, self.overall_rate = overall, overall_per_s
+        self.max_clients = clients
+        self._clients: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+        self._all = (float(overall), time.monotonic())
+        self.refused = 0
+
+    @staticmethod
+    def _level(bucket: tuple[float, float], capacity: float, rate: float, now: float) -> float:
+        tokens, when = bucket
+        return min(capacity, tokens + (now - when) * rate)
+
+    def retry_after(self, client: str | None) -> float:
+        """Seconds until ``client`` may try a token again (0: now)."""
+        now = time.monotonic()
+        waits = [0.0]
+        overall = self._level(self._all, self.overall, self.overall_rate, now)
+        if overall < 1:
+            waits.append((1 - overall) / self.overall_rate)
+        bucket = self._clients.get(client or "")
+        if bucket is not None:
+            level = self._level(bucket, self.per_client, self.client_rate, now)
+            if level < 1:
+                waits.append((1 - level) / self.client_rate)
+        wait = max(waits)
+        if wait > 0:
+            self.refused += 1
+        return wait
+
+    def failed(self, client: str | None) -> None:
+        now = time.monotonic()
+        key = client or ""
+        self._all = (self._level(self._all, self.overall, self.overall_rate, now) - 1, now)
+        if key not in self._clients and len(self._clients) >= self.max_clients:
+            self._clients.pop(next(iter(self._clients)))  # bounded: the oldest address is forgotten
+        bucket = self._clients.pop(key, (float(self.per_client), now))
+        self._clients[key] = (self._level(bucket, self.per_client, self.client_rate, now) - 1, now)
+
+
+def guess_limiter(daemon: InspectDaemon) -> GuessLimiter:
+    """The daemon's one `GuessLimiter` (the admin API and the console share it)."""
+    limiter = getattr(daemon, "guess_limiter", None)
+    if limiter is None:
+        limiter = daemon.guess_limiter = GuessLimiter()  # type: ignore[attr-defined]
+    return limiter
