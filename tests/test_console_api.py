@@ -327,6 +327,70 @@ async def test_false_alarm_never_writes_outside_references_root(redis_url, key_p
         await daemon.shutdown()
 
 
+async def test_a_holdout_the_console_makes_is_no_other_products_folder(console, redis_client, key_prefix,
+                                                                       tmp_path) -> None:  # noqa: ANN001
+    import copy
+
+    from tests.daemon_helpers import png_bytes
+
+    daemon, http = console
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    form = aiohttp.FormData()  # product `nut-holdout`, created the documented way: images in <root>/nut-holdout/
+    form.add_field("config", "object_name: hazelnut\nshots: 5\n", content_type="application/yaml")
+    form.add_field("files", png_bytes(DEFECTS[0], 160), filename="other.png", content_type="image/png")
+    async with http.put("/products/nut-holdout", data=form, headers=bearer) as response:
+        assert response.status == 201, await response.text()
+    other = Path(daemon.registry.get("nut-holdout").config.references)
+    await send(redis_client, key_prefix, GOODS[:2])
+    await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
+    first, second = daemon.review.items()
+    await daemon.feedback.false_alarm(first, "holdout", "test")
+    holdout = Path(daemon.registry.get("nut").config.threshold.holdout_dir)
+    assert holdout == tmp_path / "_console" / "_holdout" / "nut"  # ids never start with "_": no product's folder
+    assert holdout.resolve() != other.resolve() and sorted(p.name for p in other.iterdir()) == ["other.png"]
+    assert len(list(holdout.glob("fb-*.png"))) == 1
+
+    twin = copy.deepcopy(daemon.registry.get("nut").config)  # a product set (over the API) to use nut's holdout
+    twin.id = "twin"
+    await daemon.registry.put(twin)
+    with pytest.raises(Exception) as err:
+        await daemon.feedback.false_alarm(second, "holdout", "test")
+    assert getattr(err.value, "status", None) == 409 and "'twin'" in str(err.value)
+    assert len(list(holdout.glob("fb-*.png"))) == 1  # nothing written
+
+
+async def test_a_false_alarm_never_switches_on_references_the_product_leaves_out(
+        redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
+    from tests.daemon_helpers import png_bytes
+
+    config = console_config(redis_url, key_prefix, tmp_path)
+    refs = tmp_path / "refs"
+    for i, path in enumerate(DEFECTS[:3]):  # in the folder, left out on purpose (shots: 2 uses 00, 01)
+        (refs / f"{10 + i}.png").write_bytes(png_bytes(path, 160))
+    daemon = await start(config, tiny_backbone)
+    try:
+        before = daemon.registry.get("nut")
+        await send(redis_client, key_prefix, GOODS[2:4])
+        await wait_until(lambda: len(daemon.review.items()) == 2, what="2 kept")
+        first, second = daemon.review.items()
+        record = await daemon.feedback.false_alarm(first, "references", "test")
+        entry = daemon.registry.get("nut")
+        assert entry.config.shots == 3 and entry.references[:2] == before.references == ("00.png", "01.png")
+        assert entry.references[2].startswith("fb-") and len(entry.references) == 3  # 10..12.png stay out
+        assert Path(entry.config.references) == tmp_path / "_console" / "_references" / "nut"  # a copy
+        assert sorted(p.name for p in refs.iterdir()) == ["00.png", "01.png", "10.png", "11.png", "12.png"]
+        assert "shots: 3" in (tmp_path / "products" / "nut.yaml").read_text()
+        again = await daemon.feedback.false_alarm(second, "references", "test")  # the copy is a plain folder now
+        assert daemon.registry.get("nut").config.shots == 4
+        for done in (again, record):
+            await daemon.feedback.undo(done["id"], "test")
+        restored = daemon.registry.get("nut")
+        assert restored.config.references == str(refs) and restored.config.shots == 2
+        assert restored.references == before.references
+    finally:
+        await daemon.shutdown()
+
+
 async def test_review_in_redis_is_capped_shared_by_instances_and_holds_no_image_in_memory(
         redis_url, key_prefix, tmp_path, tiny_backbone, redis_client) -> None:  # noqa: ANN001
     scorer = await start(console_config(redis_url, key_prefix, tmp_path / "a", review="redis", keep_ng=3),

@@ -134,7 +134,7 @@ class FeedbackStore:
             name = self._file_name(item)
             data = item.original or item.image_png
             config = copy.deepcopy(self._wanted(product, entry))
-            directory, seeded = await asyncio.to_thread(self._good_directory, config, target)
+            directory, seeded = await asyncio.to_thread(self._good_directory, config, target, name)
             written = [await asyncio.to_thread(atomic.write_bytes, directory / name, data)]
             written.append(await asyncio.to_thread(atomic.write_bytes, _inside(root, product, "good", name), data))
             before = self._wanted(product, entry)
@@ -306,23 +306,51 @@ class FeedbackStore:
         suffix = item.original_suffix if item.original else ".png"
         return f"fb-{stamp}-{safe_file_name(str(item.result['frame_id']))[:60]}-{uuid.uuid4().hex[:6]}{suffix}"
 
-    def _good_directory(self, config: ProductConfig, target: str) -> tuple[Path, list[Path]]:
-        """Where a false alarm's image goes, and the images copied there first. The console writes only under
-        ``registry.references_root`` when it is set (as directories set over the admin API): a product whose
-        directory lies elsewhere gets a new one there, seeded with copies of what it used, and switches to it
-        (the operator's own folder is never written). Without ``references_root``, the product's own folder."""
+    def _good_directory(self, config: ProductConfig, target: str, name: str) -> tuple[Path, list[Path]]:
+        """Where a false alarm's image (file ``name``) goes, and the images copied there first. The console writes
+        only under ``registry.references_root`` when it is set (as directories set over the admin API): a product
+        whose directory lies elsewhere gets a new one there, seeded with copies of what it used, and switches to it
+        (the operator's own folder is never written). Without ``references_root``, the product's own folder.
+
+        A reference folder holding images the product leaves out (beyond ``shots``) that sort before ``name``
+        cannot take the new image: raising ``shots`` over it would switch those on too. The product moves to a
+        console-managed copy of the images it uses instead (refused without ``references_root``). Folders the
+        console makes live under ``<references_root>/_console/``, where no product id leads (ids never start
+        with ``_``), and a folder another product uses is never written."""
         key = "references" if target == "references" else "threshold.holdout_dir"
         current = config.references if target == "references" else config.threshold.holdout_dir
         root = self.registry.config.references_root
+        used = _images(current, config.shots if target == "references" else 10**6)
+        used_names = {p.name for p in used}
         if current and (root is None or Path(current).resolve().is_relative_to(Path(root).resolve())):
-            return Path(current), []
-        if root is None:
+            skipped = _switched_on(Path(current), used_names, name) if target == "references" else []
+            if not skipped:
+                self._refuse_shared(config.id, Path(current), key)
+                return Path(current), []
+            managed = _managed_directory(root, target, config.id) if root is not None else None
+            if managed is None or Path(current).resolve() == managed.resolve():
+                raise FeedbackError(409, f"product {config.id!r} uses the first {config.shots} image(s) of "
+                                         f"{current} by file name; the new reference would sort after "
+                                         f"{len(skipped)} it leaves out ({', '.join(skipped[:5])}"
+                                         f"{', ...' if len(skipped) > 5 else ''}), and raising shots would switch "
+                                         "them on too: nothing saved (move those images out, or set "
+                                         "registry.references_root so the console can use a copy)")
+            directory = managed
+        elif root is None:
             raise FeedbackError(409, f"product {config.id!r} has no {key} directory and registry.references_root "
                                      "is not set: nowhere to save the frame")
-        directory = Path(root) / (config.id if target == "references" else f"{config.id}-holdout")
+        elif target == "references" and current:
+            directory = Path(root) / config.id  # where the admin API keeps this product's references
+        else:
+            directory = _managed_directory(root, target, config.id)
+        self._refuse_shared(config.id, directory, key)
+        stale = _switched_on(directory, used_names, name) if target == "references" else []
+        if stale:
+            raise FeedbackError(409, f"product {config.id!r}: the folder {directory} (where its references would be "
+                                     f"copied) already holds images it does not use ({', '.join(stale[:5])}"
+                                     f"{', ...' if len(stale) > 5 else ''}); nothing saved (empty it first)")
         seeded: list[Path] = []
-        if current:
-            used = reference_files(current, config.shots if target == "references" else 10**6)
+        if used:
             directory.mkdir(parents=True, exist_ok=True)
             for path in used:
                 if not (directory / path.name).exists():
@@ -333,6 +361,19 @@ class FeedbackStore:
         else:
             config.threshold.holdout_dir = str(directory)
         return directory, seeded
+
+    def _refuse_shared(self, product: str, directory: Path, key: str) -> None:
+        """409 when another product uses ``directory`` as its references or holdout (its images would change)."""
+        resolved = directory.resolve()
+        for other in self.registry.known_configs():
+            if other.id == product:
+                continue
+            for other_key, value in (("references", other.references),
+                                     ("threshold.holdout_dir", other.threshold.holdout_dir)):
+                if value and Path(value).resolve() == resolved:
+                    raise FeedbackError(409, f"product {product!r}: its {key} folder {directory} is the {other_key} "
+                                             f"folder of product {other.id!r}; saving the frame there would change "
+                                             "that product too: nothing saved")
 
     def _seed_goods(self, folder: Path, product: str) -> list[Path]:
         """The eval folder needs good images: the first time, copy the product's references into good/."""
@@ -350,6 +391,28 @@ class FeedbackStore:
             shutil.copyfile(path, target)
             written.append(target)
         return written
+
+
+def _managed_directory(root: str | Path, target: str, product: str) -> Path:
+    """A folder the console makes for ``product``: ``<references_root>/_console/_<target>/<id>/``. No product id
+    reaches it (ids never start with ``_``), nor does a product's eval folder when the feedback folder is the
+    default ``<references_root>/_console`` (those are ``<id>/...``)."""
+    return Path(root) / "_console" / f"_{target}" / product
+
+
+def _switched_on(directory: Path, used: set[str], name: str) -> list[str]:
+    """Images in ``directory`` a product using ``used`` (the first ``shots`` by name) leaves out that raising
+    ``shots`` to take ``name`` would switch on: those sorting before the last of ``used`` and ``name``."""
+    last = max(used | {name})
+    return [p.name for p in _images(str(directory), 10**6) if p.name not in used and p.name != name and p.name < last]
+
+
+def _images(directory: str | None, shots: int) -> list[Path]:
+    """`reference_files`, empty for a folder that is missing or holds no image yet."""
+    try:
+        return reference_files(directory, shots)
+    except BuildError:
+        return []
 
 
 def _defect_mask(amap: np.ndarray, threshold: float, size: tuple[int, int]) -> bytes:
