@@ -205,3 +205,33 @@ async def test_two_instances_in_one_group_share_the_load(redis_client, redis_url
     assert sorted(r["frame_id"] for r in results) == sorted(sent)  # each exactly once
     assert a.frames_done > 20 and b.frames_done > 20
     assert a.frames_done + b.frames_done == 200
+
+
+async def test_one_products_detector_error_dead_letters_only_its_own_frames(redis_client, redis_url, key_prefix,
+                                                                            tmp_path, tiny_backbone) -> None:
+    """One try around a whole batch's scoring: one product's detector raising made every product's frames in the
+    batch detector_error dead letters. Found by a review helper."""
+    config = daemon_config(redis_url, key_prefix, tmp_path, batcher={"max_batch_size": 16, "max_delay_ms": 300,
+                                                                    "queue_size": 64})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        def broken(features, state):  # noqa: ANN001, ANN202
+            raise RuntimeError("grid's detector bug")
+
+        daemon.registry.get("grid").detector.score = broken
+        image = png_bytes(HAZELNUT / "good" / "05.png")
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(6):
+            product = "nut" if i % 2 == 0 else "grid"
+            pipe.xadd(f"{key_prefix}:{{l1}}:frames", frame_fields(product, "l1", f"f{i}", image))
+        await pipe.execute()
+        out = await wait_for_results(redis_client, key_prefix, 6, timeout=30, kinds=("results", "dead"))
+    finally:
+        await daemon.shutdown()
+    verdicts = {r["frame_id"]: r.get("verdict") or r.get("reason") for r in out}
+    assert {k: v for k, v in verdicts.items() if k in ("f1", "f3", "f5")} == dict.fromkeys(("f1", "f3", "f5"),
+                                                                                           "detector_error")
+    assert all(verdicts[k] in ("OK", "NG") for k in ("f0", "f2", "f4")), verdicts
+    assert daemon.metrics is not None and len(out) == 6
+

@@ -535,23 +535,49 @@ class InspectDaemon:
             results: list[Result] = []
             if scored:
                 self.metrics.batch(len(scored))
-                items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
-                                   map_size=self._map_size(entry, f.prepared.size), input_spec=f.prepared.input_spec)
-                         for f, entry in scored]
                 try:
-                    outputs, batch_timings = await self.engine.score(items, [f.frame for f, _ in scored])
-                except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters the batch, not the daemon
-                    log.exception("scoring failed for a batch of %d", len(items))
-                    self.metrics.error("score")
-                    for flight, _ in scored:
-                        dead.append((flight, self._dead(flight.frame, Reason.DETECTOR_ERROR, "score",
-                                                        f"{type(exc).__name__}: {exc}")))
-                    scored, outputs = [], []
-                for (flight, entry), output in zip(scored, outputs, strict=True):
-                    timings = dict(flight.prepared.timings, **batch_timings)
-                    results.append(self._result(flight.frame, entry, output, timings))
+                    results = await self._score(scored)
+                except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters its product's frames only
+                    if len({id(entry) for _, entry in scored}) == 1:
+                        failed = [(scored, exc)]
+                    else:  # one product's detector must not take the other products' frames with it
+                        log.warning("scoring a batch of %d failed (%s: %s); scoring it again product by product",
+                                    len(scored), type(exc).__name__, exc)
+                        failed, results = await self._score_by_product(scored)
+                    for group, error in failed:
+                        log.error("scoring %d frame(s) of product %s failed", len(group), group[0][0].frame.product,
+                                  exc_info=error)
+                        self.metrics.error("score")
+                        for flight, _ in group:
+                            dead.append((flight, self._dead(flight.frame, Reason.DETECTOR_ERROR, "score",
+                                                            f"{type(error).__name__}: {error}")))
+                    failed_flights = {id(flight) for group, _ in failed for flight, _ in group}
+                    scored = [pair for pair in scored if id(pair[0]) not in failed_flights]
             flights_out = [f for f, _ in scored] + [f for f, _ in dead]
             await self._publish.put((results, [d for _, d in dead], flights_out))
+
+    async def _score(self, scored: list[tuple[InFlight, ProductEntry]]) -> list[Result]:
+        items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
+                           map_size=self._map_size(entry, f.prepared.size), input_spec=f.prepared.input_spec)
+                 for f, entry in scored]
+        outputs, batch_timings = await self.engine.score(items, [f.frame for f, _ in scored])
+        return [self._result(flight.frame, entry, output, dict(flight.prepared.timings, **batch_timings))
+                for (flight, entry), output in zip(scored, outputs, strict=True)]
+
+    async def _score_by_product(self, scored: list[tuple[InFlight, ProductEntry]]
+                                ) -> tuple[list[tuple[list[tuple[InFlight, ProductEntry]], Exception]], list[Result]]:
+        """Each product's frames of a failed batch as a batch of their own: (the groups that fail again, with
+        their error; the results of the others)."""
+        groups: dict[int, list[tuple[InFlight, ProductEntry]]] = {}
+        for pair in scored:
+            groups.setdefault(id(pair[1]), []).append(pair)
+        failed, results = [], []
+        for group in groups.values():
+            try:
+                results += await self._score(group)
+            except Exception as exc:  # noqa: BLE001 - this product's frames are dead-lettered
+                failed.append((group, exc))
+        return failed, results
 
     def background(self, coro: Any, name: str = "") -> asyncio.Task:
         """Run ``coro`` as a side task of the daemon (cancelled at shutdown)."""
