@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from pathlib import Path
 
@@ -273,3 +274,158 @@ def test_batch_pixels_on_a_gpu_come_through_pinned_memory(tiny_checkpoint: Path)
     gpu_out = backbone.forward(batch, FeatureRequest()).image_embeddings.cpu()
     cpu_out = cpu.forward(torch.cat(views), FeatureRequest()).image_embeddings
     np.testing.assert_allclose(gpu_out.numpy(), cpu_out.numpy(), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ unloadable checkpoints
+def _bad_checkpoints(root: Path) -> dict[str, tuple[str, Path, Path]]:
+    """name -> (arch, model.pretrained, the file the message must name)."""
+    from safetensors.torch import load_file
+
+    good = write_tiny_checkpoint(root / "good", seed=0)
+    weights_file = good / "open_clip_model.safetensors"
+    cases = {}
+    trunc = root / "trunc.safetensors"
+    trunc.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    cases["truncated safetensors"] = ("inspectd-tiny", trunc, trunc)
+    pt = root / "trunc.pt"
+    torch.save(load_file(str(weights_file)), pt)
+    pt.write_bytes(pt.read_bytes()[:5000])
+    cases["truncated pt"] = ("inspectd-tiny", pt, pt)
+    html = root / "page.bin"
+    html.write_text("<html>404 Not Found</html>")
+    cases["html as bin"] = ("inspectd-tiny", html, html)
+    folder = root / "dir_trunc"
+    shutil.copytree(good, folder)
+    (folder / "open_clip_model.safetensors").write_bytes(b"\0" * 100)
+    cases["hub folder, damaged weights"] = ("inspectd-tiny", folder, folder / "open_clip_model.safetensors")
+    cases["another arch"] = ("ViT-B-16", weights_file, weights_file)
+    return cases
+
+
+def test_unloadable_checkpoints_name_the_file_the_arch_and_verify(tmp_path: Path) -> None:
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    register_tiny_arch()
+    for name, (arch, pretrained, named) in _bad_checkpoints(tmp_path).items():
+        with pytest.raises(weights.WeightsLoadError) as info:
+            ClipBackbone(ModelSpec(arch=arch, pretrained=str(pretrained), device="cpu"))
+        message = str(info.value)
+        assert str(named) in message and repr(arch) in message, (name, message)
+        assert f"inspectd weights verify {named}" in message, (name, message)
+        assert "weights_only=false" not in message.lower() and "set to `false`" not in message.lower(), message
+    assert isinstance(info.value, weights.WeightsNotFoundError)  # every handler of missing weights catches it
+
+
+def test_a_folder_without_weights_names_the_folder(tmp_path: Path) -> None:
+    good = write_tiny_checkpoint(tmp_path / "good")
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    shutil.copy(good / "open_clip_config.json", empty)
+    with pytest.raises(weights.WeightsNotFoundError, match=f"no checkpoint file in {empty}"):
+        ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(empty), device="cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning", "ignore:.*TorchScript archive:UserWarning")
+def test_a_torchscript_archive_says_how_to_get_a_loadable_file(tmp_path: Path) -> None:
+    """OpenAI's release .pt files (what `weights fetch ... openai` used to keep) are TorchScript archives."""
+    from inspectd.detectors.tiny import register_tiny_arch
+
+    register_tiny_arch()
+    jit = tmp_path / "ViT-L-14-336px.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(jit))
+    assert weights.is_torchscript(jit)
+    with pytest.raises(weights.WeightsLoadError, match="TorchScript") as info:
+        ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(jit), device="cpu"))
+    assert str(jit) in str(info.value) and "inspectd weights fetch" in str(info.value)
+    assert "weights_only=false" not in str(info.value).lower()
+    message = weights.load_failure_message("ViT-L-14-336", str(jit), jit, RuntimeError("x"))
+    assert "inspectd weights fetch ViT-L-14-336 openai --out DIR" in message  # the release is known by its name
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+    assert not weights.is_torchscript(plain)
+
+
+@pytest.mark.parametrize(("arch", "pretrained", "quick"), [
+    ("ViT-L-14-336", "/opt/weights/ViT-L-14-336px.pt", True),  # OpenAI's release file name (no "openai" in it)
+    ("ViT-L-14-336", "/opt/weights/ViT-L-14-336-openai.safetensors", True),  # what `weights fetch` writes
+    ("ViT-B-32", "/opt/weights/ViT-B-32-laion400m_e31.safetensors", True),  # open_clip's cfg: QuickGELU
+    ("ViT-B-16-plus-240", "/opt/weights/vit_b_16_plus_240-laion400m_e31-8fb26589.pt", False),
+    ("ViT-B-16-plus-240", "/opt/weights/ViT-B-16-plus-240-laion400m_e31.safetensors", False),
+    ("ViT-B-16", "/opt/weights/my-openai-finetune.pt", True),  # unknown name: the "openai" rule
+    ("ViT-B-16", "/opt/weights/open_clip_model.safetensors", False),
+])
+def test_quick_gelu_auto_follows_open_clips_pretrained_cfg_for_release_files(arch: str, pretrained: str,
+                                                                               quick: bool) -> None:
+    from inspectd.detectors.backbone import _wants_quick_gelu
+
+    spec = ModelSpec(arch=arch, pretrained=pretrained)
+    assert _wants_quick_gelu(spec, weights.WeightsSource("file", pretrained)) is quick
+    assert _wants_quick_gelu(ModelSpec(arch="ViT-B-32", pretrained="laion400m_e31"),
+                             weights.WeightsSource("tag", "laion400m_e31")) is True  # a tag: its cfg too
+
+
+def test_release_file_names_map_to_their_tag() -> None:
+    assert weights.pretrained_identity("ViT-L-14-336", "/a/ViT-L-14-336px.pt") == "openai"
+    assert weights.pretrained_identity("ViT-L-14-336", "/b/ViT-L-14-336-openai.safetensors") == "openai"
+    assert weights.pretrained_identity("ViT-B-16-plus-240", "/c/vit_b_16_plus_240-laion400m_e31-8fb26589.pt") == \
+        "laion400m_e31"
+    assert weights.pretrained_identity("ViT-L-14-336", "/d/open_clip_model.safetensors") == \
+        "open_clip_model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ weights fetch
+def test_fetch_prefers_the_hub_copy_and_names_it_after_the_release() -> None:
+    import open_clip
+
+    from inspectd.commands.weights import fetch_target_name
+
+    openai = open_clip.get_pretrained_cfg("ViT-L-14-336", "openai")
+    assert openai["url"].endswith("ViT-L-14-336px.pt") and openai["hf_hub"]  # a TorchScript URL and a hub copy
+    assert weights.prefer_hf_hub(openai, hub_installed=True) is True
+    assert weights.prefer_hf_hub(openai, hub_installed=False) is False  # no huggingface_hub: the URL
+    assert weights.prefer_hf_hub({"url": "https://x/y.pt"}, hub_installed=True) is False
+    hub_file = Path("/cache/open_clip_model.safetensors")
+    assert fetch_target_name("ViT-L-14-336", "openai", hub_file, True) == "ViT-L-14-336-openai.safetensors"
+    release = Path("/cache/vit_b_16_plus_240-laion400m_e31-8fb26589.pt")
+    assert fetch_target_name("ViT-B-16-plus-240", "laion400m_e31", release, False) == release.name
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning", "ignore:.*TorchScript archive:UserWarning")
+def test_fetch_flow_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspectd weights fetch ViT-L-14-336 openai`: the hub's safetensors, a distinctive name, a sha256 note that
+    `verify` checks on the copy; with only the release URL, a TorchScript download is refused as such."""
+    import open_clip.pretrained
+    from safetensors.torch import save_file
+
+    from inspectd.cli import main
+
+    calls = []
+
+    def fake_download(cfg, prefer_hf_hub=True, cache_dir=None):  # noqa: ANN001, ANN202
+        calls.append(prefer_hf_hub)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        if prefer_hf_hub:
+            path = Path(cache_dir) / "open_clip_model.safetensors"
+            save_file({"w": torch.ones(3)}, str(path))
+        else:
+            path = Path(cache_dir) / "ViT-L-14-336px.pt"
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+        return str(path)
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", fake_download)
+    out = tmp_path / "weights"
+    assert main(["weights", "fetch", "ViT-L-14-336", "openai", "--out", str(out)]) == 0
+    target = out / "ViT-L-14-336-openai.safetensors"
+    assert calls == [True] and target.is_file() and weights.sha256_note(target).is_file()
+    assert target.name in capsys.readouterr().out
+    copy = tmp_path / "opt" / target.name
+    copy.parent.mkdir()
+    shutil.copy(target, copy)
+    shutil.copy(weights.sha256_note(target), weights.sha256_note(copy))
+    assert main(["weights", "verify", str(copy)]) == 0 and "OK" in capsys.readouterr().out
+    copy.write_bytes(copy.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main(["weights", "verify", str(copy)]) == 1 and "MISMATCH" in capsys.readouterr().out
+    monkeypatch.setattr(open_clip.pretrained, "has_hf_hub", lambda necessary=False: False)
+    assert main(["weights", "fetch", "ViT-L-14-336", "openai", "--out", str(tmp_path / "url")]) == 1
+    assert calls[-1] is False and "TorchScript" in capsys.readouterr().err

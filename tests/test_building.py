@@ -113,9 +113,42 @@ def test_cache_round_trip_and_unreadable_files_are_moved_aside(tiny_backbone, tm
     path = cache.path("nut", result.fingerprint)
     path.write_bytes(b"\x00" * 64)  # damaged (disk trouble, a partial copy)
     assert cache.load(det, "nut", result.fingerprint) is None
-    moved = path.with_name(path.name + ".unreadable")
+    (moved,) = path.parent.glob(path.name + ".*.unreadable")  # NAME.<time>-<id>.unreadable
     assert not path.exists() and moved.read_bytes() == b"\x00" * 64  # kept for whoever wants it back
     assert "unreadable" in moved.with_name(moved.name + ".why").read_text()
+
+
+def test_a_second_damaged_copy_is_quarantined_beside_the_first(tiny_backbone, tmp_path: Path) -> None:
+    """The docstring's promise: moved aside, never deleted -- also not by the next damaged file of the same key."""
+    det = create_detector("winclip", tiny_backbone)
+    cache = StateCache(tmp_path / "cache")
+    path = cache.path("nut", "e" * 20)
+    for payload in (b"\x01" * 64, b"\x02" * 64):
+        path.write_bytes(payload)
+        assert cache.load(det, "nut", "e" * 20) is None
+    moved = sorted(path.parent.glob(path.name + ".*.unreadable"))
+    assert sorted(m.read_bytes() for m in moved) == [b"\x01" * 64, b"\x02" * 64]
+    assert all(m.with_name(m.name + ".why").is_file() for m in moved)
+
+
+def test_a_damaged_state_another_process_moved_aside_first_is_a_miss(tiny_backbone, tmp_path: Path) -> None:
+    """Two daemons sharing state_cache_dir find one damaged file: B has seen it exist, A moves it aside, then B's
+    load fails and B's quarantine finds nothing -- a cache miss (B rebuilds), not a rejected build."""
+    det_a, det_b = create_detector("winclip", tiny_backbone), create_detector("winclip", tiny_backbone)
+    cache_a, cache_b = StateCache(tmp_path / "shared"), StateCache(tmp_path / "shared")
+    fingerprint = "0123456789abcdef0123"
+    path = cache_a.path("nut", fingerprint)
+    path.write_bytes(b"\x00" * 64)
+    real = det_b.load_state
+
+    def b_load_state(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        assert cache_a.load(det_a, "nut", fingerprint) is None  # daemon A quarantines it at this moment
+        return real(*args, **kwargs)
+
+    det_b.load_state = b_load_state
+    assert cache_b.load(det_b, "nut", fingerprint) is None and cache_b.misses == 1
+    (moved,) = path.parent.glob(path.name + ".*.unreadable")  # A's copy, kept
+    assert moved.read_bytes() == b"\x00" * 64 and not path.exists()
 
 
 def test_a_state_of_another_detector_version_is_refused_naming_both(tiny_backbone, tmp_path: Path) -> None:

@@ -35,3 +35,18 @@ def test_bad_flag_values_name_the_flag(tmp_path: Path) -> None:
     odd = inspectd("fit", "randword", "--out", str(tmp_path / "f.safetensors"), "--batch-size", "7",
                    "--pretrained", "random", "--demo", "--arch", "inspectd-tiny")
     assert odd.returncode == 2 and "batch_size" in odd.stderr and "even" in odd.stderr
+
+
+def test_model_quick_gelu_and_precision_flags_mirror_the_daemon_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from inspectd.detectors.artifacts import load_artifact
+
+    for flag, value in (("--quick-gelu", "yes"), ("--precision", "fp8")):
+        bad = inspectd("fit", "randword", "--out", str(tmp_path / "f.safetensors"), flag, value)
+        assert bad.returncode == 2 and flag in bad.stderr and "must be one of" in bad.stderr, bad.stderr
+    out = tmp_path / "quick.safetensors"
+    ran = inspectd("fit", "randword", "--out", str(out), "--arch", "inspectd-tiny", "--pretrained",
+                   str(tiny_checkpoint), "--device", "cpu", "--pairs", "32", "--epochs", "1", "--hidden", "8",
+                   "--batch-size", "16", "--no-progress", "--quick-gelu", "true", "--precision", "fp32")
+    assert ran.returncode == 0, ran.stderr
+    recorded = load_artifact(out).backbone
+    assert recorded["quick_gelu"] is True and recorded["dtype"] == "float32" and recorded["weights_id"]

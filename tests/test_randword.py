@@ -305,6 +305,51 @@ def test_cli_fit_writes_a_loadable_file(tiny_checkpoint: Path, tiny_backbone: Cl
     assert loaded.prompts.object_word == "hazelnut"
 
 
+def test_cli_resumes_only_a_checkpoint_of_the_same_run(tiny_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted `inspectd fit randword` leaves OUT.ckpt/; a re-run with another CLIP checkpoint, other prompt
+    words or another dropout must not continue from it (the FFN would hold weights trained on other embeddings)."""
+    import inspectd.detectors.training.loop as loop
+    from inspectd.cli import main
+    from inspectd.detectors.artifacts import load_artifact
+    from inspectd.detectors.tiny import write_tiny_checkpoint
+
+    other_clip = write_tiny_checkpoint(tmp_path / "clip_b", seed=1)
+    out = tmp_path / "ffn.safetensors"
+
+    def fit(clip: Path, target: Path = out, *extra: str) -> int:
+        return main(["fit", "randword", "--out", str(target), "--arch", "inspectd-tiny", "--pretrained", str(clip),
+                     "--device", "cpu", "--pairs", "64", "--epochs", "2", "--hidden", "16", "--batch-size", "32",
+                     "--no-progress", *extra])
+
+    real = loop._run_epoch
+
+    def interrupted_in_epoch_2(run, epoch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(run, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_run_epoch", interrupted_in_epoch_2)
+    assert fit(tiny_checkpoint) == 130
+    assert (tmp_path / "ffn.safetensors.ckpt" / "loop.safetensors").is_file()
+    monkeypatch.setattr(loop, "_run_epoch", real)
+    capsys.readouterr()
+    for clip, extra, differs in ((other_clip, (), "weights_id"), (tiny_checkpoint, ("--object-word", "screw"),
+                                 "object_word"), (tiny_checkpoint, ("--dropout", "0.25"), "dropout")):
+        assert fit(clip, out, *extra) == 2 and not out.exists()
+        err = capsys.readouterr().err
+        assert "different training run" in err and differs in err and "--fresh" in err, err
+    assert fit(tiny_checkpoint) == 0  # the same run resumes
+    resumed = load_artifact(out)
+    assert resumed.training["resumed_from_epoch"] == 1 and len(resumed.training["history"]) == 2
+    assert fit(tiny_checkpoint, tmp_path / "straight.safetensors") == 0
+    straight = load_artifact(tmp_path / "straight.safetensors")
+    assert straight.training["resumed_from_epoch"] == 0
+    for key, tensor in straight.tensors.items():  # resuming gives exactly the uninterrupted run
+        assert torch.equal(tensor, resumed.tensors[key]), key
+
+
 def test_cli_random_weights_need_demo_and_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from inspectd.cli import main
     from inspectd.detectors.tiny import register_tiny_arch

@@ -49,6 +49,13 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
                        help="open_clip tag or checkpoint path; 'random' only with --demo (default: %(default)s)")
     model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    model.add_argument("--precision", default="auto", type=_model_setting("precision"),
+                       help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
+                            "CUDA; default: %(default)s)")
+    model.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=_model_setting("quick_gelu"),
+                       help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
+                            "weights and other releases open_clip marks so; default: %(default)s). Train with the "
+                            "setting the daemon will run: the artifact records it and is refused under the other")
     if trainer.data in ("dataset", "products"):
         data = parser.add_argument_group("data")
         data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto (default)")
@@ -67,6 +74,21 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _model_setting(key: str) -> Any:
+    """An argparse type for a model setting, validated exactly as the daemon config's ``model.<key>``."""
+    def parse(text: str) -> str:
+        from inspectd.daemon.config import ConfigError, ModelConfig
+
+        try:
+            ModelConfig(**{key: text})
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"config error at {exc.path}: ")) from exc
+        return text
+
+    parse.__name__ = key  # argparse names the type in its "invalid <type> value" message
+    return parse
 
 
 def _typed(parse: Any, tp: Any, text: str, flag: str) -> Any:
@@ -118,6 +140,7 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
     register_tiny_arch()
     try:
         backbone = ClipBackbone(ModelSpec(arch=options.arch, pretrained=options.pretrained, device=options.device,
+                                          precision=options.precision, quick_gelu=options.quick_gelu,
                                           demo=options.demo))
     except (weights.WeightsNotFoundError, weights.RandomWeightsNotAllowed) as exc:
         print(f"inspectd fit {name}: {exc}", file=sys.stderr)
@@ -132,7 +155,8 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
         artifact = trainer.train(data, FitContext(seed=getattr(config, "seed", 0)), checkpoint,
                                  show_progress=not options.no_progress)
     except ValueError as exc:
-        print(f"inspectd fit {name}: {exc}", file=sys.stderr)
+        fresh = " (`inspectd fit`: re-run with --fresh.)" if "different training run" in str(exc) else ""
+        print(f"inspectd fit {name}: {exc}{fresh}", file=sys.stderr)
         return 2
     digest = save_artifact(artifact, out)
     shutil.rmtree(checkpoint, ignore_errors=True)

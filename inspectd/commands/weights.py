@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def fetch_main(args: argparse.Namespace) -> int:
     import open_clip
-    from open_clip.pretrained import download_pretrained
+    from open_clip.pretrained import download_pretrained, has_hf_hub
 
     from inspectd.detectors import weights
 
@@ -36,15 +36,34 @@ def fetch_main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Prefer the release URL: its file name carries the sha256 prefix that `verify` checks.
-    path = Path(download_pretrained(cfg, prefer_hf_hub=not cfg.get("url"), cache_dir=str(out / ".download")))
-    target = out / path.name
+    hub = weights.prefer_hf_hub(cfg, has_hf_hub())
+    path = Path(download_pretrained(cfg, prefer_hf_hub=hub, cache_dir=str(out / ".download")))
+    target = out / fetch_target_name(args.arch, args.tag, path, hub)
     shutil.copyfile(path, target)
-    ok, message = weights.verify(target)
+    weights.sha256_note(target).unlink(missing_ok=True)  # a note of an earlier fetch describes another download
+    if weights.is_torchscript(target):
+        print(f"{target} is a TorchScript archive, which inspectd cannot load (it loads weights as data only); "
+              "install huggingface_hub and fetch again to get the hub's safetensors copy", file=sys.stderr)
+        return 1
+    ok, message = weights.verify(target)  # a release file's name carries its sha256 prefix: checked first
     print(message)
-    print(f"\nCopy {target} to the inspection machine and set:\n  model:\n    arch: {args.arch}\n"
-          f"    pretrained: /path/to/{target.name}")
-    return 0 if ok is not False else 1
+    if ok is False:
+        return 1
+    digest = weights.write_sha256_note(target)
+    print(f"sha256 {digest} recorded in {weights.sha256_note(target).name} (`inspectd weights verify` checks a copy "
+          "against it: copy both files)")
+    print(f"\nCopy {target} and {weights.sha256_note(target).name} to the inspection machine and set:\n  model:\n"
+          f"    arch: {args.arch}\n    pretrained: /path/to/{target.name}")
+    return 0
+
+
+def fetch_target_name(arch: str, tag: str, downloaded: Path, from_hub: bool) -> str:
+    """The fetched file's name: a release URL's own (it carries the sha256 prefix `verify` checks), or for a hub
+    download, whose names are generic (open_clip_model.safetensors: two checkpoints would look alike),
+    ``ARCH-TAG.<ext>``, which inspectd maps back to the release (quick_gelu, the weights' name)."""
+    from inspectd.detectors import weights
+
+    return weights.fetched_file_name(arch, tag, downloaded.suffix) if from_hub else downloaded.name
 
 
 def verify_main(args: argparse.Namespace) -> int:

@@ -8,7 +8,10 @@ against what the caller expects and fails with a message naming both sides. No p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,15 +119,29 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu", *, kind:
 
 
 def check_backbone(theirs: Mapping[str, Any], ours: Mapping[str, Any], where: str, hint: str = "") -> None:
-    """Raise ArtifactMismatch naming both models unless ``theirs`` (recorded) is the same CLIP as ``ours``."""
-    keys = ("arch", "weights", "embed_dim", "width")
+    """Raise ArtifactMismatch naming both models unless ``theirs`` (recorded) is the same CLIP as ``ours``.
+
+    The weights are compared by content (``weights_id``) where both sides record it, so the same weights given
+    as a tag, a file or a folder match and two files of the same name with other weights do not; an artifact
+    from before ``weights_id`` was recorded is compared by the weights' name. The activation (``quick_gelu``)
+    changes every feature, so it is compared too (where recorded); the dtype is not.
+    """
+    by_content = "weights_id" in theirs and "weights_id" in ours
+    keys = ("arch", "weights_id" if by_content else "weights", "quick_gelu", "embed_dim", "width")
     differs = [k for k in keys if k in theirs and k in ours and theirs[k] != ours[k]]
     if differs:
         suffix = f" {hint}." if hint else ""
+        detail = ""
+        if "weights_id" in differs:
+            detail = (f" The weights differ in content: {theirs['weights_id']} (recorded) vs {ours['weights_id']} "
+                      "(loaded), even where the file names agree.")
+        if "quick_gelu" in differs:
+            detail += (f" It was built with {'QuickGELU' if theirs['quick_gelu'] else 'GELU'}, the backbone runs "
+                       f"{'QuickGELU' if ours['quick_gelu'] else 'GELU'} (model.quick_gelu).")
         raise ArtifactMismatch(
             f"{where} was built with CLIP {describe_backbone(theirs)} but the backbone is "
             f"{describe_backbone(ours)} (differs in {', '.join(differs)}); a learned part only works with the "
-            f"CLIP it was built with.{suffix}")
+            f"CLIP it was built with.{detail}{suffix}")
 
 
 def describe_backbone(identity: Mapping[str, Any]) -> str:
@@ -136,9 +153,16 @@ def file_hash(path: str | Path) -> str:
     return sha256_of(path)
 
 
-def quarantine(path: Path, why: str) -> Path:
-    """Move an unreadable file aside (never delete a training result someone may want back)."""
-    target = path.with_name(f"{path.name}.unreadable")
-    path.replace(target)
-    target.with_name(f"{target.name}.why").write_text(why + "\n")
+def quarantine(path: Path, why: str) -> Path | None:
+    """Move an unreadable file aside (never delete a training result someone may want back) under a name of its
+    own (``NAME.<time>-<id>.unreadable``, so an earlier quarantined copy is never overwritten), with the reason in
+    ``<that>.why``. None when the file is already gone: another process sharing the folder moved it first."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.{stamp}-{uuid.uuid4().hex[:8]}.unreadable")
+    try:
+        path.replace(target)
+    except FileNotFoundError:
+        return None
+    with contextlib.suppress(OSError):  # the note is a courtesy; the file itself is safe
+        target.with_name(f"{target.name}.why").write_text(why + "\n")
     return target

@@ -164,16 +164,61 @@ def select_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def _wants_quick_gelu(spec: ModelSpec, source: weights_mod.WeightsSource) -> bool:
+    """Whether to force QuickGELU. OpenAI's CLIP (and some other releases: open_clip's pretrained cfg says
+    ``quick_gelu``) was trained with QuickGELU; open_clip's plain arch configs use nn.GELU and would load those
+    weights silently into the wrong activation. auto: the tag's pretrained cfg, or that of the release whose
+    file name ``pretrained`` has (``ViT-L-14-336px.pt``), else "openai" in the file or folder name."""
     if spec.quick_gelu != "auto":
         return spec.quick_gelu == "true"
     if spec.arch.endswith("-quickgelu"):
         return False  # the arch config already says so
-    # OpenAI's CLIP was trained with QuickGELU; open_clip's plain arch configs use nn.GELU and would
-    # load those weights silently into the wrong activation.
-    text = source.value.lower()
-    return (source.kind == "tag" and spec.pretrained == "openai") or (
-        source.kind in ("file", "dir") and "openai" in os.path.basename(text.rstrip("/"))
-    )
+    if source.kind == "tag":
+        cfg = weights_mod.pretrained_cfg(spec.arch, spec.pretrained)
+        return bool(cfg.get("quick_gelu")) if cfg else spec.pretrained == "openai"
+    if source.kind not in ("file", "dir"):
+        return False
+    name = os.path.basename(source.value.rstrip("/"))
+    release = weights_mod.release_of(spec.arch, name)
+    if release is not None:
+        return bool(release[1].get("quick_gelu"))
+    return "openai" in name.lower()
+
+
+def uses_quick_gelu(model: torch.nn.Module) -> bool:
+    """The activation the loaded model really runs (a local folder's config may set it, whatever was asked)."""
+    return any(type(m).__name__ == "QuickGELU" for m in model.modules())
+
+
+def tensors_id(model: torch.nn.Module) -> str:
+    """A hash of the loaded weights themselves (every state_dict tensor's name, shape and float32 values), so the
+    same weights have one identity in any container (a .pt or .safetensors file, a hub folder, a tag's download)
+    and files of the same name with other weights have another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        t = (t.float() if t.is_floating_point() else t).to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return "tensors-sha256:" + digest.hexdigest()
+
+
+def _checkpoint_file(source: weights_mod.WeightsSource) -> str:
+    """The weights file open_clip loads for a file or folder source."""
+    if source.kind == "dir":
+        import open_clip
+
+        return open_clip.factory._find_checkpoint_in_dir(Path(source.value)) or source.value
+    return source.value
+
+
+def _load_error(spec: ModelSpec, source: weights_mod.WeightsSource, exc: Exception) -> Exception:
+    """The error to raise for a file/folder checkpoint that open_clip failed to load (path, arch, what to do)."""
+    import open_clip
+
+    if source.kind == "file" and open_clip.get_model_config(spec.arch) is None:
+        return ValueError(f"model.arch {spec.arch!r} is not an open_clip arch (open_clip.list_models() lists them)")
+    return weights_mod.WeightsLoadError(
+        weights_mod.load_failure_message(spec.arch, spec.pretrained, _checkpoint_file(source), exc))
 
 
 def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
@@ -195,19 +240,20 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
         tokenizer = open_clip.get_tokenizer(spec.arch)
         demo = True
         log.warning(DEMO_WARNING)
-    elif source.kind == "dir" and os.path.isfile(os.path.join(source.value, "open_clip_config.json")):
-        name = f"local-dir:{source.value}"
-        model = open_clip.create_model(name, force_quick_gelu=quick, require_pretrained=True)
-        tokenizer = open_clip.get_tokenizer(name)
     elif source.kind == "dir":
-        found = open_clip.factory._find_checkpoint_in_dir(__import__("pathlib").Path(source.value))
+        found = open_clip.factory._find_checkpoint_in_dir(Path(source.value))
         if not found:
             raise weights_mod.WeightsNotFoundError(
                 weights_mod.missing_message(spec.arch, spec.pretrained, f"no checkpoint file in {source.value}")
             )
-        model = open_clip.create_model(spec.arch, pretrained=found, force_quick_gelu=quick,
-                                       require_pretrained=True)
-        tokenizer = open_clip.get_tokenizer(spec.arch)
+        local = os.path.isfile(os.path.join(source.value, "open_clip_config.json"))
+        name = f"local-dir:{source.value}" if local else spec.arch
+        try:
+            model = open_clip.create_model(name, pretrained=None if local else found, force_quick_gelu=quick,
+                                           require_pretrained=True)
+        except Exception as exc:  # noqa: BLE001 - a bad file fails in torch, safetensors or open_clip alike
+            raise _load_error(spec, source, exc) from exc
+        tokenizer = open_clip.get_tokenizer(name)
     else:
         try:
             with warnings.catch_warnings():
@@ -220,11 +266,12 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
             if source.kind == "tag":
                 offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
                 why = ("not in the local hub cache and HF_HUB_OFFLINE is set" if offline else
-                       f"download/cache lookup failed ({type(exc).__name__}: {exc}); on a machine without internet "
-                       "set HF_HUB_OFFLINE=1 so this fails at once instead of after the hub's retries")
+                       f"download/cache lookup failed ({type(exc).__name__}: {weights_mod.error_summary(exc)}); on a "
+                       "machine without internet set HF_HUB_OFFLINE=1 so this fails at once instead of after the "
+                       "hub's retries")
                 raise weights_mod.WeightsNotFoundError(
                     weights_mod.missing_message(spec.arch, spec.pretrained, why)) from exc
-            raise
+            raise _load_error(spec, source, exc) from exc
         tokenizer = open_clip.get_tokenizer(spec.arch)
     if not demo and weights_mod.marked_random(source):
         demo = True  # a seeded random-weight checkpoint inspectd wrote (tests, benchmarks): as meaningless
@@ -250,6 +297,10 @@ class ClipBackbone:
         if self.device.type == "cpu":
             cpu_threads.use_threads(spec.threads)
         model, tokenizer, demo = load_open_clip(spec)
+        # the weights' identity is taken before the cast to fp16/bf16 would round them
+        self._weights_id = f"random:seed={spec.seed}" if spec.pretrained == weights_mod.RANDOM_WEIGHTS else \
+            tensors_id(model)
+        self.quick_gelu = uses_quick_gelu(model)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = tokenizer
         self.demo_weights = demo
@@ -269,7 +320,7 @@ class ClipBackbone:
         self._preprocessors: dict[InputSpec, Preprocessor] = {self.preprocessor.spec: self.preprocessor}
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
-        self._weights_id: str | None = None
+        self._identity: dict[str, object] | None = None
         self.forwards = 0  # image-tower forwards run (tests and metrics count batching with it)
         self.compiled = self._build_compiled()
         self.fused_blocks = None if self.compiled is not None else self._build_fused_blocks()
@@ -336,27 +387,25 @@ class ClipBackbone:
 
     @property
     def identity(self) -> dict[str, object]:
-        """What a learned part depends on, comparable across machines (paths differ, names do not)."""
-        weights = weights_mod.pretrained_identity(self.spec.arch, self.spec.pretrained)
-        return {"arch": self.spec.arch, "weights": weights,
-                "embed_dim": self.embed_dim, "width": self.width, "image_size": self.image_size}
+        """What a learned part or a cached state depends on, comparable across machines (paths differ, contents
+        do not): arch, the weights' name and content id, the activation the model runs, the dtype it runs in,
+        whether the weights are random (demo), and the shapes. Learned parts are checked on arch, weights (the
+        content id; the name for artifacts from before it was recorded), activation and shapes
+        (`artifacts.check_backbone`); the dtype only keys caches."""
+        if self._identity is None:
+            name = weights_mod.pretrained_identity(self.spec.arch, self.spec.pretrained)
+            self._identity = {
+                "arch": self.spec.arch, "weights": name,
+                "weights_id": self.weights_id, "demo_weights": self.demo_weights, "quick_gelu": self.quick_gelu,
+                "dtype": str(self.dtype).replace("torch.", ""), "embed_dim": self.embed_dim, "width": self.width,
+                "image_size": self.image_size}
+        return dict(self._identity)
 
     @property
     def weights_id(self) -> str:
-        """The loaded weights' content identity (keys caches): a file's sha256, the seed of random weights,
-        or the open_clip tag (downloaded tags are fixed files)."""
-        if self._weights_id is None:
-            source = weights_mod.resolve(self.spec.arch, self.spec.pretrained)
-            if source.kind == "random":
-                self._weights_id = f"random:seed={self.spec.seed}"
-            elif source.kind == "file":
-                self._weights_id = "sha256:" + weights_mod.sha256_of(source.value)
-            elif source.kind == "dir":
-                files = sorted(p for p in Path(source.value).iterdir() if p.is_file())
-                digest = "".join(f"{p.name}:{weights_mod.sha256_of(p)};" for p in files)
-                self._weights_id = "dir:" + hashlib.sha256(digest.encode()).hexdigest()
-            else:
-                self._weights_id = f"tag:{self.spec.pretrained}"
+        """The loaded weights' content identity (keys caches, ties learned parts to their CLIP): a hash of the
+        tensors as loaded (`tensors_id`: the same for the same weights as a tag, a file or a folder, in any
+        container), or the seed of random demo weights."""
         return self._weights_id
 
     def preprocessor_for(self, spec: InputSpec) -> Preprocessor:

@@ -184,7 +184,8 @@ class Detector(ABC):
     # ------------------------------------------------------------------ identity and saving
     def config_fingerprint(self) -> str:
         """A stable hash of what a state depends on: detector name + version, options, input, the backbone's
-        identity (weights included) and the contents of learned-part files (keys the state cache)."""
+        identity (the weights' content, the activation it runs and its dtype included) and the contents of
+        learned-part files (keys the state cache)."""
         learned = {}
         for option in self.artifact_options:
             value = getattr(self.options, option, "")

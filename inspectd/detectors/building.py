@@ -143,8 +143,9 @@ def build_fingerprint(detector: Detector, spec: ProductSpec, policy: ThresholdPo
 class StateCache:
     """Built products on disk as product-state artifacts, keyed by product id and build fingerprint.
 
-    An unreadable or mismatched file is moved aside (``*.unreadable`` + a ``.why`` note), never deleted,
-    and never replaced by a failed or stopped build (only a finished build writes).
+    An unreadable or mismatched file is moved aside (``*.<time>-<id>.unreadable`` + a ``.why`` note; earlier copies
+    are kept), never deleted, and never replaced by a failed or stopped build (only a finished build writes). Several
+    processes may share the folder: a file another one moved aside first is a miss, as an absent one.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -172,9 +173,18 @@ class StateCache:
             if build.get("fingerprint") != fingerprint or "threshold" not in build:
                 raise artifacts.ArtifactMismatch(f"{path.name}: build record does not match fingerprint {fingerprint}")
         except Exception as exc:  # noqa: BLE001 - any bad file is rebuilt, never fatal, never deleted
-            moved = artifacts.quarantine(path, str(exc))
-            log.warning("product %s: cached state %s unusable (%s); moved to %s, rebuilding", product_id,
-                        path.name, exc, moved.name)
+            try:
+                moved = artifacts.quarantine(path, str(exc))
+            except OSError as move_exc:  # cannot move it (permissions): still only a miss, and the file stays
+                log.warning("product %s: cached state %s unusable (%s) and not moved aside (%s); rebuilding",
+                            product_id, path.name, exc, move_exc)
+            else:
+                if moved is None:  # another process sharing the folder moved it aside first
+                    log.info("product %s: cached state %s unusable and already moved aside by another process; "
+                             "rebuilding", product_id, path.name)
+                else:
+                    log.warning("product %s: cached state %s unusable (%s); moved to %s, rebuilding", product_id,
+                                path.name, exc, moved.name)
             self.misses += 1
             return None
         self.hits += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,11 @@ _URL_HASH = re.compile(r"-([0-9a-f]{8,64})\.(?:pt|pth|bin|safetensors)$")
 
 class WeightsNotFoundError(RuntimeError):
     """The CLIP checkpoint is missing or unreachable; the message says how to get it."""
+
+
+class WeightsLoadError(WeightsNotFoundError):
+    """The checkpoint is there but cannot be loaded (damaged, truncated, not a checkpoint, TorchScript, another
+    arch); the message names the file, the arch and what to do."""
 
 
 class RandomWeightsNotAllowed(RuntimeError):
@@ -104,6 +110,114 @@ def resolve(arch: str, pretrained: str) -> WeightsSource:
     return WeightsSource("tag", pretrained)
 
 
+def pretrained_cfg(arch: str, tag: str) -> dict:
+    """open_clip's pretrained registry entry of ``arch``/``tag`` (url, hf_hub, quick_gelu, ...), or {}."""
+    try:
+        import open_clip
+
+        return dict(open_clip.get_pretrained_cfg(arch, tag) or {})
+    except Exception:  # noqa: BLE001 - unknown arch names raise various errors
+        return {}
+
+
+def fetched_file_name(arch: str, tag: str, suffix: str = ".safetensors") -> str:
+    """The name `inspectd weights fetch` gives a file it got from the Hugging Face hub, whose own names are
+    generic (open_clip_model.safetensors): ``ViT-L-14-336-openai.safetensors``."""
+    return f"{arch}-{tag}{suffix}"
+
+
+def release_of(arch: str, file_name: str) -> tuple[str, dict] | None:
+    """(tag, open_clip pretrained cfg) of the released checkpoint of ``arch`` that a file of this name is: a
+    release URL's file name (``ViT-L-14-336px.pt``, ``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``) or the name
+    `inspectd weights fetch` writes (`fetched_file_name`). None for other names (e.g. the hub's generic ones)."""
+    for (known_arch, tag), entry in KNOWN_CHECKPOINTS.items():
+        if known_arch == arch and entry["file"] == file_name:
+            return tag, pretrained_cfg(arch, tag)
+    try:
+        from open_clip.pretrained import list_pretrained_tags_by_model
+
+        tags = list_pretrained_tags_by_model(arch)
+    except Exception:  # noqa: BLE001
+        return None
+    for tag in tags:
+        cfg = pretrained_cfg(arch, tag)
+        url = cfg.get("url") or ""
+        if (url and url.rsplit("/", 1)[-1] == file_name) or Path(file_name).stem == fetched_file_name(arch, tag, ""):
+            return tag, cfg
+    return None
+
+
+def prefer_hf_hub(cfg: Mapping[str, object], hub_installed: bool) -> bool:
+    """Where `inspectd weights fetch` downloads from: the Hugging Face hub whenever the pretrained cfg names a
+    hub repo (open_clip's hub copies are safetensors or plain state dicts, which inspectd loads without pickle;
+    OpenAI's release URLs serve TorchScript archives, which it cannot load), else the release URL."""
+    return bool(cfg.get("hf_hub")) and hub_installed
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """True for a TorchScript archive (torch.jit.save's zip: code/ and constants.pkl; OpenAI's release .pt files
+    are these). torch.load(weights_only=True) refuses them, and inspectd never loads code."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def load_failure_message(arch: str, pretrained: str, path: str | Path, exc: BaseException) -> str:
+    """Why the checkpoint at ``path`` did not load into ``arch``, and what to do; never the advice to turn
+    torch.load's weights_only off (that runs whatever code the file holds)."""
+    path = Path(path)
+    release = release_of(arch, path.name)
+    tag = release[0] if release else "<TAG>"
+    fetch = f"inspectd weights fetch {arch} {tag} --out DIR"
+    if is_torchscript(path):
+        return (f"CLIP weights {path} (arch={arch!r}) are a TorchScript archive (OpenAI's release .pt files are). "
+                "inspectd loads weights as data only (safetensors, or torch.load with weights_only=True) and never "
+                f"runs the code a TorchScript file holds. Get the same weights as a loadable file: `{fetch}` "
+                "(downloads the Hugging Face hub's safetensors copy) and set model.pretrained to that file"
+                + (f", or pretrained: {tag} where the hub cache has it" if release else "") + ".")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError:
+        size, head = -1, b""
+    lowered = head.lstrip().lower()
+    if size == 0:
+        why = "the file is empty"
+    elif lowered.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in lowered:
+        why = ("it is an HTML page, not a checkpoint (a failed or redirected download saved under the checkpoint's "
+               "name)")
+    elif type(exc).__name__ == "SafetensorError":
+        why = f"not a readable safetensors file, truncated or damaged ({error_summary(exc)})"
+    elif isinstance(exc, AssertionError | KeyError) or "state_dict" in str(exc) or "size mismatch" in str(exc):
+        why = (f"its tensors do not fit arch {arch!r} ({type(exc).__name__}: {error_summary(exc)}): a checkpoint of "
+               "another model")
+    elif head.startswith(b"PK") and "zip" not in path.suffix:
+        why = f"a damaged or truncated PyTorch zip archive ({type(exc).__name__}: {error_summary(exc)})"
+    elif "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":  # (no raw message: torch's
+        #                                                        advises weights_only=False there)
+        why = (f"torch.load(weights_only=True) cannot read it ({type(exc).__name__}): not a plain checkpoint of "
+               "tensors (a damaged file, or not a checkpoint at all)")
+    else:
+        why = f"{type(exc).__name__}: {error_summary(exc)}"
+    return (f"CLIP weights {path} cannot be loaded into arch={arch!r}: {why}.\n"
+            f"  check the file: inspectd weights verify {path}\n"
+            f"  get a good copy on a machine with internet: {fetch}")
+
+
+def error_summary(exc: BaseException) -> str:
+    """The first line of an exception's message (never torch's advice to turn weights_only off)."""
+    text = str(exc).strip()
+    if "weights_only" in text:  # torch's advice to load without weights_only: never passed on
+        return f"{type(exc).__name__} from torch.load(weights_only=True)"
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def known_checkpoint(arch: str, tag: str) -> dict[str, str] | None:
     """The file name and sha256 prefix of a released checkpoint, from our table or open_clip's."""
     if (arch, tag) in KNOWN_CHECKPOINTS:
@@ -128,17 +242,22 @@ def known_checkpoint(arch: str, tag: str) -> dict[str, str] | None:
 
 def missing_message(arch: str, pretrained: str, why: str) -> str:
     known = known_checkpoint(arch, pretrained) if not looks_like_path(pretrained) else None
+    fetched = f" (writes DIR/{fetched_file_name(arch, pretrained)}, the hub's copy)" if known and known.get(
+        "hf_hub") else ""
     lines = [
         f"CLIP weights for arch={arch!r} pretrained={pretrained!r} are not available: {why}.",
         "inspectd never falls back to random weights. To get real weights:",
         f"  1. on a machine with internet: inspectd weights fetch {arch} "
-        f"{pretrained if known else '<TAG>'} --out DIR",
+        f"{pretrained if known else '<TAG>'} --out DIR{fetched}",
         "  2. copy DIR to this machine and set model.pretrained to the file inside it",
         "  3. check the copy: inspectd weights verify FILE",
     ]
     if known:
-        lines.append(f"The file is {known['file']}" + (f" (sha256 {known['sha256_prefix']}...)"
-                                                       if "sha256_prefix" in known else ""))
+        torchscript = "openaipublic" in known.get("url", "")
+        lines.append(f"The release file is {known['file']}" + (f" (sha256 {known['sha256_prefix']}...)"
+                                                               if "sha256_prefix" in known else "")
+                     + ("; it is a TorchScript archive, which inspectd cannot load: use the hub's copy"
+                        if torchscript else ""))
     return "\n".join(lines)
 
 
@@ -150,11 +269,31 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_note(path: str | Path) -> Path:
+    """The ``FILE.sha256`` note `inspectd weights fetch` writes next to a download (``sha256sum -c`` reads it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_sha256_note(path: str | Path) -> str:
+    path = Path(path)
+    digest = sha256_of(path)
+    sha256_note(path).write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
 def verify(path: str | Path) -> tuple[bool | None, str]:
-    """Check a checkpoint's sha256 against the known table: (True/False/None if unknown, message)."""
+    """Check a checkpoint's sha256 against the known table, the release file name's hash, or the ``FILE.sha256``
+    note `inspectd weights fetch` wrote next to it: (True/False/None if unknown, message)."""
     path = Path(path)
     digest = sha256_of(path)
     name = path.name
+    note = sha256_note(path)
+    if note.is_file():
+        recorded = (note.read_text().split() or [""])[0].lower()
+        ok = recorded == digest
+        return ok, (f"{path}: sha256 {digest} — {note.name} (written by `inspectd weights fetch`) says {recorded}: "
+                    f"{'OK' if ok else 'MISMATCH (corrupt or different file)'}")
     for (arch, tag), entry in KNOWN_CHECKPOINTS.items():
         prefix = entry["sha256_prefix"]
         if name == entry["file"] or digest.startswith(prefix):
@@ -169,14 +308,14 @@ def verify(path: str | Path) -> tuple[bool | None, str]:
 
 
 def pretrained_identity(arch: str, pretrained: str) -> str:
-    """The weights' identity across machines: a tag, or a file/folder's name (paths differ per machine).
+    """The weights' name across machines: a tag, or a file/folder's name (paths differ per machine).
 
-    A released checkpoint file (``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``) maps to its tag.
+    A released checkpoint file (``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``, ``ViT-L-14-336px.pt``, or the
+    name `inspectd weights fetch` gives a hub copy) maps to its tag. Only a name: two files of the same name may
+    hold different weights (the backbone's ``weights_id`` tells them apart).
     """
     if not looks_like_path(pretrained):
         return pretrained
     name = Path(pretrained.rstrip("/\\")).name
-    for (known_arch, tag), entry in KNOWN_CHECKPOINTS.items():
-        if known_arch == arch and entry["file"] == name:
-            return tag
-    return name
+    release = release_of(arch, name)
+    return release[0] if release else name

@@ -306,14 +306,24 @@ def _check_resumable(path: Path, ckpt: _Checkpoint, config: LoopConfig, identity
     diffs = [f"{k}: checkpoint {ckpt.config.get(k)!r} != now {ours.get(k)!r}"
              for k in sorted(set(ours) | set(ckpt.config))
              if k not in RESUME_NEUTRAL_FIELDS and ckpt.config.get(k) != ours.get(k)]
-    if ckpt.identity != json.loads(json.dumps(identity, sort_keys=True)):
-        diffs.append(f"identity: checkpoint {ckpt.identity!r} != now {identity!r}")
+    now = json.loads(json.dumps(identity, sort_keys=True))
+    if ckpt.identity != now:
+        diffs += [f"{where}: checkpoint {old!r} != now {new!r}" for where, old, new in _differences(
+            "identity", ckpt.identity, now)]
     base_lrs = [g["base_lr"] for g in groups]
     if ckpt.base_lrs != base_lrs:
         diffs.append(f"parameter group lrs: checkpoint {ckpt.base_lrs} != now {base_lrs}")
     if diffs:
         raise ValueError(f"{path} was written by a different training run; differing fields: " + "; ".join(diffs)
                          + ". Delete the checkpoint or pass resume=False to start over.")
+
+
+def _differences(where: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for each leaf that differs between two JSON values (dicts compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                for d in _differences(f"{where}.{k}", old.get(k), new.get(k))]
+    return [(where, old, new)] if old != new else []
 
 
 # ---------------------------------------------------------------------------- the loop

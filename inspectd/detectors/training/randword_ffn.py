@@ -172,6 +172,24 @@ def _loop_config(config: TrainConfig) -> LoopConfig:
 def train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig, progress: bool = True,
               ctx: Any = None, checkpoint: str | Path | None = None) -> tuple[RandWordFFN, list[dict[str, float]]]:
     """Train on pairs (normal[i] label 0, anomalous[i] label 1); returns the FFN in eval mode and per-epoch stats."""
+    model, result = _train_ffn(normal, anomalous, config, progress, ctx, checkpoint)
+    return model, result.history
+
+
+def resume_identity(config: TrainConfig, prompts: PromptConfig, backbone: Any) -> dict[str, Any]:
+    """What a checkpoint of `inspectd fit randword` must match to be resumed, beyond the loop's own config (lr,
+    decay, epochs, seed): the FFN's shape and dropout, the batch size, every prompt setting (the words, the
+    template, the random-word lengths and alphabet: they make the training data) and the CLIP whose text encoder
+    embedded them (its identity: arch, the weights' content id ``weights_id``, activation, dtype, shapes)."""
+    return {"dropout": config.dropout, "batch_size": config.batch_size, "prompts": dataclasses.asdict(prompts),
+            "backbone": dict(getattr(backbone, "identity", None) or {})}
+
+
+def _train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig, progress: bool = True,
+               ctx: Any = None, checkpoint: str | Path | None = None,
+               identity: dict[str, Any] | None = None) -> tuple[RandWordFFN, Any]:
+    """`train_ffn` returning the loop's `TrainResult` (history, resumed_from_epoch); ``identity`` adds to what a
+    checkpoint must match to be resumed (`resume_identity`)."""
     if normal.shape != anomalous.shape:
         raise ValueError(f"normal {tuple(normal.shape)} and anomalous {tuple(anomalous.shape)} embeddings differ")
     n_pairs, dim = normal.shape
@@ -190,10 +208,10 @@ def train_ffn(normal: torch.Tensor, anomalous: torch.Tensor, config: TrainConfig
 
     result = train(model, loss_step, batches, _loop_config(config), progress=ctx,
                    tqdm_desc="train FFN" if progress else None, checkpoint=checkpoint,
-                   identity={"pairs": n_pairs, "dim": dim, "hidden": list(config.hidden)})
+                   identity={"pairs": n_pairs, "dim": dim, "hidden": list(config.hidden), **(identity or {})})
     if result.stopped and ctx is not None:
         ctx.check_stop()
-    return model, result.history
+    return model, result
 
 
 # ---------------------------------------------------------------------------- fitted bundle, file format
@@ -210,6 +228,7 @@ class FfnBundle:
     history: list[dict[str, float]] = field(default_factory=list)
     content_hash: str = ""  # sha256 of the artifact file it was loaded from
     identity: dict[str, Any] = field(default_factory=dict)  # the backbone identity it was trained under
+    resumed_from_epoch: int = 0  # epochs restored from an interrupted run's checkpoint (0 = a fresh run)
 
     @property
     def model_id(self) -> str:
@@ -242,11 +261,12 @@ def fit_randword_ffn(backbone: Any, prompts: PromptConfig | None = None, train: 
         encode_ctx.progress(0.5, "encoded normal prompts")
         encode_ctx.check_stop()
     anomalous = encode_prompts(backbone, [p[1] for p in pairs], train.encode_chunk, progress, "encode anomalous")
-    model, history = train_ffn(normal, anomalous, train, progress, ctx.section(0.4, 1.0) if ctx is not None else None,
-                               checkpoint)
+    model, result = _train_ffn(normal, anomalous, train, progress,
+                               ctx.section(0.4, 1.0) if ctx is not None else None, checkpoint,
+                               resume_identity(train, prompts, backbone))
     spec = backbone.spec
-    return FfnBundle(model, spec.arch, spec.pretrained, int(backbone.embed_dim), prompts, train, history,
-                     identity=dict(backbone.identity))
+    return FfnBundle(model, spec.arch, spec.pretrained, int(backbone.embed_dim), prompts, train, result.history,
+                     identity=dict(backbone.identity), resumed_from_epoch=result.resumed_from_epoch)
 
 
 def ffn_artifact(bundle: FfnBundle, backbone_identity: dict[str, Any]) -> Artifact:
@@ -262,7 +282,7 @@ def ffn_artifact(bundle: FfnBundle, backbone_identity: dict[str, Any]) -> Artifa
                            "seed": bundle.train.seed,
                            "words": {"normal": bundle.prompts.normal_word, "anomaly": bundle.prompts.anomaly_word,
                                      "object": bundle.prompts.object_word}},
-                  "history": bundle.history},
+                  "history": bundle.history, "resumed_from_epoch": bundle.resumed_from_epoch},
         meta={"arch": bundle.arch, "pretrained": bundle.pretrained, "model_id": bundle.model_id})
 
 
@@ -304,6 +324,7 @@ def load_ffn(path: str | Path, backbone: Any | None = None) -> FfnBundle:
                        _tuple_fields(TrainConfig, artifact.config["train"]), artifact.training.get("history", []))
     bundle.content_hash = artifact.content_hash
     bundle.identity = dict(artifact.backbone)
+    bundle.resumed_from_epoch = int(artifact.training.get("resumed_from_epoch", 0))
     return bundle
 
 
