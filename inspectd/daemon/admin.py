@@ -300,21 +300,9 @@ async def _build_and_save(registry: ProductRegistry, config: ProductConfig,
     """A background PUT: build, then persist the product file; failures are logged and shown in GET (and the
     reference files of a multipart PUT are put back when the build rejects them)."""
     try:
-        await registry.put(config)
-    except BuildSuperseded:
-        if staged is not None:
-            await asyncio.to_thread(staged.commit)  # the newer update builds from the folder as it is now
-        return
-    except BuildError:
-        if staged is not None:
-            await asyncio.to_thread(staged.rollback)
+        await _build_staged(registry.put(config), config.id, staged)
+    except ApiError:
         return  # logged by the registry; status/error are in GET /products/{id}
-    except BaseException:
-        if staged is not None:
-            staged.rollback()  # (cancelled: no await)
-        raise
-    if staged is not None:
-        await asyncio.to_thread(staged.commit)
     await asyncio.to_thread(registry.save_product_file, config)
 
 
