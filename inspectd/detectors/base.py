@@ -193,7 +193,7 @@ class Detector(ABC):
                 path = Path(value).expanduser()
                 learned[option] = artifacts.file_hash(path) if path.is_file() else "missing"
         depends = {"detector": self.name, "version": self.version, "options": dataclasses.asdict(self.options),
-                   "backbone": self.backbone.identity, "weights": self.backbone.weights_id,
+                   "backbone": self.backbone.identity,  # (its weights_id keys the weights' content)
                    "input": dataclasses.asdict(self.input_spec()), "learned": learned}
         if self.preprocessor.resize != "exact":  # model.resize: fast fits other tiles (exact keeps its old hashes)
             depends["resize"] = self.preprocessor.resize
