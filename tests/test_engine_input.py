@@ -45,11 +45,12 @@ async def test_prepared_for_the_products_detector_and_redone_after_an_input_chan
     try:
         frame, rgb = frame_of(HAZELNUT / "colour" / "01.png", (400, 260))
         [prepared] = await engine.prepare([frame], lambda product: tiled if product == "nut" else None)
-        assert prepared.input_spec == InputSpec(240, "tile") and prepared.tiles.shape[0] == 2
+        assert prepared.prepared_by == tiled.preprocessor and prepared.prepared_by.spec == InputSpec(240, "tile")
+        assert prepared.tiles.shape[0] == 2
         assert frame.payload is not None  # kept until scored: a swap may need another input
 
         # the serving detector changed (hot swap) between prepare and score: re-prepared for the new one
-        item = ScoreItem(square, state, tiles=prepared.tiles, layout=prepared.layout, input_spec=prepared.input_spec)
+        item = ScoreItem(square, state, tiles=prepared.tiles, layout=prepared.layout, prepared_by=prepared.prepared_by)
         [out], _ = await engine.score([item], [frame])
         assert item.tiles.shape == (1, 3, 288, 288) and frame.payload is None
         [direct] = run([ScoreItem(square, state, rgb)])
@@ -124,3 +125,27 @@ async def test_decode_pool_workers_run_torch_on_one_thread_and_prepare_the_same_
         pooled.close()
         inline.close()
         cpu_threads.use_threads(before)
+
+
+async def test_a_swap_to_a_model_with_another_resize_prepares_in_flight_frames_again(tiny_backbone,
+                                                                                      tiny_checkpoint) -> None:
+    """Same input size and mode, other `model.resize`: frames prepared for the old model are made again for the new
+    one, so a hot swap scores them exactly as the new model scores a frame that arrives after it."""
+    from inspectd.detectors.backbone import ClipBackbone, ModelSpec
+
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(tiny_checkpoint), device="cpu", resize="fast"))
+    engine = ScoringEngine([tiny_backbone.device], decode_threads=0)
+    old, new = create_detector("winclip", tiny_backbone), create_detector("winclip", fast)
+    state = new.fit(ProductSpec("nut", "hazelnut"), [])
+    try:
+        frame, rgb = frame_of(HAZELNUT / "colour" / "01.png", (1500, 1100))
+        [prepared] = await engine.prepare([frame], lambda _product: old)
+        item = ScoreItem(new, state, tiles=prepared.tiles, layout=prepared.layout, prepared_by=prepared.prepared_by)
+        [out], _ = await engine.score([item], [frame])
+        [direct] = run([ScoreItem(new, state, rgb)])
+        [stale] = run([ScoreItem(new, state, tiles=prepared.tiles, layout=prepared.layout)])
+        assert stale.score != direct.score  # the two resizes differ on this frame: the check below can fail
+        assert out.score == pytest.approx(direct.score, abs=1e-6)
+        assert item.prepared_by == new.preprocessor and item.prepared_by != old.preprocessor
+    finally:
+        engine.close()

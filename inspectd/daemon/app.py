@@ -516,7 +516,7 @@ class InspectDaemon:
             for flight in flights:
                 entry = self.registry.get(flight.frame.product)
                 if entry is not None:
-                    if flight.prepared.input_spec != entry.detector.input_spec():
+                    if flight.prepared.prepared_by != entry.detector.preprocessor:
                         try:  # prepared for no or another detector's input: check its cut too (prepare did the rest)
                             self.engine.check_tiles(entry.detector, flight.prepared.size)
                         except FrameError as exc:
@@ -558,7 +558,7 @@ class InspectDaemon:
 
     async def _score(self, scored: list[tuple[InFlight, ProductEntry]]) -> list[Result]:
         items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
-                           map_size=self._map_size(entry, f.prepared.size), input_spec=f.prepared.input_spec)
+                           map_size=self._map_size(entry, f.prepared.size), prepared_by=f.prepared.prepared_by)
                  for f, entry in scored]
         outputs, batch_timings = await self.engine.score(items, [f.frame for f, _ in scored])
         return [self._result(flight.frame, entry, output, dict(flight.prepared.timings, **batch_timings))

@@ -25,7 +25,7 @@ from inspectd.detectors import cpu_threads
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest
 from inspectd.detectors.base import Detector, ProductState
 from inspectd.detectors.pipeline import ScoreItem, ScoreOutput, run
-from inspectd.detectors.preprocess import InputSpec, TileLayout
+from inspectd.detectors.preprocess import Preprocessor, TileLayout
 from inspectd.streams.codec import DecodeLimits, decode_frame_scaled
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import DeadLetter, Frame, FrameError
@@ -85,7 +85,7 @@ class PreparedFrame:
     size: tuple[int, int]
     tiles: torch.Tensor | None = None
     layout: TileLayout | None = None
-    input_spec: InputSpec | None = None
+    prepared_by: Preprocessor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,7 +118,7 @@ class ScoringEngine:
             if detector is not None:
                 self.check_tiles(detector, size)
                 prepared.tiles, prepared.layout = detector.preprocessor(image, original=size)
-                prepared.input_spec = detector.input_spec()
+                prepared.prepared_by = detector.preprocessor
         except FrameError as exc:  # the dead letter keeps the frame's original small fields (ts, meta, ...)
             return DeadLetter.of_frame(frame, exc.reason, exc.stage, exc.detail)
         except Exception as exc:  # noqa: BLE001 - any decoder bug becomes a dead letter, not a crash
@@ -160,14 +160,13 @@ class ScoringEngine:
         def work() -> tuple[list[ScoreOutput], dict[str, float]]:
             timings: dict[str, float] = {}
             for i, item in enumerate(items):
-                spec = item.detector.input_spec()
-                if item.tiles is None or item.input_spec != spec:
+                preprocessor = item.detector.preprocessor
+                if item.tiles is None or item.prepared_by != preprocessor:
                     if frames is None:
                         raise ValueError("an item needs pre-processing but its frame was not given")
-                    preprocessor = item.detector.preprocessor
                     image, size = decode_frame_scaled(frames[i], self.limits, preprocessor.decode_size)
                     item.tiles, item.layout = preprocessor(image, original=size)
-                    item.input_spec = spec
+                    item.prepared_by = preprocessor
             outputs = run(items, timings)
             for device in self.devices:
                 if device.type == "cuda":

@@ -18,7 +18,7 @@ import torch
 
 from inspectd.detectors.backbone import FeatureRequest
 from inspectd.detectors.base import Detector, ProductState
-from inspectd.detectors.preprocess import InputSpec, TileLayout, crop_views
+from inspectd.detectors.preprocess import Preprocessor, TileLayout, crop_views
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ScoreItem:
     tiles: torch.Tensor | None = None
     layout: TileLayout | None = None
     map_size: tuple[int, int] | None = None  # output map size; None = the frame's own size
-    input_spec: InputSpec | None = None  # the spec ``tiles`` were made with (None: not prepared)
+    prepared_by: Preprocessor | None = None  # what made ``tiles`` (None: ``tiles`` given for the detector)
 
 
 @dataclass
@@ -42,14 +42,14 @@ class ScoreOutput:
 
 def prepare_item(item: ScoreItem) -> None:
     """Pre-process one item for its detector's input (CPU work; safe to run in a worker thread)."""
-    spec = item.detector.input_spec()
-    if item.tiles is not None and item.input_spec in (None, spec):
-        item.input_spec = spec
+    preprocessor = item.detector.preprocessor
+    if item.tiles is not None and item.prepared_by in (None, preprocessor):
+        item.prepared_by = preprocessor
         return
     if item.image is None:
-        raise ValueError("ScoreItem needs an image, or tiles made for its detector's input spec")
-    item.tiles, item.layout = item.detector.preprocessor(item.image)
-    item.input_spec = spec
+        raise ValueError("ScoreItem needs an image, or tiles made by its detector's pre-processor")
+    item.tiles, item.layout = preprocessor(item.image)
+    item.prepared_by = preprocessor
 
 
 def prepare(items: Sequence[ScoreItem]) -> None:

@@ -81,6 +81,15 @@ class Preprocessor:
         self.reducing_gap = FAST_REDUCING_GAP if resize == "fast" else None
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self._key = (size, mode, resize, tuple(mean), tuple(std))
+
+    # Equal pre-processors make the same tiles of a frame: tiles made before a hot swap are kept only when the new
+    # detector's pre-processor equals the one that made them (an input spec alone misses e.g. `model.resize`).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Preprocessor) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
 
     def layout(self, height: int, width: int) -> TileLayout:
         s = self.size
