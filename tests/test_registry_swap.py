@@ -297,3 +297,45 @@ async def test_frames_parked_for_a_first_build_go_as_soon_as_it_cannot_come(endi
     # released with the failure/removal, not after wait_timeout_s (10 s): within a fifth of it
     late = [round(at(r) - ended, 2) for r in [*dead, *results] if at(r) - ended > 0.2 * wait_timeout]
     assert not late, f"{ending}: released {late} s after the first build ended (wait_timeout_s {wait_timeout})"
+
+
+async def test_a_frame_refused_for_its_cut_is_counted_once_whether_it_waited_for_a_build_or_not(
+        redis_client, redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    """A strip needing more inputs than decode.max_tiles is one too_many_tiles dead letter and one count in
+    inspectd_frames_dead_lettered: checked at decode for a serving product, and after its first build for a frame
+    parked while the product built (that check used to be counted twice)."""
+    from tests.test_hardening import thin_png
+
+    config = daemon_config(redis_url, key_prefix, tmp_path,
+                           registry={"watch": False, "on_building": "wait", "wait_timeout_s": 10.0},
+                           redis={"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 50,
+                                  "control_stream": None},
+                           batcher={"max_batch_size": 4, "max_delay_ms": 10, "queue_size": 8})
+    config.products = [p for p in config.products if p.id == "nut"]
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    frames_key = f"{key_prefix}:{{l1}}:frames"
+    new = build(ProductConfig, {"id": "newp", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
+                                "shots": 2, "detector": SlowFit.name, "options": {"fit_s": 1.5}}, "")
+    strip = thin_png(10000, 10)
+    try:
+        building = daemon.background(daemon.registry.put(new))
+        deadline = time.monotonic() + 10
+        while daemon.registry.status("newp") != BUILDING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await redis_client.xadd(frames_key, frame_fields("newp", "l1", "parked-strip", strip))
+        await redis_client.xadd(frames_key, frame_fields("nut", "l1", "serving-strip", strip))
+        await building
+        deadline = time.monotonic() + 15
+        while len(dead := await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead")) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await daemon.shutdown()
+    assert sorted((d["frame_id"], d["reason"]) for d in dead) == [("parked-strip", "too_many_tiles"),
+                                                                  ("serving-strip", "too_many_tiles")]
+    for product in ("newp", "nut"):
+        counted = daemon.metrics.registry.get_sample_value(
+            "inspectd_frames_dead_lettered_total", {"product": product, "line": "l1", "reason": "too_many_tiles"})
+        assert counted == 1.0, (product, counted)

@@ -494,7 +494,7 @@ class InspectDaemon:
             dead: list[tuple[InFlight, DeadLetter]] = []
             for flight, outcome in zip(to_prepare, prepared, strict=True):
                 if isinstance(outcome, DeadLetter):
-                    dead.append((flight, outcome))
+                    dead.append((flight, self._counted(outcome)))
                 else:
                     outcome.timings["queue_wait"] = max(0.0, formed - flight.frame.received_at)
                     flight.prepared = outcome
@@ -613,9 +613,13 @@ class InspectDaemon:
                       mask_scale=entry.detector.mask_scale(entry.state))
 
     def _dead(self, frame: Frame, reason: str, stage: str, detail: str) -> DeadLetter:
-        self.metrics.dead_lettered(frame.product, frame.line, reason)
-        log.warning("dead letter %s/%s: %s (%s)", frame.product, frame.frame_id, reason, detail)
-        return DeadLetter.of_frame(frame, reason, stage, detail)
+        return self._counted(DeadLetter.of_frame(frame, reason, stage, detail))
+
+    def _counted(self, dead: DeadLetter) -> DeadLetter:
+        """A frame's dead letter, counted and logged once, where it is made."""
+        self.metrics.dead_lettered(dead.product, dead.line, dead.reason)
+        log.warning("dead letter %s/%s: %s (%s)", dead.product, dead.frame_id, dead.reason, dead.detail)
+        return dead
 
     async def _publish_loop(self) -> None:
         while True:
@@ -623,9 +627,6 @@ class InspectDaemon:
             if job is None:
                 return
             results, dead, flights = job
-            for d in dead:
-                if d.stage == "decode":
-                    self.metrics.dead_lettered(d.product, d.line, d.reason)
             started = time.perf_counter()
             results, dead = await self.publisher.publish(results, dead)
             publish_s = time.perf_counter() - started
