@@ -385,3 +385,42 @@ def test_multi_crop_averages_the_full_view_and_its_crops(tiny_backbone: ClipBack
                                                              {"ffn": str(ffn_file), "multi_crop": 0}),
                                              state, image=image)])
     assert single.score != pytest.approx(out.score, abs=1e-7)
+
+
+async def test_a_product_serves_the_ffn_it_was_built_with_when_the_file_is_retrained_in_place(
+        tiny_backbone: ClipBackbone, bundle: FfnBundle, tmp_path: Path) -> None:
+    """The FFN is loaded by the build, not by the first frame: a product restored from the state cache and then
+    retrained in place (``inspectd fit randword --out`` over the same file) keeps scoring with the FFN its state
+    records until it is reloaded; the reload then fits with the new file. (It used to load the file at the first
+    frame, find another hash than its state's and dead-letter every frame.)"""
+    from inspectd.daemon.config import ProductConfig, RegistryConfig, build
+    from inspectd.daemon.registry import ProductRegistry
+
+    ffn = save_ffn(bundle, tmp_path / "ffn.safetensors")
+    retrained = fit_randword_ffn(tiny_backbone, PromptConfig(), TrainConfig(pairs=2000, seed=1), progress=False)
+    (tmp_path / "refs").mkdir()
+    config = build(ProductConfig, {"id": "rw", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
+                                   "shots": 0, "detector": "randword", "options": {"ffn": str(ffn), "multi_crop": 0}},
+                   "")
+    cache = RegistryConfig(state_cache_dir=str(tmp_path / "cache"), watch=False)
+    image = load_rgb(HAZELNUT / "colour" / "01.png")
+    first = ProductRegistry(tiny_backbone, cache)
+    try:
+        built = await first.put(config)
+        [expected] = run([ScoreItem(built.detector, built.state, image=image)])
+    finally:
+        first.close()
+    restarted = ProductRegistry(tiny_backbone, cache)  # a daemon restart: the state comes from the cache
+    try:
+        entry = await restarted.put(config)
+        assert entry.fingerprint == built.fingerprint
+        save_ffn(retrained, ffn)  # retrained in place while the product serves
+        [out] = run([ScoreItem(entry.detector, entry.state, image=image)])
+        assert out.score == pytest.approx(expected.score, abs=1e-6)
+        reloaded = await restarted.put(config)
+        assert reloaded.fingerprint != entry.fingerprint
+        assert reloaded.state.meta["ffn"]["sha256"] == load_ffn(ffn).content_hash != entry.state.meta["ffn"]["sha256"]
+        [new] = run([ScoreItem(reloaded.detector, reloaded.state, image=image)])
+        assert new.score != pytest.approx(expected.score, abs=1e-6)
+    finally:
+        restarted.close()

@@ -506,6 +506,7 @@ class ProductRegistry:
         try:
             model, backbone = self.backbone_for(config.model)
             detector = create_detector(config.detector, backbone, config.options)
+            detector.load_learned()
             mask_policy = MaskPolicy.parse(config.mask)
             policy = threshold_policy(config.threshold)
         except ValueError as exc:

@@ -133,6 +133,17 @@ class Detector(ABC):
     def preprocessor(self) -> Preprocessor:
         return self.backbone.preprocessor_for(self.input_spec())
 
+    # ------------------------------------------------------------------ learned-part files
+    def load_learned(self) -> None:
+        """Load the files the ``artifact_options`` name now. A build calls it before its fingerprint, so no frame
+        waits for a file and the parts served are the ones the fingerprint (and a cached state) was made with,
+        even if a file is rewritten later. Default: nothing to load."""
+        return None
+
+    def loaded_hash(self, option: str) -> str | None:
+        """The content hash of the file loaded for artifact option ``option``; None when it is not loaded."""
+        return None
+
     # ------------------------------------------------------------------ the method
     @abstractmethod
     def feature_request(self, state: ProductState) -> FeatureRequest:
@@ -191,7 +202,8 @@ class Detector(ABC):
             value = getattr(self.options, option, "")
             if value:
                 path = Path(value).expanduser()
-                learned[option] = artifacts.file_hash(path) if path.is_file() else "missing"
+                learned[option] = self.loaded_hash(option) or (
+                    artifacts.file_hash(path) if path.is_file() else "missing")
         depends = {"detector": self.name, "version": self.version, "options": dataclasses.asdict(self.options),
                    "backbone": self.backbone.identity,  # (its weights_id keys the weights' content)
                    "input": dataclasses.asdict(self.input_spec()), "learned": learned}

@@ -2,7 +2,7 @@
 
 Image level only. The FFN is its offline-learned part (`Learning(offline=RandWordTrainer)`, trained by
 `inspectd fit randword`, a learned-part artifact the product's ``ffn`` option names). The detector
-loads it once; a product state records which FFN (content hash) it was fitted with.
+loads it once, when the product is built; a product state records which FFN (content hash) it was fitted with.
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ class RandWord(Detector):
             bundle.model.to(self.backbone.device).eval()
             self._bundle = bundle
         return self._bundle
+
+    def load_learned(self) -> None:
+        if self.options.use_ffn and self.options.ffn:
+            self.ffn()
+
+    def loaded_hash(self, option: str) -> str | None:
+        return self._bundle.content_hash if option == "ffn" and self._bundle is not None else None
 
     def prompt_texts(self, spec: ProductSpec) -> list[str]:
         """The spec's two prompts: "a photo of [n] object" and "a photo of [a] object"."""

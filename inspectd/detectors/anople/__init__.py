@@ -206,6 +206,12 @@ class AnoPle(_AnoPleDetector):
         _ = self.model
         return self._loaded[1].content_hash
 
+    def load_learned(self) -> None:
+        _ = self.model
+
+    def loaded_hash(self, option: str) -> str | None:
+        return self._loaded[1].content_hash if option == "model" and self._loaded is not None else None
+
     def fit(self, spec: ProductSpec, references: Sequence[np.ndarray], ctx: FitContext | None = None
             ) -> ProductState:
         model, config = self.model, self._loaded[1].config

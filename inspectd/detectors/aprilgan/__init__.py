@@ -84,6 +84,12 @@ class AprilGan(Detector):
             self._bundle = load_adapters(self.options.adapters, self.backbone)
         return self._bundle
 
+    def load_learned(self) -> None:
+        _ = self.bundle
+
+    def loaded_hash(self, option: str) -> str | None:
+        return self._bundle.content_hash if option == "adapters" and self._bundle is not None else None
+
     def input_spec(self) -> InputSpec:
         return InputSpec(self.options.image_size or self.bundle.image_size, self.options.input_mode)
 

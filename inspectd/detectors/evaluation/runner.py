@@ -124,6 +124,7 @@ class _Run:
         self.settings = settings
         self.progress = progress
         self.detector = create_detector(settings.detector, backbone, settings.options)
+        self.detector.load_learned()  # before the fingerprint: the parts scored are the ones it names
         self.fingerprint = self.detector.config_fingerprint()
         if self.detector.preprocessor.resize == "fast":  # test JPEGs decoded smaller since: their scores changed
             self.fingerprint += "-jpeg-draft"  # (the products' states did not: references are decoded in full)
