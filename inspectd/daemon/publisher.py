@@ -23,6 +23,7 @@ from inspectd.streams.reasons import Reason
 from inspectd.streams.redis_keys import line_of_key, validate_line
 from inspectd.streams.retry import Backoff
 from inspectd.streams.schema import DeadLetter, Result
+from inspectd.streams.text import safe_text
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ def source_line(source: str) -> str:
         return validate_line(line) if line else ""
     except ValueError:
         return ""
-
-
-def encodable(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode (lone surrogates, e.g. from a non-UTF-8 file name) escaped as
-    ``\\udcXX``: the replacement dead letter of an unencodable item must itself be publishable."""
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Publisher:
@@ -150,10 +145,10 @@ class Publisher:
         self.metrics.dead_lettered(product, safe_line or "unknown", Reason.UNPUBLISHABLE)
         log.error("frame %s/%s (line %r) cannot be published: %s; dead-lettered as unpublishable", product,
                   frame_id, line[:80], problem)
-        return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=encodable(product), line=safe_line,
-                          frame_id=encodable(frame_id), entry_id=None if entry_id is None else encodable(entry_id),
-                          source=encodable(source), detail=encodable(problem[:500]),
-                          fields={encodable(k): encodable(v) for k, v in (fields or {}).items()})
+        return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=safe_text(product), line=safe_line,
+                          frame_id=safe_text(frame_id), entry_id=None if entry_id is None else safe_text(entry_id),
+                          source=safe_text(source), detail=safe_text(problem[:500]),
+                          fields={safe_text(k): safe_text(v) for k, v in (fields or {}).items()})
 
     def _lost(self, letter: DeadLetter, problem: str) -> None:
         self.metrics.error("unpublishable_dead_letter")

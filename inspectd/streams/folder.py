@@ -15,6 +15,7 @@ from stat import S_ISREG
 
 from inspectd.streams.reasons import Reason
 from inspectd.streams.schema import AckHandle, DeadLetter, Frame
+from inspectd.streams.text import safe_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
@@ -26,16 +27,6 @@ WATCH_RESTART_MAX_S = 30.0  # the longest wait before the change notification is
 
 Item = Frame | DeadLetter
 Stat = tuple[int, int]  # (size, mtime_ns)
-
-
-def safe_text(text: str) -> str:
-    """``text`` (a file name or path) as valid Unicode for ids and records: bytes of a name that are not UTF-8
-    (a Latin-1 ``Pr\\xfcfteil.png`` from an old PC or a share; Python keeps them as surrogate escapes, which no
-    sink can encode) are written ``\\xfc``. File operations keep the real ``Path``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # other lone surrogates (ill-formed UTF-16 names on Windows)
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_temp_name(name: str) -> bool:
