@@ -16,7 +16,10 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,7 @@ from inspectd.daemon.http_common import (
     TOKEN_ENV,
     admin_token,
     bearer_matches,
+    client_address,
     default_token_file,
     foreign_origin,
     guess_limiter,
@@ -55,6 +59,12 @@ SECURITY_HEADERS = {
 KEEP_ALIVE_S = 15.0
 MAX_SESSIONS = 256
 MAX_LIVE_STREAMS = 64  # open live-feed connections, all clients together
+MAX_LIVE_STREAMS_PER_CLIENT = 4  # of those, from one client (`client_address`, as `GuessLimiter` counts): a tab
+#                                  or script that keeps opening streams cannot lock other operators out
+LIVE_CHECK_S = 1.0  # a quiet stream looks this often whether its client went away (and frees its slot)
+LIVE_UNACKED_MS = 30_000  # a stream whose data its client has not acknowledged for this long is dropped (a phone
+#                           that left the Wi-Fi sends no FIN: without this its slot stays taken ~15 min, TCP's own)
+REFUSAL_LOG_S = 60.0  # refused live-feed connections are logged at most this often
 
 
 class ConsoleError(Exception):
@@ -98,8 +108,58 @@ class Sessions:
 SESSIONS_KEY: web.AppKey = web.AppKey("console_sessions", Sessions)
 
 
+class LiveStreams:
+    """Open live-feed streams, counted per client and overall: a client may hold ``per_client`` of them, all
+    clients together ``overall``."""
+
+    def __init__(self, overall: int = MAX_LIVE_STREAMS, per_client: int = MAX_LIVE_STREAMS_PER_CLIENT) -> None:
+        self.overall, self.per_client = overall, per_client
+        self.total = 0
+        self.by_client: dict[str, int] = {}  # clients with a stream open (at most ``overall`` of them)
+        self.refused = 0
+        self._logged = -REFUSAL_LOG_S
+
+    @contextmanager
+    def slot(self, client: str) -> Iterator[None]:
+        """Hold a slot for one of ``client``'s streams while the block runs, else `ConsoleError` 429 (the client
+        has its ``per_client`` open) or 503 (all slots taken). Checked and counted with no await in between, so
+        parallel requests cannot all pass the check, and given back however the block ends (the stream ends,
+        the client goes away, an error, a cancellation); a refused request takes nothing."""
+        held = self.by_client.get(client, 0)
+        if held >= self.per_client:
+            self._refuse(client, "its per-client limit")
+            raise ConsoleError(429, f"too many live-feed connections from this client ({held} open, at most "
+                                    f"{self.per_client} per client): close another console tab first")
+        if self.total >= self.overall:
+            self._refuse(client, "the overall limit")
+            raise ConsoleError(503, f"too many live-feed connections (max {self.overall}, all clients together); "
+                                    "try again later")
+        self.total += 1
+        self.by_client[client] = held + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if self.by_client[client] > 1:
+                self.by_client[client] -= 1
+            else:
+                del self.by_client[client]
+
+    def _refuse(self, client: str, limit: str) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged >= REFUSAL_LOG_S:  # a script retrying in a loop does not flood the log
+            self._logged = now
+            log.warning("console: live feed refused to %s (%s; %d open, %d from it; %d refused so far)",
+                        client or "?", limit, self.total, self.by_client.get(client, 0), self.refused)
+
+
+LIVE_STREAMS_KEY: web.AppKey = web.AppKey("console_live_streams", LiveStreams)
+
+
 def add_console_routes(app: web.Application, daemon: InspectDaemon) -> None:
     app[SESSIONS_KEY] = Sessions(daemon.config.console.session_ttl_s)
+    app[LIVE_STREAMS_KEY] = LiveStreams()
     app.router.add_get("/console", to_console)
     routes = [
         ("GET", "/console/", page, "page"), ("GET", "/console/static/{name}", static, "page"),
@@ -162,11 +222,11 @@ def _bearer_ok(request: web.Request) -> bool:
         return False
     daemon = _daemon(request)
     limiter = guess_limiter(daemon)
-    if wait := limiter.retry_after(request.remote):
+    if wait := limiter.retry_after(client_address(request)):
         raise ConsoleError(429, f"too many wrong tokens; retry in {wait:.0f} s")
     if bearer_matches(request, admin_token(daemon)):
         return True
-    limiter.failed(request.remote)
+    limiter.failed(client_address(request))
     return False
 
 
@@ -245,10 +305,10 @@ async def sign_in(request: web.Request) -> web.Response:
     body = await _json_body(request)
     token, given = admin_token(daemon), str(body.get("token", "")).strip()
     limiter = guess_limiter(daemon)
-    if wait := limiter.retry_after(request.remote):  # (guesses sent in parallel are not slowed by the sleep)
+    if wait := limiter.retry_after(client_address(request)):  # (guesses sent in parallel are not slowed by the sleep)
         raise ConsoleError(429, f"too many wrong tokens; retry in {wait:.0f} s")
     if not token or not hmac.compare_digest(given.encode(), token.encode()):
-        limiter.failed(request.remote)
+        limiter.failed(client_address(request))
         log.warning("console: sign-in from %s refused (wrong token)", request.remote)
         await asyncio.sleep(0.5)  # a guess costs time
         raise ConsoleError(401, "wrong token")
@@ -350,36 +410,69 @@ async def feedback_log(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: ``frame`` (a newly kept frame), ``product`` (a product changed), ``feedback``."""
-    daemon = _daemon(request)
-    hub = daemon.review
-    if hub.subscribers() >= MAX_LIVE_STREAMS:
-        raise ConsoleError(503, f"too many live-feed connections (max {MAX_LIVE_STREAMS})")
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no", **SECURITY_HEADERS})
-    await response.prepare(request)
-    queue = hub.subscribe()
-    try:
-        await response.write(b"retry: 2000\n\n")
-        while True:
-            try:
-                message = await asyncio.wait_for(queue.get(), KEEP_ALIVE_S)
-            except TimeoutError:
-                message = ("keep-alive", None)
-            if message is None:  # the daemon is stopping
-                break
-            if not (reads_open(daemon) or _session(request) is not None or _bearer_ok(request)):
-                break  # signed out or expired: the stream ends with the session
-            event, data = message
-            if event == "keep-alive":
-                await response.write(b": keep-alive\n\n")
-            else:
-                await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-    except ConnectionResetError:
-        pass
-    finally:
-        hub.unsubscribe(queue)
+    """Server-Sent Events: ``frame`` (a newly kept frame), ``product`` (a product changed), ``feedback``. Each
+    stream holds one of its client's `LiveStreams` slots until it ends (429 / 503 when there is none)."""
+    hub = _daemon(request).review
+    with request.app[LIVE_STREAMS_KEY].slot(client_address(request)):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no", **SECURITY_HEADERS})
+        queue = hub.subscribe()
+        try:
+            _drop_when_unacknowledged(request)
+            await response.prepare(request)
+            await _stream(request, response, queue)
+        except ConnectionResetError:  # the client went away mid-write
+            pass
+        finally:
+            hub.unsubscribe(queue)
     return response
+
+
+def _drop_when_unacknowledged(request: web.Request) -> None:
+    """Linux's TCP_USER_TIMEOUT on the stream's socket: the keep-alives then find a silently vanished client."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if option is None or sock is None:
+        return
+    with suppress(OSError):  # not TCP (a Unix socket)
+        sock.setsockopt(socket.IPPROTO_TCP, option, LIVE_UNACKED_MS)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _still_allowed(request: web.Request) -> bool:
+    try:
+        return reads_open(_daemon(request)) or _session(request) is not None or _bearer_ok(request)
+    except ConsoleError:  # its bearer is throttled now: end the stream (no error page inside it)
+        return False
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, queue: asyncio.Queue) -> None:
+    loop = asyncio.get_running_loop()
+    await response.write(b"retry: 2000\n\n")
+    last_write = loop.time()
+    while True:
+        try:
+            message = await asyncio.wait_for(queue.get(), LIVE_CHECK_S)
+        except TimeoutError:
+            if _client_gone(request):
+                return  # closed (tab closed, connection reset or timed out): the slot is free now, not at a write
+            if loop.time() - last_write < KEEP_ALIVE_S:
+                continue
+            message = ("keep-alive", None)
+        if message is None:  # the daemon is stopping
+            return
+        if not _still_allowed(request):
+            return  # signed out or expired: the stream ends with the session
+        event, data = message
+        if event == "keep-alive":
+            await response.write(b": keep-alive\n\n")
+        else:
+            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+        last_write = loop.time()
 
 
 # ------------------------------------------------------------------------------------------------ writes

@@ -99,6 +99,13 @@ def bearer_matches(request: web.Request, token: str | None) -> bool:
     return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def client_address(request: web.BaseRequest) -> str:
+    """Who ``request`` comes from, as every per-client limit counts clients (`GuessLimiter`, the console's live
+    feed): the peer address aiohttp reports (``request.remote``: the TCP peer, or what a trusted-proxy middleware
+    put there), "" when there is none. Behind a reverse proxy that is the proxy, so all its clients are one."""
+    return request.remote or ""
+
+
 class GuessLimiter:
     """Failed token checks (admin API bearer, console sign-in and bearer) per client address and overall, as token
     buckets: a client may fail ``per_client`` times at once, then once per ``client_refill_s``; all clients together
