@@ -187,3 +187,46 @@ async def test_console_in_a_real_browser(browser, redis_url, key_prefix, tmp_pat
     finally:
         await in_browser(driver.set_window_size, 1280, 900)
         await daemon.shutdown()
+
+
+async def test_a_refused_live_view_says_so_and_goes_live_once_a_slot_frees(browser, redis_url, key_prefix, tmp_path,
+                                                                           tiny_backbone, redis_client) -> None:
+    """This address already holds its 4 live views (other tabs): the page says the live view was refused instead
+    of "reconnecting" for ever (a browser never retries a 429), and goes live by itself when one of them closes."""
+    import aiohttp
+    from selenium.webdriver.common.by import By
+
+    from inspectd.daemon.console import MAX_LIVE_STREAMS_PER_CLIENT
+
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path), tiny_backbone)
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    driver = browser
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    http = aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=0, force_close=True))
+    streams = []
+    try:
+        for _ in range(MAX_LIVE_STREAMS_PER_CLIENT):  # the other tabs
+            streams.append(response := await http.get("/console/api/events", headers=bearer))
+            assert response.status == 200 and await asyncio.wait_for(response.content.readline(), 10)
+        await in_browser(driver.delete_all_cookies)
+        await in_browser(driver.get, f"{base}/console/")
+
+        def sign_in() -> None:
+            _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
+            driver.find_element(By.ID, "login-token").send_keys(TOKEN)
+            driver.find_element(By.ID, "login-submit").click()
+            _wait(driver, lambda d: "signed-in" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
+
+        await in_browser(sign_in)
+        await in_browser(_wait, driver, lambda d: "refused" in d.find_element(By.ID, "live").text)
+        streams.pop().close()  # one tab closed
+        await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
+        ids = await send(redis_client, key_prefix, DEFECTS[:1], size=240, tag="after-refusal")
+        await in_browser(_wait, driver, lambda d: {c.get_attribute("data-frame-id")
+                                                   for c in d.find_elements(By.CSS_SELECTOR, ".frame-card")}
+                         >= set(ids))
+    finally:
+        for response in streams:
+            response.close()
+        await http.close()
+        await daemon.shutdown()

@@ -249,11 +249,24 @@ async function loadFeedback() {
 }
 
 // ------------------------------------------------------------------------------------------- live
-function connect() {
+const RETRY_MIN_MS = 2000, RETRY_MAX_MS = 30000;
+function connect(retryMs = RETRY_MIN_MS) {
   const live = document.getElementById("live");
   const source = new EventSource(`${API}/events`);
-  source.onopen = () => { live.textContent = "live"; live.className = "pill on"; };
-  source.onerror = () => { live.textContent = "reconnecting"; live.className = "pill off"; };
+  source.onopen = () => {
+    live.textContent = "live"; live.className = "pill on"; live.title = "";
+    if (retryMs > RETRY_MIN_MS) loadFrames().catch(() => {});  // frames kept while the stream was refused
+    retryMs = RETRY_MIN_MS;
+  };
+  source.onerror = () => {
+    live.className = "pill off";
+    if (source.readyState !== EventSource.CLOSED) { live.textContent = "reconnecting"; return; }
+    // refused (429: this address holds its live views already; 503: the daemon's are all taken): the browser
+    // gives up on such an answer, the page does not
+    live.textContent = "live view refused: retrying";
+    live.title = "too many live views open: close other console tabs (at most 4 per address)";
+    setTimeout(() => connect(Math.min(retryMs * 2, RETRY_MAX_MS)), retryMs);
+  };
   source.addEventListener("frame", (e) => {
     const f = JSON.parse(e.data);
     state.frames.set(f.id, f);
