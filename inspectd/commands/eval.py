@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from inspectd.commands.fit import model_setting
+
 DATASET_NAMES = {"mvtec": "mvtec_ad", "visa": "visa", "visa-mvtec": "visa", "meta": "dataset", "folder": "dataset"}
 LAYOUTS = {"mvtec": "mvtec", "visa": "visa", "visa-mvtec": "mvtec", "meta": "meta", "folder": "folder",
            "auto": "auto"}
@@ -31,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="open_clip tag, or a checkpoint file/folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--demo", action="store_true", help="allow --weights random (results are meaningless)")
+    p.add_argument("--precision", default="auto", type=model_setting("precision"),
+                   help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
+                        "CUDA; default: %(default)s)")
+    p.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=model_setting("quick_gelu"),
+                   help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
+                        "weights and other releases open_clip marks so; default: %(default)s). Evaluate with the "
+                        "setting the daemon will run: learned parts record it and are refused under the other")
     p.add_argument("--resize", choices=("exact", "fast"), default="exact",
                    help="frames to model inputs as the daemon's model.resize (default exact: open_clip's own); "
                         "fast measures that setting's accuracy cost")
@@ -67,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     if dataset_name == "dataset":  # folder / meta layouts: name the table after the dataset's own folder
         dataset_name = Path(args.root).resolve().name
     backbone = ClipBackbone(ModelSpec(arch=args.arch, pretrained=args.weights, device=args.device, demo=args.demo,
-                                      resize=args.resize))
+                                      resize=args.resize, precision=args.precision, quick_gelu=args.quick_gelu))
     # auto: a real model on CPU gains nothing from batching, so 1 (the bar moves per image, not per 8 x 8 s);
     # a GPU, or a tiny test model whose per-call overhead dominates, batches 8
     batch_size = args.batch_size or (1 if backbone.device.type == "cpu" and backbone.width >= 512 else 8)
@@ -98,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
         md, js, csv_path = runner.output_paths(args.out, args.detector, shots)
         text = tables.to_markdown(table, compare, compare_label=args.compare or "paper")
         md.write_text(text)
-        tables.write_json(table, js, compare, extra={"model": backbone.describe(), "shots": shots,
+        model = {**backbone.describe(), "quick_gelu": str(backbone.quick_gelu).lower()}  # (dtype: the precision)
+        tables.write_json(table, js, compare, extra={"model": model, "shots": shots,
                                                      "seeds": runner.seeds_for(shots, args.seeds),
                                                      "demo_weights": backbone.demo_weights})
         tables.write_csv(table, csv_path, compare, demo_weights=backbone.demo_weights)

@@ -49,10 +49,10 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
                        help="open_clip tag or checkpoint path; 'random' only with --demo (default: %(default)s)")
     model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    model.add_argument("--precision", default="auto", type=_model_setting("precision"),
+    model.add_argument("--precision", default="auto", type=model_setting("precision"),
                        help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
                             "CUDA; default: %(default)s)")
-    model.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=_model_setting("quick_gelu"),
+    model.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=model_setting("quick_gelu"),
                        help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
                             "weights and other releases open_clip marks so; default: %(default)s). Train with the "
                             "setting the daemon will run: the artifact records it and is refused under the other")
@@ -76,7 +76,7 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _model_setting(key: str) -> Any:
+def model_setting(key: str) -> Any:
     """An argparse type for a model setting, validated exactly as the daemon config's ``model.<key>``."""
     def parse(text: str) -> str:
         from inspectd.daemon.config import ConfigError, ModelConfig

@@ -9,9 +9,18 @@ Definitions (match scikit-learn and the MVTec AD reference evaluation):
   evaluation code); the overlap at a threshold is averaged over all regions of all images, and the FPR is taken
   over the normal pixels of all images (including the normal pixels of defective images).
 
-Streaming pixel metrics quantise scores into `bins` equal-width half-open bins over a range that starts at
-`value_range` (default [0, 1], the detectors' output) and doubles exactly (adjacent bins merged) whenever a value
-falls outside it. Metrics are then exact for the quantised scores; tests pin them to within 0.001 of sklearn.
+Streaming pixel metrics quantise scores into `bins` equal-width half-open bins placed where the scores are, so
+their accuracy does not depend on the scores' location or scale. The bins lie on `value_range`'s lattice (default
+[0, 1], the detectors' output: its own bins, their power-of-two refinements and coarsenings; a lattice fitted to
+the first map's scores when there is no `value_range` or the scores lie too far from it for float64 bin indices).
+The first map with two different scores picks the finest level that holds them (`value_range` itself when they
+fill more than half of it, as before); a later score outside the bins re-places them at the finest level that
+holds every score so far, centred on them, moving the counts exactly (a shift by whole bins, adjacent bins
+merged). So the scores seen span at least bins/2 - 1 bins wherever they lie (as far as float64 resolves them),
+and scores inside `value_range` never get coarser bins than its own. While every score seen is one value, its
+counts are kept exactly. Metrics are then exact for the quantised scores; tests pin them to within 0.001 of
+sklearn for [0, 1] maps, and to within 2e-5 with the default 2^18 bins wherever the same maps are moved or scaled
+(e.g. to [40, 41], [0, 0.001], [-5000, -4999]).
 """
 
 from __future__ import annotations
@@ -202,6 +211,9 @@ def _check_pair(anomaly_map: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     return m, g
 
 
+_MAX_LATTICE_INDEX = 1 << 48  # |bin index| on value_range's lattice; float64 then places a score within 1/32 bin
+
+
 class PixelMetricAccumulator:
     """Streaming pixel AUROC / AP / F1-max / PRO over a category, image by image, in O(bins) memory.
 
@@ -209,6 +221,17 @@ class PixelMetricAccumulator:
     (resize one of them to the other first); ``compute()`` returns `PixelMetrics`. Three histograms of ``bins``
     entries are kept: anomalous-pixel counts, normal-pixel counts, and per-region overlap weights (each anomalous
     pixel adds 1/|its region|, so the cumulative sum above a threshold is the summed per-region overlap).
+
+    The bins sit on a lattice: bin ``i`` covers ``[anchor + (offset + i) * width, ... + width)`` with ``width =
+    unit * 2**level``. With ``value_range`` the lattice is that range's own bins (``anchor`` its low end, ``unit``
+    its width / (bins - 1), level 0 = the range itself); without it, or for scores too far from it for float64
+    bin indices, it is fitted to the first non-constant map's scores. Until a map with two different scores
+    arrives, the counts of the single score seen are kept exactly, without bins. The first grid is the finest
+    level that holds the scores seen (``value_range`` itself, offset 0, when they fill more than half of it); a
+    score outside the grid re-places it at the finest level at or above the current one that holds every score so
+    far (a shift of whole bins, or 2**k adjacent bins merged: exact), centred on them. Hence the scores span at
+    least bins/2 - 1 bins once placed or re-placed, wherever they lie, and scores inside ``value_range`` never
+    get coarser bins than its own.
     """
 
     def __init__(
@@ -226,90 +249,230 @@ class PixelMetricAccumulator:
             raise ValueError("fpr_limit must be in (0, 1]")
         self.bins = bins
         self.fpr_limit = fpr_limit
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self._structure = _structure(connectivity)
-        self._lo: float | None = None
+        # the grid (none until two different scores were seen): see the class docstring
+        self._anchor: float | None = None
+        self._unit = 0.0
+        self._level = 0
+        self._offset = 0
         self._width = 0.0
-        if value_range is not None:
-            self._set_range(*value_range)
         self._pos = np.zeros(bins, dtype=np.int64)
         self._neg = np.zeros(bins, dtype=np.int64)
         self._region = np.zeros(bins, dtype=np.float64)
+        # while every score seen is one value: that value and its exact counts
+        self._tie: float | None = None
+        self._tie_pos = 0
+        self._tie_neg = 0
+        self._tie_region = 0.0
         self.n_regions = 0
         self.n_images = 0
-        self.growths = 0
-
-    def _set_range(self, low: float, high: float) -> None:
-        # (bins - 1) steps span [low, high], so `high` itself lies inside the last half-open bin.
-        self._lo = float(low)
-        self._width = (float(high) - float(low)) / (self.bins - 1)
 
     @property
     def bin_width(self) -> float:
+        """The bins' width now; 0 while there are no bins (no scores, or one score value: counted exactly)."""
         return self._width
 
     @property
     def covered_range(self) -> tuple[float, float] | None:
-        """The half-open score interval the histograms cover now."""
-        return None if self._lo is None else (self._lo, self._lo + self._width * self.bins)
+        """The half-open score interval the histograms cover now (None while there are no bins)."""
+        if self._anchor is None:
+            return None
+        low = self._anchor + self._offset * self._width
+        return low, low + self._width * self.bins
 
-    def _grow(self, down: bool) -> None:
-        """Double the covered range (down or up), merging adjacent bin pairs: exact, halves the resolution."""
-        half = self.bins // 2
-        for name in ("_pos", "_neg", "_region"):
-            old = getattr(self, name)
-            new = np.zeros_like(old)
-            merged = old[0::2] + old[1::2]
-            if down:
-                new[half:] = merged
-            else:
-                new[:half] = merged
-            setattr(self, name, new)
-        if down:
-            self._lo -= self._width * self.bins
-        self._width *= 2.0
-        self.growths += 1
+    @property
+    def growths(self) -> int:
+        """Doublings of the bin width beyond the initial lattice's (``value_range``'s bins, or the fitted ones)."""
+        return max(self._level, 0)
 
-    def _indices(self, values: np.ndarray) -> np.ndarray:
-        if self._lo is None:
-            low, high = float(values.min()), float(values.max())
-            self._set_range(low, high if high > low else low + 1.0)
+    # -------------------------------------------------------------------------------------------- the grid
+
+    def _index(self, x: float, width: float) -> int:
+        """The lattice index of the bin of ``x`` at ``width`` (the float64 arithmetic `_local` uses)."""
+        return math.floor((x - self._anchor) / width)
+
+    def _local(self, values: np.ndarray) -> np.ndarray:
+        """Bin numbers of ``values`` in the current grid as float64 (outside [0, bins) where not covered)."""
+        return np.floor((values - self._anchor) / self._width) - self._offset
+
+    def _occupied(self) -> tuple[int, int, int] | None:
+        """(first, last) occupied lattice index and their level, or None for empty histograms."""
+        nz = np.flatnonzero(self._pos | self._neg)
+        if nz.size == 0:
+            return None
+        return self._offset + int(nz[0]), self._offset + int(nz[-1]), self._level
+
+    def _start_level(self, low: float, high: float) -> int:
+        """A level at or below the finest one whose bins can hold [low, high] (the search starts there)."""
+        finest = math.ceil(-1022 - math.log2(self._unit))  # bin widths stay normal floats
+        if high <= low:
+            return finest
+        return max(finest, math.floor(math.log2((high - low) / self._unit) - math.log2(self.bins)) - 1)
+
+    def _fit(self, hull: tuple[float, float] | None, level: int, occupied: Sequence[tuple[int, int, int]]
+             ) -> tuple[int, int, int]:
+        """(level, first index, last index): the finest level >= ``level`` at which the scores in ``hull`` and the
+        occupied index ranges (each at its own level <= ``level``) fit into ``bins`` adjacent bins."""
         while True:
-            idx = np.floor((values - self._lo) / self._width)
-            low_i, high_i = idx.min(), idx.max()
-            if low_i >= 0 and high_i < self.bins:
-                return idx.astype(np.int64)
-            self._grow(down=bool(low_i < 0))
+            width = self._unit * 2.0**level
+            ends = [self._index(x, width) for x in hull] if hull else []
+            for lo_i, hi_i, at in occupied:
+                ends += [lo_i >> (level - at), hi_i >> (level - at)]
+            first, last = min(ends), max(ends)
+            if last - first < self.bins:
+                return level, first, last
+            level += 1
+
+    def _centred(self, first: int, last: int) -> int:
+        return first - (self.bins - 1 - (last - first)) // 2
+
+    def _first_grid(self, low: float, high: float) -> None:
+        """Place the first grid for scores spanning [low, high], low < high."""
+        if self.value_range is not None:
+            low_end, high_end = self.value_range
+            self._anchor, self._unit = low_end, (high_end - low_end) / (self.bins - 1)
+            try:
+                level, first, last = self._fit((low, high), self._start_level(low, high), ())
+            except OverflowError:  # (scores near the float64 limit, relative to value_range)
+                level, first, last = 0, _MAX_LATTICE_INDEX + 1, 0
+            if max(abs(first), abs(last)) <= _MAX_LATTICE_INDEX:
+                inside = level == 0 and first >= 0 and last < self.bins
+                self._set_grid(level, 0 if inside else self._centred(first, last))
+                return
+        # no value_range, or scores too far from it for exact float64 indices: a lattice fitted to them; (bins - 1)
+        # steps span [low, high], so `high` lies inside the last half-open bin
+        self._anchor, self._unit = low, (high - low) / (self.bins - 1)
+        self._set_grid(0, 0)
+
+    def _set_grid(self, level: int, offset: int) -> None:
+        self._level, self._offset, self._width = level, offset, self._unit * 2.0**level
+
+    def _regrid(self, hull: tuple[float, float] | None, others: Sequence[tuple[int, int, int]] = ()) -> None:
+        """Re-place the grid at the finest level >= the current one that holds the scores in ``hull``, the counts
+        and ``others`` (occupied index ranges about to be added), centred; the counts move exactly."""
+        own = self._occupied()
+        occupied = [*others, *([own] if own else [])]
+        start = max([self._level, self._start_level(*hull) if hull else self._level] + [at for *_, at in others])
+        level, first, last = self._fit(hull, start, occupied)
+        offset = self._centred(first, last)
+        if own is not None:
+            src = np.arange(own[0] - self._offset, own[1] - self._offset + 1)
+            dst = self._moved(src, self._offset, self._level, level, offset)
+            for name in ("_pos", "_neg", "_region"):
+                old = getattr(self, name)
+                moved = np.bincount(dst, weights=old[src], minlength=self.bins)  # sums of ints < 2**53: exact
+                setattr(self, name, moved if old.dtype == np.float64 else np.rint(moved).astype(np.int64))
+        self._set_grid(level, offset)
+
+    def _moved(self, src: np.ndarray, offset: int, level: int, to_level: int, to_offset: int) -> np.ndarray:
+        """Bin numbers ``src`` of a grid (offset, level) on this lattice, as bin numbers of (to_offset, to_level)."""
+        shift = min(to_level - level, 62)  # indices stay far below 2**62, so a larger shift gives the same
+        dst = ((src.astype(np.int64) + offset) >> shift) - to_offset
+        if dst.size and (dst[0] < 0 or dst[-1] >= self.bins):
+            raise AssertionError("internal error: re-placed bins do not hold the counts")
+        return dst
+
+    def _bins_for(self, values: np.ndarray, low: float, high: float) -> np.ndarray:
+        """Bin numbers of ``values`` (min ``low``, max ``high``), placing or re-placing the grid as needed."""
+        if self._anchor is None:
+            tie = self._tie
+            if tie is not None:
+                low, high = min(low, tie), max(high, tie)
+            self._first_grid(low, high)
+            if tie is not None:  # the counts held exactly so far go into their bin now
+                i = int(self._local(np.array([tie]))[0])
+                self._pos[i] += self._tie_pos
+                self._neg[i] += self._tie_neg
+                self._region[i] += self._tie_region
+                self._tie, self._tie_pos, self._tie_neg, self._tie_region = None, 0, 0, 0.0
+        idx = self._local(values)
+        if idx.min() < 0 or idx.max() >= self.bins:
+            self._regrid((low, high))
+            idx = self._local(values)
+        return idx.astype(np.int64)
+
+    def _add_tied(self, value: float, pos: int, neg: int, region: float) -> None:
+        """Add ``pos`` anomalous and ``neg`` normal pixels all scoring ``value`` (region weights summed)."""
+        if self._anchor is None and (self._tie is None or self._tie == value):
+            self._tie = value
+            self._tie_pos += pos
+            self._tie_neg += neg
+            self._tie_region += region
+            return
+        i = int(self._bins_for(np.array([value]), value, value)[0])
+        self._pos[i] += pos
+        self._neg[i] += neg
+        self._region[i] += region
+
+    # -------------------------------------------------------------------------------------------- public
 
     def update(self, anomaly_map: np.ndarray, mask: np.ndarray) -> None:
         m, g = _check_pair(anomaly_map, mask)
         self.n_images += 1
         if m.size == 0:
             return
-        idx = self._indices(m.astype(np.float64, copy=False).ravel())
+        values = m.astype(np.float64, copy=False).ravel()
         flat = g.ravel()
+        weights, n_regions = _region_weights(g, self._structure) if flat.any() else (np.zeros(0), 0)
+        self.n_regions += n_regions
+        low, high = float(values.min()), float(values.max())
+        if low == high:  # one score value: exact counts (no grid needed while every score is that value)
+            n_pos = int(flat.sum())
+            self._add_tied(low, n_pos, int(flat.size) - n_pos, float(weights.sum()))
+            return
+        idx = self._bins_for(values, low, high)
         self._pos += np.bincount(idx[flat], minlength=self.bins)
         self._neg += np.bincount(idx[~flat], minlength=self.bins)
         if flat.any():
-            weights, n_regions = _region_weights(g, self._structure)
             self._region += np.bincount(idx[flat], weights=weights, minlength=self.bins)
-            self.n_regions += n_regions
 
     def merge(self, other: PixelMetricAccumulator) -> None:
-        """Add another accumulator's counts (same bins/range/connectivity), e.g. from a parallel worker."""
-        if other.bins != self.bins or other._lo != self._lo or other._width != self._width:
-            raise ValueError("can only merge accumulators with identical bins and covered range")
-        self._pos += other._pos
-        self._neg += other._neg
-        self._region += other._region
+        """Add another accumulator's counts, e.g. from a parallel worker: exact when both have the same bins and
+        lattice (the same ``value_range``; or either has no grid yet), else a ValueError."""
+        if other.bins != self.bins:
+            raise ValueError("can only merge accumulators with the same number of bins")
+        if other._tie is not None:
+            self._add_tied(other._tie, other._tie_pos, other._tie_neg, other._tie_region)
+        elif other._anchor is not None:
+            if self._anchor is None:
+                tie = (self._tie, self._tie_pos, self._tie_neg, self._tie_region)
+                self._tie, self._tie_pos, self._tie_neg, self._tie_region = None, 0, 0, 0.0
+                self._anchor, self._unit = other._anchor, other._unit
+                self._set_grid(other._level, other._offset)
+                self._pos, self._neg, self._region = other._pos.copy(), other._neg.copy(), other._region.copy()
+                if tie[0] is not None:
+                    self._add_tied(*tie)
+            else:
+                if (other._anchor, other._unit) != (self._anchor, self._unit):
+                    raise ValueError("can only merge accumulators on the same bin lattice (the same value_range "
+                                     "and scores near it)")
+                theirs = other._occupied()
+                if theirs is not None:
+                    shift = self._level - theirs[2]
+                    if shift < 0 or (theirs[0] >> shift) < self._offset \
+                            or (theirs[1] >> shift) >= self._offset + self.bins:
+                        self._regrid(None, [theirs])
+                    src = np.arange(theirs[0] - other._offset, theirs[1] - other._offset + 1)
+                    dst = self._moved(src, other._offset, other._level, self._level, self._offset)
+                    for name in ("_pos", "_neg", "_region"):
+                        mine = getattr(self, name)
+                        added = np.bincount(dst, weights=getattr(other, name)[src], minlength=self.bins)
+                        mine += added if mine.dtype == np.float64 else np.rint(added).astype(np.int64)
         self.n_regions += other.n_regions
         self.n_images += other.n_images
 
     def compute(self) -> PixelMetrics:
-        n_pos, n_neg = int(self._pos.sum()), int(self._neg.sum())
-        if self._lo is None:
+        if self._anchor is not None:
+            thresholds = (self._anchor + (self._offset + np.arange(self.bins)) * self._width)[::-1]  # lower edges
+            pos, neg, region = self._pos[::-1], self._neg[::-1], self._region[::-1]
+        elif self._tie is not None:  # every score one value: exact
+            thresholds = np.array([self._tie])
+            pos, neg = np.array([self._tie_pos]), np.array([self._tie_neg])
+            region = np.array([self._tie_region])
+        else:
             return PixelMetrics(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, 0, 0.0, ("no pixels",))
-        thresholds = (self._lo + self._width * np.arange(self.bins))[::-1]  # lower bin edges, decreasing
-        pos, neg, region = self._pos[::-1], self._neg[::-1], self._region[::-1]
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
         c = _curves_from_counts(thresholds, pos, neg, "pixel")
         pro = _pro_from_counts(neg, region, self.n_regions, self.fpr_limit)
         notes = list(c.notes)
