@@ -26,6 +26,7 @@ from inspectd.daemon.http_common import (
     DAEMON_KEY,
     admin_token,
     bearer_matches,
+    client_address,
     foreign_origin,
     guess_limiter,
     reads_open,
@@ -114,11 +115,11 @@ def check_auth(request: web.Request, daemon: InspectDaemon) -> None:
         raise ApiError(401, "no admin token configured" if not writing else "writes need the admin token")
     guessing = "Authorization" in request.headers
     limiter = guess_limiter(daemon)
-    if guessing and (wait := limiter.retry_after(request.remote)):
+    if guessing and (wait := limiter.retry_after(client_address(request))):
         raise ApiError(429, f"too many wrong tokens; retry in {wait:.0f} s")
     if not bearer_matches(request, token):
         if guessing:
-            limiter.failed(request.remote)
+            limiter.failed(client_address(request))
         log.warning("admin API: %s %s from %s refused (bad or missing token)", request.method, request.path,
                     request.remote)
         raise ApiError(401, "missing or invalid bearer token")
