@@ -349,3 +349,26 @@ def test_published_masks_are_not_clipped_for_maps_above_one(tiny_backbone: ClipB
     assert raw.max() < 255  # not saturated
     back = raw.astype(np.float32) / 255.0 * result.mask_scale
     np.testing.assert_allclose(back, out.map, atol=result.mask_scale / 255.0 + 1e-6)
+
+
+def test_scoring_uses_the_temperature_the_adapters_were_trained_with(tiny_backbone: ClipBackbone,
+                                                                     tmp_path: Path) -> None:
+    """`inspectd fit aprilgan --logit-scale 10` records 10 in the adapters file: scoring with them uses 10 unless
+    the product's `logit_scale` option says otherwise (it used 100 whatever they were trained with)."""
+    torch.manual_seed(3)
+    module = StageAdapters(tiny_backbone.width, tiny_backbone.embed_dim, 2)
+    path = tmp_path / "adapters-t10.safetensors"
+    save_artifact(adapters_artifact(module, (0, 1), 240, tiny_backbone.identity, {"logit_scale": 10.0},
+                                    {"history": []}), path)
+    image = rgb(HAZELNUT / "colour" / "01.png")
+
+    def scored(options: dict) -> tuple[float, np.ndarray]:
+        detector = create_detector("aprilgan", tiny_backbone, {"adapters": str(path), **options})
+        [out] = run([ScoreItem(detector, detector.fit(ProductSpec("nut", "hazelnut"), []), image=image)])
+        return out.score, out.map
+
+    default, ten, hundred = scored({}), scored({"logit_scale": 10.0}), scored({"logit_scale": 100.0})
+    assert default[0] == pytest.approx(ten[0], abs=1e-6)
+    np.testing.assert_allclose(default[1], ten[1], atol=1e-6)
+    assert abs(default[0] - hundred[0]) > 1e-3
+    assert create_detector("aprilgan", tiny_backbone, {"adapters": str(path)}).logit_scale == 10.0

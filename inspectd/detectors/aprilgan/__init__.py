@@ -52,7 +52,8 @@ class AprilGanOptions:
     adapters: str = ""  # adapters file from `inspectd fit aprilgan` (required)
     input_mode: str = "square"  # "square": the report's resize | "tile": WinCLIP tiling at the same size
     image_size: int = 0  # 0 = the size the adapters were trained at
-    logit_scale: float = 100.0  # CLIP's; the temperature of every two-class softmax
+    logit_scale: float = 0.0  # the temperature of every two-class softmax; 0 = the adapters' own (their file
+    #                           records what they were trained with: 100, CLIP's, unless --logit-scale said)
     use_memory: bool = True  # few-shot visual map with k >= 1 references
     defect_words: bool = False  # add the product's defect words as abnormal states (the report uses generic ones)
 
@@ -93,6 +94,11 @@ class AprilGan(Detector):
     def input_spec(self) -> InputSpec:
         return InputSpec(self.options.image_size or self.bundle.image_size, self.options.input_mode)
 
+    @property
+    def logit_scale(self) -> float:
+        """The softmax temperature: the option's, else the one the adapters were trained with."""
+        return self.options.logit_scale or float(self.bundle.artifact.config.get("logit_scale", 100.0))
+
     # ------------------------------------------------------------------ building a product state
     def fit(self, spec: ProductSpec, references: Sequence[np.ndarray], ctx: FitContext | None = None
             ) -> ProductState:
@@ -121,7 +127,7 @@ class AprilGan(Detector):
     # ------------------------------------------------------------------ scoring
     def text_score(self, features: Features, state: ProductState) -> torch.Tensor:
         return P.two_class_anomaly_score(features.image_embeddings, state.tensors["text_prototypes"],
-                                         self.options.logit_scale)
+                                         self.logit_scale)
 
     def zero_shot_map(self, features: Features, state: ProductState) -> torch.Tensor:
         """M = Σ_stages abnormal probability of the adapted stage tokens, at input resolution: [N, S, S]."""
@@ -130,7 +136,7 @@ class AprilGan(Detector):
         adapted = self.bundle.adapt([features.blocks[s] for s in self.bundle.stages])
         total = None
         for tokens in adapted:
-            logits = stage_logits(tokens, text, self.options.logit_scale, features.grid)
+            logits = stage_logits(tokens, text, self.logit_scale, features.grid)
             prob = stage_probabilities(logits, size)[:, 1]  # the same maths the trainer's loss sees
             total = prob if total is None else total + prob
         return total
