@@ -470,3 +470,25 @@ def test_eval_cli_runs_promptad_with_shots_seeds_and_compare(tiny_checkpoint: Pa
     assert rows[("mean", "image_auroc")]["paper"] == 94.6  # PromptAD's 1-shot MVTec mean beside ours
     assert sorted(p.name for p in out.iterdir()) == sorted(f"promptad_{k}shot.{ext}" for k in (1, 2)
                                                            for ext in ("md", "json", "csv"))
+
+
+def test_eval_seeds_reach_the_training_seed(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`inspectd eval --seeds 2` trains each seed's prompts with that seed, as the daemon trains a product with
+    its `seed` (mean ± std over seeds must include the training's own variance; every seed used to train with 0)."""
+    import json
+
+    from safetensors import safe_open
+
+    cache = tmp_path / "cache"
+    args = ["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", "--detector", "promptad",
+            "--shots", "1", "--seeds", "2", "--arch", "inspectd-tiny", "--weights", str(tiny_checkpoint),
+            "--device", "cpu", "--options", '{"steps": 2}', "--out", str(tmp_path / "eval"), "--cache", str(cache),
+            "--eval-size", "64"]
+    assert cli_main(args) == 0
+    states = sorted((cache / "states").glob("*.safetensors"))
+    assert len(states) == 2, states
+    seeds = set()
+    for path in states:
+        with safe_open(str(path), framework="pt") as handle:
+            seeds.add(json.loads(handle.metadata()["meta"])["seed"])
+    assert seeds == {0, 1}

@@ -24,6 +24,7 @@ from PIL import Image
 from inspectd.detectors.backbone import ClipBackbone
 from inspectd.detectors.base import ProductSpec, ProductState, create_detector
 from inspectd.detectors.building import BuildResult, StateCache, ThresholdPolicy, build_fingerprint, build_product
+from inspectd.detectors.context import FitContext
 from inspectd.detectors.data.datasets import (
     Category,
     Sample,
@@ -157,17 +158,20 @@ class _Run:
         tiles, layout = self.detector.preprocessor(image, original=original)
         return ScoreItem(self.detector, state, tiles=tiles, layout=layout, map_size=map_size)
 
-    def build(self, category: Category, spec: ProductSpec, refs: Sequence[Sample]) -> BuildResult:
-        """The product as the daemon would build it from these references (through the state cache)."""
+    def build(self, category: Category, spec: ProductSpec, refs: Sequence[Sample], seed: int) -> BuildResult:
+        """The product as the daemon would build it from these references (through the state cache), a training
+        detector trained with ``seed`` as the daemon trains a product with its ``seed``."""
         policy = self.settings.threshold
         files = [Path(r.image_path) for r in refs]
-        fingerprint = build_fingerprint(self.detector, spec, policy, files, extra={"eval": category.name})
+        fingerprint = build_fingerprint(self.detector, spec, policy, files,
+                                        extra={"eval": category.name, "seed": seed})
         found = self.states.load(self.detector, spec.product, fingerprint) if self.states else None
         if found is not None:
             return found
         if not self.settings.calibrate:  # scores only: skip the calibration fits
             policy = ThresholdPolicy(value=policy.default)
-        result = build_product(self.detector, spec, [load_image(r.image_path) for r in refs], (), policy)
+        result = build_product(self.detector, spec, [load_image(r.image_path) for r in refs], (), policy,
+                               FitContext(seed=seed))
         result.fingerprint = fingerprint
         self.builds += 1
         if self.states:
@@ -186,7 +190,7 @@ class _Run:
         evaluator = CategoryEvaluator(category.name, has_masks=category.has_masks and self.detector.produces_masks)
         tests = category.test_samples(exclude=refs)
         label = f"{settings.detector} {shots}-shot seed {seed} {category.name}"
-        built = self.build(category, spec, refs) if settings.calibrate else None
+        built = self.build(category, spec, refs, seed) if settings.calibrate else None
         verdicts: list[tuple[float, int]] = []
         for start in range(0, len(tests), settings.batch_size):
             batch = tests[start:start + settings.batch_size]
@@ -195,7 +199,7 @@ class _Run:
             missing = [i for i, out in enumerate(outputs) if out is None]
             if missing:
                 if built is None:  # built lazily: a fully cached category needs no CLIP at all
-                    built = self.build(category, spec, refs)
+                    built = self.build(category, spec, refs, seed)
                 size = (settings.eval_size, settings.eval_size)
                 images = {i: self._load(category, batch[i]) for i in missing}
                 readable = [i for i in missing if images[i] is not None]
