@@ -50,3 +50,27 @@ def test_model_quick_gelu_and_precision_flags_mirror_the_daemon_config(tiny_chec
     assert ran.returncode == 0, ran.stderr
     recorded = load_artifact(out).backbone
     assert recorded["quick_gelu"] is True and recorded["dtype"] == "float32" and recorded["weights_id"]
+
+
+def test_a_few_shot_fit_on_a_dataset_trains_on_the_references_eval_scores_with(tmp_path: Path) -> None:
+    """`inspectd fit anople --root D --shots k --seed s` trains on each category's k-shot set of seed s, the very
+    images `inspectd eval --shots k` builds that seed's product from (it took the first k in listing order)."""
+    import argparse
+
+    import numpy as np
+
+    from inspectd.commands.fit import training_data
+    from inspectd.detectors.anople.training import AnoPleFitConfig, AnoPleTrainer
+    from inspectd.detectors.data.datasets import load_image, open_dataset, sample_references
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy"
+    [category] = open_dataset(root, "folder")
+    options = argparse.Namespace(root=[str(root)], dataset="folder", categories=None, products_dir=None)
+    for seed in (0, 3):
+        data = training_data(AnoPleTrainer, options, AnoPleFitConfig(shots=2, seed=seed))
+        [(spec, images)] = data.products
+        expected = [load_image(s.image_path) for s in sample_references(category.train, 2, seed)]
+        assert len(images) == 2 and all(np.array_equal(a, b) for a, b in zip(images, expected, strict=True))
+        assert data.summary["references"] == {"shots": 2, "seed": seed, "sampled_as": "inspectd eval"}
+    everything = training_data(AnoPleTrainer, options, AnoPleFitConfig())
+    assert len(everything.products[0][1]) == len(category.train)

@@ -129,7 +129,7 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
     values = {k[4:]: v for k, v in vars(options).items() if k.startswith("cfg_") and v is not None}
     try:
         config = trainer_cls.Config(**values)
-        data = training_data(trainer_cls, options)
+        data = training_data(trainer_cls, options, config)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"inspectd fit {name}: {exc}", file=sys.stderr)
         return 2
@@ -168,7 +168,11 @@ def run_training(name: str, trainer_cls: Any, options: argparse.Namespace) -> in
     return 0
 
 
-def training_data(trainer_cls: Any, options: argparse.Namespace) -> Any:
+def training_data(trainer_cls: Any, options: argparse.Namespace, config: Any = None) -> Any:
+    """What the trainer trains on. Dataset categories as products (``--root`` for a "products" trainer): with a
+    config ``shots`` k > 0, each category's k-shot references for the config's ``seed``, the very set
+    `inspectd eval --shots k` scores that seed with (a few-shot fit must learn from the images the product
+    is then built from); all its normal training images otherwise."""
     from inspectd.detectors.training.trainer import TrainingData
 
     if trainer_cls.data == "none":
@@ -189,10 +193,15 @@ def training_data(trainer_cls: Any, options: argparse.Namespace) -> Any:
     if trainer_cls.data == "dataset":
         return TrainingData(categories=categories, summary=summary)
     from inspectd.detectors.base import ProductSpec
-    from inspectd.detectors.data.datasets import load_image
+    from inspectd.detectors.data.datasets import load_image, sample_references
 
-    products = [(ProductSpec(c.name, c.name.replace("_", " ")), [load_image(s.image_path) for s in c.train])
-                for c in categories]
+    shots, seed = int(getattr(config, "shots", 0) or 0), int(getattr(config, "seed", 0) or 0)
+    products = []
+    for c in categories:
+        chosen = sample_references(c.train, shots, seed) if shots else c.train
+        products.append((ProductSpec(c.name, c.name.replace("_", " ")), [load_image(s.image_path) for s in chosen]))
+    if shots:
+        summary["references"] = {"shots": shots, "seed": seed, "sampled_as": "inspectd eval"}
     return TrainingData(products=products, summary=summary)
 
 

@@ -213,7 +213,8 @@ def fit_model(backbone: Any, named_images: Sequence[tuple[str, np.ndarray]], rec
 class AnoPleFitConfig(Recipe):
     """`inspectd fit anople` flags."""
 
-    shots: int = 0  # normal images per product (the first k of its references); 0 = all
+    shots: int = 0  # normal images per product (its first k references; with --root the k-shot set `inspectd eval`
+    #                 draws for --seed); 0 = all
     seed: int = 0
 
     help: ClassVar[dict[str, str]] = {
@@ -222,7 +223,9 @@ class AnoPleFitConfig(Recipe):
         "multi_view": "train on the 4 crops + full view (paper) or the full view only",
         "text_ctx": "textual context length C_t (MVTec 3, VisA 5)",
         "visual_ctx": "visual context length C_v (MVTec 3, VisA 8)",
-        "prompt_depth": "prompted layers J (0 = 9 of 12, scaled)", "shots": "images per product (0 = all)",
+        "prompt_depth": "prompted layers J (0 = 9 of 12, scaled)",
+        "shots": "images per product: a product's first k references; with --root each category's k-shot set that "
+                 "`inspectd eval --shots k` draws for --seed (train one model per k and seed); 0 = all",
         "texture_dir": "folder of DRAEM anomaly-source textures (default: the image itself)",
         "prototypes": "class: w± of each image's class word; dataset: averaged over all classes",
     }
