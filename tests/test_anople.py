@@ -264,3 +264,18 @@ def test_products_of_different_prompt_layouts_get_separate_forwards(tiny_backbon
     assert tiny_backbone.forwards - before == 2  # one per layout, not a failed batch
     assert mixed[1].score == pytest.approx(run([ScoreItem(b, state_b, frame)])[0].score, rel=1e-5)
     assert mixed[0].score == pytest.approx(mixed[2].score, rel=1e-6)
+
+
+def test_the_class_word_is_the_real_class_name(tiny_backbone: Any) -> None:
+    """Spec §2.3: the class word is the real class name ("pcb4"), so the four VisA PCBs keep four prototypes in
+    the multi-class model (PromptAD's mapping to "printed circuit board" gave them one)."""
+    from inspectd.detectors.anople.model import class_word
+
+    assert [class_word(c, c) for c in ("pcb1", "pcb4", "macaroni2", "hazelnut")] == \
+        ["pcb1", "pcb4", "macaroni2", "hazelnut"]
+    assert class_word("metal_nut", "metal nut") == "metal nut"  # eval's object name: the folder's, spaced
+    assert class_word("line-7", "bracket") == "bracket"  # a daemon product: its object name
+    model = AnoPleModel(tiny_backbone, Architecture(), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        normal = model.text_features(tiny_backbone, [class_word(c, c) for c in ("pcb1", "pcb2")])
+    assert not torch.allclose(normal[0], normal[1])

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from inspectd.detectors import artifacts
-from inspectd.detectors.promptad.prompts import _check_placeholders, prompt_object_name
+from inspectd.detectors.promptad.prompts import _check_placeholders
 
-ANOPLE_VERSION = 1
+ANOPLE_VERSION = 2  # 2: class words are the real class names ("pcb4"), not PromptAD's mapping
 ABNORMAL_WORD = "abnormal"  # the only anomaly word of the method (spec §1)
 
 
@@ -164,8 +164,10 @@ def _couple(maps: nn.Module, ctx: torch.Tensor) -> torch.Tensor:
 
 
 def class_word(product: str, object_name: str) -> str:
-    """The class word of the prompts: the product's object name (published folder names mapped as PromptAD's)."""
-    return prompt_object_name(product, object_name)
+    """The class word of the prompts: the real class name (spec §2.3: "hazelnut", "pcb4"), i.e. the product's object
+    name (eval's default: the category folder's name, underscores as spaces); not PromptAD's mapping of the VisA
+    PCBs to one "printed circuit board", which would give the four classes one prototype."""
+    return object_name.strip() or product
 
 
 def model_artifact(model: AnoPleModel, backbone: Any, config: Mapping[str, Any],
