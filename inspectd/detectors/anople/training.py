@@ -242,6 +242,7 @@ class AnoPleTrainer(Trainer):
     detector = "anople"
     Config = AnoPleFitConfig
     data = "products"
+    default_model = ("ViT-B-16-plus-240", "laion400m_e32")  # PromptAD's official weights (spec 2.1: comparable)
     description = ("Train AnoPLe's multi-class prompts, couplings, view tokens and decoder on normal images of "
                    "several products (--products-dir) or dataset categories (--root); pseudo-anomalies only. "
                    "Products point to the file with `options: {model: FILE}`.")
