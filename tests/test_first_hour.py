@@ -258,3 +258,20 @@ def test_the_shipped_template_check_names_what_a_fresh_machine_still_lacks() -> 
                                   str(repo / "config" / "inspectd.yaml"), "--check", "--daemon-only"],
                                  capture_output=True, text=True, timeout=120)
     assert daemon_only.returncode == 0, daemon_only.stderr
+
+
+def test_run_refuses_a_config_whose_results_would_go_nowhere_and_consumes_nothing(tmp_path: Path) -> None:
+    """`--check` rejects a daemon with no sink; `run` used to start anyway (a warning), score the folder's frames,
+    move them to done/ and throw their results away. It exits 2 naming the key and leaves the inbox alone."""
+    inbox = tmp_path / "inbox" / "nut"
+    inbox.mkdir(parents=True)
+    (inbox / "00.png").write_bytes(png_bytes(HAZELNUT / "good" / "00.png"))
+    config = tmp_path / "nosink.yaml"
+    config.write_text(f"model: {{arch: inspectd-tiny, pretrained: random}}\ndemo: true\n"
+                      f"sources: {{redis: false, folders: [{{path: {tmp_path / 'inbox'}}}]}}\n"
+                      "sinks: {redis: false}\nhttp: {enabled: false}\nproducts: [{id: nut}]\n")
+    out = subprocess.run([sys.executable, "-m", "inspectd.cli", "run", "--config", str(config), "--idle-exit", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "config error at sinks: no sink is enabled" in out.stderr
+    assert (inbox / "00.png").is_file() and not (tmp_path / "inbox" / "done").exists()

@@ -64,6 +64,14 @@ def main(args: argparse.Namespace) -> int:
             return 2
         print("config OK")
         return 0
+    own = check_config(config, products=False, models=False)
+    if own:  # the daemon's own settings (no source, no sink, a missing folder): it cannot do its job (a model that
+        #      cannot load fails below, with the loader's fuller message)
+        for problem in own:
+            print(f"config error at {problem}", file=sys.stderr)
+        print(f"inspectd run: {len(own)} problem(s) in the daemon's settings; not starting (`--check` lists all)",
+              file=sys.stderr)
+        return 2
     for problem in problems:  # the daemon still starts: a bad product is visible in GET /products, not fatal
         log.warning("config problem: %s", problem)
     code = asyncio.run(serve(config, args.max_frames, args.idle_exit))

@@ -18,16 +18,16 @@ DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def check_config(config: DaemonConfig, products: bool = True) -> list[str]:
+def check_config(config: DaemonConfig, products: bool = True, models: bool = True) -> list[str]:
     """Problems as "<key path>: <what is wrong>" lines; empty when the config is sound (``products=False``: the
-    daemon's own settings only)."""
+    daemon's own settings only; ``models=False``: without the models', whose load says more when it fails)."""
     problems: list[str] = []
-    models = config.model_pool()
-    for index, model in enumerate(models):
+    pool = config.model_pool()
+    for index, model in enumerate(pool if models else ()):
         where = f"models[{index}]" if config.models else "model"
         problems += _check_model(model.device, model.arch, model.pretrained, config.demo, where)
         problems += _check_compile(str(model.compile), model.device, where)
-    names = [m.name for m in models]
+    names = [m.name for m in pool]
     if (config.sources.redis or config.sinks.redis or config.redis.control_stream) and not config.redis.url.startswith(
             REDIS_SCHEMES):
         problems.append(f"redis.url: {config.redis.url!r} has no scheme; use redis://host:port/db, rediss:// or "
