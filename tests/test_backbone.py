@@ -225,6 +225,10 @@ def test_weights_cli_verify_and_list(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad.write_bytes(payload)
     assert main(["weights", "verify", str(bad)]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+    unknown = tmp_path / "ViT-B-16-plus-240-laion400m_e31.safetensors"  # fetch's name, its .sha256 note left behind
+    unknown.write_bytes(payload)
+    assert main(["weights", "verify", str(unknown)]) == 3  # nothing vouched for it: not a pass
+    assert "nothing to compare against" in capsys.readouterr().out
     assert main(["weights", "list"]) == 0
     assert "laion400m_e31" in capsys.readouterr().out
 

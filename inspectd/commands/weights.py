@@ -74,7 +74,10 @@ def verify_main(args: argparse.Namespace) -> int:
         return 2
     ok, message = weights.verify(args.file)
     print(message)
-    return {True: 0, None: 0, False: 1}[ok]
+    if ok is None:  # a script's `verify && start` must not pass a file nothing vouched for
+        print("not verified: keep the .sha256 note `inspectd weights fetch` wrote beside the file, or its release "
+              "file name", file=sys.stderr)
+    return {True: 0, None: 3, False: 1}[ok]
 
 
 def list_main(args: argparse.Namespace) -> int:
