@@ -285,3 +285,25 @@ async def test_change_notification_comes_back_after_a_name_it_cannot_decode(tmp_
         assert src.watch_failures >= 1  # (it did fail: the name reached watchfiles)
     finally:
         src.close()
+
+
+async def test_frames_say_where_their_file_goes_on_ack(tmp_path: Path) -> None:
+    """meta.done_path: where ack moves the file; meta.path stays where it was scored. The source's own dead letters
+    (moved to failed/) have none, nor frames with after: record (the file stays put)."""
+    src = FolderSource(tmp_path / "in", poll_interval_s=POLL, done_dir=tmp_path / "archive")
+    _copy("01.png", tmp_path / "in" / "nut" / "a.png")
+    _copy("02.png", tmp_path / "in" / "stray.png")  # no product: a dead letter
+    items = {i.frame_id: i for i in await src.read(10, timeout_s=2)}
+    frame, stray = items["nut/a.png"], items["stray.png"]
+    assert frame.meta == {"path": str(tmp_path / "in" / "nut" / "a.png"),
+                          "done_path": str(tmp_path / "archive" / "nut" / "a.png")}
+    assert json.loads(stray.fields["meta"]) == {"path": str(tmp_path / "in" / "stray.png")}
+    await frame.ack()
+    await stray.ack()
+    assert Path(frame.meta["done_path"]).is_file() and (tmp_path / "in" / "failed" / "stray.png").is_file()
+    src.close()
+    kept = FolderSource(tmp_path / "kept", after="record", poll_interval_s=POLL)
+    _copy("01.png", tmp_path / "kept" / "nut" / "a.png")
+    (frame,) = await kept.read(10, timeout_s=2)
+    assert frame.meta == {"path": str(tmp_path / "kept" / "nut" / "a.png")}
+    kept.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -51,12 +54,47 @@ def render(image: np.ndarray | str | Path, mask_path: str | Path, out: Path, thr
     return out
 
 
-def overlay_name(product: str, frame_id: str, verdict: str) -> str:
-    """``<product>/<frame id, readable>.<verdict>.png``: unique per frame, no doubled suffixes."""
+def overlay_name(product: str, frame_id: str, verdict: str, entry_id: str = "", tag: str = "") -> str:
+    """``<product>/<frame id, readable><tag>.<verdict>.png``: unique per frame, no doubled suffixes (named as the
+    JSONL sink names masks)."""
+    from inspectd.streams.jsonl import frame_file_stem
     from inspectd.streams.records import safe_file_name
 
-    stem = frame_id[:-4] if frame_id.lower().endswith((".png", ".jpg", ".bmp")) else frame_id
-    return f"{safe_file_name(product)}/{safe_file_name(stem)}.{verdict or 'unknown'}.png"
+    return f"{safe_file_name(product)}/{frame_file_stem(frame_id, entry_id)}{tag}.{verdict or 'unknown'}.png"
+
+
+def frame_file(record: dict[str, Any]) -> tuple[str | None, str]:
+    """(the frame file of a result, "") or (None, why there is none). A watched folder moves its files on ack, after
+    the result is published: then the file is at ``meta.done_path`` (results from before it was recorded: in
+    ``done/`` under the folder ``source`` names), or at the ``<name>.<ns>.<suffix>`` a name taken there got. A
+    folder's file must still have the mtime the result's ``ts`` is: one dropped again under its name is another."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    if not meta.get("path"):
+        return None, "no frame file (Redis frames carry none: use `inspectd tail --save DIR`)"
+    path, source, ts = Path(str(meta["path"])), str(record.get("source") or ""), record.get("ts")
+    candidates, done = [path], None
+    if source.startswith("folder:"):
+        root = Path(source[len("folder:"):])
+        if meta.get("done_path"):
+            done = Path(str(meta["done_path"]))
+        elif path.is_relative_to(root):
+            done = root / "done" / path.relative_to(root)
+    if done is not None:
+        renamed = re.compile(re.escape(done.stem) + r"\.\d+" + re.escape(done.suffix))
+        candidates.append(done)
+        with suppress(OSError):
+            candidates += sorted(p for p in done.parent.iterdir() if renamed.fullmatch(p.name))
+    others = False
+    for candidate in candidates:
+        try:
+            mtime = candidate.stat().st_mtime_ns / 1e9
+        except OSError:
+            continue
+        if not source.startswith("folder:") or not isinstance(ts, int | float) or abs(mtime - ts) < 1e-6:
+            return str(candidate), ""
+        others = True
+    return None, (f"frame file not found at {path}" + (f" nor in {done.parent}" if done is not None else "")
+                  + (" (files there under its name have another mtime: other frames)" if others else ""))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,23 +102,45 @@ def main(args: argparse.Namespace) -> int:
         out_dir = Path(args.out)
         written = 0
         skipped = 0
-        for line in Path(args.results).read_text().splitlines():
-            record = json.loads(line)
+        names: set[str] = set()
+        for number, line in enumerate(Path(args.results).read_bytes().split(b"\n"), 1):
+            if not line.strip():
+                continue  # a blank line
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn last line (a kill -9 mid-write), or not UTF-8
+                record = None
+            if not isinstance(record, dict):
+                print(f"{args.results}:{number}: not JSON" + (" object" if record is not None else ""),
+                      file=sys.stderr)
+                skipped += 1
+                continue
             if record.get("kind") != "result":
                 continue
-            image = (record.get("meta") or {}).get("path")
-            why = ("no mask" + (f" ({record['mask_note']})" if record.get("mask_note") else "")
-                   if not record.get("mask_path") else
-                   "no frame file (Redis frames carry none: use `inspectd tail --save DIR`)" if not image else "")
+            if not record.get("mask_path"):
+                image, why = None, "no mask" + (f" ({record['mask_note']})" if record.get("mask_note") else "")
+            else:
+                image, why = frame_file(record)
             if why:
                 print(f"{record.get('frame_id')}: skipped: {why}", file=sys.stderr)
                 skipped += 1
                 continue
             threshold = args.threshold if args.threshold is not None else record.get("threshold")
-            name = overlay_name(record["product"], str(record["frame_id"]), record.get("verdict", ""))
-            render(image, record["mask_path"], out_dir / name, threshold, args.stretch, args.alpha,
-                   score=record.get("score"), verdict=record.get("verdict"),
-                   label=f"{record['product']} / {record['frame_id']}", scale=float(record.get("mask_scale", 1.0)))
+            ids = (record["product"], str(record["frame_id"]), record.get("verdict", ""),
+                   str(record.get("entry_id") or ""))
+            name = overlay_name(*ids)
+            if name in names:  # the same frame and entry id again (a folder file dropped again under its name)
+                name = overlay_name(*ids, tag=f"_line{number}")
+            names.add(name)
+            try:
+                render(image, record["mask_path"], out_dir / name, threshold, args.stretch, args.alpha,
+                       score=record.get("score"), verdict=record.get("verdict"),
+                       label=f"{record['product']} / {record['frame_id']}",
+                       scale=float(record.get("mask_scale", 1.0)))
+            except (OSError, ValueError) as exc:  # a mask file gone, a frame file that is no image
+                print(f"{record.get('frame_id')}: skipped: cannot draw it ({exc})", file=sys.stderr)
+                skipped += 1
+                continue
             written += 1
         print(f"{written} overlay(s) in {out_dir}" + (f", {skipped} skipped (reasons above)" if skipped else ""))
         return 0 if written else 1

@@ -35,8 +35,15 @@ def _payload(path: Path) -> tuple[bytes, tuple[int, ...] | None, str | None]:
         return path.read_bytes(), None, None
     import numpy as np
 
+    from inspectd.streams.codec import RAW_DTYPES, is_raw_shape
+
     arr = np.load(path, allow_pickle=False)
-    dtype = "uint16" if arr.dtype == np.uint16 else "uint8"
+    if arr.dtype.kind != "u" or arr.dtype.itemsize not in (1, 2):  # a cast would send zeros (floats) or wrap (int32)
+        raise ValueError(f".npy dtype {arr.dtype} is not pixels the daemon takes ({' or '.join(RAW_DTYPES)}): "
+                         "scale and cast it first (e.g. (a * 255).round().astype('uint8') for floats in 0..1)")
+    if not is_raw_shape(arr.shape):
+        raise ValueError(f".npy shape {arr.shape} is not (H,W) or (H,W,1|3|4)")
+    dtype = "uint16" if arr.dtype.itemsize == 2 else "uint8"  # big-endian uint16 is byte-swapped to little
     return np.ascontiguousarray(arr, dtype=f"<{'u2' if dtype == 'uint16' else 'u1'}").tobytes(), arr.shape, dtype
 
 

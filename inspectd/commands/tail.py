@@ -1,18 +1,21 @@
 """``inspectd tail``: print a line's results (or dead letters) one per line, optionally following.
 
 ``--json`` prints each entry as one JSON object (the mask as its byte count); ``--save DIR`` writes each
-result's mask PNG to ``DIR/<product>/<frame_id>.mask.png`` (unique, readable names) and says for each result
-without one why not (its ``mask_note``)."""
+result's mask PNG to ``DIR/<product>/<frame>.mask.png`` and its overlay to ``<frame>.<verdict>.png`` (unique,
+readable names, as the JSONL sink names masks: ``00.png`` -> ``00``, a short hash when the id had to be sanitised,
+the entry id when frame ids repeat) and says for each result without one why not (its ``mask_note``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from inspectd.streams.jsonl import frame_file_stem
 from inspectd.streams.records import safe_file_name
 from inspectd.streams.redis_keys import DEFAULT_PREFIX, dead_key, default_redis_url, results_key
 
@@ -85,14 +88,20 @@ def entry_json(entry_id: str, fields: dict[bytes, bytes]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = None) -> str:
-    """Write the mask PNG of one result, and its overlay when the frame could be read back; returns what was done."""
+def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = None, entry: str = "") -> str:
+    """Write the mask PNG of one result, and its overlay when the frame could be read back; returns what was done.
+    ``entry``: the result's own entry id, which keeps apart frames whose ids repeat with no input entry id."""
     product, frame_id = _s(fields, "product", "unknown"), _s(fields, "frame_id", "frame")
     mask = fields.get(b"mask")
     if not mask:
         note = _s(fields, "mask_note") or "the result carries no mask"
         return f"{frame_id}: no mask saved ({note})"
-    target = directory / safe_file_name(product) / f"{safe_file_name(frame_id)}.mask.png"
+    input_entry = _s(fields, "entry_id")
+    # the input entry id keeps repeated frame ids apart (as in the JSONL sink's mask names); a folder's or camera's
+    # entry id is the frame id itself, which repeats: there the result's own entry id does
+    repeats = input_entry == frame_id and not _s(fields, "source").startswith("redis:")
+    stem = frame_file_stem(frame_id, entry if repeats or not input_entry else input_entry)
+    target = directory / safe_file_name(product) / f"{stem}.mask.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(mask)
     if frame_image is None:
@@ -105,7 +114,7 @@ def save_mask(directory: Path, fields: dict[bytes, bytes], frame_image: Any = No
         score: float | None = float(_s(fields, "score"))
     except ValueError:
         threshold = score = None
-    overlay = target.with_name(f"{safe_file_name(frame_id)}.{verdict or 'result'}.png")
+    overlay = target.with_name(f"{stem}.{verdict or 'result'}.png")
     try:
         scale = float(_s(fields, "mask_scale", "1"))
     except ValueError:
@@ -122,7 +131,8 @@ def frame_of(client: Any, results_stream: str, fields: dict[bytes, bytes]) -> An
     from inspectd.streams.schema import Frame
 
     entry_id = _s(fields, "entry_id")
-    if not entry_id or not results_stream.endswith(":results"):
+    if not re.fullmatch(r"\d+-\d+", entry_id) or not results_stream.endswith(":results"):  # folder/camera ids are
+        #                                                       no stream entry ids (XRANGE would refuse them)
         return None
     frames_stream = results_stream[: -len("results")] + "frames"
     found = client.xrange(frames_stream, min=entry_id, max=entry_id, count=1)
@@ -142,7 +152,7 @@ def emit(entry_id: str, fields: dict[bytes, bytes], args: argparse.Namespace, cl
     print(entry_json(entry_id, fields) if args.json else format_entry(fields), flush=True)
     if args.save and b"verdict" in fields:
         image = frame_of(client, stream, fields) if client is not None and fields.get(b"mask") else None
-        print(save_mask(Path(args.save), fields, image), file=sys.stderr, flush=True)
+        print(save_mask(Path(args.save), fields, image, entry_id), file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -294,10 +294,15 @@ class FolderSource:
         stat = self._last_seen.get(path, ((0, 0), 0.0))[0]
         text = safe_text(rel)  # ids and meta are text every sink can encode; file operations keep ``path``
         common = {"product": product, "line": self.line, "frame_id": text, "entry_id": text, "source": self.source}
-        frame = Frame(captured_at=stat[1] / 1e9, meta={"path": safe_text(str(path))}, **common)
+        meta = {"path": safe_text(str(path))}  # where it was scored
+        if self.after == AFTER_MOVE:  # where ack moves it (results are published before: the move is not known yet;
+            #                           a name taken there already gets ``.<ns>`` before its suffix)
+            meta["done_path"] = safe_text(os.path.abspath(self.done_dir / rel))
+        frame = Frame(captured_at=stat[1] / 1e9, meta=meta, **common)
 
         def dead(reason: Reason, stage: str, detail: str) -> DeadLetter:  # with the file's fields (path in meta)
             frame.ack = self._ack(path, stat, dead=True)
+            frame.meta.pop("done_path", None)  # it goes to failed/, and is never scored
             return DeadLetter.of_frame(frame, reason, stage, detail)
 
         if not product:

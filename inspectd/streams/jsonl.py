@@ -41,6 +41,20 @@ def ends_with_newline(path: Path) -> bool:
         return True
 
 
+def frame_file_stem(frame_id: str, entry_id: str | None = None) -> str:
+    """A readable file-name stem unique per frame (mask files here, ``tail --save``, ``overlay``): the image suffix
+    dropped (``00.png`` -> ``00``: no doubled suffixes), a short hash when the id had to be sanitised, the entry id
+    appended when it is not the frame id."""
+    def bare(name: str) -> str:
+        return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
+
+    stem = _safe(bare(frame_id))
+    if stem != bare(frame_id):  # "a/x.png", "a_x.png", "a x.png" sanitise alike: keep them apart
+        stem += "-" + hashlib.sha1(frame_id.encode()).hexdigest()[:8]
+    if entry_id and bare(entry_id) != bare(frame_id):
+        stem += "_" + _safe(bare(entry_id))  # still unique when producers reuse frame ids
+    return stem
+
 
 class JsonlSink:
     """Appends records to ``path``; with ``mask_dir`` set, masks go to ``<mask_dir>/<product>/<id>.png``."""
@@ -69,14 +83,7 @@ class JsonlSink:
 
     def _mask_path(self, result: Result) -> Path:
         assert self.mask_dir is not None
-        def bare(name: str) -> str:  # "00.png" -> "00": no doubled suffixes in mask names
-            return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
-
-        stem = _safe(bare(result.frame_id))
-        if stem != bare(result.frame_id):  # "a/x.png", "a_x.png", "a x.png" sanitise alike: keep them apart
-            stem += "-" + hashlib.sha1(result.frame_id.encode()).hexdigest()[:8]
-        if result.entry_id and bare(result.entry_id) != bare(result.frame_id):
-            stem += "_" + _safe(bare(result.entry_id))  # still unique when producers reuse frame ids
+        stem = frame_file_stem(result.frame_id, result.entry_id)
         return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
 
     def _result_line(self, result: Result) -> dict[str, Any]:
