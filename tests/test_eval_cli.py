@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from inspectd.cli import main
 
 MVTEC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad"
@@ -101,3 +103,28 @@ def test_a_rerun_at_another_eval_size_or_with_other_references_scores_anew(tiny_
         good.write_bytes((MVTEC / "bottle" / "test" / "good" / "000.png").read_bytes())
     assert main([*args, "--eval-size", "96"]) == 0
     assert forwards  # scored anew against the new references
+
+
+@pytest.mark.parametrize(("flag", "value", "allowed"), [
+    ("--batch-size", "-3", "must be >= 0 (0 = auto)"),  # evaluated nothing and exited 0
+    ("--eval-size", "0", "must be >= 1"),  # failed only after the model loaded
+    ("--seeds", "0", "must be >= 1"),
+    ("--shots", "-1", "must be >= 0 (0 = zero-shot)"),
+])
+def test_eval_refuses_out_of_range_counts_before_loading_anything(flag: str, value: str, allowed: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--dataset", "mvtec", "--root", str(MVTEC), "--categories", "grid", flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {allowed}, got {value}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--root", str(MVTEC), flag, "x"])
+    assert f"argument {flag}: invalid int value: 'x'" in capsys.readouterr().err
+
+
+def test_eval_batch_size_0_still_means_auto() -> None:
+    from inspectd.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--root", str(MVTEC), "--batch-size", "0", "--seeds", "1",
+                                      "--eval-size", "1", "--shots", "0", "4"])
+    assert (args.batch_size, args.seeds, args.eval_size, args.shots) == (0, 1, 1, [0, 4])

@@ -6,12 +6,25 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from inspectd.commands.fit import model_setting
 
 DATASET_NAMES = {"mvtec": "mvtec_ad", "visa": "visa", "visa-mvtec": "visa", "meta": "dataset", "folder": "dataset"}
 LAYOUTS = {"mvtec": "mvtec", "visa": "visa", "visa-mvtec": "mvtec", "meta": "meta", "folder": "folder",
            "auto": "auto"}
+
+
+def at_least(low: int, meaning: str = "") -> Any:
+    """An argparse int type refusing values below ``low`` (exit 2 naming the flag, before any model loads)."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid int value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid <type> value" message
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--categories", nargs="*", help="categories to evaluate (default: all)")
     p.add_argument("--detector", default="winclip", help="detector to evaluate (default: %(default)s)")
     p.add_argument("--options", default="{}", help="detector options as JSON, e.g. '{\"language_weight\": 0.5}'")
-    p.add_argument("--shots", type=int, nargs="+", default=[0],
+    p.add_argument("--shots", type=at_least(0, " (0 = zero-shot)"), nargs="+", default=[0],
                    help="k values: references per category, e.g. 0 1 2 4 (default: 0)")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=at_least(1), default=1,
                    help="few-shot seeds: references are re-drawn per seed, tables show mean ± std (default: 1)")
     p.add_argument("--arch", default="ViT-B-16-plus-240", help="open_clip arch (default: %(default)s)")
     p.add_argument("--weights", "--pretrained", dest="weights", default="laion400m_e31",
@@ -43,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", choices=("exact", "fast"), default="exact",
                    help="frames to model inputs as the daemon's model.resize (default exact: open_clip's own); "
                         "fast measures that setting's accuracy cost")
-    p.add_argument("--eval-size", type=int, default=256, help="maps and masks compared at this square size")
-    p.add_argument("--batch-size", type=int, default=0,
+    p.add_argument("--eval-size", type=at_least(1), default=256, help="maps and masks compared at this square size")
+    p.add_argument("--batch-size", type=at_least(0, " (0 = auto)"), default=0,
                    help="images per forward; 0 = auto: 1 for a full-size model on CPU (the progress bar moves per "
                         "image), else 8")
     p.add_argument("--compare", metavar="PAPER", help="print the published numbers of PAPER beside ours")

@@ -42,13 +42,19 @@ def run(args: argparse.Namespace) -> int:
     if args.op == "put":
         from dataclasses import asdict
 
+        from inspectd.daemon.checks import check_product
+
         try:
             loaded = load_product_file(Path(args.file))
         except (ConfigError, OSError) as exc:
             print(f"{args.file}: {exc}", file=sys.stderr)
             return 2
-        if loaded.threshold.holdout_dir and not Path(loaded.threshold.holdout_dir).is_absolute():
-            loaded.threshold.holdout_dir = str((Path(args.file).parent / loaded.threshold.holdout_dir).resolve())
+        problems = check_product(loaded, None, Path(args.file).name)  # every daemon would reject it: say so here
+        if problems:
+            for problem in problems:
+                print(f"config error at {problem}", file=sys.stderr)
+            print(f"{args.file}: {len(problems)} problem(s); nothing sent", file=sys.stderr)
+            return 2
         product, config = loaded.id, asdict(loaded)
     client = redis.Redis.from_url(args.redis)
     try:

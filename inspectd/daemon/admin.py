@@ -21,7 +21,7 @@ import yaml
 from aiohttp import BodyPartReader, web
 
 from inspectd import atomic
-from inspectd.daemon.config import ConfigError, ProductConfig, build
+from inspectd.daemon.config import ConfigError, ProductConfig, build, parse_yaml
 from inspectd.daemon.http_common import (
     DAEMON_KEY,
     admin_token,
@@ -342,7 +342,7 @@ def parse_product(body: bytes, content_type: str, product_id: str, registry: Pro
     """A ProductConfig from a JSON or YAML body; 400 naming the key path on any problem."""
     try:
         text = body.decode("utf-8")
-        data = json.loads(text) if content_type in JSON_TYPES else yaml.safe_load(text)
+        data = json.loads(text) if content_type in JSON_TYPES else parse_yaml(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ApiError(400, f"body is not valid {'JSON' if content_type in JSON_TYPES else 'YAML'}: {exc}") from exc
     if not isinstance(data, dict):

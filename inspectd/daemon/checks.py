@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
-from inspectd.daemon.products import product_files
+from inspectd.daemon.config import DaemonConfig, ProductConfig
+from inspectd.daemon.products import load_product_dir, product_files
 from inspectd.detectors.compiled import CUDA_GRAPH_MODES
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -50,13 +50,13 @@ def check_config(config: DaemonConfig, products: bool = True, models: bool = Tru
         return problems
     for index, product in enumerate(config.products):
         problems += check_product(product, names, f"products[{index}]")
+    defined, rejected = load_product_dir(config.registry.products_dir)
+    by_file = dict(defined.values())
     for path in product_files(config.registry.products_dir):
-        try:
-            product = load_product_file(path)
-        except ConfigError as exc:
-            problems.append(f"{path.name}: {exc}")
-            continue
-        problems += check_product(product, names, path.name)
+        if path in rejected:
+            problems.append(f"{path.name}: {rejected[path]}")
+        else:
+            problems += check_product(by_file[path], names, path.name)
     return problems
 
 
@@ -100,12 +100,17 @@ def _check_compile(mode: str, device: str, where: str) -> list[str]:
     return problems
 
 
-def check_product(product: ProductConfig, model_names: list[str], where: str) -> list[str]:
-    """What a build of ``product`` would reject, short of loading the model and the images."""
+def check_product(product: ProductConfig, model_names: list[str] | None, where: str) -> list[str]:
+    """What a build of ``product`` would reject, short of loading the model and the images (``model_names``
+    None: the daemon's models are not known here, e.g. `inspectd product put`)."""
+    from inspectd.daemon.registry import PRODUCT_ID_RE
     from inspectd.detectors.base import build_options, detector_class
     from inspectd.streams.records import MaskPolicy
 
     problems = []
+    if not PRODUCT_ID_RE.match(product.id):
+        problems.append(f"{where}.id: {product.id!r} is not a product id (letters, digits, '.', '_', '-'; up to 128, "
+                        "starting with a letter or digit): the admin API and the console could not manage it")
     try:
         cls = detector_class(product.detector)
     except ValueError as exc:
@@ -119,7 +124,7 @@ def check_product(product: ProductConfig, model_names: list[str], where: str) ->
             value = product.options.get(option)
             if value and not Path(value).expanduser().is_file():
                 problems.append(f"{where}.options.{option}: no such file {value}")
-    if product.model is not None and product.model not in model_names:
+    if product.model is not None and model_names is not None and product.model not in model_names:
         problems.append(f"{where}.model: {product.model!r} is not one of the models {model_names}")
     if product.shots > 0 and product.references and not Path(product.references).is_dir():
         problems.append(f"{where}.references: {product.references} is not a folder")

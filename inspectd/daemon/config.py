@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 
 from inspectd.allocator import CHOICES as ALLOCATORS
 from inspectd.detectors.compiled import MODES
+from inspectd.streams.redis_keys import validate_line
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,15 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"config error at {path or '<root>'}: {message}")
         self.path = path
+
+
+class _FieldError(ConfigError):
+    """A check of a dataclass found at more than one path (a list item, one of `models:`, a product file or API
+    body) names the key relative to the dataclass; `build` puts the dataclass's own path in front."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, message)
+        self.message = message
 
 
 @dataclass
@@ -48,6 +59,7 @@ class ModelConfig:
     #                       size. YAML reads a bare `off` as false (and `on` as true): both are taken, as off / default
 
     def __post_init__(self) -> None:
+        _at_least("threads", self.threads, 0, " (0 = leave torch's default)", _FieldError)
         _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _choice("model.resize", self.resize, ("exact", "fast"))
         _choice("model.cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"))
@@ -83,6 +95,17 @@ class RedisConfig:
     idle_consumer_s: float = 3600.0  # consumers of our group idle this long with nothing pending are removed
     maintenance_interval_s: float = 30.0  # how often trimming and consumer clean-up run
 
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ConfigError("redis.prefix", f"{self.prefix!r} must not contain braces (the line is the hash tag)")
+        for index, line in enumerate(self.lines):
+            _line(f"redis.lines[{index}]", line)
+        _at_least("redis.block_ms", self.block_ms, 0, " (0 = reads do not block)")
+        _positive("redis.claim_idle_ms", self.claim_idle_ms)
+        _at_least("redis.max_deliveries", self.max_deliveries, 0, " (0 = never dead-letter redelivered frames)")
+        _positive("redis.results_maxlen", self.results_maxlen)
+        _positive("redis.maintenance_interval_s", self.maintenance_interval_s)
+
 
 @dataclass
 class CameraSourceConfig:
@@ -100,6 +123,17 @@ class CameraSourceConfig:
     backoff_initial_s: float = 0.5  # reconnect backoff: doubles per failed attempt up to backoff_max_s
     backoff_max_s: float = 8.0
 
+    def __post_init__(self) -> None:  # what streams.camera.CameraConfig would refuse when the daemon opens it
+        _line("line", self.line, _FieldError)
+        _choice("policy", self.policy, ("latest", "queue"), _FieldError)
+        _positive("queue_size", self.queue_size, _FieldError)
+        _positive("backoff_initial_s", self.backoff_initial_s, _FieldError)
+        if not self.backoff_max_s >= self.backoff_initial_s:
+            raise _FieldError("backoff_max_s", f"must be >= backoff_initial_s ({self.backoff_initial_s}), "
+                                               f"got {self.backoff_max_s}")
+        if self.max_fps is not None:
+            _at_least("max_fps", self.max_fps, 0, " (0 or null = not paced)", _FieldError)
+
 
 @dataclass
 class FolderSourceConfig:
@@ -112,6 +146,12 @@ class FolderSourceConfig:
     settle_s: float = 1.0  # a file is scored once unchanged (size, mtime) for this long: never half-written
     notify: bool = True  # change notification (inotify via watchfiles): idle cost flat however many files stay
     rescan_s: float = 60.0  # full walk this often anyway (catches what a notification missed)
+
+    def __post_init__(self) -> None:
+        _line("line", self.line, _FieldError)
+        _choice("after", self.after, ("move", "record"), _FieldError)
+        _positive("poll_interval_s", self.poll_interval_s, _FieldError)
+        _at_least("settle_s", self.settle_s, 0, error=_FieldError)
 
 
 @dataclass
@@ -133,6 +173,7 @@ class SinksConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mask_bits, bool) or self.mask_bits not in (8, 16):
             raise ConfigError("sinks.mask_bits", f"must be 8 or 16, got {self.mask_bits!r}")
+        _positive("sinks.publish_stall_s", self.publish_stall_s)
 
 
 @dataclass
@@ -161,6 +202,9 @@ class DecodeConfig:
     max_meta_bytes: int = 64 * 1024  # the `meta` field is copied into every result
 
     def __post_init__(self) -> None:
+        _positive("decode.max_bytes", self.max_bytes)
+        _positive("decode.max_pixels", self.max_pixels)
+        _at_least("decode.threads", self.threads, -1, " (-1 = auto, 0 = on the engine thread)")
         _positive("decode.max_tiles", self.max_tiles)
         _positive("decode.max_jpeg_scans", self.max_jpeg_scans)
         _positive("decode.max_meta_bytes", self.max_meta_bytes)
@@ -182,6 +226,9 @@ class HttpConfig:
 
         from inspectd.daemon.http_common import is_loopback
 
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("http.port", f"must be within [0, 65535] (0 = any free port), got {self.port}")
+        _positive("http.max_body_bytes", self.max_body_bytes)
         if self.enabled and not is_loopback(self.host) and not (self.token or os.environ.get("INSPECTD_ADMIN_TOKEN")):
             raise ConfigError("http.token", f"http.host {self.host!r} is not a loopback address: set http.token "
                                             "(or INSPECTD_ADMIN_TOKEN), or bind to 127.0.0.1")
@@ -229,6 +276,12 @@ class ThresholdConfig:
     holdout_dir: str | None = None  # extra good images for calibration
     default: float = 0.5  # when there is nothing to calibrate on (zero-shot without held-out goods)
 
+    def __post_init__(self) -> None:  # a NaN threshold would call every frame OK
+        for key in ("value", "margin", "default"):
+            number = getattr(self, key)
+            if number is not None and not math.isfinite(number):
+                raise _FieldError(key, f"must be a finite number, got {number}")
+
 
 @dataclass
 class ProductConfig:
@@ -243,6 +296,9 @@ class ProductConfig:
     mask: str = "downscaled:256"  # "full" | "none" | "downscaled:<max_side>"
     model: str | None = None  # a name from the daemon's `models:` (default: the first model)
     seed: int = 0  # seed of a fit that trains (FitContext.seed), so a rebuild is repeatable
+
+    def __post_init__(self) -> None:
+        _at_least("shots", self.shots, 0, " (0 = zero-shot)", _FieldError)
 
 
 @dataclass
@@ -260,6 +316,7 @@ class RegistryConfig:
     def __post_init__(self) -> None:
         _choice("registry.on_building", self.on_building, ("wait", "dead_letter"))
         _positive("registry.build_workers", self.build_workers)
+        _at_least("registry.wait_timeout_s", self.wait_timeout_s, 0, " (0 = do not wait)")
 
 
 @dataclass
@@ -282,6 +339,9 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         _choice("allocator", self.allocator, ALLOCATORS)
+        _at_least("shutdown_timeout_s", self.shutdown_timeout_s, 0, " (0 = do not wait for frames in flight)")
+        if self.sources.redis and not self.redis.lines:
+            raise ConfigError("redis.lines", "the redis source (sources.redis) needs at least one line to read")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -292,14 +352,28 @@ class DaemonConfig:
         return list(self.models) or [self.model]
 
 
-def _choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(path: str, value: str, allowed: tuple[str, ...], error: type[ConfigError] = ConfigError) -> None:
     if value not in allowed:
-        raise ConfigError(path, f"must be one of {list(allowed)}, got {value!r}")
+        raise error(path, f"must be one of {list(allowed)}, got {value!r}")
 
 
-def _positive(path: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(path, f"must be > 0, got {value}")
+def _positive(path: str, value: float, error: type[ConfigError] = ConfigError) -> None:
+    if not value > 0:  # (NaN too)
+        raise error(path, f"must be > 0, got {value}")
+
+
+def _at_least(path: str, value: float, low: float, meaning: str = "", error: type[ConfigError] = ConfigError) -> None:
+    """``value >= low``; ``meaning`` says what the lowest allowed values do, e.g. " (0 = off)"."""
+    if not value >= low:  # (NaN too)
+        raise error(path, f"must be >= {low}{meaning}, got {value}")
+
+
+def _line(path: str, line: str, error: type[ConfigError] = ConfigError) -> None:
+    """A line id as the stream keys' hash tag needs it (results of a bad one could not be published)."""
+    try:
+        validate_line(line)
+    except ValueError as exc:
+        raise error(path, str(exc)) from None
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
@@ -323,6 +397,8 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{path}.{missing[0]}" if path else missing[0], "required key is missing")
     try:
         return cls(**values)
+    except _FieldError as exc:  # a key relative to this dataclass: its full path
+        raise ConfigError(f"{path}.{exc.path}" if path else exc.path, exc.message) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
@@ -379,27 +455,86 @@ def parse_config(data: Any) -> DaemonConfig:
     return config
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a second
+    ``batcher:`` block would drop the first one's settings without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def _read_yaml(path: Path, where: str) -> Any:
+    """A config or product file's YAML; a ConfigError at ``where`` naming the file when it cannot be used."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc}") from exc
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(where, f"{path} is not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path) -> DaemonConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    data = _read_yaml(path, "")
     config = parse_config(data or {})
     _resolve_paths(config, path.parent)
     return config
 
 
-def _resolve_paths(config: DaemonConfig, base: Path) -> None:
-    """Relative paths in a config file are relative to that file."""
+def _relative_to(base: Path) -> Any:
+    """A function making a relative path relative to ``base`` (None, URLs and absolute paths are kept)."""
 
     def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).is_absolute():
+        if not value or "://" in value or Path(value).expanduser().is_absolute():
             return value
         return str((base / value).resolve())
 
+    return fix
+
+
+def _resolve_product_paths(product: ProductConfig, base: Path) -> None:
+    """A product's references, holdout and learned-part files (its detector's ``artifact_options``) relative to
+    the file that defines it."""
+    fix = _relative_to(base)
+    product.references = fix(product.references)
+    product.threshold.holdout_dir = fix(product.threshold.holdout_dir)
+    try:
+        from inspectd.detectors.base import detector_class
+
+        artifact_options = detector_class(product.detector).artifact_options
+    except ValueError:  # an unknown detector: `--check` and the build say so
+        return
+    for option in artifact_options:
+        if isinstance(product.options.get(option), str):
+            product.options[option] = fix(product.options[option])
+
+
+def _resolve_paths(config: DaemonConfig, base: Path) -> None:
+    """Relative paths in a config file are relative to that file (a model's ``pretrained`` when it names a file or
+    folder rather than a tag)."""
+    from inspectd.detectors.weights import looks_like_path
+
+    fix = _relative_to(base)
+    for model in [config.model, *config.models]:
+        if looks_like_path(model.pretrained) or (base / model.pretrained).exists():
+            model.pretrained = fix(model.pretrained) or model.pretrained
+        model.cache_dir = fix(model.cache_dir)
+    config.http.token_file = fix(config.http.token_file)
     config.registry.products_dir = fix(config.registry.products_dir)
     config.registry.state_cache_dir = fix(config.registry.state_cache_dir)
     config.registry.references_root = fix(config.registry.references_root)
@@ -413,21 +548,12 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> None:
         if not camera.uri.isdigit():
             camera.uri = fix(camera.uri) or camera.uri
     for product in config.products:
-        product.references = fix(product.references)
-        product.threshold.holdout_dir = fix(product.threshold.holdout_dir)
+        _resolve_product_paths(product, base)
 
 
 def load_product_file(path: str | Path) -> ProductConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(path.name, f"not valid YAML: {exc}") from exc
+    data = _read_yaml(path, path.name)
     product = build(ProductConfig, data, path.stem)
-    # relative paths in a product file are relative to the file, as in the main config (not to the daemon's cwd)
-    if product.references and not Path(product.references).is_absolute():
-        product.references = str((path.parent / product.references).resolve())
-    holdout = product.threshold.holdout_dir
-    if holdout and not Path(holdout).is_absolute():
-        product.threshold.holdout_dir = str((path.parent / holdout).resolve())
+    _resolve_product_paths(product, path.parent)  # as in the main config: relative to the file, not the cwd
     return product

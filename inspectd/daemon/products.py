@@ -13,10 +13,35 @@ PRODUCT_SUFFIXES = (".yaml", ".yml")
 
 
 def product_files(products_dir: str | None) -> list[Path]:
+    """The product files of ``products_dir``: regular ``*.yaml``/``*.yml`` files, hidden ones left out, in name
+    order (a folder named ``x.yaml`` is not one)."""
     if not products_dir or not Path(products_dir).is_dir():
         return []
     files = Path(products_dir).iterdir()
-    return sorted(p for p in files if p.suffix in PRODUCT_SUFFIXES and not p.name.startswith("."))
+    return sorted(p for p in files if p.suffix in PRODUCT_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def load_product_dir(products_dir: str | None) -> tuple[dict[str, tuple[Path, ProductConfig]], dict[Path, str]]:
+    """({product id: (file, config)}, {rejected file: why}) for a products folder.
+
+    One file per product: when two files define one id, the one named ``<id>.yaml`` (the name the admin API
+    writes and finds first), else the first in name order, defines it; the other is rejected, not silently
+    overridden (a DELETE through the API would otherwise remove the file that was not serving)."""
+    defined: dict[str, tuple[Path, ProductConfig]] = {}
+    rejected: dict[Path, str] = {}
+    loaded: list[tuple[Path, ProductConfig]] = []
+    for path in product_files(products_dir):
+        try:
+            loaded.append((path, load_product_file(path)))
+        except (ConfigError, OSError) as exc:
+            rejected[path] = str(exc).removeprefix("config error at ").removeprefix(f"{path.name}: ")
+    for path, product in sorted(loaded, key=lambda item: (item[0].stem != item[1].id, item[0].name)):
+        if product.id in defined:
+            rejected[path] = f"product {product.id!r} is already defined by {defined[product.id][0].name}; " \
+                             "one file per product (rename the id or delete one of them)"
+        else:
+            defined[product.id] = (path, product)
+    return defined, rejected
 
 
 def product_configs(config: DaemonConfig, invalid: dict[str, str] | None = None) -> list[ProductConfig]:
@@ -26,13 +51,11 @@ def product_configs(config: DaemonConfig, invalid: dict[str, str] | None = None)
     ``invalid`` given, it receives {product id (the file's stem): error} for each such file.
     """
     products = {p.id: p for p in config.products}
-    for path in product_files(config.registry.products_dir):
-        try:
-            product = load_product_file(path)
-        except (ConfigError, OSError) as exc:
-            log.error("product file %s rejected: %s", path, exc)
-            if invalid is not None:
-                invalid[path.stem] = f"{path.name}: {exc}"
-            continue
+    defined, rejected = load_product_dir(config.registry.products_dir)
+    for path, error in rejected.items():
+        log.error("product file %s rejected: %s", path, error)
+        if invalid is not None:
+            invalid[path.stem] = f"{path.name}: {error}"
+    for _path, product in sorted(defined.values(), key=lambda item: item[0].name):
         products[product.id] = product
     return list(products.values())

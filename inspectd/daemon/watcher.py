@@ -16,7 +16,7 @@ from typing import Any
 from watchfiles import Change, awatch
 
 from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
-from inspectd.daemon.products import PRODUCT_SUFFIXES, product_files
+from inspectd.daemon.products import PRODUCT_SUFFIXES, load_product_dir, product_files
 from inspectd.daemon.registry import FAILED, BuildError, ProductRegistry
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,14 @@ class RegistryWatcher:
         previous = self._file_ids.get(path)
         if deleted:
             self._file_ids.pop(path, None)
-            if previous is None or previous in self._file_ids.values() or self.registry.status(previous) is None:
-                return  # unknown, still defined by another file, or already removed (e.g. DELETE via the API)
+            if previous is None or self.registry.status(previous) is None:
+                return  # unknown, or already removed (e.g. DELETE via the API)
+            defined, _ = await asyncio.to_thread(load_product_dir, str(self.products_dir))
+            if previous in defined:  # another file defines it (one that was rejected as its duplicate): that one now
+                other, config = defined[previous]
+                await self._act(f"{path.name} deleted; {other.name} defines {previous}",
+                                self.registry.put(config, force=False))
+                return
             inline = next((p for p in self.config.products if p.id == previous), None)
             if inline is not None:
                 await self._act(f"{path.name} deleted; back to the inline definition", self.registry.put(inline,
@@ -203,6 +209,11 @@ class RegistryWatcher:
         await wait_settled(path.parent)
         try:
             config: ProductConfig = await asyncio.to_thread(load_product_file, path)
+            defined, _ = await asyncio.to_thread(load_product_dir, str(self.products_dir))
+            definer = defined.get(config.id, (path, config))[0]
+            if definer.resolve() != path.resolve():  # the rule a start applies (products.load_product_dir)
+                raise ConfigError(path.name, f"product {config.id!r} is already defined by {definer.name}; one file "
+                                             "per product (rename the id or delete one of them)")
         except (ConfigError, OSError) as exc:
             self.errors += 1
             log.error("watcher: product file %s rejected: %s (the serving version stays)", path.name, exc)
