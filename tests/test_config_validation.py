@@ -113,3 +113,23 @@ def test_run_check_exits_2_naming_the_key(section: dict[str, Any], key: str, tmp
     assert main(["run", "--config", str(path), "--check"]) == 2
     captured = capsys.readouterr()
     assert f"config error at {key}: " in captured.err and "config OK" not in captured.out
+
+
+def test_a_model_setting_is_named_where_it_is_whether_in_model_or_in_models() -> None:
+    """Every ModelConfig check names the key where it sits: `models[1].precision`, not `model.precision`."""
+    from inspectd.daemon.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [{"name": "a"}, {"name": "b", "precision": "fp8"}]})
+    assert err.value.path == "models[1].precision"
+    with pytest.raises(ConfigError) as err:
+        parse_config({"model": {"compile": "default", "cpu_kernels": "onednn"}})
+    assert err.value.path == "model.compile"
+
+
+def test_run_port_flag_is_range_checked_like_http_port(capsys: pytest.CaptureFixture[str]) -> None:
+    from inspectd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--demo", "--port", "70000", "--check"])
+    assert exit_.value.code == 2 and "--port: must be within [0, 65535]" in capsys.readouterr().err

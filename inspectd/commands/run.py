@@ -12,6 +12,14 @@ log = logging.getLogger("inspectd.run")
 EXIT_LEFT_PENDING = 3  # frames were still in flight when shutdown_timeout_s ran out (they will be redelivered)
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, as `http.port` is checked in a config (0 = any free one)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be within [0, 65535] (0 = any free port), got {port}")
+    return port
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the inspection daemon",
                                    description="Run the daemon. Without --config, --demo runs the embedded "
@@ -22,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", help="demo: folder of images to score (default: shared hazelnut_toy colour)")
     parser.add_argument("--references", help="demo: folder of good reference images")
     parser.add_argument("--out", default="runs/demo", help="demo: output folder (JSONL, masks, state cache)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port for /metrics, /healthz, admin API")
+    parser.add_argument("--port", type=port_number, default=None, help="HTTP port for /metrics, /healthz, admin API")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = never)")
     parser.add_argument("--idle-exit", type=float, default=0.0,
                         help="stop after this many seconds with nothing in flight (0 = never)")

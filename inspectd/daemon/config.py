@@ -60,21 +60,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _at_least("threads", self.threads, 0, " (0 = leave torch's default)", _FieldError)
-        _choice("model.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
-        _choice("model.resize", self.resize, ("exact", "fast"))
-        _choice("model.cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"))
-        _choice("model.cpu_gemm", self.cpu_gemm, ("auto", "onednn", "blas"))
-        _choice("model.quick_gelu", self.quick_gelu, ("auto", "true", "false"))
+        _choice("precision", self.precision, ("auto", "fp32", "fp16", "bf16"), _FieldError)
+        _choice("resize", self.resize, ("exact", "fast"), _FieldError)
+        _choice("cpu_kernels", self.cpu_kernels, ("auto", "onednn", "torch"), _FieldError)
+        _choice("cpu_gemm", self.cpu_gemm, ("auto", "onednn", "blas"), _FieldError)
+        _choice("quick_gelu", self.quick_gelu, ("auto", "true", "false"), _FieldError)
         if isinstance(self.compile, bool):
             self.compile = "default" if self.compile else "off"
-        _choice("model.compile", self.compile, MODES)
+        _choice("compile", self.compile, MODES, _FieldError)
         if self.cpu_gemm != "auto" and (self.cpu_kernels == "torch" or self.compile != "off"):
             runs = "cpu_kernels: torch" if self.cpu_kernels == "torch" else f"compile: {self.compile}"
-            raise ConfigError("model.cpu_gemm", f"{self.cpu_gemm!r} picks the fused blocks' GEMMs, which {runs} "
-                                                "does not run (use auto)")
+            raise _FieldError("cpu_gemm", f"{self.cpu_gemm!r} picks the fused blocks' GEMMs, which {runs} "
+                                          "does not run (use auto)")
         if self.compile != "off" and self.cpu_kernels == "onednn":
-            raise ConfigError("model.compile", f"{self.compile!r} replaces the oneDNN fused blocks: it cannot run "
-                                               "with model.cpu_kernels: onednn (use auto)")
+            raise _FieldError("compile", f"{self.compile!r} replaces the oneDNN fused blocks: it cannot run "
+                                         "with model.cpu_kernels: onednn (use auto)")
 
 
 @dataclass
