@@ -372,3 +372,15 @@ def test_scoring_uses_the_temperature_the_adapters_were_trained_with(tiny_backbo
     np.testing.assert_allclose(default[1], ten[1], atol=1e-6)
     assert abs(default[0] - hundred[0]) > 1e-3
     assert create_detector("aprilgan", tiny_backbone, {"adapters": str(path)}).logit_scale == 10.0
+
+
+def test_an_input_size_off_the_patch_grid_is_refused_naming_the_sizes_that_fit(tiny_backbone: ClipBackbone,
+                                                                               adapters_file: Path) -> None:
+    """250 px with 16 px patches: the 15 x 15 grid covers 240 px, and its map was stretched over 250 (4 % off)."""
+    patch = tiny_backbone.patch_size
+    size = 15 * patch + patch // 2
+    fits = rf"multiple of the model's patch size {patch}.*use {15 * patch} or {16 * patch}"
+    with pytest.raises(ValueError, match=fits):
+        create_detector("aprilgan", tiny_backbone, {"adapters": str(adapters_file), "image_size": size})
+    assert create_detector("aprilgan", tiny_backbone, {"adapters": str(adapters_file),
+                                                       "image_size": 16 * patch}).input_spec().size == 16 * patch

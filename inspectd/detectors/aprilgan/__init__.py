@@ -77,6 +77,11 @@ class AprilGan(Detector):
         if not self.options.adapters:
             raise ValueError("detector 'aprilgan' needs option `adapters`: the file written by "
                              "`inspectd fit aprilgan --out FILE` with this product's CLIP model")
+        patch, size = backbone.patch_size, self.options.image_size
+        if size % patch:  # the patch grid would cover floor(size / patch) patches, its map stretched over all of it
+            below, above = size // patch * patch, (size // patch + 1) * patch
+            raise ValueError(f"detector 'aprilgan' options.image_size must be a multiple of the model's patch size "
+                             f"{patch} (0 = the adapters' own), got {size}: use {below or above} or {above}")
         self._bundle: AdapterBundle | None = None
 
     @property
