@@ -89,6 +89,24 @@ def test_mask_files_of_similar_names_never_collide(tmp_path: Path) -> None:
     assert Path(paths[3]).name == "plain.mask.png"  # readable where nothing needed sanitising
 
 
+def test_a_file_dropped_again_under_its_name_keeps_its_first_mask(tmp_path: Path) -> None:
+    """A watched folder's frame id is its file name and so is its entry id: the second frame of one name used to
+    overwrite the first one's mask, both records pointing at one file. A Redis frame scored again (at-least-once)
+    has its own entry id and rewrites its own mask."""
+    sink = JsonlSink(tmp_path / "r.jsonl", mask_dir=tmp_path / "masks")
+    first, second = result("nut/00.png", "nut/00.png"), result("nut/00.png", "nut/00.png")
+    second.mask = np.full((4, 4), 0.9, np.float32)
+    sink.write_batch([first])
+    sink.write_batch([second])
+    sink.write_batch([result("f1", "1-0"), result("f1", "1-0")])  # a redelivered Redis entry
+    sink.close()
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    folder, redis = [r["mask_path"] for r in records[:2]], [r["mask_path"] for r in records[2:]]
+    assert folder[0] != folder[1] and all(Path(p).is_file() for p in folder)
+    assert Path(folder[0]).read_bytes() != Path(folder[1]).read_bytes()  # each its own frame's mask
+    assert redis[0] == redis[1] and len(list((tmp_path / "masks" / "nut").iterdir())) == 3
+
+
 def test_records_are_flushed_per_batch(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path / "r.jsonl")
     asyncio.run(sink.publish_batch([result("x")]))

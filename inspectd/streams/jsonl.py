@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,12 @@ class JsonlSink:
     def _mask_path(self, result: Result) -> Path:
         assert self.mask_dir is not None
         stem = frame_file_stem(result.frame_id, result.entry_id)
-        return self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
+        path = self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
+        if path.exists() and result.entry_id in (None, "", result.frame_id):
+            # no entry id tells this frame from the one that wrote it (a watched folder's file dropped again under
+            # its name): its own file, named as the folder names a second file in done/
+            path = path.with_name(f"{stem}.{time.time_ns()}.mask.png")
+        return path
 
     def _result_line(self, result: Result) -> dict[str, Any]:
         record = {"kind": "result", **result_record(result, self.mask_bits)}
