@@ -95,15 +95,17 @@ def test_a_file_dropped_again_under_its_name_keeps_its_first_mask(tmp_path: Path
     has its own entry id and rewrites its own mask."""
     sink = JsonlSink(tmp_path / "r.jsonl", mask_dir=tmp_path / "masks")
     first, second = result("nut/00.png", "nut/00.png"), result("nut/00.png", "nut/00.png")
-    second.mask = np.full((4, 4), 0.9, np.float32)
+    second.mask, second.captured_at = np.full((4, 4), 0.9, np.float32), 2.0  # the file's new mtime
     sink.write_batch([first])
+    sink.write_batch([first])  # a publish retried (another sink failed): its own file again
+    sink.write_batch([second])
     sink.write_batch([second])
     sink.write_batch([result("f1", "1-0"), result("f1", "1-0")])  # a redelivered Redis entry
     sink.close()
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    folder, redis = [r["mask_path"] for r in records[:2]], [r["mask_path"] for r in records[2:]]
-    assert folder[0] != folder[1] and all(Path(p).is_file() for p in folder)
-    assert Path(folder[0]).read_bytes() != Path(folder[1]).read_bytes()  # each its own frame's mask
+    folder, redis = [r["mask_path"] for r in records[:4]], [r["mask_path"] for r in records[4:]]
+    assert folder[0] == folder[1] != folder[2] == folder[3] and all(Path(p).is_file() for p in folder)
+    assert Path(folder[0]).read_bytes() != Path(folder[2]).read_bytes()  # each its own frame's mask
     assert redis[0] == redis[1] and len(list((tmp_path / "masks" / "nut").iterdir())) == 3
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,9 @@ def ends_with_newline(path: Path) -> bool:
             return handle.read(1) == b"\n"
     except FileNotFoundError:
         return True
+
+
+WRITTEN_KEPT = 4096  # mask files remembered, so that a retried publish rewrites its own
 
 
 def frame_file_stem(frame_id: str, entry_id: str | None = None) -> str:
@@ -78,6 +80,7 @@ class JsonlSink:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._file: Any = None
+        self._written: dict[Path, float] = {}  # mask files written, by capture time (a retry rewrites its own)
 
     def policy_for(self, product: str) -> MaskPolicy:
         return policy_for(self._policy, product, self.default_mask_policy)
@@ -86,10 +89,14 @@ class JsonlSink:
         assert self.mask_dir is not None
         stem = frame_file_stem(result.frame_id, result.entry_id)
         path = self.mask_dir / _safe(result.product or "unknown") / f"{stem}.mask.png"
-        if path.exists() and result.entry_id in (None, "", result.frame_id):
-            # no entry id tells this frame from the one that wrote it (a watched folder's file dropped again under
-            # its name): its own file, named as the folder names a second file in done/
-            path = path.with_name(f"{stem}.{time.time_ns()}.mask.png")
+        if result.entry_id in (None, "", result.frame_id) and path.exists() \
+                and self._written.get(path) != result.captured_at:
+            # no entry id tells this frame from the one whose mask is there (a watched folder's file dropped again
+            # under its name): a name of its own from its capture time, the same when a publish is retried
+            path = path.with_name(f"{stem}.{round(result.captured_at * 1e9)}.mask.png")
+        self._written[path] = result.captured_at
+        while len(self._written) > WRITTEN_KEPT:
+            self._written.pop(next(iter(self._written)))
         return path
 
     def _result_line(self, result: Result) -> dict[str, Any]:
