@@ -71,9 +71,10 @@ def test_check_names_each_bad_product_file_once(tmp_path: Path) -> None:
 def test_of_two_files_defining_one_product_the_one_named_after_it_wins(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("id: hz\nobject_name: bolt\n")
     (tmp_path / "hz.yaml").write_text("id: hz\nobject_name: hazelnut\n")
-    defined, rejected = load_product_dir(str(tmp_path))
+    defined, rejected, duplicates = load_product_dir(str(tmp_path))
     assert defined["hz"][0].name == "hz.yaml" and defined["hz"][1].object_name == "hazelnut"
     assert list(rejected) == [tmp_path / "a.yaml"] and "already defined by hz.yaml" in rejected[tmp_path / "a.yaml"]
+    assert duplicates == {tmp_path / "a.yaml"}
 
 
 async def until(predicate: Any, timeout: float, what: str) -> None:
@@ -101,9 +102,13 @@ async def test_the_daemon_skips_bad_files_and_serves_the_rest_at_start_and_when_
         registry = daemon.registry
         assert registry.get("hz").config.object_name == "hazelnut"  # its own file, not the duplicate
         assert "not UTF-8" in (registry.error("latin") or "")
-        assert "already defined by hz.yaml" in (registry.error("a2") or "")
-        errors = daemon.watcher.errors
+        assert registry.status("a2") is None  # a duplicate is no product of its own: nothing to wait for
+        assert registry.status("latin") == "failed" and not registry.all_ready()  # the product latin.yaml meant
         await asyncio.sleep(1.0)  # the watcher is watching
+        (products / "latin.yaml").write_text("id: latin\nobject_name: cafe\n")  # fixed
+        await until(lambda: registry.get("latin") is not None, 15, "latin.yaml fixed")
+        assert registry.all_ready()  # the duplicate holds nothing up
+        errors = daemon.watcher.errors
         (products / "a2.yaml").write_text("id: hz\nobject_name: washer\n")  # still a duplicate: rejected
         await until(lambda: daemon.watcher.errors > errors, 10, "the duplicate rejected")
         assert registry.get("hz").version == 1 and registry.get("hz").config.object_name == "hazelnut"
@@ -154,3 +159,27 @@ async def test_product_put_refuses_a_product_every_daemon_would_reject_and_sends
     assert cli_main(["product", "put", str(good), "--redis", redis_url, "--stream", stream]) == 0
     entries = await redis_client.xrange(stream)
     assert [fields[b"product"] for _, fields in entries] == [b"good"]
+
+
+def test_the_api_writes_and_deletes_the_file_that_defines_a_product_and_no_other(tmp_path: Path,
+                                                                                 tiny_backbone) -> None:
+    """x.yaml defines product y: a PUT of product x used to overwrite it (and the watcher then removed y), and a
+    DELETE of x deleted y's file. The file a product is written to is the one a start reads it from."""
+    from inspectd.daemon.config import ProductConfig, RegistryConfig, build
+    from inspectd.daemon.registry import ProductRegistry
+
+    (tmp_path / "x.yaml").write_text("id: y\nobject_name: bolt\n")
+    (tmp_path / "broken.yaml").write_text("id: [\n")
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(products_dir=str(tmp_path), watch=False))
+    try:
+        assert registry.product_file("y") == tmp_path / "x.yaml"
+        written = registry.save_product_file(build(ProductConfig, {"id": "x", "object_name": "nut"}, ""))
+        assert written == tmp_path / "x-1.yaml" and load_product_file(tmp_path / "x.yaml").id == "y"
+        assert registry.product_file("x") == tmp_path / "x-1.yaml"
+        assert registry.save_product_file(build(ProductConfig, {"id": "broken"}, "")) == tmp_path / "broken.yaml"
+        assert registry.delete_product_file("x") == tmp_path / "x-1.yaml"
+        assert (tmp_path / "x.yaml").is_file()
+        assert registry.delete_product_file("y") == tmp_path / "x.yaml"
+        assert load_product_dir(str(tmp_path)).defined.keys() == {"broken"}
+    finally:
+        registry.close()

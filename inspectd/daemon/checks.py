@@ -50,7 +50,7 @@ def check_config(config: DaemonConfig, products: bool = True, models: bool = Tru
         return problems
     for index, product in enumerate(config.products):
         problems += check_product(product, names, f"products[{index}]")
-    defined, rejected = load_product_dir(config.registry.products_dir)
+    defined, rejected, _ = load_product_dir(config.registry.products_dir)
     by_file = dict(defined.values())
     for path in product_files(config.registry.products_dir):
         if path in rejected:

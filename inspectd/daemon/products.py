@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
 
@@ -21,14 +22,23 @@ def product_files(products_dir: str | None) -> list[Path]:
     return sorted(p for p in files if p.suffix in PRODUCT_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
-def load_product_dir(products_dir: str | None) -> tuple[dict[str, tuple[Path, ProductConfig]], dict[Path, str]]:
-    """({product id: (file, config)}, {rejected file: why}) for a products folder.
+class ProductDir(NamedTuple):
+    """A products folder read: the files defining products, the files refused and why."""
+
+    defined: dict[str, tuple[Path, ProductConfig]]  # product id -> (its file, its config)
+    rejected: dict[Path, str]  # file -> why it was refused (broken, or a duplicate)
+    duplicates: set[Path]  # of those, the files that only repeat a product another file defines (which serves)
+
+
+def load_product_dir(products_dir: str | None) -> ProductDir:
+    """The product files of a products folder, read.
 
     One file per product: when two files define one id, the one named ``<id>.yaml`` (the name the admin API
     writes and finds first), else the first in name order, defines it; the other is rejected, not silently
     overridden (a DELETE through the API would otherwise remove the file that was not serving)."""
     defined: dict[str, tuple[Path, ProductConfig]] = {}
     rejected: dict[Path, str] = {}
+    duplicates: set[Path] = set()
     loaded: list[tuple[Path, ProductConfig]] = []
     for path in product_files(products_dir):
         try:
@@ -39,22 +49,24 @@ def load_product_dir(products_dir: str | None) -> tuple[dict[str, tuple[Path, Pr
         if product.id in defined:
             rejected[path] = f"product {product.id!r} is already defined by {defined[product.id][0].name}; " \
                              "one file per product (rename the id or delete one of them)"
+            duplicates.add(path)
         else:
             defined[product.id] = (path, product)
-    return defined, rejected
+    return ProductDir(defined, rejected, duplicates)
 
 
 def product_configs(config: DaemonConfig, invalid: dict[str, str] | None = None) -> list[ProductConfig]:
     """Inline products, then products_dir files (a file overrides an inline product of the same id).
 
     A broken product file is logged and skipped: it must not keep the other products from loading. With
-    ``invalid`` given, it receives {product id (the file's stem): error} for each such file.
+    ``invalid`` given, it receives {product id (the file's stem): error} for each such file (the product it meant
+    to define does not serve); a duplicate is logged only (the product it repeats serves from its own file).
     """
     products = {p.id: p for p in config.products}
-    defined, rejected = load_product_dir(config.registry.products_dir)
+    defined, rejected, duplicates = load_product_dir(config.registry.products_dir)
     for path, error in rejected.items():
         log.error("product file %s rejected: %s", path, error)
-        if invalid is not None:
+        if invalid is not None and path not in duplicates:
             invalid[path.stem] = f"{path.name}: {error}"
     for _path, product in sorted(defined.values(), key=lambda item: item[0].name):
         products[product.id] = product

@@ -462,23 +462,24 @@ class ProductRegistry:
 
     # ---------------------------------------------------------------- product files (persistence)
     def product_file(self, product_id: str) -> Path | None:
-        """The YAML file in products_dir defining ``product_id`` (existing, else ``<id>.yaml``); None without a dir."""
+        """The YAML file in products_dir defining ``product_id`` (as a start reads the folder:
+        `products.load_product_dir`), else a name for a new one: ``<id>.yaml``, unless that file defines another
+        product (then ``<id>-N.yaml``); a file refused as broken or as a duplicate may be written over. None without
+        a products_dir."""
         if not self.config.products_dir:
             return None
-        from inspectd.daemon.config import ConfigError, load_product_file
-        from inspectd.daemon.products import PRODUCT_SUFFIXES, product_files
+        from inspectd.daemon.products import PRODUCT_SUFFIXES, load_product_dir
 
         root = Path(self.config.products_dir)
-        for suffix in PRODUCT_SUFFIXES:
-            if (root / f"{product_id}{suffix}").is_file():
-                return root / f"{product_id}{suffix}"
-        for path in product_files(str(root)):
-            try:
-                if load_product_file(path).id == product_id:
-                    return path
-            except (ConfigError, OSError):
-                continue
-        return root / f"{product_id}.yaml"
+        folder = load_product_dir(str(root))
+        if product_id in folder.defined:
+            return folder.defined[product_id][0]
+        for n in range(1000):
+            names = [f"{product_id}{suffix}" for suffix in PRODUCT_SUFFIXES] if n == 0 else [f"{product_id}-{n}.yaml"]
+            taken = [root / name for name in names if (root / name).exists() and root / name not in folder.rejected]
+            if not taken:
+                return next((root / name for name in names if (root / name).exists()), root / names[0])
+        raise BuildError(f"product {product_id!r}: no free product file name in {root}")
 
     def save_product_file(self, config: ProductConfig) -> Path | None:
         """Persist ``config`` as YAML into products_dir (atomic rename; dot-prefixed temp file)."""

@@ -191,7 +191,7 @@ class RegistryWatcher:
             self._file_ids.pop(path, None)
             if previous is None or self.registry.status(previous) is None:
                 return  # unknown, or already removed (e.g. DELETE via the API)
-            defined, _ = await asyncio.to_thread(load_product_dir, str(self.products_dir))
+            defined = (await asyncio.to_thread(load_product_dir, str(self.products_dir))).defined
             if previous in defined:  # another file defines it (one that was rejected as its duplicate): that one now
                 other, config = defined[previous]
                 await self._act(f"{path.name} deleted; {other.name} defines {previous}",
@@ -209,15 +209,20 @@ class RegistryWatcher:
         await wait_settled(path.parent)
         try:
             config: ProductConfig = await asyncio.to_thread(load_product_file, path)
-            defined, _ = await asyncio.to_thread(load_product_dir, str(self.products_dir))
+            defined = (await asyncio.to_thread(load_product_dir, str(self.products_dir))).defined
             definer = defined.get(config.id, (path, config))[0]
-            if definer.resolve() != path.resolve():  # the rule a start applies (products.load_product_dir)
-                raise ConfigError(path.name, f"product {config.id!r} is already defined by {definer.name}; one file "
-                                             "per product (rename the id or delete one of them)")
         except (ConfigError, OSError) as exc:
             self.errors += 1
             log.error("watcher: product file %s rejected: %s (the serving version stays)", path.name, exc)
             self.registry.record_invalid(previous or path.stem, f"{path.name}: {exc}")
+            return
+        if definer.resolve() != path.resolve():  # the rule a start applies (products.load_product_dir)
+            self.errors += 1
+            log.error("watcher: product file %s rejected: product %r is already defined by %s; one file per product "
+                      "(rename the id or delete one of them)", path.name, config.id, definer.name)
+            if previous is not None and previous != config.id:  # what it defined before keeps serving, with this
+                self.registry.record_invalid(previous, f"{path.name}: now repeats product {config.id!r} of "
+                                                       f"{definer.name}")
             return
         self._file_ids[path] = config.id
         if previous is not None and previous != config.id and previous not in self._file_ids.values():
