@@ -183,3 +183,32 @@ def test_the_api_writes_and_deletes_the_file_that_defines_a_product_and_no_other
         assert load_product_dir(str(tmp_path)).defined.keys() == {"broken"}
     finally:
         registry.close()
+
+
+def test_a_product_sent_with_relative_paths_reads_the_same_from_the_file_it_is_saved_in(tmp_path: Path,
+                                                                                         tiny_backbone) -> None:
+    """Through the admin API or the control stream, relative paths (the learned-part files too) are taken relative
+    to products_dir, where the product is saved: its file, read by the watcher or the next start, gives the same
+    config (an `ffn` taken relative to the cwd made the file's echo look like a change and rebuild elsewhere)."""
+    import json
+
+    from inspectd.daemon.admin import parse_product
+    from inspectd.daemon.config import RegistryConfig
+    from inspectd.daemon.control import command_fields, parse_command
+    from inspectd.daemon.registry import ProductRegistry
+
+    products = tmp_path / "products"
+    products.mkdir()
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(products_dir=str(products), watch=False))
+    body = {"detector": "randword", "options": {"ffn": "models/ffn.safetensors"}, "references": "refs/rw",
+            "threshold": {"holdout_dir": "holdout/rw"}}
+    try:
+        sent = parse_product(json.dumps(body).encode(), "application/json", "rw", registry)
+        _, _, commanded = parse_command(command_fields("put", "rw", body), str(products))
+        for config in (sent, commanded):
+            assert config.options["ffn"] == str(products / "models" / "ffn.safetensors")
+            assert config.references == str(products / "refs" / "rw")
+            assert config.threshold.holdout_dir == str(products / "holdout" / "rw")
+        assert load_product_file(registry.save_product_file(sent)) == sent
+    finally:
+        registry.close()

@@ -21,7 +21,14 @@ import yaml
 from aiohttp import BodyPartReader, web
 
 from inspectd import atomic
-from inspectd.daemon.config import ConfigError, ProductConfig, build, parse_yaml
+from inspectd.daemon.config import (
+    ConfigError,
+    ProductConfig,
+    build,
+    parse_yaml,
+    relative_product_paths,
+    resolve_product_paths,
+)
 from inspectd.daemon.http_common import (
     DAEMON_KEY,
     admin_token,
@@ -354,16 +361,12 @@ def parse_product(body: bytes, content_type: str, product_id: str, registry: Pro
         config = build(ProductConfig, data, "")
     except ConfigError as exc:
         raise ApiError(400, str(exc), path=exc.path) from exc
-    for key, value in (("references", config.references), ("threshold.holdout_dir", config.threshold.holdout_dir)):
-        if value and not Path(value).is_absolute():
-            if not registry.config.products_dir:
-                raise ApiError(400, f"config error at {key}: must be an absolute path (no products_dir to resolve "
-                               "it against)", path=key)
-            resolved = str((Path(registry.config.products_dir) / value).resolve())
-            if key == "references":
-                config.references = resolved
-            else:
-                config.threshold.holdout_dir = resolved
+    relative = relative_product_paths(config)  # references, holdout, learned-part files: as in a product file
+    if relative and not registry.config.products_dir:
+        raise ApiError(400, f"config error at {relative[0]}: must be an absolute path (no products_dir to resolve "
+                       "it against)", path=relative[0])
+    if relative:  # relative to products_dir, where the product is saved: its file then reads the same
+        resolve_product_paths(config, Path(registry.config.products_dir))
     return config
 
 

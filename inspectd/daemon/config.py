@@ -507,20 +507,38 @@ def _relative_to(base: Path) -> Any:
     return fix
 
 
-def _resolve_product_paths(product: ProductConfig, base: Path) -> None:
-    """A product's references, holdout and learned-part files (its detector's ``artifact_options``) relative to
-    the file that defines it."""
-    fix = _relative_to(base)
-    product.references = fix(product.references)
-    product.threshold.holdout_dir = fix(product.threshold.holdout_dir)
+def product_paths(product: ProductConfig) -> dict[str, str]:
+    """{key path: value} of a product's paths: references, holdout and learned-part files (its detector's
+    ``artifact_options``); the set given."""
+    paths = {"references": product.references, "threshold.holdout_dir": product.threshold.holdout_dir}
     try:
         from inspectd.detectors.base import detector_class
 
         artifact_options = detector_class(product.detector).artifact_options
     except ValueError:  # an unknown detector: `--check` and the build say so
-        return
-    for option in artifact_options:
-        if isinstance(product.options.get(option), str):
+        artifact_options = ()
+    paths.update({f"options.{o}": product.options.get(o) for o in artifact_options
+                  if isinstance(product.options.get(o), str)})
+    return {key: value for key, value in paths.items() if value}
+
+
+def relative_product_paths(product: ProductConfig) -> list[str]:
+    """The key paths of `product_paths` that are relative."""
+    return [key for key, value in product_paths(product).items()
+            if "://" not in value and not Path(value).expanduser().is_absolute()]
+
+
+def resolve_product_paths(product: ProductConfig, base: Path) -> None:
+    """A product's paths (`product_paths`) relative to ``base``: the folder of the file that defines it, or the
+    products_dir a product sent through the API or the control stream is saved in."""
+    fix = _relative_to(base)
+    for key in product_paths(product):
+        if key == "references":
+            product.references = fix(product.references)
+        elif key == "threshold.holdout_dir":
+            product.threshold.holdout_dir = fix(product.threshold.holdout_dir)
+        else:
+            option = key.removeprefix("options.")
             product.options[option] = fix(product.options[option])
 
 
@@ -548,12 +566,12 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> None:
         if not camera.uri.isdigit():
             camera.uri = fix(camera.uri) or camera.uri
     for product in config.products:
-        _resolve_product_paths(product, base)
+        resolve_product_paths(product, base)
 
 
 def load_product_file(path: str | Path) -> ProductConfig:
     path = Path(path)
     data = _read_yaml(path, path.name)
     product = build(ProductConfig, data, path.stem)
-    _resolve_product_paths(product, path.parent)  # as in the main config: relative to the file, not the cwd
+    resolve_product_paths(product, path.parent)  # as in the main config: relative to the file, not the cwd
     return product

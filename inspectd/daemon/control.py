@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
-from inspectd.daemon.config import ConfigError, ProductConfig, build
+from inspectd.daemon.config import ConfigError, ProductConfig, build, resolve_product_paths
 from inspectd.daemon.registry import BuildError, BuildSuperseded, ProductRegistry
 from inspectd.streams.retry import Backoff
 
@@ -45,7 +46,10 @@ def command_fields(op: str, product: str, config: dict[str, Any] | None = None) 
     return fields
 
 
-def parse_command(fields: dict[bytes | str, bytes | str]) -> tuple[str, str, ProductConfig | None]:
+def parse_command(fields: dict[bytes | str, bytes | str], products_dir: str | None = None
+                  ) -> tuple[str, str, ProductConfig | None]:
+    """(op, product, config of a put); a put's relative paths are taken relative to ``products_dir``, as the admin
+    API takes them (where a persisted product is saved, so its file reads the same)."""
     text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in fields.items()}
     op, product = text.get("op", ""), text.get("product", "")
@@ -65,9 +69,12 @@ def parse_command(fields: dict[bytes | str, bytes | str]) -> tuple[str, str, Pro
     if data["id"] != product:
         raise CommandError(f"put {product}: config id {data['id']!r} does not match the command's product")
     try:
-        return op, product, build(ProductConfig, data, "")
+        config = build(ProductConfig, data, "")
     except ConfigError as exc:
         raise CommandError(f"put {product}: {exc}") from exc
+    if products_dir:
+        resolve_product_paths(config, Path(products_dir))
+    return op, product, config
 
 
 class ControlListener:
@@ -136,7 +143,7 @@ class ControlListener:
         """Start applying one command; returns once the registry has taken it in (not when its build ends), with
         the job applying it, or None for a command that cannot be applied as written (logged and counted)."""
         try:
-            op, product, config = parse_command(fields)
+            op, product, config = parse_command(fields, self.registry.config.products_dir)
         except CommandError as exc:
             self._error(str(exc))
             return None
