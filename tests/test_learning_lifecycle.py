@@ -446,6 +446,23 @@ async def test_remove_stops_a_running_training_build(tmp_path, refs, tiny_backbo
     assert isinstance(outcome[0], BuildSuperseded) and registry.builds == 0, (outcome, registry.builds)
 
 
+async def test_closing_the_registry_stops_a_running_training_build(tmp_path, refs, tiny_backbone) -> None:
+    """Shutdown: a training fit ends at its next step; it used to run to its end, holding the process's exit (the
+    interpreter joins the build thread) until systemd killed it."""
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    put = asyncio.create_task(registry.put(build(ProductConfig, product("long", refs, epochs=40, steps=10,
+                                                                        step_sleep_s=0.05), "")))
+    await training(registry, "long")
+    started = time.monotonic()
+    registry.close()
+    outcome = await asyncio.gather(put, return_exceptions=True)
+    threads = list(registry._executor._threads)
+    await asyncio.to_thread(lambda: [t.join(5) for t in threads])
+    took = time.monotonic() - started
+    assert isinstance(outcome[0], BuildSuperseded), outcome
+    assert took < 2.0 and not any(t.is_alive() for t in threads), f"the build thread ran on for {took:.1f} s"
+
+
 # Registry bugs found in review (each test failed before the fix): the file watcher's echo of the daemon's own writes
 # (a force=False put or reload) stopped the newer build it echoed, and a product whose first build failed was
 # forgotten (never rebuilt).

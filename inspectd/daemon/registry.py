@@ -498,6 +498,10 @@ class ProductRegistry:
         return path
 
     def close(self) -> None:
+        """Stop every build (a training fit ends at its next step instead of holding the process's exit until it
+        is done) and the build threads."""
+        for product_id in sorted(set(self._builds) | set(self._latest)):
+            self._stop_builds(product_id, "the daemon is stopping")
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- building
