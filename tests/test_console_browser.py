@@ -230,3 +230,41 @@ async def test_a_refused_live_view_says_so_and_goes_live_once_a_slot_frees(brows
             response.close()
         await http.close()
         await daemon.shutdown()
+
+
+async def test_a_session_that_ends_asks_to_sign_in_again_and_the_feed_comes_back(browser, redis_url, key_prefix,
+                                                                                tmp_path, tiny_backbone,
+                                                                                redis_client) -> None:
+    """The session expires: the live stream ends and its reconnection is a 401, which a browser never retries.
+    The page asks for the token again (it said "live view refused" and retried for ever) and, signed in, is live
+    with the frames it missed."""
+    from selenium.webdriver.common.by import By
+
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path, session_ttl_s=3.0), tiny_backbone)
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    driver = browser
+
+    def sign_in() -> None:
+        _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
+        driver.find_element(By.ID, "login-token").send_keys(TOKEN)
+        driver.find_element(By.ID, "login-submit").click()
+        _wait(driver, lambda d: "signed-in" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
+
+    try:
+        await in_browser(driver.delete_all_cookies)
+        await in_browser(driver.get, f"{base}/console/")
+        await in_browser(sign_in)
+        await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
+        await asyncio.sleep(3.5)  # the session expires
+        await send(redis_client, key_prefix, DEFECTS[:1], size=240, tag="expired")  # the stream sees it and ends
+        await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "signed out")
+        await in_browser(sign_in)  # the sign-in dialog is open again
+        ids = await send(redis_client, key_prefix, DEFECTS[1:2], size=240, tag="after")
+        await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
+
+        def shown(d: Any) -> set[str]:
+            return {c.get_attribute("data-frame-id") for c in d.find_elements(By.CSS_SELECTOR, ".frame-card")}
+
+        await in_browser(_wait, driver, lambda d: set(ids) <= shown(d))
+    finally:
+        await daemon.shutdown()

@@ -261,11 +261,19 @@ function connect(retryMs = RETRY_MIN_MS) {
   source.onerror = () => {
     live.className = "pill off";
     if (source.readyState !== EventSource.CLOSED) { live.textContent = "reconnecting"; return; }
-    // refused (429: this address holds its live views already; 503: the daemon's are all taken): the browser
-    // gives up on such an answer, the page does not
-    live.textContent = "live view refused: retrying";
-    live.title = "too many live views open: close other console tabs (at most 4 per address)";
-    setTimeout(() => connect(Math.min(retryMs * 2, RETRY_MAX_MS)), retryMs);
+    // the browser gives up on an answer that is no event stream: the session ended (401), or the live view was
+    // refused (429: this address holds its live views already; 503: the daemon's are all taken)
+    call("GET", "/session").then((session) => {
+      if (session.reads_open || session.signed_in) throw new Error("refused");
+      live.textContent = "signed out"; live.title = "";
+      setSignedIn(false);
+      document.getElementById("login").showModal();
+      waitFor(() => state.signedIn).then(() => connect(RETRY_MIN_MS * 2));  // *2: reload the frames missed
+    }).catch(() => {
+      live.textContent = "live view refused: retrying";
+      live.title = "too many live views open: close other console tabs (at most 4 per address)";
+      setTimeout(() => connect(Math.min(retryMs * 2, RETRY_MAX_MS)), retryMs);
+    });
   };
   source.addEventListener("frame", (e) => {
     const f = JSON.parse(e.data);
@@ -319,8 +327,12 @@ async function start() {
   await boot();
 }
 
+async function waitFor(condition) {
+  while (!condition()) await new Promise((r) => setTimeout(r, 300));
+}
+
 async function waitForSignIn() {
-  while (!state.signedIn) await new Promise((r) => setTimeout(r, 300));
+  await waitFor(() => state.signedIn);
   await boot();
 }
 
