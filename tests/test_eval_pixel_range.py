@@ -183,3 +183,14 @@ def test_merge_of_accumulators_refined_differently_is_exact() -> None:
     empty.merge(one)
     assert empty.compute() == one.compute()
     assert math.isnan(PixelMetricAccumulator().compute().auroc)
+
+
+def test_scores_too_far_apart_for_float64_bins_are_a_clear_error() -> None:
+    """A lattice fitted to [1e-300, 2e-300] cannot index a map in [0, 1e6]: a ValueError saying so (it was an
+    OverflowError from deep inside the re-binning)."""
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    acc = PixelMetricAccumulator(value_range=None)
+    acc.update(np.where(mask, 2e-300, 1e-300), mask)
+    with pytest.raises(ValueError, match="too far from the ones before"):
+        acc.update(np.where(mask, 1e6, 0.0), mask)

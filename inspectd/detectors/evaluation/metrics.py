@@ -386,9 +386,15 @@ class PixelMetricAccumulator:
                 self._neg[i] += self._tie_neg
                 self._region[i] += self._tie_region
                 self._tie, self._tie_pos, self._tie_neg, self._tie_region = None, 0, 0, 0.0
-        idx = self._local(values)
+        with np.errstate(over="ignore"):
+            idx = self._local(values)
         if idx.min() < 0 or idx.max() >= self.bins:
-            self._regrid((low, high))
+            try:
+                self._regrid((low, high))
+            except OverflowError:  # e.g. a first map in [1e-300, 2e-300], then one in [0, 1e6]
+                raise ValueError(f"anomaly map scores [{low:.6g}, {high:.6g}] lie too far from the ones before "
+                                 f"(bins of width {self._width:.3g}) for float64 bin indices; evaluate maps of "
+                                 "comparable scale") from None
             idx = self._local(values)
         return idx.astype(np.int64)
 
