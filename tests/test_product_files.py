@@ -104,7 +104,6 @@ async def test_the_daemon_skips_bad_files_and_serves_the_rest_at_start_and_when_
         assert "not UTF-8" in (registry.error("latin") or "")
         assert registry.status("a2") is None  # a duplicate is no product of its own: nothing to wait for
         assert registry.status("latin") == "failed" and not registry.all_ready()  # the product latin.yaml meant
-        await asyncio.sleep(1.0)  # the watcher is watching
         (products / "latin.yaml").write_text("id: latin\nobject_name: cafe\n")  # fixed
         await until(lambda: registry.get("latin") is not None, 15, "latin.yaml fixed")
         assert registry.all_ready()  # the duplicate holds nothing up

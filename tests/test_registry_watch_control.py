@@ -236,3 +236,44 @@ async def test_a_product_whose_first_build_failed_builds_once_its_folder_has_ima
         assert daemon.ready()
     finally:
         await daemon.shutdown()
+
+
+async def test_changes_made_while_the_products_build_at_start_are_applied(redis_url, key_prefix, tmp_path,
+                                                                        tiny_backbone) -> None:
+    """The watcher starts once every product is built (minutes with a training detector): a product file edited,
+    added or deleted and a reference image added meanwhile used to be missed until the next change."""
+    products, refs = tmp_path / "products", tmp_path / "refs"
+    products.mkdir()
+    refs.mkdir()
+    for name in ("00", "01"):
+        (refs / f"{name}.png").write_bytes(png_bytes(HAZELNUT / "good" / f"{name}.png"))
+    slow = {"id": "slow", "object_name": "hazelnut", "detector": toy.NAME, "references": str(refs), "shots": 2,
+            "mask": "none", "options": {"epochs": 6, "steps": 10, "step_sleep_s": 0.05}}  # ~3 s of training
+    (products / "slow.yaml").write_text(yaml.safe_dump(slow))
+    (products / "nut.yaml").write_text(yaml.safe_dump({"id": "nut", "object_name": "hazelnut",
+                                                       "references": str(refs), "shots": 8}))
+    (products / "gone.yaml").write_text(yaml.safe_dump({"id": "gone", "object_name": "bolt", "shots": 0}))
+    config = local_config(redis_url, key_prefix, tmp_path, products=[],
+                          registry={"products_dir": str(products), "watch": True, "debounce_s": 0.2})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    starting = asyncio.create_task(daemon.start())
+    try:
+        await until(lambda: daemon.registry is not None
+                    and (daemon.registry.progress("slow") or {}).get("fraction", 0) > 0.05, 20, "slow trains")
+        (products / "nut.yaml").write_text(yaml.safe_dump({"id": "nut", "object_name": "walnut",
+                                                           "references": str(refs), "shots": 8}))
+        (products / "bolt.yaml").write_text(yaml.safe_dump({"id": "bolt", "object_name": "bolt", "shots": 0}))
+        (products / "gone.yaml").unlink()
+        (refs / "02.png").write_bytes(png_bytes(HAZELNUT / "good" / "02.png"))
+        assert daemon.registry.get("slow") is None  # still building: the watcher is not running yet
+        await starting
+        registry = daemon.registry
+        await until(lambda: registry.get("nut").config.object_name == "walnut", 15, "nut.yaml's edit")
+        await until(lambda: registry.get("bolt") is not None, 15, "bolt.yaml, added")
+        await until(lambda: registry.get("gone") is None, 15, "gone.yaml, deleted")
+        await until(lambda: registry.get("nut").state.meta["shots"] == 3, 15, "the new reference image")
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await daemon.shutdown()

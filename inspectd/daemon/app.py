@@ -153,13 +153,14 @@ class InspectDaemon:
         from inspectd.daemon.publisher import Publisher
 
         self.publisher = Publisher(self.sinks, self.metrics)
+        from inspectd.daemon.watcher import RegistryWatcher
+
+        built_from = await asyncio.to_thread(RegistryWatcher.snapshot, cfg) if cfg.registry.watch else None
         await self._load_products()
         await self._compile_models()
         if cfg.registry.watch:
-            from inspectd.daemon.watcher import RegistryWatcher
-
             self.watcher = RegistryWatcher(self.registry, cfg)
-            self.watcher.start()
+            self.watcher.start(since=built_from)  # what changed while the products built is applied too
         if cfg.redis.control_stream:  # opt-in: a Redis-free setup (the demo) has no fleet to follow
             from inspectd.daemon.control import ControlListener
 

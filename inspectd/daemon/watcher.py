@@ -22,6 +22,7 @@ from inspectd.daemon.registry import FAILED, BuildError, ProductRegistry
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", ".swp")
+CATCH_UP_S = 1.0  # after start: the folders are watched by then; what changed before is compared and applied
 RESYNC_S = 1.0  # how often the set of watched directories is compared with the registry's
 SETTLE_STEP_S = 0.1
 SETTLE_MAX_S = 10.0
@@ -66,6 +67,22 @@ async def wait_settled(directory: Path, step: float = SETTLE_STEP_S, limit: floa
     return False
 
 
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _listing(directory: Path) -> tuple[tuple[str, tuple[int, int] | None], ...] | None:
+    """A folder's files with their (mtime, size); None when it cannot be listed."""
+    try:
+        return tuple(sorted((p.name, _stat(p)) for p in directory.iterdir() if not ignored(p.name)))
+    except OSError:
+        return None
+
+
 class RegistryWatcher:
     """Watches products_dir and reference directories; applies changes to the registry off the hot path."""
 
@@ -82,11 +99,49 @@ class RegistryWatcher:
         self.errors = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
+    @staticmethod
+    def snapshot(config: DaemonConfig) -> dict[Path, Any]:
+        """What the products were built from, taken before they are: each product file's (mtime, size) and each
+        reference folder's listing. `start` compares it with the folders once it watches them, so a change made
+        while the products built (minutes, for a training detector) is applied, not missed."""
+        products_dir = config.registry.products_dir
+        folder = load_product_dir(products_dir)
+        ids = {path.resolve(): product_id for product_id, (path, _) in folder.defined.items()}
+        state: dict[Path, Any] = {path.resolve(): (_stat(path), ids.get(path.resolve()))
+                                  for path in product_files(products_dir)}
+        for product in [*config.products, *(c for _, c in folder.defined.values())]:
+            for directory in (product.references, product.threshold.holdout_dir):
+                if directory:
+                    state[Path(directory).resolve()] = _listing(Path(directory))
+        return state
+
+    def start(self, since: dict[Path, Any] | None = None) -> None:
+        """Watch from now; with ``since`` (a `snapshot` taken before the products were built), also apply what
+        changed since then."""
         for path in product_files(str(self.products_dir) if self.products_dir else None):
             with contextlib.suppress(ConfigError, OSError):
                 self._file_ids[path.resolve()] = load_product_file(path).id
         self._task = asyncio.create_task(self._run(), name="watcher")
+        if since is not None:
+            task = asyncio.create_task(self._catch_up(since), name="watcher-catch-up")
+            self._side.add(task)
+            task.add_done_callback(self._side.discard)
+
+    async def _catch_up(self, since: dict[Path, Any]) -> None:
+        """Once the folders are watched (changes from then on raise events), apply what changed before."""
+        await asyncio.sleep(CATCH_UP_S)
+        now = await asyncio.to_thread(self.snapshot, self.config)
+        for path in sorted(p for p in set(since) | set(now) if p.suffix in PRODUCT_SUFFIXES
+                           and self.products_dir is not None and p.parent == self.products_dir):
+            if since.get(path) != now.get(path):
+                log.info("watcher: %s changed while the products were built", path.name)
+                if path not in now and path in since and since[path][1]:
+                    self._file_ids.setdefault(path, since[path][1])  # what it defined when the products were built
+                await self._product_file_changed(path, deleted=path not in now)
+        by_dir = self.reference_dirs()
+        for directory in sorted(d for d in by_dir if d in since and since[d] != _listing(d)):
+            for product_id in sorted(by_dir[directory]):
+                await self._rebuild(directory, product_id, "changed while the products were built")
 
     async def stop(self) -> None:
         self._stop.set()
