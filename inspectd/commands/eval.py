@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inspectd.commands.fit import model_setting
+from inspectd.commands.fit import add_model_settings
 
 DATASET_NAMES = {"mvtec": "mvtec_ad", "visa": "visa", "visa-mvtec": "visa", "meta": "dataset", "folder": "dataset"}
 LAYOUTS = {"mvtec": "mvtec", "visa": "visa", "visa-mvtec": "mvtec", "meta": "meta", "folder": "folder",
@@ -46,13 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="open_clip tag, or a checkpoint file/folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--demo", action="store_true", help="allow --weights random (results are meaningless)")
-    p.add_argument("--precision", default="auto", type=model_setting("precision"),
-                   help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
-                        "CUDA; default: %(default)s)")
-    p.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=model_setting("quick_gelu"),
-                   help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
-                        "weights and other releases open_clip marks so; default: %(default)s). Evaluate with the "
-                        "setting the daemon will run: learned parts record it and are refused under the other")
+    add_model_settings(p, "Evaluate with the setting the daemon will run: learned parts record it and are refused "
+                          "under the other")
     p.add_argument("--resize", choices=("exact", "fast"), default="exact",
                    help="frames to model inputs as the daemon's model.resize (default exact: open_clip's own); "
                         "fast measures that setting's accuracy cost")

@@ -49,13 +49,8 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
                        help="open_clip tag or checkpoint path; 'random' only with --demo (default: %(default)s)")
     model.add_argument("--demo", action="store_true", help="allow --pretrained random (the result is meaningless)")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    model.add_argument("--precision", default="auto", type=model_setting("precision"),
-                       help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
-                            "CUDA; default: %(default)s)")
-    model.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=model_setting("quick_gelu"),
-                       help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
-                            "weights and other releases open_clip marks so; default: %(default)s). Train with the "
-                            "setting the daemon will run: the artifact records it and is refused under the other")
+    add_model_settings(model, "Train with the setting the daemon will run: the artifact records it and is refused "
+                              "under the other")
     if trainer.data in ("dataset", "products"):
         data = parser.add_argument_group("data")
         data.add_argument("--dataset", default="auto", help="layout: mvtec, visa, meta, folder, auto (default)")
@@ -74,6 +69,17 @@ def trainer_parser(name: str, trainer: Any) -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def add_model_settings(parser: Any, why: str) -> None:
+    """``--precision`` and ``--quick-gelu``, taking what the daemon's ``model.precision`` / ``model.quick_gelu``
+    take (`fit`, `eval`); ``why`` ends the latter's help."""
+    parser.add_argument("--precision", default="auto", type=model_setting("precision"),
+                        help="auto | fp32 | fp16 | bf16, as the daemon's model.precision (auto: fp32 on CPU, fp16 on "
+                             "CUDA; default: %(default)s)")
+    parser.add_argument("--quick-gelu", dest="quick_gelu", default="auto", type=model_setting("quick_gelu"),
+                        help="auto | true | false, as the daemon's model.quick_gelu (auto: QuickGELU for OpenAI "
+                             f"weights and other releases open_clip marks so; default: %(default)s). {why}")
 
 
 def model_setting(key: str) -> Any:
