@@ -44,7 +44,7 @@ def child(choice: str, batch: int, seconds: float) -> dict[str, Any]:
         score_prepared(detector, state, prepare_payloads(engine, detector, payloads))
 
     try:  # on the engine's own thread
-        measured = engine._engine.submit(run_for, one_batch, batch, seconds, 3).result()
+        measured = engine._engine.submit(run_for, one_batch, batch, seconds, 3, 5).result()  # >= 5 batches
     finally:
         engine.close()
     return {"choice": choice, "applied": applied, **measured,

@@ -13,14 +13,16 @@ import torch
 from inspectd.detectors.backbone import ClipBackbone, ModelSpec
 
 
-def run_for(fn: Callable[[], object], frames_per_call: int, seconds: float, warmup: int = 1) -> dict[str, Any]:
-    """``fn`` again and again for ``seconds`` after ``warmup`` calls: frames/s, and per frame the kernel time (ms)
-    and minor page faults this process took meanwhile (``call_faults``: each call's)."""
+def run_for(fn: Callable[[], object], frames_per_call: int, seconds: float, warmup: int = 1,
+            min_calls: int = 1) -> dict[str, Any]:
+    """``fn`` again and again for ``seconds`` (and at least ``min_calls`` times: a loaded machine still gives as
+    many samples) after ``warmup`` calls: frames/s, and per frame the kernel time (ms) and minor page faults this
+    process took meanwhile (``call_faults``: each call's)."""
     for _ in range(warmup):
         fn()
     before, started, frames = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
     call_faults, faults = [], before.ru_minflt
-    while time.perf_counter() - started < seconds:
+    while time.perf_counter() - started < seconds or len(call_faults) < min_calls:
         fn()
         frames += frames_per_call
         now = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

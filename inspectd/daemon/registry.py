@@ -474,10 +474,11 @@ class ProductRegistry:
         folder = load_product_dir(str(root))
         if product_id in folder.defined:
             return folder.defined[product_id][0]
+        others = {path for path, _ in folder.defined.values()}  # (none of them defines product_id)
         for n in range(1000):
             names = [f"{product_id}{suffix}" for suffix in PRODUCT_SUFFIXES] if n == 0 else [f"{product_id}-{n}.yaml"]
-            taken = [root / name for name in names if (root / name).exists() and root / name not in folder.rejected]
-            if not taken:
+            if not any(root / name in others for name in names):  # (a file made since the listing: ours, saved by a
+                #                                                  concurrent save of this product)
                 return next((root / name for name in names if (root / name).exists()), root / names[0])
         raise BuildError(f"product {product_id!r}: no free product file name in {root}")
 
