@@ -133,3 +133,12 @@ def test_run_port_flag_is_range_checked_like_http_port(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exit_:
         main(["run", "--demo", "--port", "70000", "--check"])
     assert exit_.value.code == 2 and "--port: must be within [0, 65535]" in capsys.readouterr().err
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    from inspectd.daemon.config import ConfigError, parse_config
+
+    assert parse_config({"http": {"trusted_proxies": ["10.0.0.0/8", "::1", "127.0.0.1"]}}).http.trusted_proxies
+    with pytest.raises(ConfigError) as err:
+        parse_config({"http": {"trusted_proxies": ["10.0.0.0/8", "nginx.local"]}})
+    assert err.value.path == "http.trusted_proxies[1]"

@@ -168,3 +168,54 @@ async def test_a_live_stream_slot_is_released_on_errors_and_cancellation() -> No
                 pass
             assert err.value.status == 503
     assert live.total == 0 and not live.by_client and live.refused == 2  # a refusal takes no slot
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit_and_no_one_can_pick_one(
+        redis_url, key_prefix, tmp_path, tiny_backbone) -> None:
+    """`http.trusted_proxies`: behind nginx every client's TCP peer is the proxy, so all operators shared one
+    client's 4 live views. The proxy's X-Forwarded-For now tells them apart; a client that writes its own
+    X-Forwarded-For (to the left of what the proxy appends) still counts as itself, and without the setting the
+    header is ignored: it cannot dodge the limit by naming a new address each time."""
+    limit = console_module.MAX_LIVE_STREAMS_PER_CLIENT
+    config = console_config(redis_url, key_prefix, tmp_path)
+    config.http.trusted_proxies = ["127.0.0.1/32"]
+    daemon = await start(config, tiny_backbone)
+    proxy = client(daemon, "127.0.0.1")
+
+    def via_proxy(*hops: str) -> dict[str, str]:
+        return {**BEARER, "X-Forwarded-For": ", ".join(hops)}
+
+    streams: list[aiohttp.ClientResponse] = []
+    try:
+        for i in range(limit):  # an operator at 10.0.0.1, each time claiming another address in front of it
+            response = await proxy.get(EVENTS, headers=via_proxy(f"192.0.2.{i}", "10.0.0.1"))
+            streams.append(response)
+            assert response.status == 200
+        spoofed = await proxy.get(EVENTS, headers=via_proxy("192.0.2.99", "10.0.0.1"))
+        assert spoofed.status == 429  # the proxy saw 10.0.0.1: that client's limit
+        spoofed.close()
+        other = await proxy.get(EVENTS, headers=via_proxy("10.0.0.2"))  # another operator behind the proxy
+        assert other.status == 200
+        streams.append(other)
+    finally:
+        for response in streams:
+            response.close()
+        await proxy.close()
+        await daemon.shutdown()
+
+    untrusting = await start(console_config(redis_url, key_prefix, tmp_path / "b"), tiny_backbone)
+    direct = client(untrusting, "127.0.0.1")
+    streams = []
+    try:
+        for i in range(limit):
+            response = await direct.get(EVENTS, headers=via_proxy(f"10.0.1.{i}"))
+            streams.append(response)
+            assert response.status == 200
+        dodging = await direct.get(EVENTS, headers=via_proxy("10.0.1.200"))  # not a trusted proxy: ignored
+        assert dodging.status == 429
+        dodging.close()
+    finally:
+        for response in streams:
+            response.close()
+        await direct.close()
+        await untrusting.shutdown()

@@ -220,12 +220,21 @@ class HttpConfig:
     #                                default $STATE_DIRECTORY/admin-token or ~/.local/state/inspectd/admin-token
     allowed_hosts: list[str] = field(default_factory=list)  # Host names accepted besides loopback ones
     max_body_bytes: int = 32 * 1024 * 1024
+    trusted_proxies: list[str] = field(default_factory=list)  # reverse proxies (addresses or CIDR networks) whose
+    #   X-Forwarded-For names the client: per-client limits (wrong tokens, live-feed streams) count that client
 
     def __post_init__(self) -> None:
+        import ipaddress
         import os
 
         from inspectd.daemon.http_common import is_loopback
 
+        for index, proxy in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"http.trusted_proxies[{index}]", f"{proxy!r} is not an address or network "
+                                                                    f"({exc})") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("http.port", f"must be within [0, 65535] (0 = any free port), got {self.port}")
         _positive("http.max_body_bytes", self.max_body_bytes)

@@ -7,6 +7,7 @@ here, so ``admin`` never imports ``http`` and the two form no import cycle.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
@@ -101,9 +102,36 @@ def bearer_matches(request: web.Request, token: str | None) -> bool:
 
 def client_address(request: web.BaseRequest) -> str:
     """Who ``request`` comes from, as every per-client limit counts clients (`GuessLimiter`, the console's live
-    feed): the peer address aiohttp reports (``request.remote``: the TCP peer, or what a trusted-proxy middleware
-    put there), "" when there is none. Behind a reverse proxy that is the proxy, so all its clients are one."""
-    return request.remote or ""
+    feed): the TCP peer, "" when there is none; when the peer is one of ``http.trusted_proxies``, the client its
+    ``X-Forwarded-For`` names (the rightmost address no trusted proxy added: what a client writes itself into the
+    header is to the left of it, so it cannot choose its own identity). An untrusted peer's header is ignored."""
+    peer = request.remote or ""
+    daemon = request.app.get(DAEMON_KEY) if hasattr(request, "app") else None
+    proxies = _networks(tuple(daemon.config.http.trusted_proxies)) if daemon is not None else ()
+    if not proxies or not _in(peer, proxies):
+        return peer
+    hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ()) for hop in value.split(",")]
+    for hop in reversed(hops):
+        if not _in(hop, proxies):
+            return hop if _address(hop) is not None else peer  # (a malformed hop: the proxy is all that is known)
+    return hops[0] if hops else peer
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _in(text: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in networks)
 
 
 class GuessLimiter:
