@@ -211,3 +211,22 @@ def test_a_product_sent_with_relative_paths_reads_the_same_from_the_file_it_is_s
         assert load_product_file(registry.save_product_file(sent)) == sent
     finally:
         registry.close()
+
+
+async def test_a_few_shot_product_without_references_says_it_runs_zero_shot(tiny_backbone, caplog) -> None:
+    """`shots: 4` (the default) and no `references`: it builds zero-shot with the default threshold, which used to
+    happen without a word."""
+    import logging
+
+    from inspectd.daemon.config import ProductConfig, RegistryConfig, build
+    from inspectd.daemon.registry import ProductRegistry
+
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
+    try:
+        with caplog.at_level(logging.WARNING, logger="inspectd.daemon.registry"):
+            entry = await registry.put(build(ProductConfig, {"id": "forgot", "object_name": "bolt"}, ""))
+    finally:
+        registry.close()
+    assert entry.state.meta.get("shots", 0) == 0
+    assert any("shots is 4 but no `references` folder" in r.getMessage() and "uncalibrated default threshold 0.5"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -518,6 +518,10 @@ class ProductRegistry:
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
         files = reference_files(config.references, config.shots)
+        if config.shots > 0 and not config.references:
+            log.warning("product %s: shots is %d but no `references` folder is set: it runs zero-shot%s", config.id,
+                        config.shots, "" if config.threshold.value is not None or config.threshold.holdout_dir
+                        else f", with the uncalibrated default threshold {config.threshold.default}")
         holdout_files = reference_files(config.threshold.holdout_dir, 10**6) if config.threshold.holdout_dir else []
         build.inputs = inputs_fingerprint(files, holdout_files)  # what an echo compares its folder with
         spec = ProductSpec(config.id, config.object_name, tuple(config.defect_words))
