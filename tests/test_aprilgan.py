@@ -212,6 +212,10 @@ def test_training_on_real_masks_lowers_the_loss_and_the_feature_cache_works(tiny
     assert trainer.forwards == math.ceil(n / 8)  # epochs 2-4 ran on cached features: adapters only
     assert seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
     assert artifact.config["stages"] == [0, 1] and artifact.config["image_size"] == 240
+    # the feature cache holds what its budget counts: each entry its own storage, not a view of a whole batch
+    cached = [t for entry in trainer._cache.values() for t in entry]
+    assert cached and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cached)
+    assert trainer._cache_bytes == sum(t.numel() * t.element_size() for t in cached)
     # seeded: the same run gives the same adapters
     again = AprilGanTrainer(tiny_backbone, AprilGanFitConfig(epochs=4, batch_size=8, lr=1e-2, mosaic_p=0.0, seed=1))
     second = again.train(TrainingData(categories=categories), FitContext(), None, show_progress=False)

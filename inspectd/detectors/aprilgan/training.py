@@ -203,7 +203,9 @@ class AprilGanTrainer(Trainer):
     def _remember(self, index: int, tokens: list[torch.Tensor], mask: torch.Tensor) -> None:
         size = sum(t.numel() * t.element_size() for t in tokens) + mask.numel() * mask.element_size()
         if self._cache_bytes + size <= self.config.feature_cache_mb * (1 << 20):
-            self._cache[index] = [*tokens, mask]
+            # copies: a row of the batch's tensor would keep the whole batch (mosaic rows, rows over the budget)
+            # alive, beyond what the budget counts
+            self._cache[index] = [*(t.clone() for t in tokens), mask]
             self._cache_bytes += size
 
     # ------------------------------------------------------------------ training
