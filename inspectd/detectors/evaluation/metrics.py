@@ -359,11 +359,21 @@ class PixelMetricAccumulator:
         if own is not None:
             src = np.arange(own[0] - self._offset, own[1] - self._offset + 1)
             dst = self._moved(src, self._offset, self._level, level, offset)
-            for name in ("_pos", "_neg", "_region"):
-                old = getattr(self, name)
-                moved = np.bincount(dst, weights=old[src], minlength=self.bins)  # sums of ints < 2**53: exact
-                setattr(self, name, moved if old.dtype == np.float64 else np.rint(moved).astype(np.int64))
+            self._pos, self._neg, self._region = self._carried(self, src, dst)
         self._set_grid(level, offset)
+
+    def _carried(self, source: PixelMetricAccumulator, src: np.ndarray, dst: np.ndarray) -> list[np.ndarray]:
+        """``source``'s three histograms, bins ``src`` carried into bins ``dst`` of a grid of ``bins``: exact."""
+        carried = []
+        for old in (source._pos, source._neg, source._region):
+            moved = np.bincount(dst, weights=old[src], minlength=self.bins)  # sums of ints < 2**53: exact
+            carried.append(moved if old.dtype == np.float64 else np.rint(moved).astype(np.int64))
+        return carried
+
+    def _add_at(self, i: int, pos: int, neg: int, region: float) -> None:
+        self._pos[i] += pos
+        self._neg[i] += neg
+        self._region[i] += region
 
     def _moved(self, src: np.ndarray, offset: int, level: int, to_level: int, to_offset: int) -> np.ndarray:
         """Bin numbers ``src`` of a grid (offset, level) on this lattice, as bin numbers of (to_offset, to_level)."""
@@ -381,10 +391,7 @@ class PixelMetricAccumulator:
                 low, high = min(low, tie), max(high, tie)
             self._first_grid(low, high)
             if tie is not None:  # the counts held exactly so far go into their bin now
-                i = int(self._local(np.array([tie]))[0])
-                self._pos[i] += self._tie_pos
-                self._neg[i] += self._tie_neg
-                self._region[i] += self._tie_region
+                self._add_at(int(self._local(np.array([tie]))[0]), self._tie_pos, self._tie_neg, self._tie_region)
                 self._tie, self._tie_pos, self._tie_neg, self._tie_region = None, 0, 0, 0.0
         with np.errstate(over="ignore"):
             idx = self._local(values)
@@ -406,10 +413,7 @@ class PixelMetricAccumulator:
             self._tie_neg += neg
             self._tie_region += region
             return
-        i = int(self._bins_for(np.array([value]), value, value)[0])
-        self._pos[i] += pos
-        self._neg[i] += neg
-        self._region[i] += region
+        self._add_at(int(self._bins_for(np.array([value]), value, value)[0]), pos, neg, region)
 
     # -------------------------------------------------------------------------------------------- public
 
@@ -461,10 +465,9 @@ class PixelMetricAccumulator:
                         self._regrid(None, [theirs])
                     src = np.arange(theirs[0] - other._offset, theirs[1] - other._offset + 1)
                     dst = self._moved(src, other._offset, other._level, self._level, self._offset)
-                    for name in ("_pos", "_neg", "_region"):
-                        mine = getattr(self, name)
-                        added = np.bincount(dst, weights=getattr(other, name)[src], minlength=self.bins)
-                        mine += added if mine.dtype == np.float64 else np.rint(added).astype(np.int64)
+                    for mine, added in zip((self._pos, self._neg, self._region), self._carried(other, src, dst),
+                                           strict=True):
+                        mine += added
         self.n_regions += other.n_regions
         self.n_images += other.n_images
 
