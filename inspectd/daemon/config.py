@@ -505,11 +505,16 @@ def load_config(path: str | Path) -> DaemonConfig:
     return config
 
 
+def _is_relative(value: str) -> bool:
+    """A path relative to some folder (not a URL, not absolute, ``~`` counted as absolute)."""
+    return "://" not in value and not Path(value).expanduser().is_absolute()
+
+
 def _relative_to(base: Path) -> Any:
     """A function making a relative path relative to ``base`` (None, URLs and absolute paths are kept)."""
 
     def fix(value: str | None) -> str | None:
-        if not value or "://" in value or Path(value).expanduser().is_absolute():
+        if not value or not _is_relative(value):
             return value
         return str((base / value).resolve())
 
@@ -533,8 +538,7 @@ def product_paths(product: ProductConfig) -> dict[str, str]:
 
 def relative_product_paths(product: ProductConfig) -> list[str]:
     """The key paths of `product_paths` that are relative."""
-    return [key for key, value in product_paths(product).items()
-            if "://" not in value and not Path(value).expanduser().is_absolute()]
+    return [key for key, value in product_paths(product).items() if _is_relative(value)]
 
 
 def resolve_product_paths(product: ProductConfig, base: Path) -> None:

@@ -30,6 +30,12 @@ class ProductDir(NamedTuple):
     duplicates: set[Path]  # of those, the files that only repeat a product another file defines (which serves)
 
 
+def duplicate_error(product_id: str, definer: Path) -> str:
+    """Why a file repeating a product another file defines is refused (at start and by the watcher alike)."""
+    return f"product {product_id!r} is already defined by {definer.name}; one file per product (rename the id or " \
+           "delete one of them)"
+
+
 def load_product_dir(products_dir: str | None) -> ProductDir:
     """The product files of a products folder, read.
 
@@ -47,8 +53,7 @@ def load_product_dir(products_dir: str | None) -> ProductDir:
             rejected[path] = str(exc).removeprefix("config error at ").removeprefix(f"{path.name}: ")
     for path, product in sorted(loaded, key=lambda item: (item[0].stem != item[1].id, item[0].name)):
         if product.id in defined:
-            rejected[path] = f"product {product.id!r} is already defined by {defined[product.id][0].name}; " \
-                             "one file per product (rename the id or delete one of them)"
+            rejected[path] = duplicate_error(product.id, defined[product.id][0])
             duplicates.add(path)
         else:
             defined[product.id] = (path, product)

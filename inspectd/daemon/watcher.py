@@ -16,7 +16,7 @@ from typing import Any
 from watchfiles import Change, awatch
 
 from inspectd.daemon.config import ConfigError, DaemonConfig, ProductConfig, load_product_file
-from inspectd.daemon.products import PRODUCT_SUFFIXES, load_product_dir, product_files
+from inspectd.daemon.products import PRODUCT_SUFFIXES, duplicate_error, load_product_dir, product_files
 from inspectd.daemon.registry import FAILED, BuildError, ProductRegistry
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,7 @@ class RegistryWatcher:
             return
         if definer.resolve() != path.resolve():  # the rule a start applies (products.load_product_dir)
             self.errors += 1
-            log.error("watcher: product file %s rejected: product %r is already defined by %s; one file per product "
-                      "(rename the id or delete one of them)", path.name, config.id, definer.name)
+            log.error("watcher: product file %s rejected: %s", path.name, duplicate_error(config.id, definer))
             if previous is not None and previous != config.id:  # what it defined before keeps serving, with this
                 self.registry.record_invalid(previous, f"{path.name}: now repeats product {config.id!r} of "
                                                        f"{definer.name}")
