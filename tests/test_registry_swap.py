@@ -240,6 +240,27 @@ class SlowFit(WinClip):
         return super().fit(spec, references, ctx)
 
 
+async def start_parking(redis_url: str, prefix: str, tmp: Path, backbone: Any, wait_timeout_s: float,
+                        queue_size: int) -> InspectDaemon:
+    """A started daemon serving `nut` whose frames of a product still building wait for its first build."""
+    config = daemon_config(redis_url, prefix, tmp,
+                           registry={"watch": False, "on_building": "wait", "wait_timeout_s": wait_timeout_s},
+                           redis={"url": redis_url, "prefix": prefix, "lines": ["l1"], "block_ms": 50,
+                                  "control_stream": None},
+                           batcher={"max_batch_size": 4, "max_delay_ms": 10, "queue_size": queue_size})
+    config.products = [p for p in config.products if p.id == "nut"]
+    daemon = InspectDaemon(config, backbone=backbone)
+    await daemon.start()
+    return daemon
+
+
+async def until_building(daemon: InspectDaemon, product_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while daemon.registry.status(product_id) != BUILDING:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.parametrize("ending", ["fails", "removed"])
 async def test_frames_parked_for_a_first_build_go_as_soon_as_it_cannot_come(ending, redis_client, redis_url,
                                                                              key_prefix, tmp_path,
@@ -248,14 +269,7 @@ async def test_frames_parked_for_a_first_build_go_as_soon_as_it_cannot_come(endi
     fails or the product is removed, not after wait_timeout_s; meanwhile they hold backpressure permits, so a
     serving product's frame queued behind them is not held up either."""
     wait_timeout = 10.0
-    config = daemon_config(redis_url, key_prefix, tmp_path,
-                           registry={"watch": False, "on_building": "wait", "wait_timeout_s": wait_timeout},
-                           redis={"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 50,
-                                  "control_stream": None},
-                           batcher={"max_batch_size": 4, "max_delay_ms": 10, "queue_size": 4})
-    config.products = [p for p in config.products if p.id == "nut"]
-    daemon = InspectDaemon(config, backbone=tiny_backbone)
-    await daemon.start()
+    daemon = await start_parking(redis_url, key_prefix, tmp_path, tiny_backbone, wait_timeout, queue_size=4)
     frames_key = f"{key_prefix}:{{l1}}:frames"
     image = png_bytes(HAZELNUT / "good" / "05.png")
     new = build(ProductConfig, {"id": "newp", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
@@ -264,10 +278,7 @@ async def test_frames_parked_for_a_first_build_go_as_soon_as_it_cannot_come(endi
                                             "fail": ending == "fails"}}, "")
     try:
         building = daemon.background(daemon.registry.put(new))
-        deadline = time.monotonic() + 10
-        while daemon.registry.status("newp") != BUILDING:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await until_building(daemon, "newp")
         for i in range(4):  # as many as there are permits: all parked
             await redis_client.xadd(frames_key, frame_fields("newp", "l1", f"new{i}", image))
         await asyncio.sleep(0.8)
@@ -306,24 +317,14 @@ async def test_a_frame_refused_for_its_cut_is_counted_once_whether_it_waited_for
     parked while the product built (that check used to be counted twice)."""
     from tests.test_hardening import thin_png
 
-    config = daemon_config(redis_url, key_prefix, tmp_path,
-                           registry={"watch": False, "on_building": "wait", "wait_timeout_s": 10.0},
-                           redis={"url": redis_url, "prefix": key_prefix, "lines": ["l1"], "block_ms": 50,
-                                  "control_stream": None},
-                           batcher={"max_batch_size": 4, "max_delay_ms": 10, "queue_size": 8})
-    config.products = [p for p in config.products if p.id == "nut"]
-    daemon = InspectDaemon(config, backbone=tiny_backbone)
-    await daemon.start()
+    daemon = await start_parking(redis_url, key_prefix, tmp_path, tiny_backbone, 10.0, queue_size=8)
     frames_key = f"{key_prefix}:{{l1}}:frames"
     new = build(ProductConfig, {"id": "newp", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
                                 "shots": 2, "detector": SlowFit.name, "options": {"fit_s": 1.5}}, "")
     strip = thin_png(10000, 10)
     try:
         building = daemon.background(daemon.registry.put(new))
-        deadline = time.monotonic() + 10
-        while daemon.registry.status("newp") != BUILDING:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await until_building(daemon, "newp")
         await redis_client.xadd(frames_key, frame_fields("newp", "l1", "parked-strip", strip))
         await redis_client.xadd(frames_key, frame_fields("nut", "l1", "serving-strip", strip))
         await building
