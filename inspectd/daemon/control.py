@@ -159,11 +159,6 @@ class ControlListener:
         await asyncio.sleep(0)
         return job
 
-    async def apply(self, fields: dict) -> bool:
-        """Apply one command and wait for it (its build included); errors are logged and counted, never raised."""
-        job = await self.submit(fields)
-        return False if job is None else await job
-
     async def _apply(self, op: str, product: str, config: ProductConfig | None) -> bool:
         try:
             if op == "reload":
