@@ -25,10 +25,20 @@ def replacing(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """``path`` holds ``data`` whole (see `replacing`); returns ``path``."""
-    with replacing(path) as tmp:
-        tmp.write_bytes(data)
+def write_bytes(path: str | Path, data: bytes, durable: bool = False) -> Path:
+    """``path`` holds ``data`` whole (see `replacing`); returns ``path``. ``durable``: the data and the rename are
+    on disk (fsynced, the folder too) before it returns, so a power cut cannot leave the name without its bytes."""
+    with replacing(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if durable:
+        folder = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return Path(path)
 
 

@@ -115,6 +115,36 @@ async def test_jsonl_sink_writes_records_and_mask_files(tmp_path: Path) -> None:
     assert lines[2]["reason"] == "corrupt_image" and len(lines[2]["fields"]["k"]) == 512
 
 
+async def test_a_reader_of_the_mask_folder_never_sees_half_a_mask_file(tmp_path: Path) -> None:
+    """A retried publish rewrites its own mask file; a consumer watching the folder reads it meanwhile."""
+    import threading
+
+    sink = JsonlSink(tmp_path / "results.jsonl", mask_dir=tmp_path / "masks", fsync=False, mask_bits=16,
+                     default_mask_policy=MaskPolicy.parse("full"))
+    mask = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)  # incompressible: a ~2 MB PNG
+    result = Result(product="p", line="l", frame_id="f.png", captured_at=1.0, score=0.9, verdict="NG", threshold=0.5,
+                    detector="d", state_version="v", mask=mask, entry_id="1-0")
+    await sink.publish_batch([result])
+    path = tmp_path / "masks" / "p" / "f_1-0.mask.png"
+    whole = path.read_bytes()
+    seen, stop = [], threading.Event()
+
+    def read_all_the_time() -> None:
+        while not stop.is_set():
+            seen.append(len(path.read_bytes()))
+
+    reader = threading.Thread(target=read_all_the_time)
+    reader.start()
+    try:
+        for _ in range(8):
+            await sink.publish_batch([result])
+    finally:
+        stop.set()
+        reader.join()
+    sink.close()
+    assert len(seen) > 8 and set(seen) == {len(whole)}, sorted(set(seen))[:5]
+
+
 def _png(value: int = 9) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")

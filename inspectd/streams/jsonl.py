@@ -1,5 +1,6 @@
 """JSONL file sink: one JSON object per result or dead letter, masks as PNG files in a side folder
-(path in the record), flushed and fsynced per batch before ``publish_batch`` returns."""
+(path in the record, each file written whole by a rename), flushed and fsynced per batch before ``publish_batch``
+returns (a record's mask file before it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inspectd import atomic
 from inspectd.streams.folder import IMAGE_SUFFIXES
 from inspectd.streams.records import (
     MaskPolicies,
@@ -105,9 +107,9 @@ class JsonlSink:
             png, note = encode_result_mask(result, self.policy_for(result.product), self.mask_bits)
             record["mask_note"] = note
             if png is not None:
-                path = self._mask_path(result)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(png)
+                # whole or not at all for a reader of the folder (a retried publish rewrites the file), and on
+                # disk before the record that names it is
+                path = atomic.write_bytes(self._mask_path(result), png, durable=self.fsync)
                 record["mask_path"] = str(path)
         elif result.mask is not None and not result.mask_note:
             record["mask_note"] = "mask not saved (no mask folder configured)"
