@@ -316,7 +316,7 @@ def test_lines_are_grouped_by_hash_slot_and_a_closed_connection_mid_pipeline_is_
         def __init__(self, exc: Exception) -> None:
             self.exc = exc
 
-        async def execute(self) -> list:
+        async def execute(self, raise_on_error: bool = True) -> list:
             raise self.exc
 
     with pytest.raises(RedisConnectionError) as caught:

@@ -56,6 +56,9 @@ class Publisher:
         self.metrics = metrics
         self._busy_since: float | None = None
         self.unpublishable = 0
+        # per sink, the ids of the items of the publish in progress that the sink confirmed: a retry or the
+        # isolation sends each sink only what it has not written yet (a refused batch's other items were written)
+        self._written: dict[int, set[int]] = {}
 
     def stalled_for(self) -> float:
         """Seconds the publish in progress has taken so far (0 when none runs); a healthy one takes ms."""
@@ -66,6 +69,7 @@ class Publisher:
         backoff = Backoff()
         isolating = False
         self._busy_since = time.monotonic()
+        self._written = {id(sink): set() for sink in self.sinks}
         try:
             while True:
                 try:
@@ -88,10 +92,23 @@ class Publisher:
                     isolating = True
         finally:
             self._busy_since = None
+            self._written = {}
 
     async def _all(self, results: Sequence[Result], dead: Sequence[DeadLetter]) -> None:
+        """Each sink gets the items it has not confirmed yet; a sink's error may name (``published``) the items
+        it wrote before refusing the others."""
         for sink in self.sinks:
-            await sink.publish_batch(results, dead)
+            written = self._written.setdefault(id(sink), set())
+            todo_results = [r for r in results if id(r) not in written]
+            todo_dead = [d for d in dead if id(d) not in written]
+            if not todo_results and not todo_dead:
+                continue
+            try:
+                await sink.publish_batch(todo_results, todo_dead)
+            except Exception as exc:
+                written.update(id(item) for item in getattr(exc, "published", None) or ())
+                raise
+            written.update(id(item) for item in (*todo_results, *todo_dead))
 
     async def _isolate(self, results: list[Result], dead: list[DeadLetter]) -> tuple[list[Result], list[DeadLetter]]:
         """Publish item by item; a permanently refused one is replaced by (published as) a dead letter. A transient

@@ -93,7 +93,11 @@ class DeadLetterSink:
         """XADD all in one round trip; returns the new entry ids."""
         pipe = self.client.pipeline(transaction=False)
         self.add_to(pipe, dead_letters)
-        return [_id(x) for x in await _execute(pipe)] if dead_letters else []
+        if not dead_letters:
+            return []
+        replies = await _execute(pipe, raise_on_error=False)
+        _raise_refusal(dead_letters, replies)
+        return [_id(x) for x in replies]
 
 
 class RedisResultSink:
@@ -139,7 +143,9 @@ class RedisResultSink:
                             ) -> list[str]:
         """XADD the batch's results and dead letters in one pipelined round trip; the new entry ids.
 
-        Raises when Redis refused any of them; nothing is acked by this call.
+        Raises when Redis refused any of them; nothing is acked by this call. A refusal of some XADDs (the others
+        were written) raises the first refusal with ``published``, the items Redis did write, so that a retry
+        or the publisher's item-by-item isolation does not write those a second time.
         """
         if not results and not dead_letters:
             return []
@@ -149,19 +155,31 @@ class RedisResultSink:
         for result, fields in zip(results, encoded, strict=True):
             pipe.xadd(self.key_for(result), fields, maxlen=self.maxlen, approximate=True)
         self.dead_letters.add_to(pipe, dead_letters)
-        return [_id(x) for x in await _execute(pipe)]
+        replies = await _execute(pipe, raise_on_error=False)
+        _raise_refusal([*results, *dead_letters], replies)
+        return [_id(x) for x in replies]
 
     async def publish(self, results: Sequence[Result]) -> list[str]:
         return await self.publish_batch(results, ())
 
 
-async def _execute(pipe: Any) -> list[Any]:
+def _raise_refusal(items: Sequence[Result | DeadLetter], replies: Sequence[Any]) -> None:
+    """Raise the first refused XADD of a non-transactional pipeline (the XADDs after it ran all the same), its
+    ``published`` naming the items that were written."""
+    refused = [reply for reply in replies if isinstance(reply, Exception)]
+    if refused:
+        refused[0].published = [item for item, reply in zip(items, replies, strict=True)
+                                if not isinstance(reply, Exception)]
+        raise refused[0]
+
+
+async def _execute(pipe: Any, raise_on_error: bool = True) -> list[Any]:
     """``pipe.execute()``. redis-py's cluster client, when one node's connection fails, closes the connections of
     every node (to rediscover the topology) even while other tasks use them; a pipeline caught mid-write then fails
     with ``AttributeError: 'NoneType' object has no attribute ...`` (its reader/writer is gone). That is a lost
     connection: raised as one, so the publisher retries it (transient) instead of dead-lettering the batch."""
     try:
-        return await pipe.execute()
+        return await pipe.execute(raise_on_error=raise_on_error)
     except AttributeError as exc:
         if "'NoneType' object has no attribute" not in str(exc):
             raise
