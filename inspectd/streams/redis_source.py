@@ -124,7 +124,8 @@ class RedisStreamSource:
             log.warning("consumer group vanished (%s); recreating", exc)
             await self._create_groups()
             items = await self._read(max_count)
-        for stream, ids in _entry_ids_by_stream(items).items():
+        # Only what an ack releases is held: a claim's trimmed entry (no ack, Redis dropped it from the PEL) is not
+        for stream, ids in _entry_ids_by_stream(item for item in items if item.ack is not None).items():
             self._held.update((stream, entry_id) for entry_id in ids)
         return items
 
@@ -205,10 +206,7 @@ class RedisStreamSource:
         ids = [item.entry_id for item in items if isinstance(item, Frame) and item.entry_id]
         if not ids or self.max_deliveries <= 0:
             return items
-        pending = await self.client.xpending_range(stream, self.group, min=min(ids, key=_id_key),
-                                                   max=max(ids, key=_id_key), count=len(ids) + 100,
-                                                   consumername=self.consumer)
-        deliveries = {_str(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        deliveries = await self._deliveries(stream, ids)
         out: list[Item] = []
         for item in items:
             times = deliveries.get(item.entry_id or "", 0)
@@ -220,6 +218,25 @@ class RedisStreamSource:
                                          "it may crash the daemon", fields=dict(item.input_fields), ack=item.ack)
             out.append(item)
         return out
+
+    async def _deliveries(self, stream: str, ids: list[str]) -> dict[str, int]:
+        """Delivery counts of ``ids`` (this consumer's pending entries). XPENDING's range between the lowest and
+        the highest of them also holds every other entry pending here (the frames in flight, ones whose XACK
+        failed), so it is paged until all of ``ids`` were seen or the range ends."""
+        wanted = set(ids)
+        deliveries: dict[str, int] = {}
+        start, end = min(ids, key=_id_key), max(ids, key=_id_key)
+        page = len(ids) + 100
+        while True:
+            pending = await self.client.xpending_range(stream, self.group, min=start, max=end, count=page,
+                                                       consumername=self.consumer)
+            for entry in pending:
+                entry_id = _str(entry["message_id"])
+                if entry_id in wanted:
+                    deliveries[entry_id] = int(entry["times_delivered"])
+            if len(pending) < page or len(deliveries) == len(wanted):
+                return deliveries
+            start = _next_id(_str(pending[-1]["message_id"]))
 
     async def _read_new(self, count: int, block: bool) -> list[Item]:
         """At most ``count`` new entries. XREADGROUP's COUNT is per stream, so a multi-stream read asks
