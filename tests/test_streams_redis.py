@@ -454,3 +454,28 @@ async def test_a_vanished_group_on_one_stream_does_not_hand_out_the_others_in_fl
     assert not {f.entry_id for f in later} & set(first)
     await src.ack_many(held[:2])
     assert await src.pending_count() == 1  # the new entry of l2, read here and not acked yet
+
+
+async def test_a_read_blocking_longer_than_five_seconds_waits_for_its_frame(redis_url: str, redis_client: Any,
+                                                                           keys: StreamKeys, tiny_backbone: Any
+                                                                           ) -> None:
+    """`redis.block_ms` above redis-py's 5 s socket timeout: the daemon's client must wait out the whole block
+    (before, the read failed at 5 s, and a frame arriving after that was delivered to a dropped connection, pending
+    and unseen until claim_idle_ms)."""
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import DaemonConfig
+
+    config = DaemonConfig()
+    config.redis.url, config.redis.block_ms = redis_url, 5800
+    client = InspectDaemon(config, backbone=tiny_backbone)._redis_client()
+    stream = keys.frames("l1")
+    source = _source(client, stream, "c1", block_ms=config.redis.block_ms)
+    try:
+        await source.start()
+        reading = asyncio.create_task(source.read(4))
+        await asyncio.sleep(5.3)
+        await _add(redis_client, stream, 1)
+        items = await asyncio.wait_for(reading, 5)
+        assert [type(i).__name__ for i in items] == ["Frame"] and items[0].frame_id == "f0"
+    finally:
+        await client.aclose()

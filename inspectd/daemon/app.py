@@ -196,15 +196,14 @@ class InspectDaemon:
                         "it will score nothing" if not self.sources else "results go nowhere")
 
     def _redis_client(self) -> Any:
-        """The shared client: a plain ``redis.asyncio.Redis``, or with ``redis.cluster`` a ``RedisCluster``
-        that discovers the cluster from the one node the URL names (its pipelines split per node)."""
-        if self.config.redis.cluster:
-            from redis.asyncio.cluster import RedisCluster
+        """The shared client (`redis_client`): its reads may block up to the longest of the source's and the
+        control listener's and the review feed's blocks."""
+        from inspectd.daemon.control import BLOCK_MS as CONTROL_BLOCK_MS
+        from inspectd.daemon.review_redis import TAIL_BLOCK_MS
+        from inspectd.streams.redis_client import redis_client
 
-            return RedisCluster.from_url(self.config.redis.url)
-        import redis.asyncio as aioredis
-
-        return aioredis.from_url(self.config.redis.url)
+        return redis_client(self.config.redis.url, self.config.redis.cluster,
+                            max(self.config.redis.block_ms, CONTROL_BLOCK_MS, TAIL_BLOCK_MS))
 
     async def _wait_for_redis(self) -> None:
         """Until Redis answers: retry with the shared backoff (not ready meanwhile, a log line per attempt at
