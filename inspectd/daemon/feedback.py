@@ -33,7 +33,7 @@ from PIL import Image
 from inspectd import atomic
 from inspectd.daemon.config import DaemonConfig, ProductConfig
 from inspectd.daemon.registry import PRODUCT_ID_RE, BuildError, BuildSuperseded, ProductRegistry, reference_files
-from inspectd.daemon.review import ReviewItem
+from inspectd.daemon.review import ORIGINAL_SUFFIXES, ReviewItem
 from inspectd.streams.records import safe_file_name
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,12 @@ class FeedbackStore:
             entry = self.registry.get(product)
             if record["action"] == FALSE_ALARM and entry is not None:
                 config = copy.deepcopy(self._wanted(product, entry))
-                kept = _revert(config, record.get("config_before", {}), record.get("config_after", {}))
+                # a folder this action moved the product to stays while later false alarms saved into it: moving
+                # back would drop their images (and raise shots over images the old folder leaves out)
+                later = records[records.index(record) + 1:]
+                in_use = {str(Path(r["files"][0]).parent) for r in later
+                          if r["product"] == product and r["action"] == FALSE_ALARM and r["files"] and not r["undone"]}
+                kept = _revert(config, record.get("config_before", {}), record.get("config_after", {}), in_use)
                 try:
                     new = await self._rebuild(product, config, self._wanted(product, entry), [])
                 except FeedbackError:
@@ -303,7 +308,9 @@ class FeedbackStore:
         """Unique and readable, stamped with the time of the feedback (so later feedback sorts later)."""
         now = time.time()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.3f}"[1:]
-        suffix = item.original_suffix if item.original else ".png"
+        # the suffix comes with the item (from Redis: whatever was written there); only an image suffix is a name
+        suffix = item.original_suffix if item.original and item.original_suffix in ORIGINAL_SUFFIXES.values() \
+            else ".png"
         return f"fb-{stamp}-{safe_file_name(str(item.result['frame_id']))[:60]}-{uuid.uuid4().hex[:6]}{suffix}"
 
     def _good_directory(self, config: ProductConfig, target: str, name: str) -> tuple[Path, list[Path]]:
@@ -451,14 +458,16 @@ def _same_feedback_fields(a: ProductConfig, b: ProductConfig) -> bool:
     return (a.references, a.shots, a.threshold.holdout_dir) == (b.references, b.shots, b.threshold.holdout_dir)
 
 
-def _revert(config: ProductConfig, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def _revert(config: ProductConfig, before: dict[str, Any], after: dict[str, Any],
+            in_use: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Put back what an action changed where the config still says what the action set; ``shots`` goes down by
-    what the action added. Returns the keys left as they are (changed by someone since)."""
+    what the action added. A folder in ``in_use`` (later feedback saved there) stays. Returns the keys left as they
+    are (changed by someone since, or still in use)."""
     kept = []
     for key, old in before.items():
         if key == "shots":
             config.shots = max(0, config.shots - (after[key] - old))
-        elif _get(config, key) == after.get(key):
+        elif _get(config, key) == after.get(key) and str(after.get(key)) not in in_use:
             _set(config, key, old)
         else:
             kept.append(key)

@@ -35,6 +35,7 @@ THUMB_SIDE = 200
 HOUR_S = 3600.0
 CAPTURE_QUEUE = 32
 SUBSCRIBER_QUEUE = 256
+FAILURE_LOG_S = 60.0  # frames that could not be kept for review are logged at most this often
 UNKNOWN_PRODUCT = "_unknown"  # as the metrics' label for products no registry knows
 
 
@@ -95,15 +96,17 @@ class ReviewItem:
         return {**self.result, "id": self.id, "has_mask": self.mask_png is not None, "feedback": self.feedback}
 
 
+ORIENTATION = 0x0112  # the EXIF tag decoding applies (`codec`)
 ORIGINAL_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}  # MPO: a JPEG
 
 
 def original_of(frame: Frame, decoded: np.ndarray) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, file suffix, (width, height)) of the frame as it was scored: an encoded image as sent; raw pixels or
-    a source's own image as a PNG of ``decoded`` (the frame's pixels, full size)."""
+    """(bytes, file suffix, (width, height)) of the frame as it was scored: an encoded image as sent; raw pixels, a
+    source's own image or an image with an EXIF orientation as a PNG of ``decoded`` (the frame's pixels, full size,
+    turned as scored: the eval folder's reader does not turn images, so its mask would not fit the file sent)."""
     if frame.raw_shape is None and frame.payload:
         with Image.open(io.BytesIO(frame.payload)) as img:
-            if img.format in ORIGINAL_SUFFIXES:
+            if img.format in ORIGINAL_SUFFIXES and img.getexif().get(ORIENTATION, 1) in (0, 1):
                 return frame.payload, ORIGINAL_SUFFIXES[img.format], img.size
     return encode_png(decoded), ".png", (int(decoded.shape[1]), int(decoded.shape[0]))
 
@@ -213,6 +216,8 @@ class ReviewHub:
         self._claimed: set[str] = set()  # items a feedback action is under way on
         self._rates = {"NG": RateLimit(config.ng_per_s), "OK": RateLimit(config.ok_per_s)}
         self.skipped: dict[tuple[str, str], int] = {}  # (verdict, rate | queue_full) -> frames not rendered
+        self._failed = 0  # frames whose picture could not be drawn or stored
+        self._failure_logged = -FAILURE_LOG_S
 
     # ---------------------------------------------------------------- intake (the daemon's publish loop)
     def observe(self, results: Iterable[Result], dead: Iterable[DeadLetter],
@@ -263,7 +268,12 @@ class ReviewHub:
                     item.id = await self.store.add(item)  # the live feed hears of it from the stream (every instance)
                     continue
             except Exception:  # noqa: BLE001 - a picture that cannot be drawn or stored costs only its review entry
-                log.exception("console: could not keep frame %s/%s for review", result.product, result.frame_id)
+                self._failed += 1
+                now = time.monotonic()
+                if now - self._failure_logged >= FAILURE_LOG_S:  # the review store down: not a traceback a frame
+                    self._failure_logged = now
+                    log.exception("console: could not keep frame %s/%s for review (%d not kept so far)",
+                                  result.product, result.frame_id, self._failed)
                 continue
             self._keep(item)
             self.publish("frame", item.summary())
