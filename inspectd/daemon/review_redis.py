@@ -5,9 +5,9 @@ them, and every instance's console sees every instance's frames.
 Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` (stream: one small
 ``summary`` field per frame; listing and the live feed read only this) and ``<prefix>:{console}:review:NG:pictures``
 (hash: entry id -> packed pictures), the same for OK, and ``<prefix>:{console}:review:feedback`` (hash: entry id ->
-the feedback given on it, claimed with HSETNX so two instances' operators never act on one frame twice). One Lua
-script adds an item and trims the oldest ones from all three, atomically, so they never disagree and the bound is
-exact however many instances write.
+the feedback given on it, claimed with HSETNX so two instances' operators never act on one frame twice; recorded
+only while its item is kept). One Lua script adds an item and trims the oldest ones from all three, atomically, so
+they never disagree and the bound is exact however many instances write.
 """
 
 from __future__ import annotations
@@ -43,6 +43,18 @@ if excess > 0 then
   end
 end
 return id
+"""
+
+
+# a mark is set only on an item still held: one trimmed while its feedback ran (under an all-NG line an item lives
+# seconds, a rebuild takes longer) would leave its mark in the hash for ever
+MARK_IF_KEPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return 1
 """
 
 
@@ -86,6 +98,24 @@ def _summary(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any
     return summary
 
 
+def _summaries(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The entries' summaries, leaving out any that is not one (written to the stream by something else)."""
+    out = []
+    for entry_id, fields in entries:
+        try:
+            summary = _summary(entry_id, fields)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            log.warning("console: review stream entry %r is not a review summary; ignored", entry_id)
+            continue
+        if isinstance(summary, dict) and isinstance(summary.get("product"), str) and "line" in summary:
+            out.append(summary)
+    return out
+
+
+def _decoded(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisReviewStore:
     """Adds, lists and fetches review items in the capped streams; tails them for the live feed."""
 
@@ -95,6 +125,7 @@ class RedisReviewStore:
         self.marks = feedback_key(prefix)
         self.limits = limits
         self._add = redis.register_script(ADD_AND_TRIM)
+        self._mark = redis.register_script(MARK_IF_KEPT)
         self._cache: OrderedDict[str, ReviewItem] = OrderedDict()
 
     async def add(self, item: ReviewItem) -> str:
@@ -107,7 +138,13 @@ class RedisReviewStore:
     async def get(self, item_id: str) -> ReviewItem | None:
         if item_id in self._cache:
             self._cache.move_to_end(item_id)
-            return self._cache[item_id]
+            item = self._cache[item_id]
+            pictures = self.keys.get(item.result.get("verdict"), self.keys["NG"])[1]
+            if not await self.redis.hexists(pictures, item_id):  # trimmed since: gone, as it would be from memory
+                del self._cache[item_id]
+                return None
+            item.feedback = await self.mark_of(item_id)  # another instance's console may have given or undone it
+            return item
         for stream, pictures in self.keys.values():
             data = await self.redis.hget(pictures, item_id)
             if data is None:
@@ -118,7 +155,10 @@ class RedisReviewStore:
                 return None
             if not entries:
                 return None
-            item = unpack(item_id, _summary(*entries[0]), data)
+            summaries = _summaries(entries)
+            if not summaries:
+                return None
+            item = unpack(item_id, summaries[0], data)
             item.feedback = await self.mark_of(item_id)
             self._cache[item_id] = item
             while len(self._cache) > FETCH_CACHE:
@@ -130,7 +170,7 @@ class RedisReviewStore:
         """The newest ``limit`` summaries per verdict, NG first, newest first within each (no picture is read)."""
         out = []
         for stream, _ in self.keys.values():
-            out += [_summary(*entry) for entry in await self.redis.xrevrange(stream, count=limit)]
+            out += _summaries(await self.redis.xrevrange(stream, count=limit))
         marks = await self.redis.hmget(self.marks, [s["id"] for s in out]) if out else []
         for summary, mark in zip(out, marks, strict=True):
             summary["feedback"] = json.loads(mark) if mark else None
@@ -150,14 +190,28 @@ class RedisReviewStore:
         if record is None:
             await self.redis.hdel(self.marks, item_id)
         else:
-            await self.redis.hset(self.marks, item_id, json.dumps(record))
+            await self._mark(keys=[*(self.keys[v][1] for v in VERDICTS), self.marks],
+                             args=[item_id, json.dumps(record)])
 
     async def count(self) -> int:
         return sum([await self.redis.xlen(stream) for stream, _ in self.keys.values()])
 
     async def tail(self, on_summary: Callable[[dict[str, Any]], None]) -> None:
         """Call ``on_summary`` for every item any instance adds from now on (until cancelled)."""
-        last = {stream: "$" for stream, _ in self.keys.values()}
+        # each stream's newest id now, never "$" on every read: "$" means "what comes after this call", so an entry
+        # added to one stream while the other's reply was being handled would never be heard
+        last: dict[str, str] = {}
+        while not last:
+            try:
+                for stream, _ in self.keys.values():
+                    newest = await self.redis.xrevrange(stream, count=1)
+                    last[stream] = _decoded(newest[0][0]) if newest else "0-0"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away at start: as below
+                last = {}
+                log.warning("console: review stream read failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
         while True:
             try:
                 replies = await self.redis.xread(last, block=TAIL_BLOCK_MS)
@@ -169,7 +223,7 @@ class RedisReviewStore:
                 continue
             for key, entries in replies or []:
                 key = key.decode() if isinstance(key, bytes) else key
-                for entry_id, fields in entries:
-                    summary = _summary(entry_id, fields)
-                    last[key] = summary["id"]
+                if entries:
+                    last[key] = _decoded(entries[-1][0])
+                for summary in _summaries(entries):
                     on_summary(summary)
