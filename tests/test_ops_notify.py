@@ -112,3 +112,14 @@ async def test_watchdog_loop_returns_when_unarmed(path_socket: socket.socket,
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     await asyncio.wait_for(notify.watchdog_loop(lambda: True), timeout=1.0)
     assert _recv_all(path_socket) == []
+
+
+def test_a_receiver_that_stops_reading_never_blocks_the_sender(path_socket: socket.socket) -> None:
+    import threading
+
+    sent: list[bool] = []
+    worker = threading.Thread(target=lambda: sent.extend(notify.watchdog() for _ in range(5000)), daemon=True)
+    worker.start()  # nobody reads path_socket: its queue fills after a few hundred datagrams at most
+    worker.join(5.0)
+    assert not worker.is_alive(), "sd_notify blocked on a full notify socket (the event loop would stall)"
+    assert sent[0] is True and sent[-1] is False  # the first pings went out, the ones that found it full dropped

@@ -34,8 +34,10 @@ def notify(message: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode("utf-8"), address)
-    except OSError as exc:  # systemd gone or socket unreachable: never fatal for the daemon
+            # never waits: a receiver that stops reading (PID 1 stalled) fills its queue, and a blocking send would
+            # then stall the event loop, scoring included; a ping dropped then costs nothing
+            sock.sendto(message.encode("utf-8"), socket.MSG_DONTWAIT, address)
+    except OSError as exc:  # systemd gone, socket unreachable or its queue full: never fatal for the daemon
         log.debug("sd_notify %r failed: %s", message, exc)
         return False
     return True
