@@ -20,6 +20,7 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TILE_STRIDE = 0.8
+MAX_CROPS = 5  # test-time crops per tile (`crop_views`): the centre and the four corners
 
 
 INPUT_MODES = ("tile", "square")
@@ -151,8 +152,8 @@ class Preprocessor:
 def crop_views(tiles: torch.Tensor, n: int, scale: float = 0.8) -> torch.Tensor:
     """Test-time multi-crop: ``n`` (1..5) views per tile -- the centre, then the four corners -- each a
     ``scale`` x ``scale`` square of the tile resized back to the tile's size (bicubic). [T * n, 3, S, S]."""
-    if not 1 <= n <= 5:
-        raise ValueError(f"multi-crop takes 1 to 5 crops, got {n}")
+    if not 1 <= n <= MAX_CROPS:
+        raise ValueError(f"multi-crop takes 1 to {MAX_CROPS} crops, got {n}")
     size = tiles.shape[-1]
     side = max(1, round(size * scale))
     far = size - side

@@ -46,8 +46,12 @@ APRILGAN_TEMPLATES = (
 
 
 def defect_states(defect_words: Sequence[str]) -> tuple[str, ...]:
-    """Extra anomalous states from task-specific defect words ("{} with <word>")."""
-    return tuple(f"{{}} with {word}" for word in defect_words)
+    """Extra anomalous states from task-specific defect words ("{} with <word>"); blank words are skipped.
+
+    A word is text, never a format field: its braces are escaped for `compositional_prompts`.
+    """
+    words = (" ".join(word.split()) for word in defect_words)
+    return tuple(f"{{}} with {word.replace('{', '{{').replace('}', '}}')}" for word in words if word)
 
 
 def compositional_prompts(states: Sequence[str], templates: Sequence[str], object_name: str) -> list[str]:

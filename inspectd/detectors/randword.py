@@ -7,6 +7,7 @@ loads it once, when the product is built; a product state records which FFN (con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from inspectd.detectors.base import (
 )
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance
+from inspectd.detectors.preprocess import MAX_CROPS
 from inspectd.detectors.training.randword_ffn import RANDWORD_VERSION, FfnBundle, RandWordTrainer, load_ffn
 
 
@@ -45,6 +47,16 @@ class RandWordOptions:
     multi_crop: int = 5  # test-time multi-crop (spec: on by default): image score averaged over the full view
     #                      and this many 80 % crops (centre, 4 corners); 0 = off (the paper's "no multi-crop")
 
+    def __post_init__(self) -> None:  # here, so `inspectd check` / `product put` reject what a build would
+        if not (self.use_ffn or self.use_prompt_score):
+            raise ValueError("detector 'randword' options: use_ffn and use_prompt_score are both false; "
+                             "nothing would score a zero-shot frame")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"detector 'randword' options.temperature must be > 0, got {self.temperature}")
+        if isinstance(self.multi_crop, bool) or not 0 <= self.multi_crop <= MAX_CROPS:
+            raise ValueError(f"detector 'randword' options.multi_crop must be 0 (off) to {MAX_CROPS} crops, "
+                             f"got {self.multi_crop}")
+
 
 @register_detector
 class RandWord(Detector):
@@ -59,11 +71,6 @@ class RandWord(Detector):
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, options)
-        if not (self.options.use_ffn or self.options.use_prompt_score):
-            raise ValueError("detector 'randword' options: use_ffn and use_prompt_score are both false; "
-                             "nothing would score a zero-shot frame")
-        if self.options.temperature <= 0:
-            raise ValueError(f"detector 'randword' options.temperature must be > 0, got {self.options.temperature}")
         self._bundle: FfnBundle | None = None
 
     # ------------------------------------------------------------------ building a product state

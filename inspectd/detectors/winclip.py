@@ -10,18 +10,24 @@ image score = 1/2 (zero-shot image score + max M^W).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from inspectd.detectors import prompts as P
-from inspectd.detectors.backbone import FeatureRequest, Features, window_coverage
+from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features, window_coverage
 from inspectd.detectors.base import Detector, DetectorOutput, ProductSpec, ProductState, register_detector
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance, harmonic_mean, harmonic_window_to_patch
+from inspectd.detectors.preprocess import MAX_CROPS
+
+PATCH_FEATURES = ("ln_post", "proj", "raw")
+UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,27 @@ class WinClipOptions:
     multi_crop: int = 0  # image score averaged over the full view and this many 80 % crops (paper: 90.8 -> 91.8
     #                      image AUROC); maps come from the full view only. Off by default: it costs 1+n passes
 
+    def __post_init__(self) -> None:  # here, so `inspectd check` / `product put` reject what a build would
+        where = "detector 'winclip' options"
+        sizes = self.window_sizes
+        if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes) \
+                or len(set(sizes)) != len(sizes):
+            raise ValueError(f"{where}.window_sizes must be distinct whole numbers of patches >= 1 (spec: [2, 3]), "
+                             f"got {list(sizes)}")
+        if not 0.0 <= self.language_weight <= 1.0:
+            raise ValueError(f"{where}.language_weight must be within [0, 1], got {self.language_weight}")
+        if self.patch_feature not in PATCH_FEATURES:
+            raise ValueError(f"{where}.patch_feature must be one of {', '.join(PATCH_FEATURES)}, "
+                             f"not {self.patch_feature!r}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
+            raise ValueError(f"{where}.logit_scale must be >= 0 (0 = the model's own), got {self.logit_scale}")
+        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
+            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"{where}.upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
+        if isinstance(self.multi_crop, bool) or not 0 <= self.multi_crop <= MAX_CROPS:
+            raise ValueError(f"{where}.multi_crop must be 0 (off) to {MAX_CROPS} crops, got {self.multi_crop}")
+
 
 @register_detector
 class WinClip(Detector):
@@ -44,6 +71,14 @@ class WinClip(Detector):
     name = "winclip"
     Options = WinClipOptions
     produces_masks = True
+
+    def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(backbone, options)
+        grid = min(self.backbone.grid)
+        if max(self.options.window_sizes) > grid:  # no such window: the maps would be 0/0
+            raise ValueError(f"detector 'winclip' options.window_sizes {list(self.options.window_sizes)}: "
+                             f"{self.backbone.model_id} has a {grid} x {grid} patch grid, so windows of at most "
+                             f"{grid} patches")
 
     # ------------------------------------------------------------------ building a product state
     def _text_prototypes(self, spec: ProductSpec) -> torch.Tensor:
