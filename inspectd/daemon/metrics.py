@@ -26,7 +26,7 @@ except ImportError:  # prometheus-client < 0.22
 STAGES = ("queue_wait", "decode", "preprocess", "forward", "score", "publish", "end_to_end")
 SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(1, 21))  # 0.05 .. 1.0 (+Inf catches >1 scores)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # past the top bucket, quantiles read its bound
 MODEL_INFO_KEYS = ("arch", "pretrained", "device", "dtype", "kernels", "gemm", "demo_weights")
 
 
