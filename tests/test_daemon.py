@@ -207,6 +207,44 @@ async def test_two_instances_in_one_group_share_the_load(redis_client, redis_url
     assert a.frames_done + b.frames_done == 200
 
 
+async def test_a_nan_score_is_a_detector_error_not_an_ok_verdict(redis_client, redis_url, key_prefix, tmp_path,
+                                                                 tiny_backbone) -> None:
+    """NaN >= threshold is False: a detector giving NaN passed every frame as OK (a defective part shipped) and made
+    the score histogram's sum NaN until restart. Found by a review helper."""
+    import torch
+
+    from inspectd.detectors.base import DetectorOutput
+
+    config = daemon_config(redis_url, key_prefix, tmp_path, batcher={"max_batch_size": 16, "max_delay_ms": 300,
+                                                                    "queue_size": 64})
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    try:
+        detector = daemon.registry.get("grid").detector
+        real = detector.score
+
+        def nan_scores(features, state):  # noqa: ANN001, ANN202
+            out = real(features, state)
+            return DetectorOutput(torch.full_like(out.scores, float("nan")), out.maps)
+
+        detector.score = nan_scores
+        image = png_bytes(HAZELNUT / "good" / "05.png")
+        for i in range(4):
+            await redis_client.xadd(f"{key_prefix}:{{l1}}:frames",
+                                    frame_fields("nut" if i % 2 == 0 else "grid", "l1", f"f{i}", image))
+        out = await wait_for_results(redis_client, key_prefix, 4, timeout=30, kinds=("results", "dead"))
+        pending = await redis_client.xpending(f"{key_prefix}:{{l1}}:frames", config.redis.group)
+        exposition = daemon.metrics.exposition().decode()
+    finally:
+        await daemon.shutdown()
+    verdicts = {r["frame_id"]: r.get("verdict") or r.get("reason") for r in out}
+    assert verdicts["f1"] == verdicts["f3"] == "detector_error", verdicts
+    assert verdicts["f0"] in ("OK", "NG") and verdicts["f2"] in ("OK", "NG"), verdicts
+    assert "nan" in next(r for r in out if r["frame_id"] == "f1")["detail"].lower()
+    assert pending["pending"] == 0 and len(out) == 4
+    assert "inspectd_anomaly_score_sum" in exposition and "NaN" not in exposition
+
+
 async def test_one_products_detector_error_dead_letters_only_its_own_frames(redis_client, redis_url, key_prefix,
                                                                             tmp_path, tiny_backbone) -> None:
     """One try around a whole batch's scoring: one product's detector raising made every product's frames in the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 import time
@@ -536,14 +537,15 @@ class InspectDaemon:
             if scored:
                 self.metrics.batch(len(scored))
                 try:
-                    results = await self._score(scored)
+                    results = self._keep_scores(await self._score(scored), dead)
                 except Exception as exc:  # noqa: BLE001 - a detector bug dead-letters its product's frames only
                     if len({id(entry) for _, entry in scored}) == 1:
                         failed = [(scored, exc)]
                     else:  # one product's detector must not take the other products' frames with it
                         log.warning("scoring a batch of %d failed (%s: %s); scoring it again product by product",
                                     len(scored), type(exc).__name__, exc)
-                        failed, results = await self._score_by_product(scored)
+                        failed, outcomes = await self._score_by_product(scored)
+                        results = self._keep_scores(outcomes, dead)
                     for group, error in failed:
                         log.error("scoring %d frame(s) of product %s failed", len(group), group[0][0].frame.product,
                                   exc_info=error)
@@ -553,19 +555,35 @@ class InspectDaemon:
                                                             f"{type(error).__name__}: {error}")))
                     failed_flights = {id(flight) for group, _ in failed for flight, _ in group}
                     scored = [pair for pair in scored if id(pair[0]) not in failed_flights]
-            flights_out = [f for f, _ in scored] + [f for f, _ in dead]
+            flights_out = [f for f, _ in scored] + [f for f, _ in dead if f is not None]  # (None: in scored)
             await self._publish.put((results, [d for _, d in dead], flights_out))
 
-    async def _score(self, scored: list[tuple[InFlight, ProductEntry]]) -> list[Result]:
+    async def _score(self, scored: list[tuple[InFlight, ProductEntry]]) -> list[Result | DeadLetter]:
         items = [ScoreItem(entry.detector, entry.state, tiles=f.prepared.tiles, layout=f.prepared.layout,
                            map_size=self._map_size(entry, f.prepared.size), prepared_by=f.prepared.prepared_by)
                  for f, entry in scored]
         outputs, batch_timings = await self.engine.score(items, [f.frame for f, _ in scored])
         return [self._result(flight.frame, entry, output, dict(flight.prepared.timings, **batch_timings))
+                if math.isfinite(output.score) else self._not_a_score(flight.frame, entry, output.score)
                 for (flight, entry), output in zip(scored, outputs, strict=True)]
 
+    def _not_a_score(self, frame: Frame, entry: ProductEntry, score: float) -> DeadLetter:
+        """A NaN or infinite score has no verdict (NaN >= threshold is False: it would pass as OK, and poison the
+        score histogram's sum): the frame is a detector_error dead letter instead."""
+        self.metrics.error("score")
+        return self._dead(frame, Reason.DETECTOR_ERROR, "score",
+                          f"detector {entry.config.detector!r} (version {entry.version}) gave the score {score}; "
+                          "no verdict")
+
+    @staticmethod
+    def _keep_scores(outcomes: list[Result | DeadLetter], dead: list[tuple[Any, DeadLetter]]) -> list[Result]:
+        """The results of ``outcomes``; its dead letters (frames without a score) join ``dead``."""
+        dead += [(None, d) for d in outcomes if isinstance(d, DeadLetter)]
+        return [r for r in outcomes if isinstance(r, Result)]
+
     async def _score_by_product(self, scored: list[tuple[InFlight, ProductEntry]]
-                                ) -> tuple[list[tuple[list[tuple[InFlight, ProductEntry]], Exception]], list[Result]]:
+                                ) -> tuple[list[tuple[list[tuple[InFlight, ProductEntry]], Exception]],
+                                           list[Result | DeadLetter]]:
         """Each product's frames of a failed batch as a batch of their own: (the groups that fail again, with
         their error; the results of the others)."""
         groups: dict[int, list[tuple[InFlight, ProductEntry]]] = {}

@@ -76,7 +76,8 @@ REASONS: dict[Reason, tuple[str, str]] = {
     Reason.PRODUCT_BUILDING: ("product", "the product is still building (`registry.on_building: dead_letter`, or "
                                          "the wait timed out)"),
     Reason.PRODUCT_FAILED: ("product", "the product's build failed and no earlier version serves"),
-    Reason.DETECTOR_ERROR: ("score", "the detector raised while scoring the frame's batch"),
+    Reason.DETECTOR_ERROR: ("score", "the detector raised while scoring the frame's batch, or gave it a NaN or "
+                                     "infinite score"),
     Reason.UNPUBLISHABLE: ("publish", "the result could not be written for a permanent reason (the detail says "
                                       "why); it never blocks the frames behind it"),
 }
