@@ -67,6 +67,40 @@ async def test_metrics_scrape_after_scoring(redis_client, redis_url, key_prefix,
     assert 'inspectd_model_info{arch="inspectd-tiny"' in text
 
 
+@pytest.mark.redis
+async def test_every_read_entry_is_received_and_a_refused_one_is_logged(redis_client, redis_url, key_prefix,
+                                                                         tmp_path, tiny_backbone, caplog) -> None:
+    """received = scored + dead-lettered: entries refused before decoding (a missing field, a bad shape) were
+    counted as dead letters but never as received, and left no log line."""
+    import logging
+
+    from inspectd.streams.message import frame_fields
+    from tests.daemon_helpers import png_bytes
+
+    config = daemon_config(redis_url, key_prefix, tmp_path)
+    daemon = InspectDaemon(config, backbone=tiny_backbone)
+    await daemon.start()
+    caplog.set_level(logging.WARNING, logger="inspectd.daemon.app")
+    try:
+        stream = f"{key_prefix}:{{l1}}:frames"
+        image = png_bytes(HAZELNUT / "good" / "05.png")
+        for i in range(3):
+            await redis_client.xadd(stream, frame_fields("nut", "l1", f"ok{i}", image))
+        await redis_client.xadd(stream, {"product": "nut", "line": "l1", "frame_id": "no-image"})
+        await redis_client.xadd(stream, {**frame_fields("nut", "l1", "bad-shape", image), "shape": "0,0"})
+        out = await wait_for_results(redis_client, key_prefix, 5, timeout=30, kinds=("results", "dead"))
+        text = daemon.metrics.exposition().decode()
+    finally:
+        await daemon.shutdown()
+    assert sorted(r["reason"] for r in out if "reason" in r) == ["bad_shape", "missing_field"], out
+    scored = metric_value(text, "inspectd_frames_scored_total")
+    dead = metric_value(text, "inspectd_frames_dead_lettered_total")
+    assert (scored, dead) == (3, 2)
+    assert metric_value(text, "inspectd_frames_received_total") == scored + dead
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dead letter")]
+    assert any("no-image" in m and "missing_field" in m for m in logged), logged
+
+
 def notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -466,9 +466,9 @@ class InspectDaemon:
         dead: list[DeadLetter] = []
         carriers: list[InFlight] = []
         for item in items:
-            if isinstance(item, DeadLetter):
-                self.metrics.dead_lettered(item.product, item.line, item.reason)
-                dead.append(item)
+            if isinstance(item, DeadLetter):  # read, and refused before decoding (the source says why)
+                self.metrics.received(item.product, item.line)
+                dead.append(self._counted(item))
                 carriers.append(InFlight(Frame(item.product, item.line, item.frame_id, 0.0,
                                                entry_id=item.entry_id, ack=item.ack), None))
                 continue

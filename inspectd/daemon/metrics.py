@@ -47,7 +47,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r, ns = self.registry, namespace
 
-        self.frames_received = Counter("frames_received", "Frames read from a source (before decoding).",
+        self.frames_received = Counter("frames_received",
+                                       "Frames read from a source (received = scored + dead-lettered + in flight).",
                                        ["product", "line"], namespace=ns, registry=r)
         self.frames_scored = Counter("frames_scored", "Frames scored and published; defect rate = NG / all.",
                                      ["product", "line", "verdict"], namespace=ns, registry=r)

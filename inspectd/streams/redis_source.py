@@ -211,7 +211,6 @@ class RedisStreamSource:
         for item in items:
             times = deliveries.get(item.entry_id or "", 0)
             if isinstance(item, Frame) and times > self.max_deliveries:
-                log.error("frame %s (%s) delivered %d times: dead-lettering it", item.frame_id, item.entry_id, times)
                 item = DeadLetter(reason=Reason.TOO_MANY_DELIVERIES, stage="parse", product=item.product,
                                   line=item.line, frame_id=item.frame_id, entry_id=item.entry_id, source=item.source,
                                   detail=f"delivered {times} times (max_deliveries {self.max_deliveries}); "
@@ -279,11 +278,10 @@ class RedisStreamSource:
     def _deleted(self, stream: str, entry_id: str, ack: AckHandle | None) -> DeadLetter:
         """A dead letter for a pending entry the stream no longer holds (a producer's MAXLEN, an XDEL)."""
         self.deleted_total += 1
-        log.warning("entry %s of %s was deleted from the stream before it was scored (trimmed by a producer's "
-                    "MAXLEN/XTRIM or XDEL?); dead-lettering its id", entry_id, stream)
         return DeadLetter(reason=Reason.DELETED_BEFORE_SCORING, stage="parse", product="", line=line_of_key(stream),
                           frame_id=entry_id, entry_id=entry_id, source=f"redis:{stream}",
-                          detail="the entry was removed from the input stream while pending; its image is gone",
+                          detail="the entry was removed from the input stream while pending (a producer's MAXLEN/"
+                                 "XTRIM or an XDEL); its image is gone",
                           ack=ack)
 
     async def trim_acked(self, keep_s: float) -> dict[str, int]:
