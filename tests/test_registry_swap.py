@@ -340,3 +340,34 @@ async def test_a_frame_refused_for_its_cut_is_counted_once_whether_it_waited_for
         counted = daemon.metrics.registry.get_sample_value(
             "inspectd_frames_dead_lettered_total", {"product": product, "line": "l1", "reason": "too_many_tiles"})
         assert counted == 1.0, (product, counted)
+
+
+async def test_a_shutdown_hands_frames_parked_for_a_long_build_back_at_once(redis_client, redis_url, key_prefix,
+                                                                            tmp_path, tiny_backbone) -> None:
+    """Frames parked for a first build (a training fit of minutes) held the shutdown until shutdown_timeout_s,
+    which then exited 3 with them pending. They are handed back at once now: unacked (redelivered), not
+    dead-lettered, while the serving product's frames are scored and acked as before."""
+    daemon = await start_parking(redis_url, key_prefix, tmp_path, tiny_backbone, 30.0, queue_size=8)
+    frames_key = f"{key_prefix}:{{l1}}:frames"
+    image = png_bytes(HAZELNUT / "good" / "05.png")
+    new = build(ProductConfig, {"id": "newp", "object_name": "hazelnut", "references": str(tmp_path / "refs"),
+                                "shots": 2, "detector": SlowFit.name, "options": {"fit_s": 60.0}}, "")
+    try:
+        daemon.background(daemon.registry.put(new))
+        await until_building(daemon, "newp")
+        for i in range(2):
+            await redis_client.xadd(frames_key, frame_fields("newp", "l1", f"new{i}", image))
+        await redis_client.xadd(frames_key, frame_fields("nut", "l1", "nut0", image))
+        deadline = time.monotonic() + 15
+        while not await read_stream(redis_client, f"{key_prefix}:{{l1}}:results"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the two newp frames are parked by now
+    finally:
+        started = time.monotonic()
+        await daemon.shutdown()
+        took = time.monotonic() - started
+    pending = await redis_client.xpending(frames_key, daemon.config.redis.group)
+    assert took < daemon.config.shutdown_timeout_s / 2, f"shutdown took {took:.1f} s"
+    assert (daemon.left_pending, daemon.handed_back, pending["pending"]) == (0, 2, 2)
+    assert await read_stream(redis_client, f"{key_prefix}:{{l1}}:dead") == []

@@ -106,6 +106,8 @@ class InspectDaemon:
         self._readers_done = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
+        self._parked: dict[int, tuple[InFlight, asyncio.Task]] = {}  # frames waiting for their product's build
+        self.handed_back = 0  # parked frames a shutdown left unacked (redelivered): their product was still building
         self.http: Any = None
         # the console's recent frames, NG rates, live feed
         # (a daemon without its http server renders no review pictures nobody can see, unless they go to Redis)
@@ -369,6 +371,7 @@ class InspectDaemon:
         for task in stuck:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+        self._hand_back_parked()
         self.batcher.close()
         while self._in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -610,9 +613,26 @@ class InspectDaemon:
 
         async def wait_then_requeue() -> None:
             await self.registry.wait_ready(flight.frame.product, self.config.registry.wait_timeout_s)
-            await self.batcher.put(flight)
+            if self._parked.pop(id(flight), None) is not None:
+                await self.batcher.put(flight)
 
-        self.background(wait_then_requeue())
+        self._parked[id(flight)] = (flight, self.background(wait_then_requeue()))
+
+    def _hand_back_parked(self) -> None:
+        """At shutdown: frames parked for a build that will not finish in this process are left unacked, not
+        waited for (it may take minutes, and the build is stopped) nor dead-lettered: their source redelivers
+        them (a Redis entry stays pending for a peer or the next start; a folder file stays in the inbox)."""
+        parked, self._parked = list(self._parked.values()), {}
+        for flight, task in parked:
+            task.cancel()
+            self._flights.pop(id(flight.frame), None)
+        self._in_flight -= len(parked)
+        self._release(len(parked))
+        self.handed_back = len(parked)
+        if parked:
+            products = sorted({flight.frame.product for flight, _ in parked})
+            log.info("shutdown: %d frame(s) waiting for a build of %s handed back unacked; they will be redelivered",
+                     len(parked), ", ".join(products))
 
     def _map_size(self, entry: ProductEntry, size: tuple[int, int]) -> tuple[int, int] | None:
         return map_size_for(entry.mask_policy.mode, entry.mask_policy.max_side, size)
