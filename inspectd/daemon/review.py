@@ -307,11 +307,15 @@ class ReviewHub:
     def use_store(self, store: Any) -> None:
         """Keep review items in ``store`` (a `review_redis.RedisReviewStore`) instead of this process's memory."""
         self.store = store
-        self._tail = asyncio.create_task(store.tail(self._heard), name="console-review-tail")
+        self._tail = asyncio.create_task(store.tail(self._heard, self._counted), name="console-review-tail")
 
     def _heard(self, summary: dict[str, Any]) -> None:
         summary["feedback"] = None  # a frame just added has none
         self.publish("frame", summary)
+
+    def _counted(self, kept: int) -> None:
+        if self.metrics is not None:
+            self.metrics.review_frames.set(kept)
 
     # ---------------------------------------------------------------- reads (the console's routes)
     def get(self, item_id: str) -> ReviewItem | None:
@@ -361,7 +365,7 @@ class ReviewHub:
         """Give up a claim whose action failed."""
         self._claimed.discard(item.id)
         if self.store is not None:
-            await self.store.mark(item.id, None)
+            await self.store.release(item.id)
 
     async def set_feedback(self, item: ReviewItem, record: dict[str, Any] | None) -> None:
         """Record (or, with None, clear) the feedback on ``item`` and tell the live pages."""
@@ -402,3 +406,5 @@ class ReviewHub:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()

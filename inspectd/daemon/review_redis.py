@@ -5,9 +5,12 @@ them, and every instance's console sees every instance's frames.
 Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` (stream: one small
 ``summary`` field per frame; listing and the live feed read only this) and ``<prefix>:{console}:review:NG:pictures``
 (hash: entry id -> packed pictures), the same for OK, and ``<prefix>:{console}:review:feedback`` (hash: entry id ->
-the feedback given on it, claimed with HSETNX so two instances' operators never act on one frame twice; recorded
-only while its item is kept). One Lua script adds an item and trims the oldest ones from all three, atomically, so
-they never disagree and the bound is exact however many instances write.
+the feedback given on it; recorded only while its item is kept). An action first claims its frame there with a
+``pending`` mark carrying its owner and Redis's time, renewed while the action runs, so two instances' operators
+never act on one frame twice, and a claim whose daemon died (no longer renewed) is taken over after
+``CLAIM_TTL_S`` instead of refusing feedback on that frame until it is trimmed. One Lua script adds an item and trims
+the oldest ones from all three, atomically, so they never disagree and the bound is exact however many instances
+write.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +35,8 @@ VERDICTS = ("NG", "OK")
 FETCH_CACHE = 16  # recently fetched items (a detail view asks for overlay, mask and image in a row)
 TAIL_BLOCK_MS = 1000
 BLOBS = ("image", "overlay", "thumb", "mask", "amap", "original")
+CLAIM_TTL_S = 300.0  # a claim not renewed this long is a dead daemon's (its holder renews it every quarter of this)
+COUNT_EVERY_S = 1.0  # the live feed re-counts the buffer (for its gauge) at most this often
 
 ADD_AND_TRIM = """
 local id = redis.call('XADD', KEYS[1], '*', 'summary', ARGV[2])
@@ -56,6 +63,81 @@ end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 return 1
 """
+
+
+# a mark is valid when it is a JSON object with a string "action" (the same rule as `_valid_mark`); anything else (a
+# forged value, another version's) is no mark: it neither blocks feedback nor breaks a listing
+MARK_RULE = """
+local function decoded(mark)
+  if not mark then return nil end
+  local ok, value = pcall(cjson.decode, mark)
+  if ok and type(value) == 'table' and type(value.action) == 'string' then return value end
+  return nil
+end
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# taken when there is no (valid) mark, or a pending claim not renewed for ARGV[3] s; a claim an older version wrote
+# carries no time: it is stamped now and refused, so it expires like the others, never taken while it may be live
+CLAIM = MARK_RULE + """
+local old = decoded(redis.call('HGET', KEYS[1], ARGV[1]))
+local t = now()
+if old then
+  if old.action ~= 'pending' then return 0 end
+  local at = tonumber(old.at)
+  if at == nil then
+    old.at = t
+    redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(old))
+    return 0
+  end
+  if t - at < tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({action = 'pending', owner = ARGV[2], at = t}))
+return 1
+"""
+
+# ARGV[3] "renew": the claim's time moves on; "release": it goes. Only the claim ARGV[2] owns.
+RENEW_OR_RELEASE = MARK_RULE + """
+local old = decoded(redis.call('HGET', KEYS[1], ARGV[1]))
+if not old or old.action ~= 'pending' or old.owner ~= ARGV[2] then return 0 end
+if ARGV[3] == 'release' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  old.at = now()
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(old))
+end
+return 1
+"""
+
+
+_WARNED: set[str] = set()  # items whose mark was reported as no mark
+
+
+def _valid_mark(item_id: str, mark: bytes | str | None, ttl_s: float) -> dict[str, Any] | None:
+    """The feedback a mark records, as the console shows it: None for none, for a value that is no mark (logged),
+    and for a claim whose daemon died (not renewed for ``ttl_s``: the frame takes feedback again)."""
+    if not mark:
+        return None
+    try:
+        value = json.loads(mark)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("action"), str):
+        if item_id not in _WARNED:  # once per item, not at every listing
+            if len(_WARNED) >= 1024:
+                _WARNED.clear()
+            _WARNED.add(item_id)
+            log.warning("console: the feedback mark on review item %r is not one (%r); ignored", item_id, mark[:80])
+        return None
+    if value["action"] == "pending":
+        at = value.get("at")
+        if not isinstance(at, (int, float)) or time.time() - at >= ttl_s:
+            return None
+        return {"action": "pending", "at": at}  # not its owner's token
+    return value
 
 
 def review_keys(prefix: str) -> dict[str, tuple[str, str]]:
@@ -119,14 +201,18 @@ def _decoded(value: bytes | str) -> str:
 class RedisReviewStore:
     """Adds, lists and fetches review items in the capped streams; tails them for the live feed."""
 
-    def __init__(self, redis: Any, prefix: str, limits: dict[str, int]) -> None:
+    def __init__(self, redis: Any, prefix: str, limits: dict[str, int], claim_ttl_s: float | None = None) -> None:
         self.redis = redis
         self.keys = review_keys(prefix)
         self.marks = feedback_key(prefix)
         self.limits = limits
+        self.claim_ttl_s = CLAIM_TTL_S if claim_ttl_s is None else claim_ttl_s
         self._add = redis.register_script(ADD_AND_TRIM)
         self._mark = redis.register_script(MARK_IF_KEPT)
+        self._claim = redis.register_script(CLAIM)
+        self._renew_or_release = redis.register_script(RENEW_OR_RELEASE)
         self._cache: OrderedDict[str, ReviewItem] = OrderedDict()
+        self._claims: dict[str, tuple[str, asyncio.Task]] = {}  # item id -> (owner token, its renewal) held here
 
     async def add(self, item: ReviewItem) -> str:
         verdict = item.result["verdict"]
@@ -158,7 +244,11 @@ class RedisReviewStore:
             summaries = _summaries(entries)
             if not summaries:
                 return None
-            item = unpack(item_id, summaries[0], data)
+            try:
+                item = unpack(item_id, summaries[0], data)
+            except (struct.error, ValueError, KeyError, TypeError) as exc:  # forged, or another version's format
+                log.warning("console: the pictures of review item %r cannot be read (%s); not shown", item_id, exc)
+                return None
             item.feedback = await self.mark_of(item_id)
             self._cache[item_id] = item
             while len(self._cache) > FETCH_CACHE:
@@ -173,19 +263,51 @@ class RedisReviewStore:
             out += _summaries(await self.redis.xrevrange(stream, count=limit))
         marks = await self.redis.hmget(self.marks, [s["id"] for s in out]) if out else []
         for summary, mark in zip(out, marks, strict=True):
-            summary["feedback"] = json.loads(mark) if mark else None
+            summary["feedback"] = _valid_mark(summary["id"], mark, self.claim_ttl_s)
         return out
 
     async def mark_of(self, item_id: str) -> dict[str, Any] | None:
-        mark = await self.redis.hget(self.marks, item_id)
-        return json.loads(mark) if mark else None
+        return _valid_mark(item_id, await self.redis.hget(self.marks, item_id), self.claim_ttl_s)
 
     async def claim(self, item_id: str) -> bool:
-        """Reserve ``item_id`` for one feedback action (False: some instance's console already has it)."""
-        return bool(await self.redis.hsetnx(self.marks, item_id, json.dumps({"action": "pending"})))
+        """Reserve ``item_id`` for one feedback action (False: some instance's console has it or gave feedback on
+        it). The claim is renewed here until `mark` or `release` ends it."""
+        if item_id in self._claims:
+            return False
+        owner = secrets.token_hex(8)
+        if not await self._claim(keys=[self.marks], args=[item_id, owner, self.claim_ttl_s]):
+            return False
+        self._claims[item_id] = (owner, asyncio.create_task(self._renew(item_id, owner), name="console-claim"))
+        return True
+
+    async def _renew(self, item_id: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(self.claim_ttl_s / 4)
+            try:
+                if not await self._renew_or_release(keys=[self.marks], args=[item_id, owner, "renew"]):
+                    log.warning("console: the feedback claim on review item %r was lost (trimmed or taken over)",
+                                item_id)
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away a moment: the next renewal tries again
+                log.warning("console: could not renew the feedback claim on review item %r (%s)", item_id, exc)
+
+    def _end_claim(self, item_id: str) -> str | None:
+        owner, task = self._claims.pop(item_id, (None, None))
+        if task is not None:
+            task.cancel()
+        return owner
+
+    async def release(self, item_id: str) -> None:
+        """Give up this console's claim on ``item_id`` (its action failed); a claim that is not ours stays."""
+        owner = self._end_claim(item_id)
+        if owner is not None:
+            await self._renew_or_release(keys=[self.marks], args=[item_id, owner, "release"])
 
     async def mark(self, item_id: str, record: dict[str, Any] | None) -> None:
         """Record (or, with None, clear) the feedback on ``item_id`` for every instance."""
+        self._end_claim(item_id)
         self._cache.pop(item_id, None)
         if record is None:
             await self.redis.hdel(self.marks, item_id)
@@ -196,8 +318,17 @@ class RedisReviewStore:
     async def count(self) -> int:
         return sum([await self.redis.xlen(stream) for stream, _ in self.keys.values()])
 
-    async def tail(self, on_summary: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``on_summary`` for every item any instance adds from now on (until cancelled)."""
+    async def close(self) -> None:
+        """Stop renewing claims (a shutdown: they expire unless their actions end first)."""
+        tasks = [task for _, task in self._claims.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def tail(self, on_summary: Callable[[dict[str, Any]], None],
+                   on_count: Callable[[int], None] | None = None) -> None:
+        """Call ``on_summary`` for every item any instance adds from now on (until cancelled), and ``on_count``
+        with the number of items kept, at start and after additions (at most every ``COUNT_EVERY_S``)."""
         # each stream's newest id now, never "$" on every read: "$" means "what comes after this call", so an entry
         # added to one stream while the other's reply was being handled would never be heard
         last: dict[str, str] = {}
@@ -212,8 +343,12 @@ class RedisReviewStore:
                 last = {}
                 log.warning("console: review stream read failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+        stale, counted = on_count is not None, -COUNT_EVERY_S  # stale: an addition not counted yet
         while True:
             try:
+                if stale and time.monotonic() - counted >= COUNT_EVERY_S:
+                    on_count(await self.count())
+                    stale, counted = False, time.monotonic()
                 replies = await self.redis.xread(last, block=TAIL_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
@@ -225,5 +360,6 @@ class RedisReviewStore:
                 key = key.decode() if isinstance(key, bytes) else key
                 if entries:
                     last[key] = _decoded(entries[-1][0])
+                    stale = on_count is not None
                 for summary in _summaries(entries):
                     on_summary(summary)
