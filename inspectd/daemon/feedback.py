@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import logging
 import re
@@ -65,8 +66,12 @@ class FeedbackError(Exception):
 class FeedbackStore:
     """Carries out feedback actions against the registry and keeps their log."""
 
-    def __init__(self, root: Path | None, registry: ProductRegistry, metrics: Any = None) -> None:
+    def __init__(self, root: Path | None, registry: ProductRegistry, metrics: Any = None,
+                 max_pixels: int | None = None) -> None:
+        """``max_pixels``: the largest frame a defect's mask is drawn for (the daemon's ``decode.max_pixels``; None:
+        Pillow's decompression-bomb bound)."""
         self.root = root
+        self.max_pixels = max_pixels
         self.registry = registry
         self.metrics = metrics
         self._locks: dict[str, asyncio.Lock] = {}  # per product: its actions and undos never interleave
@@ -162,13 +167,13 @@ class FeedbackStore:
             name = self._file_name(item)
             seeded = await asyncio.to_thread(self._seed_goods, folder, product)  # kept by an undo
             image = item.original or item.image_png
+            # the mask fits the image saved (the frame as scored, or without its original the review image): its
+            # size is read from that image, never from the summary (from Redis: any size anyone wrote there);
+            # drawn before anything is written, so a mask that cannot be leaves no image behind
+            mask = None if item.amap is None else await asyncio.to_thread(
+                _defect_mask, item.amap, item.result["threshold"], _image_size(image, self.max_pixels))
             written = [await asyncio.to_thread(atomic.write_bytes, folder / label / name, image)]
-            if item.amap is not None:
-                # the mask fits the image saved: the frame as scored, or (without its original: not kept, or
-                # evicted over the budget) the review image
-                size = tuple(item.result.get("frame_size") or item.result["size"]) if item.original \
-                    else tuple(item.result["size"])
-                mask = await asyncio.to_thread(_defect_mask, item.amap, item.result["threshold"], size)
+            if mask is not None:
                 written.append(await asyncio.to_thread(atomic.write_bytes, folder / "masks" / label / name, mask))
             record = self._record(DEFECT, item, remote, label=label, files=written,
                                   seeded=[str(p) for p in seeded])
@@ -420,6 +425,20 @@ def _images(directory: str | None, shots: int) -> list[Path]:
         return reference_files(directory, shots)
     except BuildError:
         return []
+
+
+def _image_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from an image's header (nothing decoded); 422 for bytes that are no image, or one over
+    ``max_pixels`` (None: Pillow's decompression-bomb bound)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FeedbackError(422, f"the frame's saved image cannot be read ({type(exc).__name__}); nothing saved") \
+            from exc
+    if width * height > (max_pixels or 2 * (Image.MAX_IMAGE_PIXELS or 2**30)):
+        raise FeedbackError(422, f"the frame's saved image is {width}x{height}, too large for a mask; nothing saved")
+    return width, height
 
 
 def _defect_mask(amap: np.ndarray, threshold: float, size: tuple[int, int]) -> bytes:
