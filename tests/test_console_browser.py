@@ -268,3 +268,40 @@ async def test_a_session_that_ends_asks_to_sign_in_again_and_the_feed_comes_back
         await in_browser(_wait, driver, lambda d: set(ids) <= shown(d))
     finally:
         await daemon.shutdown()
+
+
+async def test_a_frame_another_console_is_acting_on_says_so(browser, redis_url, key_prefix, tmp_path,
+                                                            tiny_backbone, redis_client) -> None:
+    """With console.review: redis, a frame an operator at another instance is giving feedback on carries a
+    pending claim; its card said "confirmed defect (undefined)"."""
+    from selenium.webdriver.common.by import By
+
+    daemon = await start(console_config(redis_url, key_prefix, tmp_path, review="redis"), tiny_backbone)
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    driver = browser
+    try:
+        [claimed] = await send(redis_client, key_prefix, DEFECTS[:1], size=160, tag="claim")
+        store = daemon.review.store
+        for _ in range(200):
+            found = [s["id"] for s in await store.summaries(50) if s["frame_id"] == claimed]
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        assert found and await store.claim(found[0])  # as another instance's operator would
+        await in_browser(driver.delete_all_cookies)
+        await in_browser(driver.get, f"{base}/console/")
+
+        def sign_in() -> None:
+            _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
+            driver.find_element(By.ID, "login-token").send_keys(TOKEN)
+            driver.find_element(By.ID, "login-submit").click()
+
+        def done(d: Any) -> list[Any]:
+            return d.find_element(By.CSS_SELECTOR, f'.frame-card[data-frame-id="{claimed}"]').find_elements(
+                By.CSS_SELECTOR, ".done")
+
+        await in_browser(sign_in)
+        await in_browser(_wait, driver, done)
+        assert done(driver)[0].text == "feedback under way…"
+    finally:
+        await daemon.shutdown()

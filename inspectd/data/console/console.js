@@ -140,6 +140,12 @@ async function loadOverview() {
 }
 
 // ------------------------------------------------------------------------------------------- feed
+// a frame's feedback as its card says it ("pending": an operator's action under way, maybe at another console)
+function feedbackText(fb) {
+  if (fb.action === "pending") return "feedback under way…";
+  return fb.action === "false_alarm" ? `marked good → ${fb.target}` : `confirmed defect (${fb.label})`;
+}
+
 function frameCard(f) {
   const thumb = el("img", { src: `${API}/frames/${f.id}/thumb.jpg`, alt: `${f.product} ${f.frame_id}`,
     loading: "lazy", onclick: () => openDetail(f.id) });
@@ -150,8 +156,7 @@ function frameCard(f) {
       el("span", { text: `${f.product} · ${f.line}` }),
       el("span", { class: "muted frame-id", text: `${f.frame_id} · ${when(f.ts)} · v${f.state_version}` })));
   if (f.feedback) {
-    card.append(el("div", { class: "done", text: f.feedback.action === "false_alarm"
-      ? `marked good → ${f.feedback.target}` : `confirmed defect (${f.feedback.label})` }));
+    card.append(el("div", { class: "done", text: feedbackText(f.feedback) }));
   } else if (state.signedIn && state.feedbackOn) {
     card.append(el("div", { class: "buttons" },
       el("button", { type: "button", class: "btn-false-alarm", text: "False alarm",
@@ -198,7 +203,8 @@ function openDetail(id) {
     ["detector", f.detector], ["state version", f.state_version]]) info.append(el("dt", { text: k }), el("dd", { text: v }));
   const can = state.signedIn && state.feedbackOn && !f.feedback;
   for (const b of ["detail-false-alarm", "detail-defect"]) document.getElementById(b).disabled = !can;
-  document.getElementById("detail-status").textContent = f.feedback ? `feedback given: ${f.feedback.action}` : "";
+  document.getElementById("detail-status").textContent = !f.feedback ? ""
+    : f.feedback.action === "pending" ? feedbackText(f.feedback) : `feedback given: ${f.feedback.action}`;
   document.getElementById("detail").showModal();
 }
 
