@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class Detector(ABC):
     produces_masks: ClassVar[bool] = True
     learning: ClassVar[Learning] = Learning()
     artifact_options: ClassVar[tuple[str, ...]] = ()  # options naming learned-part files (content-hashed)
+    # inputs one reference may need after tiling: the engine's decode.max_tiles default (references are decoded with
+    # the default decode limits too); a 1 x 10000 strip would be ~12,500 tiles, several GB in one forward
+    max_reference_tiles: ClassVar[int] = 16
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         self.backbone = backbone
@@ -185,10 +189,18 @@ class Detector(ABC):
         return None
 
     def reference_features(self, references: Sequence[np.ndarray], request: FeatureRequest) -> Features | None:
-        """Backbone features of all inputs (tiles) of the reference frames (None when there are none)."""
+        """Backbone features of all inputs (tiles) of the reference frames (None when there are none); a reference
+        needing more than ``max_reference_tiles`` inputs is refused (ValueError) before it is resized."""
         if not references:
             return None
         preprocess = self.preprocessor
+        for index, image in enumerate(references):
+            height, width = image.shape[:2]
+            needed = preprocess.layout(height, width).n_tiles
+            if needed > self.max_reference_tiles:
+                raise ValueError(f"reference image {index + 1} of {len(references)} ({width}x{height}) needs {needed} "
+                                 f"inputs of {preprocess.size} px > {self.max_reference_tiles}, the most a reference "
+                                 "may need (decode.max_tiles' default): crop it to the part's aspect ratio")
         tiles = [preprocess(image)[0] for image in references]
         return self.backbone.forward(torch.cat(tiles), request)
 
@@ -231,17 +243,31 @@ class Detector(ABC):
         return ProductState(self.name, artifact.tensors, artifact.meta), artifact
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+# how an Options class's own checks (`__post_init__`) name the place: replaced by the key path a caller gives
+_OWN_WHERE = re.compile(r"^detector '[^']*' options(?:\.(?P<key>\w+)\b:?)?:?\s*")
+
+
 def build_options(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """Instantiate an options dataclass, rejecting unknown keys and wrong types by name."""
+    """Instantiate an options dataclass, rejecting unknown keys, wrong types and the class's own checks
+    (`__post_init__`) by their key path under ``where``."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     converted = {}
     for key, value in values.items():
-        default = getattr(cls(), key)
+        default = _field_default(fields[key])  # (not cls(): its own checks may refuse the defaults alone)
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"{where}.{key}: expected true/false, got {value!r}")
+        if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
+            # (a bool is an int to isinstance: `steps: yes` would train 1 step)
+            raise ValueError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(default, tuple) and isinstance(value, list):
@@ -249,7 +275,15 @@ def build_options(cls: type, values: Mapping[str, Any], where: str) -> Any:
         if default is not None and not isinstance(value, type(default)):
             raise ValueError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
         converted[key] = value
-    return cls(**converted)
+    try:
+        return cls(**converted)
+    except ValueError as exc:
+        message = str(exc)
+        own = _OWN_WHERE.match(message)
+        if own is None:
+            raise ValueError(f"{where}: {message}") from None
+        path = f"{where}.{own['key']}" if own["key"] else where
+        raise ValueError(f"{path}: {message[own.end():]}") from None
 
 
 _REGISTRY: dict[str, type[Detector]] = {}

@@ -32,6 +32,7 @@ then constant (``warmup_fraction``); no map blur (``blur_sigma``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,16 +80,56 @@ class ScoringOptions:
     blur_sigma: float = 0.0  # Gaussian blur of the map in input pixels (0 = none; unspecified in the paper)
     eps: float = 1e-6  # floor before the harmonic fusions
 
+    # here, so `inspectd run --check` / `product put` reject what a build would (build_options names the detector)
+    def __post_init__(self) -> None:
+        where = "detector 'anople' options"
+        if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
+            raise ValueError(f"{where}.logit_scale must be >= 0 (0 = the prompts' own), got {self.logit_scale}")
+        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
+            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.memory_layers):
+            raise ValueError(f"{where}.memory_layers must be 1-based block numbers, got {list(self.memory_layers)}")
+
 
 @dataclass(frozen=True)
 class AnoPleOptions(ScoringOptions):
     model: str = ""  # the multi-class model from `inspectd fit anople --out FILE` (required)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("detector 'anople' options.model must name the file written by "
+                             "`inspectd fit anople --out FILE` with this product's CLIP model "
+                             "(or use detector 'anople-star' to train per product)")
 
 
 @dataclass(frozen=True)
 class AnoPleStarOptions(Recipe, ScoringOptions):
     epochs: int = 60  # over the product's k references, one image per step
     checkpoint_every: int = 1  # epochs between checkpoints of a background fit (resume after a stop)
+
+    def __post_init__(self) -> None:  # what the training loop and the model would refuse only once a build runs
+        where = "detector 'anople-star' options"
+        Recipe.__post_init__(self)
+        ScoringOptions.__post_init__(self)
+        for key in ("epochs", "checkpoint_every", "batch_size", "text_ctx", "visual_ctx"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("prompt_depth", "decoder_size", "decoder_width"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{where}.{key} must be >= 0 (0 = the default), got {getattr(self, key)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.decoder_lr) and self.decoder_lr >= 0):
+            raise ValueError(f"{where}.decoder_lr must be >= 0 (0 = the decoder stays as initialised), "
+                             f"got {self.decoder_lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"{where}.momentum must be within [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 < self.min_cover <= self.max_cover < 1.0:
+            raise ValueError(f"{where}.max_cover: need 0 < min_cover <= max_cover < 1, got {self.min_cover}, "
+                             f"{self.max_cover}")
 
 
 class _AnoPleDetector(Detector):
@@ -189,10 +230,6 @@ class AnoPle(_AnoPleDetector):
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, options)
-        if not self.options.model:
-            raise ValueError("detector 'anople' needs option `model`: the file written by "
-                             "`inspectd fit anople --out FILE` with this product's CLIP model "
-                             "(or use detector 'anople-star' to train per product)")
         self._loaded: tuple[AnoPleModel, Any] | None = None
 
     @property

@@ -16,6 +16,7 @@ which a stream cannot do).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,18 @@ class AprilGanOptions:
     use_memory: bool = True  # few-shot visual map with k >= 1 references
     defect_words: bool = False  # add the product's defect words as abnormal states (the report uses generic ones)
 
+    def __post_init__(self) -> None:  # here, so `inspectd run --check` / `product put` reject what a build would
+        where = "detector 'aprilgan' options"
+        if self.input_mode not in ("square", "tile"):
+            raise ValueError(f"{where}.input_mode must be square or tile, not {self.input_mode!r}")
+        if not self.adapters:
+            raise ValueError(f"{where}.adapters must name the file written by `inspectd fit aprilgan --out FILE` "
+                             "with this product's CLIP model")
+        if self.image_size < 0:
+            raise ValueError(f"{where}.image_size must be >= 0 (0 = the adapters' own), got {self.image_size}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
+            raise ValueError(f"{where}.logit_scale must be >= 0 (0 = the adapters' own), got {self.logit_scale}")
+
 
 @register_detector
 class AprilGan(Detector):
@@ -71,12 +84,6 @@ class AprilGan(Detector):
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, options)
-        if self.options.input_mode not in ("square", "tile"):
-            raise ValueError(f"detector 'aprilgan' options.input_mode must be square or tile, "
-                             f"not {self.options.input_mode!r}")
-        if not self.options.adapters:
-            raise ValueError("detector 'aprilgan' needs option `adapters`: the file written by "
-                             "`inspectd fit aprilgan --out FILE` with this product's CLIP model")
         patch, size = backbone.patch_size, self.options.image_size
         if size % patch:  # the patch grid would cover floor(size / patch) patches, its map stretched over all of it
             below, above = size // patch * patch, (size // patch + 1) * patch

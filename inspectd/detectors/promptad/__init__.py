@@ -85,6 +85,29 @@ class PromptAdOptions:
     input_mode: str = "square"  # "square": one resize at the model size | "tile": WinCLIP tiling
     checkpoint_every: int = 1  # steps between checkpoints of a background fit (resume after a stop)
 
+    def __post_init__(self) -> None:  # here, so `inspectd run --check` / `product put` reject what a build would
+        where = "detector 'promptad' options"
+        if self.input_mode not in ("square", "tile"):
+            raise ValueError(f"{where}.input_mode must be square or tile, not {self.input_mode!r}")
+        if self.generic_suffixes not in PP.GENERIC_SUFFIXES:
+            raise ValueError(f"{where}.generic_suffixes must be one of {sorted(PP.GENERIC_SUFFIXES)}, "
+                             f"not {self.generic_suffixes!r}")
+        for key in ("steps", "n_ctx", "n_ctx_anomaly", "n_learned_anomaly", "image_prompts", "pixel_prompts",
+                    "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"{where}.momentum must be within [0, 1), got {self.momentum}")
+        for key in ("weight_decay", "min_lr", "logit_scale"):  # (a negative logit_scale swaps normal and anomalous)
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ValueError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
+            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.memory_layers):
+            raise ValueError(f"{where}.memory_layers must be 1-based block numbers, got {list(self.memory_layers)}")
+
 
 class PromptAdPrompts(nn.Module):
     """The trained part: one `PromptSet` per set name (its state dict = the learnable contexts)."""
@@ -112,13 +135,6 @@ class PromptAd(Detector):
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, options)
         opts: PromptAdOptions = self.options
-        if opts.input_mode not in ("square", "tile"):
-            raise ValueError(f"detector 'promptad' options.input_mode must be square or tile, not {opts.input_mode!r}")
-        if opts.steps < 1:
-            raise ValueError(f"detector 'promptad' options.steps must be >= 1, got {opts.steps}")
-        if opts.generic_suffixes not in PP.GENERIC_SUFFIXES:
-            raise ValueError(f"detector 'promptad' options.generic_suffixes must be one of "
-                             f"{sorted(PP.GENERIC_SUFFIXES)}, not {opts.generic_suffixes!r}")
         self.blocks = memory_blocks(len(backbone.visual.transformer.resblocks), tuple(opts.memory_layers))
 
     def input_spec(self) -> InputSpec:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from inspectd.detectors.prompts import defect_states
+
 GENERIC_SUFFIXES = {
     "paper": ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"),  # supplement Fig. 1
     "code": ("damaged {}", "flawed {}", "abnormal {}", "imperfect {}", "blemished {}", "{} with flaw",
@@ -102,12 +104,12 @@ def prompt_object_name(product: str, object_name: str) -> str:
 def anomaly_suffixes(product: str, object_name: str, defect_words: Sequence[str], generic: str = "paper",
                      builtin: bool = True) -> tuple[str, ...]:
     """The M manual suffixes: generic ones, the published object-specific list (``builtin``) and one
-    "{} with <word>" per product defect word; duplicates dropped, order kept."""
+    "{} with <word>" per product defect word (its braces escaped: a word is text, never a format field; blank
+    words skipped, as `prompts.defect_states`); duplicates dropped, order kept."""
     if generic not in GENERIC_SUFFIXES:
         raise ValueError(f"generic_suffixes must be one of {sorted(GENERIC_SUFFIXES)}, not {generic!r}")
     key = published_key(product, object_name) if builtin else None
-    states = [*GENERIC_SUFFIXES[generic], *(PUBLISHED_SUFFIXES[key] if key else ()),
-              *(f"{{}} with {word.strip()}" for word in defect_words if word.strip())]
+    states = [*GENERIC_SUFFIXES[generic], *(PUBLISHED_SUFFIXES[key] if key else ()), *defect_states(defect_words)]
     return tuple(dict.fromkeys(s.strip() for s in states))
 
 
