@@ -39,10 +39,35 @@ async def test_a_strip_reference_fails_the_build_and_the_old_version_keeps_servi
     registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False))
     try:
         first = await registry.put(ProductConfig(id="nut", object_name="hazelnut", references=str(good), shots=1))
-        with pytest.raises(BuildError, match=r"reference image 2 of 2 \(2000x20\) needs 125 inputs of 240 px > 16"):
+        with pytest.raises(BuildError, match=r"strips/01.png \(2000x20\) needs 125 inputs of 240 px > "
+                                             r"decode.max_tiles 16"):
             await registry.put(ProductConfig(id="nut", object_name="hazelnut", references=str(strips), shots=2))
         assert registry.get("nut") is first and registry.status("nut") == READY  # was: built from 125 tiles
         assert "2000x20" in registry.error("nut")
+    finally:
+        registry.close()
+
+
+async def test_builds_follow_decode_max_tiles_and_hold_holdout_images_to_it(tiny_backbone: ClipBackbone,
+                                                                           tmp_path: Path) -> None:
+    """With decode.max_tiles raised, a reference as wide as the frames the daemon takes builds (a false alarm saves
+    such a frame into the references); a holdout strip beyond it is refused by name (holdout images were tiled
+    without any bound)."""
+    refs, holdout = tmp_path / "refs", tmp_path / "holdout"
+    refs.mkdir()
+    holdout.mkdir()
+    shutil.copy(HAZELNUT / "good" / "00.png", refs / "00.png")
+    Image.fromarray(strip(4800, 240)).save(refs / "01.png")  # 20 tiles of 240 px
+    Image.fromarray(strip(2000, 20)).save(holdout / "strip.png")  # 125
+    registry = ProductRegistry(tiny_backbone, RegistryConfig(watch=False), max_tiles=32)
+    try:
+        wide = await registry.put(ProductConfig(id="nut", object_name="hazelnut", references=str(refs), shots=2))
+        assert wide.references == ("00.png", "01.png")
+        config = ProductConfig(id="nut", object_name="hazelnut", references=str(refs), shots=2)
+        config.threshold.holdout_dir = str(holdout)
+        with pytest.raises(BuildError, match=r"holdout/strip.png \(2000x20\) needs 125 inputs .* decode.max_tiles 32"):
+            await registry.put(config)
+        assert registry.get("nut") is wide
     finally:
         registry.close()
 

@@ -140,9 +140,10 @@ class InspectDaemon:
                                     max_tiles=cfg.decode.max_tiles, keep_payload=self.review.keeping)
         self.registry = ProductRegistry(self.backbones, cfg.registry, on_change=self._on_registry_change,
                                         on_remove=self.metrics.product_removed,
-                                        on_progress=self.metrics.build_progress)
+                                        on_progress=self.metrics.build_progress, max_tiles=cfg.decode.max_tiles)
         registry = self.registry
-        self.feedback = FeedbackStore(feedback_root(cfg), registry, self.metrics) if cfg.console.enabled else None
+        self.feedback = FeedbackStore(feedback_root(cfg), registry, self.metrics, max_pixels=cfg.decode.max_pixels) \
+            if cfg.console.enabled else None
         self.metrics.is_known = lambda product: registry.status(product) is not None
         self.review.is_known = self.metrics.is_known
         if cfg.http.enabled:  # first, so /readyz says what is missing while Redis or the products come up

@@ -165,6 +165,17 @@ def load_images(files: list[Path]) -> list[np.ndarray]:
     return images
 
 
+def check_tiles(detector: Detector, files: list[Path], images: list[np.ndarray], max_tiles: int) -> None:
+    """A build image (reference or holdout) that needs more model inputs than ``max_tiles`` (decode.max_tiles, as
+    for a frame) is refused by name before anything is resized: a 1 x 10000 strip would be ~12,500 inputs."""
+    for path, image in zip(files, images, strict=True):
+        height, width = image.shape[:2]
+        needed = detector.preprocessor.layout(height, width).n_tiles
+        if needed > max_tiles:
+            raise BuildError(f"image {path} ({width}x{height}) needs {needed} inputs of {detector.preprocessor.size} "
+                             f"px > decode.max_tiles {max_tiles}: crop it to the part's aspect ratio")
+
+
 def threshold_policy(config: ThresholdConfig) -> ThresholdPolicy:
     return ThresholdPolicy(value=config.value, quantile=config.quantile, margin=config.margin, default=config.default)
 
@@ -175,7 +186,8 @@ class ProductRegistry:
     def __init__(self, backbones: ClipBackbone | Mapping[str, ClipBackbone], config: RegistryConfig,
                  on_change: Callable[[ProductEntry | None, str], None] | None = None,
                  on_remove: Callable[[str], None] | None = None,
-                 on_progress: Callable[[str, float | None], None] | None = None) -> None:
+                 on_progress: Callable[[str, float | None], None] | None = None, max_tiles: int = 16) -> None:
+        self.max_tiles = max_tiles  # decode.max_tiles: the most model inputs a build image may need, as a frame
         # the model pool: name -> loaded backbone; a product's `model` picks one (default: the first)
         self.backbones: dict[str, ClipBackbone] = (dict(backbones) if isinstance(backbones, Mapping)
                                                    else {"default": backbones})
@@ -512,6 +524,7 @@ class ProductRegistry:
         try:
             model, backbone = self.backbone_for(config.model)
             detector = create_detector(config.detector, backbone, config.options)
+            detector.max_reference_tiles = self.max_tiles
             detector.load_learned()
             mask_policy = MaskPolicy.parse(config.mask)
             policy = threshold_policy(config.threshold)
@@ -532,7 +545,9 @@ class ProductRegistry:
         if result is None:
             if self.cache and detector.learning.per_product == "trained":
                 ctx.checkpoint_dir = self.cache.checkpoint_dir(config.id, fingerprint)
-            result = build_product(detector, spec, load_images(files), load_images(holdout_files), policy, ctx)
+            references, holdout = load_images(files), load_images(holdout_files)
+            check_tiles(detector, [*files, *holdout_files], [*references, *holdout], self.max_tiles)
+            result = build_product(detector, spec, references, holdout, policy, ctx)
             result.fingerprint = fingerprint
             if self.cache:
                 self.cache.store(detector, config.id, result)

@@ -120,9 +120,9 @@ class Detector(ABC):
     produces_masks: ClassVar[bool] = True
     learning: ClassVar[Learning] = Learning()
     artifact_options: ClassVar[tuple[str, ...]] = ()  # options naming learned-part files (content-hashed)
-    # inputs one reference may need after tiling: the engine's decode.max_tiles default (references are decoded with
-    # the default decode limits too); a 1 x 10000 strip would be ~12,500 tiles, several GB in one forward
-    max_reference_tiles: ClassVar[int] = 16
+    # inputs one reference may need after tiling: decode.max_tiles (the daemon's registry sets its own; 16 is the
+    # default); a 1 x 10000 strip would be ~12,500 tiles, several GB in one forward
+    max_reference_tiles: int = 16
 
     def __init__(self, backbone: ClipBackbone, options: Mapping[str, Any] | None = None) -> None:
         self.backbone = backbone
