@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,9 @@ async def test_two_models_one_mixed_stream(redis_client, redis_url, key_prefix, 
         for record in results:
             assert float(record["score"]) == pytest.approx(expected[record["product"]], abs=1e-5), record["frame_id"]
 
+        info = [line for line in daemon.metrics.exposition().decode().splitlines()
+                if line.startswith("inspectd_model_info{")]  # every model of the pool, not only the first
+        assert sorted(re.search(r'model="(\w+)"', line)[1] for line in info) == ["big", "small"], info
         # one forward per model per batch: nut-small and grid share the small model's forward
         assert batches and sum(b["big"] + b["small"] for b in batches) == sum(len(b["models"]) for b in batches)
         for batch in batches:

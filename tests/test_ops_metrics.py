@@ -85,8 +85,8 @@ def test_gauges_errors_model_and_camera() -> None:
     assert value(m, "inspectd_redis_pending_entries", stream="inspect:{l}:frames") == 11
     assert value(m, "inspectd_errors_total", kind="ack") == 1
     assert value(m, "inspectd_camera_frames_dropped_total", source="cam0") == 4
-    assert value(m, "inspectd_model_info", arch="ViT-B-16", pretrained="", device="cuda:0", dtype="float16",
-                 kernels="", gemm="", demo_weights="true") == 1
+    assert value(m, "inspectd_model_info", model="default", arch="ViT-B-16", pretrained="", device="cuda:0",
+                 dtype="float16", kernels="", gemm="", demo_weights="true") == 1
     assert value(m, "inspectd_build_info", version=__version__, python=platform.python_version()) == 1
 
 

@@ -132,7 +132,8 @@ class InspectDaemon:
             # (the loading thread then frees its OpenMP team: the engine thread's must be the only one)
             self.backbones = await asyncio.to_thread(cpu_threads.released_team(build_model_pool), cfg)
             self.backbone = next(iter(self.backbones.values()))
-        self.metrics.set_model_info(self.backbone.describe())
+        for name, backbone in self.backbones.items():  # every model of the pool, not only the first
+            self.metrics.set_model_info(backbone.describe(), name)
         limits = decode_limits(cfg)
         devices = [b.device for b in self.backbones.values()]
         decode_threads = cfg.decode.threads if cfg.decode.threads >= 0 else auto_decode_threads(devices)

@@ -73,8 +73,8 @@ class Metrics:
                                        ["product", "outcome"], namespace=ns, registry=r)
         self.errors = Counter("errors", "Errors the daemon survived, by kind (source, score, publish, ack, ...).",
                               ["kind"], namespace=ns, registry=r)
-        self.model_info = Info("model", "The CLIP backbone loaded (value 1); demo_weights=true means random weights.",
-                               namespace=ns, registry=r)
+        self.model_info = Info("model", "Each CLIP backbone of the model pool (value 1, `model`: its name); "
+                               "demo_weights=true means random weights.", ["model"], namespace=ns, registry=r)
         self.camera_frames_dropped = Counter("camera_frames_dropped", "Camera frames dropped by the capture policy.",
                                              ["source"], namespace=ns, registry=r)
         self.camera_connected = Gauge("camera_connected", "1 while the camera delivers a stream, else 0.",
@@ -193,9 +193,10 @@ class Metrics:
         else:
             self.product_reloaded(product, int(entry.version), str(entry.config.detector))
 
-    def set_model_info(self, info: Mapping[str, Any]) -> None:
-        """``info`` as from ClipBackbone.describe(); missing keys become "" so the label set is fixed."""
-        self.model_info.info({k: str(info.get(k, "")) for k in MODEL_INFO_KEYS})
+    def set_model_info(self, info: Mapping[str, Any], model: str = "default") -> None:
+        """``info`` as from ClipBackbone.describe() for the pool's model ``model``; missing keys become "" so the
+        label set is fixed."""
+        self.model_info.labels(model).info({k: str(info.get(k, "")) for k in MODEL_INFO_KEYS})
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
