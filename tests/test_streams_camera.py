@@ -172,6 +172,30 @@ async def test_slow_consumer_keeps_newest_and_counts_drops(tmp_path: Path, polic
     assert src.exhausted
 
 
+async def test_a_video_file_played_to_its_end_reads_disconnected_but_keeps_readiness(tmp_path: Path) -> None:
+    """inspectd_camera_connected kept its last value (1) once the file ended: the daemon stopped refreshing a
+    finished source's metrics. It reads 0 now, and the finished file still does not count as a camera down."""
+    from inspectd.daemon.app import InspectDaemon
+    from inspectd.daemon.config import parse_config
+
+    video = tmp_path / "v.avi"
+    write_video(video, 5)
+    src = CameraSource(cfg(video, policy="queue", queue_size=100, reconnect=False))
+    daemon = InspectDaemon(parse_config({"model": {"device": "cpu"}, "sources": {"redis": False},
+                                         "sinks": {"redis": False}, "redis": {"control_stream": None}}))
+    daemon.sources = [src]
+    try:
+        frames = await src.read(2, timeout_s=5)
+        assert frames and src.connected
+        daemon.cameras_live()
+        assert 'inspectd_camera_connected{camera="cam"} 1.0' in daemon.metrics.exposition().decode()
+        await wait_for(lambda: src.finished)
+        assert daemon.cameras_live() == {}  # done, not down
+        assert 'inspectd_camera_connected{camera="cam"} 0.0' in daemon.metrics.exposition().decode()
+    finally:
+        src.stop()
+
+
 class FaultyCapture:
     """A real cv2.VideoCapture on a real file, with the faults a backend shows in the field injected: ``read()``
     raises cv2.error (as FFmpeg/GStreamer assertions do) once ``raise_after`` frames were read, and ``bad`` maps a

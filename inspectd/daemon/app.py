@@ -747,13 +747,14 @@ class InspectDaemon:
         now = time.monotonic()
         live = {}
         for source in self.sources:
-            if not hasattr(source, "last_frame_at") or getattr(source, "finished", False):
-                continue  # a video file played to its end is done, not down
+            if not hasattr(source, "last_frame_at"):
+                continue
             name = source.config.name
             since = now - (source.last_frame_at or self._started_at)
             self.metrics.camera_state(name, source.connected, source.reconnects, source.frames_captured, since,
-                                      getattr(source, "capture_errors", 0))
-            live[name] = since <= self.config.sources.camera_stale_s
+                                      getattr(source, "capture_errors", 0))  # (a file played to its end: 0)
+            if not getattr(source, "finished", False):  # a video file played to its end is done, not down
+                live[name] = since <= self.config.sources.camera_stale_s
         return live
 
     async def _gauge_loop(self) -> None:
