@@ -68,3 +68,24 @@ async def test_a_retry_for_a_failing_jsonl_sink_does_not_duplicate_the_redis_res
     results = Counter(r["frame_id"] for r in await read_stream(redis_client, keys.results("l1")))
     assert results == {f"l1-f{n}": 1 for n in range(5)}  # (each once per attempt before)
     assert len((blocker / "results.jsonl").read_text().splitlines()) == 5
+
+
+async def test_a_refused_dead_letter_replaced_as_unpublishable_is_counted_once(redis_client: Any,
+                                                                               key_prefix: str) -> None:
+    """A dead letter is counted when it is made; its unpublishable replacement counted the frame a second time, so
+    inspectd_frames_dead_lettered exceeded the frames refused (received != scored + dead-lettered)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keys = StreamKeys(key_prefix)
+    await redis_client.set(keys.dead("l2"), "not a stream")
+    metrics = Metrics()
+    letter = DeadLetter(reason=Reason.BAD_LINE, stage="parse", product="p", line="l2", frame_id="misrouted",
+                        entry_id="9-0", source=f"redis:{keys.frames('l1')}")  # names line l2, came in on l1
+    _, letters = await asyncio.wait_for(Publisher([RedisResultSink(redis_client, keys)], metrics).publish([], [letter]),
+                                        10)
+    assert [(d.frame_id, d.reason, d.line) for d in letters] == [("misrouted", Reason.UNPUBLISHABLE, "l1")]
+    [replacement] = await read_stream(redis_client, keys.dead("l1"))
+    assert replacement["frame_id"] == "misrouted"
+    counted = [s.value for f in text_string_to_metric_families(metrics.exposition().decode())
+               for s in f.samples if s.name == "inspectd_frames_dead_lettered_total"]
+    assert sum(counted) == 0  # the daemon counted it when it made the bad_line dead letter (was 1 more here)

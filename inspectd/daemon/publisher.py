@@ -128,11 +128,11 @@ class Publisher:
             problem = await self._refusal([], [letter])
             if problem is None:
                 kept_dead.append(letter)
-            elif letter.reason != Reason.UNPUBLISHABLE:
+            elif letter.reason != Reason.UNPUBLISHABLE:  # (its frame was counted as a dead letter already)
                 replacements.append(self._unpublishable(letter.product, letter.line, letter.frame_id,
                                                         letter.entry_id, letter.source,
                                                         f"{problem} (its dead letter {letter.reason} too)",
-                                                        letter.fields))
+                                                        letter.fields, counted=True))
             else:
                 self._lost(letter, problem)
         for letter in replacements:
@@ -155,11 +155,14 @@ class Publisher:
         return None
 
     def _unpublishable(self, product: str, line: str, frame_id: str, entry_id: str | None, source: str,
-                       problem: str, fields: dict[str, str] | None = None) -> DeadLetter:
-        """The ``unpublishable`` dead letter replacing a refused item; it keeps the frame's original small fields."""
+                       problem: str, fields: dict[str, str] | None = None, counted: bool = False) -> DeadLetter:
+        """The ``unpublishable`` dead letter replacing a refused item; it keeps the frame's original small fields.
+        ``counted``: the item is a dead letter, whose frame inspectd_frames_dead_lettered counted when it was made
+        (one count a frame: received = scored + dead-lettered)."""
         self.unpublishable += 1
         safe_line = source_line(source)
-        self.metrics.dead_lettered(product, safe_line or "unknown", Reason.UNPUBLISHABLE)
+        if not counted:
+            self.metrics.dead_lettered(product, safe_line or "unknown", Reason.UNPUBLISHABLE)
         log.error("frame %s/%s (line %r) cannot be published: %s; dead-lettered as unpublishable", product,
                   frame_id, line[:80], problem)
         return DeadLetter(reason=Reason.UNPUBLISHABLE, stage="publish", product=safe_text(product), line=safe_line,
