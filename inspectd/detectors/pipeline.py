@@ -10,8 +10,9 @@ one forward, whatever their detectors and however their frames were cut.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,12 +81,10 @@ def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> 
     prepare(items)
     tile_scores: list[torch.Tensor | None] = [None] * len(items)
     tile_maps: list[torch.Tensor | None] = [None] * len(items)
-    forward_s = score_s = 0.0
+    started = time.perf_counter()
+    forward_time = ForwardTime()
     for members, request in forward_groups(items):
-        f, s = _run_group([items[m] for m in members], members, request, tile_scores, tile_maps)
-        forward_s += f
-        score_s += s
-    merged_at = time.perf_counter()
+        _run_group([items[m] for m in members], members, request, tile_scores, tile_maps, forward_time)
     results = []
     for index, item in enumerate(items):
         score = float(tile_scores[index].float().mean().item())
@@ -94,14 +93,42 @@ def run(items: Sequence[ScoreItem], timings: dict[str, float] | None = None) -> 
             merged = item.detector.preprocessor.merge_maps(tile_maps[index], item.layout, item.map_size)
             amap = merged.float().cpu().numpy()
         results.append(ScoreOutput(score, amap))
-    if timings is not None:
-        timings["forward"] = forward_s
-        timings["score"] = score_s + time.perf_counter() - merged_at
+    if timings is not None:  # (the results are on the host now: a GPU's work is done)
+        timings["forward"] = forward_time.seconds()
+        timings["score"] = max(0.0, time.perf_counter() - started - timings["forward"])
     return results
 
 
+class ForwardTime:
+    """Seconds the backbone forwards of one batch took. On CUDA a forward returns once its kernels are queued, so
+    wall time would read launch time (and the rest land in scoring): CUDA events on the stream time it instead,
+    read once the batch's results are on the host. Elsewhere, wall time."""
+
+    def __init__(self) -> None:
+        self.wall_s = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def run(self, device: torch.device, forward: Callable[[], Any]) -> Any:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward()
+            end.record()
+            self.events.append((start, end))
+            return out
+        began = time.perf_counter()
+        out = forward()
+        self.wall_s += time.perf_counter() - began
+        return out
+
+    def seconds(self) -> float:
+        for _, end in self.events:
+            end.synchronize()
+        return self.wall_s + sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+
+
 def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], request: FeatureRequest, tile_scores: list,
-               tile_maps: list) -> tuple[float, float]:
+               tile_maps: list, forward_time: ForwardTime) -> None:
     """One forward for items sharing a model, input and tower; fills tile_scores/tile_maps at ``positions``."""
     backbone = items[0].detector.backbone
     # Per item: its map tiles, then (multi-crop) crop views whose image scores are averaged in.
@@ -111,9 +138,8 @@ def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], request: Fe
     counts = [v.shape[0] for v in views]
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     row_inputs = _row_inputs(items, counts)
-    started = time.perf_counter()
-    features = backbone.forward(backbone.batch_pixels(views), request, row_inputs)
-    forwarded = time.perf_counter()
+    features = forward_time.run(backbone.device,  # (the pixels' copy to the device included)
+                                lambda: backbone.forward(backbone.batch_pixels(views), request, row_inputs))
 
     by_state: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):
@@ -129,7 +155,6 @@ def _run_group(items: Sequence[ScoreItem], positions: Sequence[int], request: Fe
             tile_scores[positions[m]] = output.scores[offset:offset + n]
             tile_maps[positions[m]] = None if output.maps is None else output.maps[offset:offset + map_tiles[m]]
             offset += n
-    return forwarded - started, time.perf_counter() - forwarded
 
 
 def _row_inputs(items: Sequence[ScoreItem], counts: Sequence[int]) -> dict[str, torch.Tensor] | None:
