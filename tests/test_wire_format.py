@@ -224,3 +224,14 @@ def test_a_random_weight_checkpoint_file_says_demo_weights_and_an_unmarked_one_d
     (plain / "open_clip_config.json").write_text(json.dumps(config))
     assert not weights.marked_random(weights.resolve("inspectd-tiny", str(plain)))
     assert ClipBackbone(ModelSpec(arch="inspectd-tiny", pretrained=str(plain), device="cpu")).demo_weights is False
+
+
+@pytest.mark.parametrize("shape", ["[4.9, 6.2, 3]", "[4.0, 6, 3]", "[true, 6, 3]", "4.9,6,3"])
+def test_a_shape_that_is_not_whole_numbers_is_a_bad_shape_not_truncated(shape: str) -> None:
+    """JSON [4.9, 6.2, 3] was read as (4, 6, 3): bytes of that size were then taken as such an image."""
+    from inspectd.streams.message import parse_frame_fields
+    from inspectd.streams.schema import DeadLetter
+
+    fields = {"product": "p", "line": "l1", "frame_id": "f", "image": bytes(4 * 6 * 3), "shape": shape}
+    parsed = parse_frame_fields(fields, entry_id="1-0", source="redis:inspect:{l1}:frames")
+    assert isinstance(parsed, DeadLetter) and parsed.reason == "bad_shape", parsed

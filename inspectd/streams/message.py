@@ -88,6 +88,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         parts = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
         if not isinstance(parts, list):
             raise ValueError("shape is not a list")
+        if any(isinstance(p, bool) or not isinstance(p, (int, str)) for p in parts):  # int(4.9) would be 4
+            raise ValueError("shape is not a list of integers")
         shape = tuple(int(p) for p in parts)
     except (OverflowError, RecursionError) as exc:  # "[1e999,3]" (int(inf)), "[[[[...": malformed all the same
         raise ValueError(f"shape is not a list of integers ({type(exc).__name__})") from None
