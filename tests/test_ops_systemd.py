@@ -69,7 +69,8 @@ def test_required_service_keys(unit: dict[str, dict[str, list[str]]]) -> None:
         assert one(unit, key) == value, key
     assert seconds(one(unit, "WatchdogSec")) == 30
     assert seconds(one(unit, "RestartSec")) > 0
-    assert set(one(unit, "ReadWritePaths").split()) == {"/var/lib/inspectd", "/var/cache/inspectd"}
+    assert set(one(unit, "ReadWritePaths").split()) == {"/var/lib/inspectd", "/var/cache/inspectd",
+                                                         "-/etc/inspectd/products"}
     assert int(one(unit, "LimitNOFILE")) >= 4096
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
@@ -127,3 +128,35 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     else:
         allowed = f"inspectd.service: Command {EXEC} is not executable: No such file or directory"
         assert complaints and all(line == allowed for line in complaints), complaints
+
+
+def test_every_path_the_shipped_config_writes_is_writable_under_the_unit(unit: dict[str, dict[str, list[str]]],
+                                                                        tmp_path: Path) -> None:
+    """ProtectSystem=strict makes every path read-only but ReadWritePaths=: the shipped config's products_dir
+    (/etc/inspectd/products, where the admin API and console feedback save product files) was not among them, so
+    each PUT built and served its product, then failed with EROFS and was gone after a restart."""
+    import yaml
+
+    from inspectd.daemon.config import load_config
+
+    etc = tmp_path / "etc" / "inspectd"  # the config as installed: /etc/inspectd/inspectd.yaml
+    etc.mkdir(parents=True)
+    (etc / "products").mkdir()
+    data = yaml.safe_load((SYSTEMD.parent / "config" / "inspectd.yaml").read_text())
+    (etc / "inspectd.yaml").write_text(yaml.safe_dump(data))
+    config = load_config(etc / "inspectd.yaml")
+
+    def installed(path: str) -> Path:  # where it lies on the machine
+        p = Path(path)
+        return Path("/etc/inspectd") / p.relative_to(etc) if p.is_relative_to(etc) else p
+
+    written = {"registry.products_dir": config.registry.products_dir,
+               "registry.state_cache_dir": config.registry.state_cache_dir,
+               "console.feedback_dir": config.console.feedback_dir, "sinks.jsonl": config.sinks.jsonl}
+    writable = [Path(p.lstrip("-")) for v in unit["Service"]["ReadWritePaths"] for p in v.split()]
+    writable += [Path("/var/lib") / v for v in unit["Service"].get("StateDirectory", [])]
+    writable += [Path("/var/cache") / v for v in unit["Service"].get("CacheDirectory", [])]
+    for key, path in written.items():
+        if path:
+            where = installed(path)
+            assert any(where.is_relative_to(w) for w in writable), f"{key} {where} not in {writable}"
