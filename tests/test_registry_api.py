@@ -395,3 +395,19 @@ async def test_an_upload_is_not_stopped_by_the_watcher_seeing_its_files(redis_ur
         assert daemon.registry.get("s").version == 2
     finally:
         await daemon.shutdown()
+
+
+async def test_a_put_whose_file_cannot_be_saved_serves_and_says_the_change_is_not_saved(api, tmp_path) -> None:  # noqa: ANN001
+    """A products folder the daemon cannot write (read-only under systemd, full): the PUT built and swapped the
+    product in, then answered 500 as if nothing had happened. It answers as a PUT does, with a warning that the
+    change is lost at a restart, and the product serves."""
+    daemon, session = api
+    (tmp_path / "products" / "newp.yaml").mkdir()  # its file cannot be written (as root, permissions would not stop it)
+    (tmp_path / "newp-refs").mkdir()
+    shutil.copy(HAZELNUT / "good" / "00.png", tmp_path / "newp-refs" / "00.png")
+    body = {"object_name": "hazelnut", "references": str(tmp_path / "newp-refs"), "shots": 1}
+    async with session.put("/products/newp", json=body, headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 201, answer
+    assert answer["file"] is None and "could not be saved" in answer["warning"] and "restart" in answer["warning"]
+    assert daemon.registry.get("newp") is not None

@@ -187,10 +187,24 @@ async def put_product(request: web.Request) -> web.Response:
         await asyncio.sleep(0)  # let the build register itself, so the reply shows it
         return web.json_response(describe(registry, product_id), status=202)
     entry = await _build_staged(registry.put(config), product_id, staged)
-    path = await asyncio.to_thread(registry.save_product_file, config)
+    path, problem = await _save_file(registry, config)
     body = describe(registry, entry.id)
     body["file"] = str(path) if path else None
+    if problem:
+        body["warning"] = problem
     return web.json_response(body, status=201 if created else 200)
+
+
+async def _save_file(registry: ProductRegistry, config: ProductConfig) -> tuple[Path | None, str]:
+    """(the product file saved, "") or (None, why not): the product serves either way, so a folder that cannot be
+    written (read-only, full) is said in the reply and the log, not turned into an error after the swap."""
+    try:
+        return await asyncio.to_thread(registry.save_product_file, config), ""
+    except OSError as exc:
+        problem = (f"product {config.id!r} serves, but its file could not be saved ({exc}): the change is lost at "
+                   "the next restart; make registry.products_dir writable to the daemon")
+        log.error("admin: %s", problem)
+        return None, problem
 
 
 async def reload_product(request: web.Request) -> web.Response:
@@ -208,9 +222,16 @@ async def delete_product(request: web.Request) -> web.Response:
     product_id = request.match_info["id"]
     if not await registry.remove(product_id):
         raise ApiError(404, f"unknown product {product_id!r}")
-    path = await asyncio.to_thread(registry.delete_product_file, product_id) if PRODUCT_ID_RE.match(product_id) \
-        else None
-    return web.json_response({"removed": product_id, "file_deleted": str(path) if path else None})
+    body: dict[str, Any] = {"removed": product_id, "file_deleted": None}
+    try:
+        path = await asyncio.to_thread(registry.delete_product_file, product_id) \
+            if PRODUCT_ID_RE.match(product_id) else None
+        body["file_deleted"] = str(path) if path else None
+    except OSError as exc:
+        body["warning"] = (f"product {product_id!r} is removed, but its file could not be deleted ({exc}): it comes "
+                           "back at the next restart; make registry.products_dir writable to the daemon")
+        log.error("admin: %s", body["warning"])
+    return web.json_response(body)
 
 
 async def upload_references(request: web.Request) -> web.Response:
@@ -311,7 +332,7 @@ async def _build_and_save(registry: ProductRegistry, config: ProductConfig,
         await _build_staged(registry.put(config), config.id, staged)
     except ApiError:
         return  # logged by the registry; status/error are in GET /products/{id}
-    await asyncio.to_thread(registry.save_product_file, config)
+    await _save_file(registry, config)
 
 
 async def _build_staged(build_coro: Awaitable[Any], product_id: str, staged: StagedReferences | None,
