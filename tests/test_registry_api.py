@@ -411,3 +411,17 @@ async def test_a_put_whose_file_cannot_be_saved_serves_and_says_the_change_is_no
     assert response.status == 201, answer
     assert answer["file"] is None and "could not be saved" in answer["warning"] and "restart" in answer["warning"]
     assert daemon.registry.get("newp") is not None
+
+
+async def test_an_unexpected_error_is_a_json_500_that_points_at_the_log(api, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A handler's unexpected exception answered aiohttp's text/plain 500, which API clients cannot parse."""
+    daemon, session = api
+
+    def broken(*_args: Any) -> None:  # a bug (or a disk) failing somewhere no handler expects
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(daemon.registry, "ids", broken)
+    async with session.get("/products", headers=AUTH) as response:
+        answer = await response.json()
+    assert response.status == 500 and "RuntimeError" in answer["error"] and "log" in answer["error"]
+    assert any("GET /products failed" in r.getMessage() for r in caplog.records)

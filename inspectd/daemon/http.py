@@ -64,8 +64,23 @@ async def host_allow_list(request: web.Request, handler) -> web.StreamResponse: 
     return await handler(request)
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001 - aiohttp handler
+    """An unexpected exception in a handler (a bug, a failing disk) is a JSON 500 that says where to look, logged
+    with its traceback, instead of aiohttp's text/plain page that API clients cannot parse."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, ConnectionError):  # (a client gone mid-stream: nothing to answer)
+        raise
+    except Exception as exc:  # noqa: BLE001 - asyncio.CancelledError (a client gone) is no Exception and passes
+        log.exception("http: %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error ({type(exc).__name__}); the daemon's log has the "
+                                           "traceback"}, status=500)
+
+
 def build_app(daemon: InspectDaemon) -> web.Application:
-    app = web.Application(client_max_size=daemon.config.http.max_body_bytes, middlewares=[host_allow_list])
+    app = web.Application(client_max_size=daemon.config.http.max_body_bytes, middlewares=[host_allow_list,
+                                                                                           json_errors])
     app[DAEMON_KEY] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
