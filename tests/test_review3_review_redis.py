@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from inspectd.daemon.config import ConsoleConfig
 from inspectd.daemon.review import ReviewHub, ReviewItem, render_item
-from inspectd.daemon.review_redis import ADD_AND_TRIM, RedisReviewStore, pack, review_keys
+from inspectd.daemon.review_redis import ADD_AND_TRIM, RedisReviewStore, originals_keys, pack, review_keys
 from inspectd.streams.schema import Frame, Result
 from tests.console_helpers import DEFECTS, GOODS
 from tests.daemon_helpers import png_bytes
@@ -63,8 +63,8 @@ async def test_the_live_feed_hears_an_entry_added_to_the_other_stream_while_one_
     def on_summary(summary: dict[str, Any]) -> None:
         heard.append(summary)
         if summary["frame_id"] == "ng-1":
-            add(keys=[*keys["OK"], f"{key_prefix}:{{console}}:review:feedback"],
-                args=[10, json.dumps({**ok.result, "has_mask": True}), pack(ok)])
+            add(keys=[*keys["OK"], f"{key_prefix}:{{console}}:review:feedback", *originals_keys(key_prefix)],
+                args=[10, json.dumps({**ok.result, "has_mask": True}), pack(ok, original=False), b"", 0])
 
     task = asyncio.create_task(store.tail(on_summary))
     try:

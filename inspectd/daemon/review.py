@@ -2,9 +2,10 @@
 people may look at, per-product NG rates, dead letters by reason, and the live-update fan-out.
 
 Nothing here is unbounded: ``keep_ng`` / ``keep_ok`` frames (newest; in memory, or in Redis streams capped by
-MAXLEN with ``console.review: redis``, see `review_redis`), ``stats_window`` verdicts and one hour of timestamps
-per product, a bounded capture queue (a frame that finds it full is not kept for review and counted) and a
-bounded queue per live subscriber (a slow browser loses its oldest updates, never slows the pipeline).
+MAXLEN with ``console.review: redis``, see `review_redis`), their originals within ``original_budget_mb`` (either
+way), ``stats_window`` verdicts and one hour of timestamps per product, a bounded capture queue (a frame that finds
+it full is not kept for review and counted) and a bounded queue per live subscriber (a slow browser loses its oldest
+updates, never slows the pipeline).
 Rendering runs in a worker thread, after the frame is published and acked.
 """
 
@@ -305,7 +306,9 @@ class ReviewHub:
 
     # ---------------------------------------------------------------- the Redis store (console.review: redis)
     def use_store(self, store: Any) -> None:
-        """Keep review items in ``store`` (a `review_redis.RedisReviewStore`) instead of this process's memory."""
+        """Keep review items in ``store`` (a `review_redis.RedisReviewStore`) instead of this process's memory, its
+        originals within ``original_budget_mb`` (in Redis, every instance's together), as in memory."""
+        store.original_budget = self.config.original_budget_mb * 1024 * 1024
         self.store = store
         self._tail = asyncio.create_task(store.tail(self._heard, self._counted), name="console-review-tail")
 

@@ -5,12 +5,15 @@ them, and every instance's console sees every instance's frames.
 Keys (one hash slot, so a Redis Cluster serves them too): ``<prefix>:{console}:review:NG`` (stream: one small
 ``summary`` field per frame; listing and the live feed read only this) and ``<prefix>:{console}:review:NG:pictures``
 (hash: entry id -> packed pictures), the same for OK, and ``<prefix>:{console}:review:feedback`` (hash: entry id ->
-the feedback given on it; recorded only while its item is kept). An action first claims its frame there with a
+the feedback given on it; recorded only while its item is kept). The frames as scored (``original``) are apart, in
+``<prefix>:{console}:review:originals`` (hash: entry id -> bytes) with ``...:originals:order`` (sorted set, oldest
+first) and ``...:originals:meta`` (their running byte total): within ``original_budget`` bytes, as in memory the
+oldest give theirs up first (their feedback saves the review image). An action first claims its frame there with a
 ``pending`` mark carrying its owner and Redis's time, renewed while the action runs, so two instances' operators
 never act on one frame twice, and a claim whose daemon died (no longer renewed) is taken over after
 ``CLAIM_TTL_S`` instead of refusing feedback on that frame until it is trimmed. One Lua script adds an item and trims
-the oldest ones from all three, atomically, so they never disagree and the bound is exact however many instances
-write.
+the oldest ones (and the oldest originals over the budget) from all of them, atomically, so they never disagree and
+both bounds are exact however many instances write.
 """
 
 from __future__ import annotations
@@ -28,26 +31,55 @@ from typing import Any
 import numpy as np
 
 from inspectd.daemon.review import ReviewItem
+from inspectd.streams.retry import CAP_S, Backoff
 
 log = logging.getLogger(__name__)
 
 VERDICTS = ("NG", "OK")
 FETCH_CACHE = 16  # recently fetched items (a detail view asks for overlay, mask and image in a row)
+FETCH_CACHE_BYTES = 64 * 1024 * 1024  # and at most this much of them (beyond the newest): originals are large
 TAIL_BLOCK_MS = 1000
 BLOBS = ("image", "overlay", "thumb", "mask", "amap", "original")
 CLAIM_TTL_S = 300.0  # a claim not renewed this long is a dead daemon's (its holder renews it every quarter of this)
 COUNT_EVERY_S = 1.0  # the live feed re-counts the buffer (for its gauge) at most this often
+ORIGINAL_BUDGET = 256 * 1024 * 1024  # bytes of originals kept, unless told (the hub passes console.original_budget_mb)
+MARK_ATTEMPTS = 6  # a feedback mark is tried this often (seconds, with the backoff), then retried in the background
 
+# KEYS: stream, pictures, marks, originals, their order, their meta ("bytes" total, "seq"); ARGV: the verdict's cap,
+# summary, packed pictures, the original ("" for none), the originals' byte budget
 ADD_AND_TRIM = """
 local id = redis.call('XADD', KEYS[1], '*', 'summary', ARGV[2])
 redis.call('HSET', KEYS[2], id, ARGV[3])
+local function drop_original(entry)
+  local size = redis.call('HSTRLEN', KEYS[4], entry)
+  if size > 0 then
+    redis.call('HDEL', KEYS[4], entry)
+    redis.call('HINCRBY', KEYS[6], 'bytes', -size)
+  end
+  redis.call('ZREM', KEYS[5], entry)
+end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
     redis.call('HDEL', KEYS[2], entry[1])
     redis.call('HDEL', KEYS[3], entry[1])
+    drop_original(entry[1])
     redis.call('XDEL', KEYS[1], entry[1])
   end
+end
+local budget = tonumber(ARGV[5])
+if #ARGV[4] > 0 and #ARGV[4] <= budget then
+  redis.call('HSET', KEYS[4], id, ARGV[4])
+  redis.call('HINCRBY', KEYS[6], 'bytes', #ARGV[4])
+  redis.call('ZADD', KEYS[5], redis.call('HINCRBY', KEYS[6], 'seq', 1), id)
+end
+while tonumber(redis.call('HGET', KEYS[6], 'bytes') or '0') > budget do
+  local oldest = redis.call('ZRANGE', KEYS[5], 0, 0)
+  if #oldest == 0 then
+    redis.call('HSET', KEYS[6], 'bytes', 0)  -- a total that outlived its originals (deleted by hand)
+    break
+  end
+  drop_original(oldest[1])
 end
 return id
 """
@@ -150,11 +182,18 @@ def feedback_key(prefix: str) -> str:
     return f"{prefix}:{{console}}:review:feedback"
 
 
-def pack(item: ReviewItem) -> bytes:
-    """The item's pictures as one value: a 4-byte header length, a JSON header (sizes, map shape, suffix), bytes."""
+def originals_keys(prefix: str) -> tuple[str, str, str]:
+    """(originals hash, their order: a sorted set, oldest first, their meta: a hash of "bytes" and "seq")."""
+    base = f"{prefix}:{{console}}:review:originals"
+    return base, f"{base}:order", f"{base}:meta"
+
+
+def pack(item: ReviewItem, original: bool = True) -> bytes:
+    """The item's pictures as one value: a 4-byte header length, a JSON header (sizes, map shape, suffix), bytes.
+    Without ``original`` its original is left out (the store keeps originals apart, within their budget)."""
     amap = b"" if item.amap is None else np.ascontiguousarray(item.amap, dtype="<f4").tobytes()
     blobs = {"image": item.image_png, "overlay": item.overlay_jpeg, "thumb": item.thumb_jpeg,
-             "mask": item.mask_png or b"", "amap": amap, "original": item.original or b""}
+             "mask": item.mask_png or b"", "amap": amap, "original": (item.original or b"") if original else b""}
     header = json.dumps({"sizes": [len(blobs[k]) for k in BLOBS], "has_mask": item.mask_png is not None,
                          "amap_shape": None if item.amap is None else list(item.amap.shape),
                          "original_suffix": item.original_suffix}).encode()
@@ -201,34 +240,44 @@ def _decoded(value: bytes | str) -> str:
 class RedisReviewStore:
     """Adds, lists and fetches review items in the capped streams; tails them for the live feed."""
 
-    def __init__(self, redis: Any, prefix: str, limits: dict[str, int], claim_ttl_s: float | None = None) -> None:
+    def __init__(self, redis: Any, prefix: str, limits: dict[str, int], claim_ttl_s: float | None = None,
+                 original_budget: int | None = None) -> None:
+        """``original_budget``: bytes of originals kept in Redis, all instances together (`ReviewHub.use_store`
+        sets console.original_budget_mb)."""
         self.redis = redis
         self.keys = review_keys(prefix)
         self.marks = feedback_key(prefix)
+        self.originals = originals_keys(prefix)
         self.limits = limits
+        self.original_budget = ORIGINAL_BUDGET if original_budget is None else original_budget
         self.claim_ttl_s = CLAIM_TTL_S if claim_ttl_s is None else claim_ttl_s
         self._add = redis.register_script(ADD_AND_TRIM)
         self._mark = redis.register_script(MARK_IF_KEPT)
         self._claim = redis.register_script(CLAIM)
         self._renew_or_release = redis.register_script(RENEW_OR_RELEASE)
-        self._cache: OrderedDict[str, ReviewItem] = OrderedDict()
+        # id -> (item, its original kept apart, bytes): fetched recently
+        self._cache: OrderedDict[str, tuple[ReviewItem, bool, int]] = OrderedDict()
         self._claims: dict[str, tuple[str, asyncio.Task]] = {}  # item id -> (owner token, its renewal) held here
+        self._writers: dict[str, asyncio.Task] = {}  # item id -> a mark Redis refused, being retried
 
     async def add(self, item: ReviewItem) -> str:
         verdict = item.result["verdict"]
         summary = {**item.result, "has_mask": item.mask_png is not None}
-        entry_id = await self._add(keys=[*self.keys[verdict], self.marks],
-                                   args=[self.limits[verdict], json.dumps(summary), pack(item)])
+        entry_id = await self._add(keys=[*self.keys[verdict], self.marks, *self.originals],
+                                   args=[self.limits[verdict], json.dumps(summary), pack(item, original=False),
+                                         item.original or b"", self.original_budget])
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def get(self, item_id: str) -> ReviewItem | None:
         if item_id in self._cache:
             self._cache.move_to_end(item_id)
-            item = self._cache[item_id]
+            item, apart, _ = self._cache[item_id]
             pictures = self.keys.get(item.result.get("verdict"), self.keys["NG"])[1]
             if not await self.redis.hexists(pictures, item_id):  # trimmed since: gone, as it would be from memory
                 del self._cache[item_id]
                 return None
+            if apart and item.original is not None and not await self.redis.hexists(self.originals[0], item_id):
+                item.original = None  # over the budget since: feedback saves the review image, on every instance
             item.feedback = await self.mark_of(item_id)  # another instance's console may have given or undone it
             return item
         for stream, pictures in self.keys.values():
@@ -249,9 +298,13 @@ class RedisReviewStore:
             except (struct.error, ValueError, KeyError, TypeError) as exc:  # forged, or another version's format
                 log.warning("console: the pictures of review item %r cannot be read (%s); not shown", item_id, exc)
                 return None
+            original = await self.redis.hget(self.originals[0], item_id)
+            if original:  # else none, or one packed with the pictures by an older version
+                item.original = original
             item.feedback = await self.mark_of(item_id)
-            self._cache[item_id] = item
-            while len(self._cache) > FETCH_CACHE:
+            self._cache[item_id] = (item, bool(original), len(data) + len(original or b""))
+            while len(self._cache) > FETCH_CACHE or len(self._cache) > 1 \
+                    and sum(size for _, _, size in self._cache.values()) > FETCH_CACHE_BYTES:
                 self._cache.popitem(last=False)
             return item
         return None
@@ -306,21 +359,65 @@ class RedisReviewStore:
             await self._renew_or_release(keys=[self.marks], args=[item_id, owner, "release"])
 
     async def mark(self, item_id: str, record: dict[str, Any] | None) -> None:
-        """Record (or, with None, clear) the feedback on ``item_id`` for every instance."""
-        self._end_claim(item_id)
+        """Record (or, with None, clear) the feedback on ``item_id`` for every instance. Redis failing meanwhile
+        is retried with the backoff, this console's claim on the frame renewed until the mark is written (the
+        action is done: no console may act on the frame again); after ``MARK_ATTEMPTS`` in the background."""
         self._cache.pop(item_id, None)
-        if record is None:
-            await self.redis.hdel(self.marks, item_id)
-        else:
-            await self._mark(keys=[*(self.keys[v][1] for v in VERDICTS), self.marks],
-                             args=[item_id, json.dumps(record)])
+        earlier = self._writers.pop(item_id, None)
+        if earlier is not None:  # a mark still being retried: this one is newer
+            earlier.cancel()
+        backoff = Backoff(cap=min(CAP_S, self.claim_ttl_s / 8))  # retried well within a claim's lifetime
+        try:
+            for attempt in range(MARK_ATTEMPTS):
+                if attempt:
+                    await backoff.wait()
+                if await self._write_mark(item_id, record, warn=not attempt):
+                    return
+        except asyncio.CancelledError:  # the request gave up: the mark must still be written
+            self._mark_later(item_id, record, backoff)
+            raise
+        log.error("console: the feedback on review item %r is not recorded in Redis yet; retrying in the "
+                  "background, its claim kept", item_id)
+        self._mark_later(item_id, record, backoff)
+
+    async def _write_mark(self, item_id: str, record: dict[str, Any] | None, warn: bool = False) -> bool:
+        """One try at the mark; written (or the item trimmed meanwhile), the claim on it ends here."""
+        try:
+            if record is None:
+                await self.redis.hdel(self.marks, item_id)
+            else:
+                await self._mark(keys=[*(self.keys[v][1] for v in VERDICTS), self.marks],
+                                 args=[item_id, json.dumps(record)])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away a moment: tried again
+            if warn:
+                log.warning("console: could not record the feedback on review item %r (%s); retrying", item_id, exc)
+            return False
+        self._end_claim(item_id)
+        return True
+
+    def _mark_later(self, item_id: str, record: dict[str, Any] | None, backoff: Backoff) -> None:
+        async def retry() -> None:
+            while True:
+                await backoff.wait()
+                if await self._write_mark(item_id, record):
+                    break
+            self._writers.pop(item_id, None)
+            log.info("console: the feedback on review item %r is recorded now", item_id)
+
+        self._writers[item_id] = asyncio.create_task(retry(), name="console-mark")
 
     async def count(self) -> int:
         return sum([await self.redis.xlen(stream) for stream, _ in self.keys.values()])
 
     async def close(self) -> None:
-        """Stop renewing claims (a shutdown: they expire unless their actions end first)."""
-        tasks = [task for _, task in self._claims.values()]
+        """Stop renewing claims and retrying marks (a shutdown: those claims expire unless their actions end
+        first, and a frame whose mark was not written takes feedback again then)."""
+        if self._writers:
+            log.error("console: shutting down with the feedback on review item(s) %s not recorded in Redis",
+                      ", ".join(map(repr, self._writers)))
+        tasks = [task for _, task in self._claims.values()] + list(self._writers.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
