@@ -19,6 +19,7 @@ import copy
 import io
 import json
 import logging
+import math
 import re
 import shutil
 import threading
@@ -132,6 +133,7 @@ class FeedbackStore:
             raise FeedbackError(400, f"target must be one of {list(TARGETS)}, got {target!r}")
         root = self._need_root()
         product = self._product(item)
+        fields = _summary_fields(item)  # before anything is written: a summary without them saves nothing
         async with self._lock(product):
             entry = self.registry.get(product)
             if entry is None:
@@ -140,14 +142,13 @@ class FeedbackStore:
             data = item.original or item.image_png
             config = copy.deepcopy(self._wanted(product, entry))
             directory, seeded = await asyncio.to_thread(self._good_directory, config, target, name)
-            written = [await asyncio.to_thread(atomic.write_bytes, directory / name, data)]
-            written.append(await asyncio.to_thread(atomic.write_bytes, _inside(root, product, "good", name), data))
+            written = await _write_all([(directory / name, data), (_inside(root, product, "good", name), data)])
             before = self._wanted(product, entry)
             if target == "references":  # the images used so far stay used, and the new one joins them
                 used = {p.name for p in await asyncio.to_thread(reference_files, before.references, before.shots)}
                 names = [p.name for p in await asyncio.to_thread(reference_files, config.references, 10**6)]
                 config.shots = max(names.index(n) for n in (used | {name}) if n in names) + 1
-            record = self._record(FALSE_ALARM, item, remote, target=target, files=written, before=before,
+            record = self._record(FALSE_ALARM, item, fields, remote, target=target, files=written, before=before,
                                   after=config, version_before=entry.version, threshold_before=entry.threshold,
                                   seeded=[str(p) for p in seeded], saved_size="original" if item.original else
                                   "review")
@@ -162,6 +163,7 @@ class FeedbackStore:
                                      f"{'/'.join(RESERVED_LABELS)}")
         root = self._need_root()
         product = self._product(item)
+        fields = _summary_fields(item)
         async with self._lock(product):
             folder = _inside(root, product)
             name = self._file_name(item)
@@ -171,11 +173,10 @@ class FeedbackStore:
             # size is read from that image, never from the summary (from Redis: any size anyone wrote there);
             # drawn before anything is written, so a mask that cannot be leaves no image behind
             mask = None if item.amap is None else await asyncio.to_thread(
-                _defect_mask, item.amap, item.result["threshold"], _image_size(image, self.max_pixels))
-            written = [await asyncio.to_thread(atomic.write_bytes, folder / label / name, image)]
-            if mask is not None:
-                written.append(await asyncio.to_thread(atomic.write_bytes, folder / "masks" / label / name, mask))
-            record = self._record(DEFECT, item, remote, label=label, files=written,
+                _defect_mask, item.amap, fields["threshold"], _image_size(image, self.max_pixels))
+            written = await _write_all([(folder / label / name, image)]
+                                       + ([] if mask is None else [(folder / "masks" / label / name, mask)]))
+            record = self._record(DEFECT, item, fields, remote, label=label, files=written,
                                   seeded=[str(p) for p in seeded])
             return await self._finish(record, item)
 
@@ -272,16 +273,12 @@ class FeedbackStore:
             record["undone"] = record["id"] in undone
         return [r for r in records if product is None or r["product"] == product]
 
-    def _record(self, action: str, item: ReviewItem, remote: str, *, files: list[Path],
+    def _record(self, action: str, item: ReviewItem, fields: dict[str, Any], remote: str, *, files: list[Path],
                 before: ProductConfig | None = None, after: ProductConfig | None = None,
                 **extra: Any) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "id": uuid.uuid4().hex[:12], "at": time.time(), "action": action, "item": item.id,
-            "product": item.result["product"],
-            "line": item.result["line"], "frame_id": item.result["frame_id"], "entry_id": item.result["entry_id"],
-            "score": item.result["score"], "threshold": item.result["threshold"],
-            "state_version": item.result["state_version"], "files": [str(p) for p in files], "remote": remote,
-            **extra,
+            "id": uuid.uuid4().hex[:12], "at": time.time(), "action": action, "item": item.id, **fields,
+            "files": [str(p) for p in files], "remote": remote, **extra,
         }
         if before is not None and after is not None:
             record["config_before"], record["config_after"] = _changed(before, after), _changed(after, before)
@@ -403,6 +400,35 @@ class FeedbackStore:
             shutil.copyfile(path, target)
             written.append(target)
         return written
+
+
+SUMMARY_FIELDS = ("product", "line", "frame_id", "entry_id", "score", "threshold", "state_version")
+
+
+def _summary_fields(item: ReviewItem) -> dict[str, Any]:
+    """The item's fields its feedback record keeps; 422 when its summary lacks one, or its score or threshold is no
+    finite number (an item from Redis carries whatever was written there: another version's, or a forged one)."""
+    missing = [key for key in SUMMARY_FIELDS if key not in item.result]
+    if missing:
+        raise FeedbackError(422, f"the frame's summary lacks {', '.join(missing)}; nothing saved")
+    for key in ("score", "threshold"):
+        value = item.result[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FeedbackError(422, f"the frame's {key} {str(value)[:40]!r} is no number; nothing saved")
+    return {key: item.result[key] for key in SUMMARY_FIELDS}
+
+
+async def _write_all(files: list[tuple[Path, bytes]]) -> list[Path]:
+    """Write each (path, bytes) and return the paths; one that cannot be written (a full disk, a file where a folder
+    goes) removes those written before it: an answer that saved nothing leaves nothing (a retry never saves twice)."""
+    written: list[Path] = []
+    for path, data in files:
+        try:
+            written.append(await asyncio.to_thread(atomic.write_bytes, path, data))
+        except OSError as exc:
+            await asyncio.to_thread(_remove, written)
+            raise FeedbackError(500, f"could not write {path} ({type(exc).__name__}: {exc}); nothing saved") from exc
+    return written
 
 
 def _managed_directory(root: str | Path, target: str, product: str) -> Path:
