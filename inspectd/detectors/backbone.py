@@ -13,6 +13,7 @@ token embeddings in, features out, no cache) for methods that learn prompts.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from inspectd.detectors import compiled as compiled_mod
 from inspectd.detectors import cpu_threads, fused
 from inspectd.detectors import weights as weights_mod
-from inspectd.detectors.preprocess import InputSpec, Preprocessor
+from inspectd.detectors.preprocess import CLIP_MEAN, CLIP_STD, InputSpec, Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ DEMO_WARNING = (
     "DEMO MODE: CLIP runs with RANDOM weights; every score, verdict and table is MEANINGLESS. "
     "Get real weights with `inspectd weights fetch` (see README)."
 )
+
+
+# CLIP's (OpenAI's) pixel normalisation: what open_clip's LAION/OpenAI ViTs use and what a model without a
+# preprocess_cfg gets (`normalisation`)
+DEFAULT_NORMALISATION: dict[str, object] = {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,9 @@ def _wants_quick_gelu(spec: ModelSpec, source: weights_mod.WeightsSource) -> boo
     """Whether to force QuickGELU. OpenAI's CLIP (and some other releases: open_clip's pretrained cfg says
     ``quick_gelu``) was trained with QuickGELU; open_clip's plain arch configs use nn.GELU and would load those
     weights silently into the wrong activation. auto: the tag's pretrained cfg, or that of the release whose
-    file name ``pretrained`` has (``ViT-L-14-336px.pt``), else "openai" in the file or folder name."""
+    file name ``pretrained`` has (``ViT-L-14-336px.pt``), else "openai" in the file or folder name. For a folder
+    without open_clip_config.json the file open_clip loads from it names the release first (the folder
+    `inspectd weights fetch --out DIR` wrote holds ``ARCH-TAG.safetensors``)."""
     if spec.quick_gelu != "auto":
         return spec.quick_gelu == "true"
     if spec.arch.endswith("-quickgelu"):
@@ -177,16 +185,26 @@ def _wants_quick_gelu(spec: ModelSpec, source: weights_mod.WeightsSource) -> boo
         return bool(cfg.get("quick_gelu")) if cfg else spec.pretrained == "openai"
     if source.kind not in ("file", "dir"):
         return False
-    name = os.path.basename(source.value.rstrip("/"))
-    release = weights_mod.release_of(spec.arch, name)
-    if release is not None:
-        return bool(release[1].get("quick_gelu"))
-    return "openai" in name.lower()
+    names = [os.path.basename(source.value.rstrip("/"))]
+    if source.kind == "dir" and not os.path.isfile(os.path.join(source.value, "open_clip_config.json")):
+        names.insert(0, os.path.basename(_checkpoint_file(source)))
+    for name in names:
+        release = weights_mod.release_of(spec.arch, name)
+        if release is not None:
+            return bool(release[1].get("quick_gelu"))
+    return any("openai" in name.lower() for name in names)
 
 
 def uses_quick_gelu(model: torch.nn.Module) -> bool:
     """The activation the loaded model really runs (a local folder's config may set it, whatever was asked)."""
     return any(type(m).__name__ == "QuickGELU" for m in model.modules())
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the state_dict's floating tensors holding NaN or inf (a damaged copy, a diverged fine-tune): such
+    weights load without complaint and make every score NaN (every frame a dead letter, every metric NaN)."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def tensors_id(model: torch.nn.Module) -> str:
@@ -200,6 +218,34 @@ def tensors_id(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return "tensors-sha256:" + digest.hexdigest()
+
+
+def normalisation(arch: str, source: weights_mod.WeightsSource, loaded: Mapping[str, object]) -> dict[str, object]:
+    """The pixel normalisation (mean, std, interpolation) the weights were trained with. ``loaded``: open_clip's
+    preprocess_cfg of the model it built, right for a tag (its pretrained cfg) and a folder with an
+    open_clip_config.json; for a file (and a folder without config) open_clip knows only the arch, so the release
+    the file's name names (`weights.release_of`) and the open_clip_config.json of the hub folder it sits in (when it
+    is that folder's checkpoint) overlay it. CLIP's OpenAI values where nothing says otherwise."""
+    cfg: dict[str, object] = {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic"}
+    overlays: list[Mapping[str, object]] = [loaded]
+    if source.kind == "file" or (source.kind == "dir" and not (Path(source.value) / "open_clip_config.json").is_file()):
+        checkpoint = Path(_checkpoint_file(source))
+        release = weights_mod.release_of(arch, checkpoint.name)
+        if release is not None:
+            overlays.append(release[1])
+        config = checkpoint.parent / "open_clip_config.json"
+        if source.kind == "file" and config.is_file() and _checkpoint_file(
+                weights_mod.WeightsSource("dir", str(checkpoint.parent))) == str(checkpoint):
+            try:
+                found = json.loads(config.read_text()).get("preprocess_cfg")
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{config} (the open_clip config beside {checkpoint}) is unreadable: {exc}") from exc
+            overlays.append(found if isinstance(found, Mapping) else {})
+    for overlay in overlays:
+        cfg.update({k: overlay[k] for k in cfg if overlay.get(k) is not None})
+    interpolation = "bicubic" if cfg["interpolation"] == "random" else str(cfg["interpolation"])  # (training only)
+    return {"mean": tuple(float(m) for m in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"]),
+            "interpolation": interpolation}
 
 
 def _checkpoint_file(source: weights_mod.WeightsSource) -> str:
@@ -219,6 +265,16 @@ def _load_error(spec: ModelSpec, source: weights_mod.WeightsSource, exc: Excepti
         return ValueError(f"model.arch {spec.arch!r} is not an open_clip arch (open_clip.list_models() lists them)")
     return weights_mod.WeightsLoadError(
         weights_mod.load_failure_message(spec.arch, spec.pretrained, _checkpoint_file(source), exc))
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub runs offline: its own reading of HF_HUB_OFFLINE (it takes 1/ON/YES/TRUE in any
+    case, read when it was imported)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
@@ -243,9 +299,11 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
     elif source.kind == "dir":
         found = open_clip.factory._find_checkpoint_in_dir(Path(source.value))
         if not found:
-            raise weights_mod.WeightsNotFoundError(
-                weights_mod.missing_message(spec.arch, spec.pretrained, f"no checkpoint file in {source.value}")
-            )
+            others = sorted(p.name for p in Path(source.value).glob("*.pt"))
+            why = f"no checkpoint file in {source.value}" + (
+                f" (open_clip finds *.safetensors, *.bin and *.pth in a folder, not {', '.join(others)}: set "
+                "model.pretrained to the file itself)" if others else "")
+            raise weights_mod.WeightsNotFoundError(weights_mod.missing_message(spec.arch, spec.pretrained, why))
         local = os.path.isfile(os.path.join(source.value, "open_clip_config.json"))
         name = f"local-dir:{source.value}" if local else spec.arch
         try:
@@ -264,7 +322,7 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
                 )
         except Exception as exc:  # download failures surface as many types
             if source.kind == "tag":
-                offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+                offline = _hub_offline()
                 why = ("not in the local hub cache and HF_HUB_OFFLINE is set" if offline else
                        f"download/cache lookup failed ({type(exc).__name__}: {weights_mod.error_summary(exc)}); on a "
                        "machine without internet set HF_HUB_OFFLINE=1 so this fails at once instead of after the "
@@ -273,6 +331,15 @@ def load_open_clip(spec: ModelSpec) -> tuple[torch.nn.Module, object, bool]:
                     weights_mod.missing_message(spec.arch, spec.pretrained, why)) from exc
             raise _load_error(spec, source, exc) from exc
         tokenizer = open_clip.get_tokenizer(spec.arch)
+    broken = non_finite_tensors(model)
+    if broken:
+        where = _checkpoint_file(source) if source.kind in ("file", "dir") else f"{spec.arch}/{spec.pretrained}"
+        raise weights_mod.WeightsLoadError(
+            f"CLIP weights {where} (arch={spec.arch!r}) hold NaN or infinite values in {len(broken)} tensor(s) "
+            f"({', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}): every score would be NaN. A damaged copy "
+            "or a diverged fine-tune.\n"
+            f"  check the file: inspectd weights verify {where}\n"
+            f"  get a good copy on a machine with internet: inspectd weights fetch {spec.arch} <TAG> --out DIR")
     if not demo and weights_mod.marked_random(source):
         demo = True  # a seeded random-weight checkpoint inspectd wrote (tests, benchmarks): as meaningless
         log.warning("%s (%s is marked as random weights by inspectd's generator)", DEMO_WARNING, source.value)
@@ -301,6 +368,8 @@ class ClipBackbone:
         self._weights_id = f"random:seed={spec.seed}" if spec.pretrained == weights_mod.RANDOM_WEIGHTS else \
             tensors_id(model)
         self.quick_gelu = uses_quick_gelu(model)
+        self.normalisation = normalisation(spec.arch, weights_mod.resolve(spec.arch, spec.pretrained),
+                                           getattr(model.visual, "preprocess_cfg", None) or {})
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = tokenizer
         self.demo_weights = demo
@@ -316,8 +385,8 @@ class ClipBackbone:
         self.patch_size = int(visual.patch_size[0])
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.logit_scale = float(self.model.logit_scale.exp().item())
-        self.preprocessor = Preprocessor(self.image_size, resize=spec.resize)
-        self._preprocessors: dict[InputSpec, Preprocessor] = {self.preprocessor.spec: self.preprocessor}
+        self._preprocessors: dict[InputSpec, Preprocessor] = {}
+        self.preprocessor = self.preprocessor_for(InputSpec(self.image_size))
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._identity: dict[str, object] | None = None
@@ -399,6 +468,8 @@ class ClipBackbone:
                 "weights_id": self.weights_id, "demo_weights": self.demo_weights, "quick_gelu": self.quick_gelu,
                 "dtype": str(self.dtype).replace("torch.", ""), "embed_dim": self.embed_dim, "width": self.width,
                 "image_size": self.image_size}
+            if self.normalisation != DEFAULT_NORMALISATION:  # (CLIP's own keeps the hashes of states built before)
+                self._identity["normalisation"] = dict(self.normalisation)
         return dict(self._identity)
 
     @property
@@ -412,7 +483,8 @@ class ClipBackbone:
         """The (cached) pre-processor for a detector's input spec."""
         found = self._preprocessors.get(spec)
         if found is None:
-            found = self._preprocessors[spec] = Preprocessor(spec.size, mode=spec.mode, resize=self.spec.resize)
+            found = self._preprocessors[spec] = Preprocessor(spec.size, mode=spec.mode, resize=self.spec.resize,
+                                                             **self.normalisation)
         return found
 
     @property

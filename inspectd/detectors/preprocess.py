@@ -1,5 +1,7 @@
 """OpenCLIP pre-processing: RGB frames -> square model inputs (WinCLIP tiling or one square resize), and maps back.
 
+Pixels are normalised with the loaded model's own mean/std and resized with its interpolation (open_clip's
+preprocess_cfg; CLIP's OpenAI values and bicubic when it has none: `ClipBackbone`).
 "tile" (WinCLIP): a frame's shorter edge is resized (Pillow bicubic) to the input size S; a
 non-square frame is cut into S x S tiles slid along its longer edge with stride <= 0.8 S. Per-tile
 maps are averaged back onto the resized frame (overlaps averaged) and resized to the frame's own
@@ -25,6 +27,9 @@ MAX_CROPS = 5  # test-time crops per tile (`crop_views`): the centre and the fou
 
 INPUT_MODES = ("tile", "square")
 RESIZE_MODES = ("exact", "fast")
+# open_clip's preprocess_cfg interpolations; "random" is a training augmentation and resizes bicubic at inference
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "random": Image.Resampling.BICUBIC}
 # "fast": Pillow shrinks by whole factors first (Image.reduce) while the rest stays >= this many times the target,
 # then resamples bicubic: 1080p / 4K to 240 px 1.8x / 3.3x faster (the report's frame-size sweep); on photographs
 # pixels stay within 2/255 of the exact resize, on fine textures and noise they differ more (up to ~16/255).
@@ -72,17 +77,24 @@ class Preprocessor:
     """Turns RGB uint8 frames into normalised S x S tiles and tile outputs back into frame maps."""
 
     def __init__(self, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
-                 mode: str = "tile", resize: str = "exact"):
+                 mode: str = "tile", resize: str = "exact", interpolation: str = "bicubic"):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, not {resize!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, not {interpolation!r}")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            raise ValueError(f"normalisation needs 3 means and 3 positive stds, got mean={mean} std={std}")
         self.spec = InputSpec(size, mode)
         self.size = size
         self.mode = mode
         self.resize = resize  # "exact": Pillow's bicubic over the whole frame, as open_clip's own pre-processing
         self.reducing_gap = FAST_REDUCING_GAP if resize == "fast" else None
+        self.interpolation = interpolation
+        self._resample = INTERPOLATIONS[interpolation]
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
-        self._key = (size, mode, resize, tuple(mean), tuple(std))
+        self._key = (size, mode, resize, mean, std, self._resample)
 
     # Equal pre-processors make the same tiles of a frame: tiles made before a hot swap are kept only when the new
     # detector's pre-processor equals the one that made them (an input spec alone misses e.g. `model.resize`).
@@ -121,7 +133,7 @@ class Preprocessor:
         h, w = layout.resized
         pil = Image.fromarray(image)
         if (h, w) != (image.shape[0], image.shape[1]):
-            pil = pil.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=self.reducing_gap)
+            pil = pil.resize((w, h), self._resample, reducing_gap=self.reducing_gap)
         pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32)).permute(2, 0, 1) / 255.0
         pixels = (pixels - self.mean) / self.std
         s = self.size

@@ -197,8 +197,15 @@ def load_failure_message(arch: str, pretrained: str, path: str | Path, exc: Base
     elif isinstance(exc, AssertionError | KeyError) or "state_dict" in str(exc) or "size mismatch" in str(exc):
         why = (f"its tensors do not fit arch {arch!r} ({type(exc).__name__}: {error_summary(exc)}): a checkpoint of "
                "another model")
+    elif path.suffix != ".safetensors" and _safetensors_header(head, size):
+        why = (f"it is a safetensors file under another name (open_clip reads a file as safetensors only by the "
+               f"suffix): rename it to {path.with_suffix('.safetensors').name}")
     elif head.startswith(b"PK") and "zip" not in path.suffix:
-        why = f"a damaged or truncated PyTorch zip archive ({type(exc).__name__}: {error_summary(exc)})"
+        if _zip_intact(path):  # the archive reads: what it holds is no CLIP state dict (a dict without tensors, ...)
+            why = (f"the archive reads but holds no state dict of this model's tensors ({type(exc).__name__}: "
+                   f"{error_summary(exc)}): not a CLIP checkpoint")
+        else:
+            why = f"a damaged or truncated PyTorch zip archive ({type(exc).__name__}: {error_summary(exc)})"
     elif "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":  # (no raw message: torch's
         #                                                        advises weights_only=False there)
         why = (f"torch.load(weights_only=True) cannot read it ({type(exc).__name__}): not a plain checkpoint of "
@@ -208,6 +215,26 @@ def load_failure_message(arch: str, pretrained: str, path: str | Path, exc: Base
     return (f"CLIP weights {path} cannot be loaded into arch={arch!r}: {why}.\n"
             f"  check the file: inspectd weights verify {path}\n"
             f"  get a good copy on a machine with internet: {fetch}")
+
+
+def _safetensors_header(head: bytes, size: int) -> bool:
+    """Whether a file starting with ``head`` is laid out as safetensors: an 8-byte little-endian header length, then
+    that many bytes of JSON."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 0 < length <= size - 8
+
+
+def _zip_intact(path: Path) -> bool:
+    """Whether ``path`` is a zip archive whose central directory and members read back (CRCs checked)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
 
 
 def error_summary(exc: BaseException) -> str:
@@ -282,6 +309,21 @@ def write_sha256_note(path: str | Path) -> str:
     return digest
 
 
+def release_file_names() -> frozenset[str]:
+    """The file names of open_clip's release URLs (``vit_b_16_plus_240-laion400m_e31-8fb26589.pt``) and our table's."""
+    names = {entry["file"] for entry in KNOWN_CHECKPOINTS.values()}
+    try:
+        import open_clip
+
+        for arch, tag in open_clip.list_pretrained():
+            url = pretrained_cfg(arch, tag).get("url") or ""
+            if url:
+                names.add(url.rsplit("/", 1)[-1])
+    except Exception:  # noqa: BLE001 - no open_clip registry: our table only
+        pass
+    return frozenset(names)
+
+
 def verify(path: str | Path) -> tuple[bool | None, str]:
     """Check a checkpoint's sha256 against the known table, the release file name's hash, or the ``FILE.sha256``
     note `inspectd weights fetch` wrote next to it: (True/False/None if unknown, message)."""
@@ -301,10 +343,14 @@ def verify(path: str | Path) -> tuple[bool | None, str]:
             verdict = "OK" if ok else "MISMATCH (corrupt or different file)"
             return ok, f"{path}: sha256 {digest} — {arch} / {tag}: {verdict}"
     match = _URL_HASH.search(name)
-    if match:
-        ok = digest.startswith(match.group(1))
-        return ok, f"{path}: sha256 {digest} — file name says {match.group(1)}: {'OK' if ok else 'MISMATCH'}"
-    return None, f"{path}: sha256 {digest} — not a known checkpoint; nothing to compare against"
+    if match and digest.startswith(match.group(1)):
+        return True, f"{path}: sha256 {digest} — file name says {match.group(1)}: OK"
+    # a differing suffix is a corrupt copy only in a release file's name: a name of one's own may end in 8 hex
+    # digits that are no hash at all (a date: clip-ft-20240315.pt)
+    if match and name in release_file_names():
+        return False, f"{path}: sha256 {digest} — file name says {match.group(1)}: MISMATCH"
+    suffix = f" (the -{match.group(1)} in its name is not its sha256 prefix)" if match else ""
+    return None, f"{path}: sha256 {digest} — not a known checkpoint{suffix}; nothing to compare against"
 
 
 def pretrained_identity(arch: str, pretrained: str) -> str:
