@@ -388,3 +388,16 @@ def test_an_input_size_off_the_patch_grid_is_refused_naming_the_sizes_that_fit(t
         create_detector("aprilgan", tiny_backbone, {"adapters": str(adapters_file), "image_size": size})
     assert create_detector("aprilgan", tiny_backbone, {"adapters": str(adapters_file),
                                                        "image_size": 16 * patch}).input_spec().size == 16 * patch
+
+
+def test_training_preprocesses_as_scoring_does(tiny_checkpoint: Path) -> None:
+    """The trainer built its own Preprocessor: OpenAI's mean/std and an exact resize whatever the backbone said
+    (model.resize: fast, the weights' own normalisation), so adapters learnt on other pixels than they score."""
+    from inspectd.detectors.backbone import ModelSpec
+    from inspectd.detectors.preprocess import InputSpec
+
+    fast = ClipBackbone(ModelSpec(arch="inspectd-tiny", device="cpu", pretrained=str(tiny_checkpoint),
+                                  resize="fast"))
+    trainer = AprilGanTrainer(fast, AprilGanFitConfig(epochs=1, image_size=240))
+    scoring = fast.preprocessor_for(InputSpec(240, "square"))
+    assert trainer.preprocess == scoring and trainer.preprocess.resize == "fast"

@@ -34,7 +34,7 @@ from inspectd.detectors.artifacts import Artifact
 from inspectd.detectors.backbone import FeatureRequest
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.data.datasets import load_image, load_mask
-from inspectd.detectors.preprocess import Preprocessor
+from inspectd.detectors.preprocess import InputSpec
 from inspectd.detectors.training.loop import LoopConfig, train
 from inspectd.detectors.training.losses import dice_loss, focal_loss
 from inspectd.detectors.training.trainer import Trainer, TrainingData
@@ -140,7 +140,8 @@ class AprilGanTrainer(Trainer):
         if max(self.stages) >= depth:
             raise ValueError(f"stages {[s + 1 for s in self.stages]} exceed the tower's {depth} blocks")
         self.image_size = config.image_size or default_image_size(backbone.spec.arch, backbone.image_size)
-        self.preprocess = Preprocessor(self.image_size, mode="square")
+        # the backbone's: the normalisation its weights were trained with and model.resize, as scoring will use
+        self.preprocess = backbone.preprocessor_for(InputSpec(self.image_size, "square"))
         self._cache: dict[int, list[torch.Tensor]] = {}
         self._cache_bytes = 0
         self.forwards = 0  # frozen-backbone forwards (tests count the cache's effect)
