@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+HAZELNUT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hazelnut_toy"
+
 
 def inspectd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inspectd.cli", *args], capture_output=True, text=True, timeout=120)
@@ -74,3 +78,15 @@ def test_a_few_shot_fit_on_a_dataset_trains_on_the_references_eval_scores_with(t
         assert data.summary["references"] == {"shots": 2, "seed": seed, "sampled_as": "inspectd eval"}
     everything = training_data(AnoPleTrainer, options, AnoPleFitConfig())
     assert len(everything.products[0][1]) == len(category.train)
+
+
+@pytest.mark.parametrize(("flags", "named"), [(["--lr", "0"], "lr must be > 0"),
+                                              (["--min-cover", "0.9", "--max-cover", "0.1"], "max_cover")])
+def test_anople_fit_refuses_a_bad_recipe_before_loading_the_model(flags: list[str], named: str,
+                                                                  tmp_path: Path) -> None:
+    """A bad learning rate or cover failed only after the CLIP model loaded (minutes for a ViT-L), with errors such
+    as "LoopConfig.lr ..." that name no flag."""
+    done = inspectd("fit", "anople", "--out", str(tmp_path / "m.safetensors"), "--demo", "--pretrained", "random",
+                    "--arch", "inspectd-tiny", "--dataset", "folder", "--root", str(HAZELNUT_ROOT), *flags)
+    assert done.returncode == 2 and named in done.stderr and "LoopConfig" not in done.stderr, done.stderr
+    assert "DEMO MODE" not in done.stderr  # refused before any model was built

@@ -110,26 +110,13 @@ class AnoPleStarOptions(Recipe, ScoringOptions):
 
     def __post_init__(self) -> None:  # what the training loop and the model would refuse only once a build runs
         where = "detector 'anople-star' options"
-        Recipe.__post_init__(self)
+        try:
+            Recipe.__post_init__(self)
+        except ValueError as exc:  # (its messages start with the field)
+            raise ValueError(f"{where}.{exc}") from None
         ScoringOptions.__post_init__(self)
-        for key in ("epochs", "checkpoint_every", "batch_size", "text_ctx", "visual_ctx"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("prompt_depth", "decoder_size", "decoder_width"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{where}.{key} must be >= 0 (0 = the default), got {getattr(self, key)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
-        if not (math.isfinite(self.decoder_lr) and self.decoder_lr >= 0):
-            raise ValueError(f"{where}.decoder_lr must be >= 0 (0 = the decoder stays as initialised), "
-                             f"got {self.decoder_lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"{where}.momentum must be within [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 < self.min_cover <= self.max_cover < 1.0:
-            raise ValueError(f"{where}.max_cover: need 0 < min_cover <= max_cover < 1, got {self.min_cover}, "
-                             f"{self.max_cover}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"{where}.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
 class _AnoPleDetector(Detector):

@@ -78,8 +78,28 @@ class Recipe:
     prototypes: str = "class"  # w± of each image's own class | "dataset": averaged over all classes (pitfall 3a)
 
     def __post_init__(self) -> None:
+        """Refuses what the training loop or the model would refuse only once they run (after a model load of
+        minutes): each message starts with the field (`inspectd fit anople --<field>`, AnoPLe*'s options.<field>)."""
         if self.prototypes not in PROTOTYPES:
             raise ValueError(f"prototypes must be one of {PROTOTYPES}, not {self.prototypes!r}")
+        for key in ("epochs", "batch_size", "text_ctx", "visual_ctx"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("prompt_depth", "decoder_size", "decoder_width"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = the default), got {getattr(self, key)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.decoder_lr) and self.decoder_lr >= 0):
+            raise ValueError(f"decoder_lr must be >= 0 (0 = the decoder stays as initialised), got {self.decoder_lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be within [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be within [0, 1), got {self.warmup_fraction}")
+        if not 0.0 < self.min_cover <= self.max_cover < 1.0:
+            raise ValueError(f"max_cover: need 0 < min_cover <= max_cover < 1, got {self.min_cover}, {self.max_cover}")
 
     def architecture(self) -> Architecture:
         return Architecture(text_ctx=self.text_ctx, visual_ctx=self.visual_ctx, prompt_depth=self.prompt_depth,
