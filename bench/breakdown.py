@@ -11,7 +11,9 @@ from typing import Any
 from torch.profiler import ProfilerActivity, profile
 
 KINDS = ("gemm", "attention", "conv", "other")
-_GEMMS = ("_linear_pointwise", "mm", "addmm", "bmm", "baddbmm")
+# nn.MultiheadAttention's inference kernel: its counted FLOPs (projections, QK^T, AV) run in its mm/bmm/addmm
+# children, which the profiler names as GEMMs
+_GEMMS = ("_linear_pointwise", "mm", "addmm", "bmm", "baddbmm", "_native_multi_head_attention")
 
 
 def kind_of(op: str) -> str:

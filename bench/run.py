@@ -113,15 +113,22 @@ def measure_ceilings(run: Run, width: int) -> dict[str, Any]:
 
 
 def merge_ceilings(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """The higher of the start and end measurement of every ceiling (both kept, as ..._start / ..._end)."""
+    """The higher of the start and end measurement of every ceiling (both kept, as ..._start / ..._end). A physical
+    peak taken from the end comes with its own companions (``fp32_basis``, ``fp32_gflops_all_threads``,
+    ``fp32_gflops_1thread``, ...), so the report's "taken from ..." line states the figures that make it."""
     merged = {**first, "physical": dict(first["physical"]), "gemm": dict(first["gemm"])}
     for part in ("physical", "gemm"):
-        for key, value in second.get(part, {}).items():
+        later = second.get(part, {})
+        for key, value in later.items():
             before = first.get(part, {}).get(key)
             rate = key.endswith("gflops") or key.startswith(("mm_", "bound_"))
             if rate and isinstance(value, float) and isinstance(before, float):
                 merged[part][key] = max(before, value)
                 merged[part][f"{key}_start"], merged[part][f"{key}_end"] = before, value
+                if part == "physical" and value > before:
+                    kind = key.removesuffix("gflops")
+                    merged[part].update({k: v for k, v in later.items() if k.startswith(kind) and k != key
+                                         and not k.endswith("gflops")})
     return merged
 
 
@@ -206,8 +213,9 @@ def detectors_section(run: Run, backbone: Any, tmp: Path) -> dict[str, Any]:
             f"{backbone.device}, {backbone.dtype}, kernels {described.get('kernels')}{gemms}",
             "frames": f"batches of {plan.batch} 512-px hazelnut_toy frames; best batch of {plan.rounds} rounds that "
             "time every setting in turn (a cheap setting several times a round, >= 1 s); references: hazelnut_toy "
-            "good images; GFLOP/img counted by torch's FlopCounterMode (+ oneDNN linears, CPU SDPA) on the warm-up "
-            "batch; pre-processing not timed", "plan": plan.__dict__}
+            "good images; GFLOP/img counted by torch's FlopCounterMode (+ oneDNN linears, CPU SDPA, "
+            "nn.MultiheadAttention's inference kernel) on the warm-up batch; pre-processing not timed",
+            "plan": plan.__dict__}
 
 
 def bf16_runnable(run: Run) -> str | None:
