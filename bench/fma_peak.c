@@ -3,8 +3,10 @@
  *   gcc -O2 -march=native -pthread fma_peak.c -o fma_peak && ./fma_peak THREADS [SECONDS]
  *
  * Each thread runs CHAINS independent accumulator chains (more than FMA latency x FMA ports, so the FMA units
- * never wait) for a calibrated number of iterations; the rate is all threads' flops over the slowest thread's
- * time, best of REPEATS runs; each figure is measured on 1 thread and on THREADS threads. fp32: AVX-512 (16 lanes) when the compiler targets it, else AVX2 + FMA (8 lanes);
+ * never wait) for a calibrated number of iterations; the rate is all threads' flops over the wall time from the
+ * first thread's start to the last one's end (not the slowest thread's own time: threads that ran one after the
+ * other on a shared core would count as parallel), best of REPEATS runs; each figure is measured on 1 thread and
+ * on THREADS threads. fp32: AVX-512 (16 lanes) when the compiler targets it, else AVX2 + FMA (8 lanes);
  * 2 flops per lane per FMA. bf16: vdpbf16ps (AVX512_BF16) when targeted: 16 lanes x 2 products = 64 flops per
  * instruction. AMX (amx_bf16 tiles) when targeted and the kernel grants tile data (arch_prctl): TDPBF16PS into four
  * independent 16x16 fp32 accumulator tiles from two A and two B tiles (all eight tiles), 2 x 16 x 16 x 32 = 16 384
@@ -152,14 +154,14 @@ typedef struct {
     enum kind kind;
     long iterations;
     pthread_barrier_t *barrier;
-    double seconds;
+    double started, ended;
     float sink;
 } job;
 
 static void *worker(void *arg) {
     job *w = (job *)arg;
     pthread_barrier_wait(w->barrier);
-    double start = now();
+    w->started = now();
     switch (w->kind) {
 #if HAS_BF16
     case BF16: w->sink = bf16_kernel(w->iterations, 1.0f); break;
@@ -169,30 +171,31 @@ static void *worker(void *arg) {
 #endif
     default: w->sink = fp32_kernel(w->iterations, 1.0f);
     }
-    w->seconds = now() - start;
+    w->ended = now();
     return NULL;
 }
 
-/* Seconds of the slowest of ``threads`` threads running ``iterations`` each. */
+/* Seconds from the first start to the last end of ``threads`` threads running ``iterations`` each. */
 static double timed(enum kind kind, int threads, long iterations, float *sink) {
     pthread_t *ids = malloc(sizeof(pthread_t) * threads);
     job *jobs = malloc(sizeof(job) * threads);
     pthread_barrier_t barrier;
     pthread_barrier_init(&barrier, NULL, threads);
     for (int t = 0; t < threads; t++) {
-        jobs[t] = (job){kind, iterations, &barrier, 0.0, 0.0f};
+        jobs[t] = (job){kind, iterations, &barrier, 0.0, 0.0, 0.0f};
         pthread_create(&ids[t], NULL, worker, &jobs[t]);
     }
-    double slowest = 0.0;
+    double first = 0.0, last = 0.0;
     for (int t = 0; t < threads; t++) {
         pthread_join(ids[t], NULL);
-        if (jobs[t].seconds > slowest) slowest = jobs[t].seconds;
+        if (t == 0 || jobs[t].started < first) first = jobs[t].started;
+        if (jobs[t].ended > last) last = jobs[t].ended;
         *sink += jobs[t].sink;
     }
     pthread_barrier_destroy(&barrier);
     free(ids);
     free(jobs);
-    return slowest;
+    return last - first;
 }
 
 /* Best GFLOP/s over REPEATS runs of about ``seconds`` each. */
