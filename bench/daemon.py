@@ -126,7 +126,12 @@ async def engine_only_on_its_thread(daemon: InspectDaemon, payloads: list[bytes]
 
 async def produce(client, key: str, payloads: list[bytes], rate: float | None) -> None:  # noqa: ANN001
     """XADD every payload: at ``rate`` frames/s (open loop), or with ``rate`` None as fast as Redis takes them,
-    PRODUCE_CHUNK frames a round trip (a backlog: saturation)."""
+    PRODUCE_CHUNK frames a round trip (a backlog: saturation).
+
+    Open loop: frame i is due at i / ``rate`` s and stamped (``ts``, what latency is measured from) with that time,
+    as a camera would, and every frame due when the producer wakes goes in one round trip. It shares the daemon's
+    event loop: a frame sent late (the loop busy) still counts its wait, and a round trip slower than the interval
+    does not lower the offered rate (one awaited XADD a frame offered ~1 850 of 2 000/s with no daemon running)."""
     if not rate:
         for start in range(0, len(payloads), PRODUCE_CHUNK):
             pipe = client.pipeline(transaction=False)
@@ -134,11 +139,16 @@ async def produce(client, key: str, payloads: list[bytes], rate: float | None) -
                 pipe.xadd(key, frame_fields("p", "b", f"f{i}", payloads[i], captured_at=time.time()))
             await pipe.execute()
         return
-    interval, next_at = 1.0 / rate, time.perf_counter()
-    for i, payload in enumerate(payloads):
-        await client.xadd(key, frame_fields("p", "b", f"f{i}", payload, captured_at=time.time()))
-        next_at += interval
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    interval, started, wall = 1.0 / rate, time.perf_counter(), time.time()
+    sent = 0
+    while sent < len(payloads):
+        due = min(len(payloads), int((time.perf_counter() - started) / interval) + 1)
+        pipe = client.pipeline(transaction=False)
+        for i in range(sent, due):
+            pipe.xadd(key, frame_fields("p", "b", f"f{i}", payloads[i], captured_at=wall + i * interval))
+        await pipe.execute()
+        sent = due
+        await asyncio.sleep(max(0.0, started + sent * interval - time.perf_counter()))
 
 
 async def saturated_rate(client, key: str, n: int, batch: int, timeout: float = 600,  # noqa: ANN001
