@@ -61,6 +61,16 @@ def _click(driver: Any, find: Any) -> None:
     _wait(driver, attempt)
 
 
+def _sign_in(driver: Any) -> None:
+    """Give the token in the sign-in dialog (open, or opening) and wait until the page is signed in."""
+    from selenium.webdriver.common.by import By
+
+    _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
+    driver.find_element(By.ID, "login-token").send_keys(TOKEN)
+    driver.find_element(By.ID, "login-submit").click()
+    _wait(driver, lambda d: "signed-in" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
+
+
 async def in_browser(fn: Any, *args: Any) -> Any:
     """Selenium blocks: run it on a thread so the daemon on this event loop keeps serving."""
     return await asyncio.to_thread(fn, *args)
@@ -211,13 +221,7 @@ async def test_a_refused_live_view_says_so_and_goes_live_once_a_slot_frees(brows
         await in_browser(driver.delete_all_cookies)
         await in_browser(driver.get, f"{base}/console/")
 
-        def sign_in() -> None:
-            _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
-            driver.find_element(By.ID, "login-token").send_keys(TOKEN)
-            driver.find_element(By.ID, "login-submit").click()
-            _wait(driver, lambda d: "signed-in" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
-
-        await in_browser(sign_in)
+        await in_browser(_sign_in, driver)
         await in_browser(_wait, driver, lambda d: "refused" in d.find_element(By.ID, "live").text)
         streams.pop().close()  # one tab closed
         await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
@@ -244,21 +248,15 @@ async def test_a_session_that_ends_asks_to_sign_in_again_and_the_feed_comes_back
     base = f"http://127.0.0.1:{daemon.http_port}"
     driver = browser
 
-    def sign_in() -> None:
-        _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
-        driver.find_element(By.ID, "login-token").send_keys(TOKEN)
-        driver.find_element(By.ID, "login-submit").click()
-        _wait(driver, lambda d: "signed-in" in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
-
     try:
         await in_browser(driver.delete_all_cookies)
         await in_browser(driver.get, f"{base}/console/")
-        await in_browser(sign_in)
+        await in_browser(_sign_in, driver)
         await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
         await asyncio.sleep(3.5)  # the session expires
         await send(redis_client, key_prefix, DEFECTS[:1], size=240, tag="expired")  # the stream sees it and ends
         await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "signed out")
-        await in_browser(sign_in)  # the sign-in dialog is open again
+        await in_browser(_sign_in, driver)  # the sign-in dialog is open again
         ids = await send(redis_client, key_prefix, DEFECTS[1:2], size=240, tag="after")
         await in_browser(_wait, driver, lambda d: d.find_element(By.ID, "live").text == "live")
 
@@ -291,16 +289,11 @@ async def test_a_frame_another_console_is_acting_on_says_so(browser, redis_url, 
         await in_browser(driver.delete_all_cookies)
         await in_browser(driver.get, f"{base}/console/")
 
-        def sign_in() -> None:
-            _wait(driver, lambda d: d.find_element(By.ID, "login").get_attribute("open") is not None)
-            driver.find_element(By.ID, "login-token").send_keys(TOKEN)
-            driver.find_element(By.ID, "login-submit").click()
-
         def done(d: Any) -> list[Any]:
             return d.find_element(By.CSS_SELECTOR, f'.frame-card[data-frame-id="{claimed}"]').find_elements(
                 By.CSS_SELECTOR, ".done")
 
-        await in_browser(sign_in)
+        await in_browser(_sign_in, driver)
         await in_browser(_wait, driver, done)
         assert done(driver)[0].text == "feedback under way…"
     finally:
