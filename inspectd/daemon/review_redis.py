@@ -273,12 +273,17 @@ class RedisReviewStore:
             self._cache.move_to_end(item_id)
             item, apart, _ = self._cache[item_id]
             pictures = self.keys.get(item.result.get("verdict"), self.keys["NG"])[1]
-            if not await self.redis.hexists(pictures, item_id):  # trimmed since: gone, as it would be from memory
+            pipe = self.redis.pipeline(transaction=False)  # one round trip (a detail view asks three times in a row)
+            pipe.hexists(pictures, item_id)
+            pipe.hexists(self.originals[0], item_id)
+            pipe.hget(self.marks, item_id)
+            kept, has_original, mark = await pipe.execute()
+            if not kept:  # trimmed since: gone, as it would be from memory
                 del self._cache[item_id]
                 return None
-            if apart and item.original is not None and not await self.redis.hexists(self.originals[0], item_id):
+            if apart and item.original is not None and not has_original:
                 item.original = None  # over the budget since: feedback saves the review image, on every instance
-            item.feedback = await self.mark_of(item_id)  # another instance's console may have given or undone it
+            item.feedback = _valid_mark(item_id, mark, self.claim_ttl_s)  # another console may have given or undone it
             return item
         for stream, pictures in self.keys.values():
             data = await self.redis.hget(pictures, item_id)
