@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,7 @@ import torch
 from inspectd.detectors import artifacts
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features
 from inspectd.detectors.context import FitContext
-from inspectd.detectors.preprocess import InputSpec, Preprocessor
+from inspectd.detectors.preprocess import INPUT_MODES, MAX_CROPS, InputSpec, Preprocessor
 
 if TYPE_CHECKING:
     from inspectd.detectors.training.trainer import Trainer
@@ -251,6 +252,28 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 # how an Options class's own checks (`__post_init__`) name the place: replaced by the key path a caller gives
 _OWN_WHERE = re.compile(r"^detector '[^']*' options(?:\.(?P<key>\w+)\b:?)?:?\s*")
+
+
+# Checks several detectors' options share (``where``: "detector '<name>' options", which `build_options` turns into
+# the option's key path)
+def check_eps(where: str, eps: float) -> None:
+    if not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"{where}.eps must be within (0, 1), got {eps}")
+
+
+def check_memory_layers(where: str, layers: Sequence[int]) -> None:
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in layers):
+        raise ValueError(f"{where}.memory_layers must be 1-based block numbers, got {list(layers)}")
+
+
+def check_input_mode(where: str, mode: str) -> None:
+    if mode not in INPUT_MODES:
+        raise ValueError(f"{where}.input_mode must be square or tile, not {mode!r}")
+
+
+def check_multi_crop(where: str, crops: int) -> None:
+    if isinstance(crops, bool) or not 0 <= crops <= MAX_CROPS:
+        raise ValueError(f"{where}.multi_crop must be 0 (off) to {MAX_CROPS} crops, got {crops}")
 
 
 def build_options(cls: type, values: Mapping[str, Any], where: str) -> Any:

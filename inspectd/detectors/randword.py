@@ -25,11 +25,11 @@ from inspectd.detectors.base import (
     Learning,
     ProductSpec,
     ProductState,
+    check_multi_crop,
     register_detector,
 )
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance
-from inspectd.detectors.preprocess import MAX_CROPS
 from inspectd.detectors.training.randword_ffn import RANDWORD_VERSION, FfnBundle, RandWordTrainer, load_ffn
 
 
@@ -53,9 +53,7 @@ class RandWordOptions:
                              "nothing would score a zero-shot frame")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"detector 'randword' options.temperature must be > 0, got {self.temperature}")
-        if isinstance(self.multi_crop, bool) or not 0 <= self.multi_crop <= MAX_CROPS:
-            raise ValueError(f"detector 'randword' options.multi_crop must be 0 (off) to {MAX_CROPS} crops, "
-                             f"got {self.multi_crop}")
+        check_multi_crop("detector 'randword' options", self.multi_crop)
 
 
 @register_detector

@@ -21,10 +21,17 @@ import torch.nn.functional as F
 
 from inspectd.detectors import prompts as P
 from inspectd.detectors.backbone import ClipBackbone, FeatureRequest, Features, window_coverage
-from inspectd.detectors.base import Detector, DetectorOutput, ProductSpec, ProductState, register_detector
+from inspectd.detectors.base import (
+    Detector,
+    DetectorOutput,
+    ProductSpec,
+    ProductState,
+    check_eps,
+    check_multi_crop,
+    register_detector,
+)
 from inspectd.detectors.context import FitContext
 from inspectd.detectors.memory import association_min_distance, harmonic_mean, harmonic_window_to_patch
-from inspectd.detectors.preprocess import MAX_CROPS
 
 PATCH_FEATURES = ("ln_post", "proj", "raw")
 UPSAMPLE_MODES = ("bilinear", "nearest")
@@ -56,12 +63,10 @@ class WinClipOptions:
                              f"not {self.patch_feature!r}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
             raise ValueError(f"{where}.logit_scale must be >= 0 (0 = the model's own), got {self.logit_scale}")
-        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
-            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
+        check_eps(where, self.eps)
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"{where}.upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
-        if isinstance(self.multi_crop, bool) or not 0 <= self.multi_crop <= MAX_CROPS:
-            raise ValueError(f"{where}.multi_crop must be 0 (off) to {MAX_CROPS} crops, got {self.multi_crop}")
+        check_multi_crop(where, self.multi_crop)
 
 
 @register_detector

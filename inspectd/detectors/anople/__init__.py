@@ -60,6 +60,8 @@ from inspectd.detectors.base import (
     Learning,
     ProductSpec,
     ProductState,
+    check_eps,
+    check_memory_layers,
     register_detector,
 )
 from inspectd.detectors.context import FitContext
@@ -85,10 +87,8 @@ class ScoringOptions:
         where = "detector 'anople' options"
         if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
             raise ValueError(f"{where}.logit_scale must be >= 0 (0 = the prompts' own), got {self.logit_scale}")
-        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
-            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.memory_layers):
-            raise ValueError(f"{where}.memory_layers must be 1-based block numbers, got {list(self.memory_layers)}")
+        check_eps(where, self.eps)
+        check_memory_layers(where, self.memory_layers)
 
 
 @dataclass(frozen=True)

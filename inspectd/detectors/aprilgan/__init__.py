@@ -41,6 +41,7 @@ from inspectd.detectors.base import (
     Learning,
     ProductSpec,
     ProductState,
+    check_input_mode,
     register_detector,
 )
 from inspectd.detectors.context import FitContext
@@ -60,8 +61,7 @@ class AprilGanOptions:
 
     def __post_init__(self) -> None:  # here, so `inspectd run --check` / `product put` reject what a build would
         where = "detector 'aprilgan' options"
-        if self.input_mode not in ("square", "tile"):
-            raise ValueError(f"{where}.input_mode must be square or tile, not {self.input_mode!r}")
+        check_input_mode(where, self.input_mode)
         if not self.adapters:
             raise ValueError(f"{where}.adapters must name the file written by `inspectd fit aprilgan --out FILE` "
                              "with this product's CLIP model")

@@ -47,6 +47,9 @@ from inspectd.detectors.base import (
     Learning,
     ProductSpec,
     ProductState,
+    check_eps,
+    check_input_mode,
+    check_memory_layers,
     register_detector,
 )
 from inspectd.detectors.context import FitContext
@@ -87,8 +90,7 @@ class PromptAdOptions:
 
     def __post_init__(self) -> None:  # here, so `inspectd run --check` / `product put` reject what a build would
         where = "detector 'promptad' options"
-        if self.input_mode not in ("square", "tile"):
-            raise ValueError(f"{where}.input_mode must be square or tile, not {self.input_mode!r}")
+        check_input_mode(where, self.input_mode)
         if self.generic_suffixes not in PP.GENERIC_SUFFIXES:
             raise ValueError(f"{where}.generic_suffixes must be one of {sorted(PP.GENERIC_SUFFIXES)}, "
                              f"not {self.generic_suffixes!r}")
@@ -103,10 +105,8 @@ class PromptAdOptions:
         for key in ("weight_decay", "min_lr", "logit_scale"):  # (a negative logit_scale swaps normal and anomalous)
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 raise ValueError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
-        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
-            raise ValueError(f"{where}.eps must be within (0, 1), got {self.eps}")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.memory_layers):
-            raise ValueError(f"{where}.memory_layers must be 1-based block numbers, got {list(self.memory_layers)}")
+        check_eps(where, self.eps)
+        check_memory_layers(where, self.memory_layers)
 
 
 class PromptAdPrompts(nn.Module):
